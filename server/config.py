@@ -1,0 +1,77 @@
+"""Frozen configuration dataclasses, built once from the CLI and passed down; nothing reads env vars deeper in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_GENERATE_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBED_MODEL = "all-minilm-l6-v2"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights to load and how."""
+
+    model: str  # short name of a packaged model, local directory, GGUF file or hub id
+    served_name: str | None = None  # the id clients pass as `model`; defaults to `model`
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_model_len: int | None = None  # cap on prompt + output tokens; None = the model's own
+    seed: int = 0  # seed for dummy weights
+    revision: str | None = None
+    trust_remote_code: bool = False  # never run code shipped with a model unless asked
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16
+    num_blocks: int | None = None  # None = size from kv_cache_memory_gb / gpu_memory_utilization
+    kv_cache_memory_gb: float = 1.0  # CPU: bytes of RAM for KV blocks
+    gpu_memory_utilization: float = 0.9  # GPU: fraction of total memory Weir may use
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Who runs each step."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048  # token budget per step; long prompts are prefilled in chunks
+    max_waiting: int = 1024  # beyond this many queued requests new ones are refused
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """How the model runs."""
+
+    enforce_eager: bool = False  # disable CUDA graphs
+    cuda_graph_max_batch: int = 512
+    num_threads: int | None = None  # torch intra-op threads on CPU; None = all cores
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything a generation engine needs."""
+
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC server and the models it serves."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    generate: EngineConfig | None = field(
+        default_factory=lambda: EngineConfig(ModelConfig(DEFAULT_GENERATE_MODEL))
+    )
+    embed: ModelConfig | None = field(default_factory=lambda: ModelConfig(DEFAULT_EMBED_MODEL))
+    max_message_bytes: int = 64 * 1024 * 1024
+    drain_timeout_s: float = 30.0

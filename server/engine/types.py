@@ -1,0 +1,150 @@
+"""The engine's request and output types: plain dataclasses, no protobuf, no tensors."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from weir_server.errors import InvalidRequestError
+
+MAX_LOGPROBS = 20
+
+
+class FinishReason(enum.Enum):
+    """Why a choice ended."""
+
+    STOP = "stop"  # EOS or a stop token id
+    LENGTH = "length"  # max_tokens or the context length
+    STOP_SEQUENCE = "stop_sequence"  # a stop string
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to choose tokens for one request; `validate()` raises InvalidRequestError naming the field."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-n alternatives per generated token
+    prompt_logprobs: int | None = None
+    n: int = 1
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int | None = None, max_n: int = 16) -> None:
+        """Check every field; raise InvalidRequestError for the first one out of range."""
+
+        def check(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise InvalidRequestError(f"sampling_params.{name}", message)
+
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            check(math.isfinite(getattr(self, name)), name, "must be a finite number")
+        check(self.max_tokens >= 1, "max_tokens", f"must be at least 1, got {self.max_tokens}")
+        check(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
+        check(
+            self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
+        )
+        check(0.0 <= self.temperature <= 2.0, "temperature", f"must be in [0, 2], got {self.temperature}")
+        check(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(self.top_k >= 0, "top_k", f"must be >= 0 (0 disables), got {self.top_k}")
+        check(0.0 <= self.min_p <= 1.0, "min_p", f"must be in [0, 1], got {self.min_p}")
+        check(
+            0.0 < self.repetition_penalty <= 2.0,
+            "repetition_penalty",
+            f"must be in (0, 2], got {self.repetition_penalty}",
+        )
+        check(
+            -2.0 <= self.presence_penalty <= 2.0,
+            "presence_penalty",
+            f"must be in [-2, 2], got {self.presence_penalty}",
+        )
+        check(
+            -2.0 <= self.frequency_penalty <= 2.0,
+            "frequency_penalty",
+            f"must be in [-2, 2], got {self.frequency_penalty}",
+        )
+        check(1 <= self.n <= max_n, "n", f"must be in [1, {max_n}], got {self.n}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            check(value is None or 0 <= value <= MAX_LOGPROBS, name, f"must be in [0, {MAX_LOGPROBS}], got {value}")
+        check(all(s for s in self.stop), "stop", "stop strings must not be empty")
+        check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
+        if vocab_size is not None:
+            bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+            check(not bad, "stop_token_ids", f"token ids out of range [0, {vocab_size}): {bad[:5]}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request as the engine sees it: a tokenized prompt and its sampling parameters."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    arrival_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One candidate at a position."""
+
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The chosen token's log probability at a position and the top alternatives (best first)."""
+
+    token_id: int
+    logprob: float | None  # None for the first prompt token
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one choice."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """New output of one choice since its previous output. Several tokens may arrive at once."""
+
+    request_id: str
+    index: int  # choice index, 0..n-1
+    text: str  # new text (never broken UTF-8, never part of a stop string)
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first output of each choice, when asked
+    finish_reason: FinishReason | None = None
+    stop_reason: str | None = None  # the matched stop string
+    usage: Usage | None = None  # on the last output of each choice
+    error: str | None = None  # set with finish_reason ERROR
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

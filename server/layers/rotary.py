@@ -1,0 +1,111 @@
+"""Rotary position embeddings (RoPE, rotate-half layout) with the scalings Llama-family configs use."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates the first `rotary_dim` features of q and k by position; cos/sin are computed per call in fp32."""
+
+    def __init__(self, head_dim: int, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.rotary_dim = inv_freq.numel() * 2
+        self.attention_scaling = attention_scaling
+        # A plain attribute, not a buffer: models are built on the meta device and materialized empty,
+        # which would wipe a buffer; this stays a real fp32 tensor whatever dtype the model takes.
+        self._inv_freq = inv_freq.detach().to("cpu", torch.float32)
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T]; query [T, H, D], key [T, Hkv, D] -> rotated query, key."""
+        if self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq.to(positions.device)
+        freqs = positions.float().unsqueeze(-1) * self._inv_freq  # [T, rotary_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [T, 1, rotary_dim]
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return _apply_rotary(query, cos, sin), _apply_rotary(key, cos, sin)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, scaling={self.attention_scaling}"
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rotary_dim = cos.shape[-1]
+    rot, passthrough = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    out = (rot.float() * cos + rotated.float() * sin).to(x.dtype)
+    return torch.cat((out, passthrough), dim=-1) if passthrough.numel() else out
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """The config's RoPE settings as one flat dict with `rope_type` and `rope_theta`.
+
+    transformers 5 exposes `config.rope_parameters`; older configs carry `rope_theta` plus `rope_scaling`.
+    """
+    params = getattr(config, "rope_parameters", None)
+    if params is None:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params = dict(params)
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return params
+
+
+def get_rope(config: Any, head_dim: int) -> RotaryEmbedding:
+    """Build the rotary embedding a transformers config describes (default, linear, dynamic, llama3, yarn)."""
+    params = rope_parameters(config)
+    rope_type = params["rope_type"]
+    rotary_dim = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+    base = float(params["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    scaling = 1.0
+    if rope_type == "default":
+        pass
+    elif rope_type == "linear":
+        inv_freq = inv_freq / params["factor"]
+    elif rope_type == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, params)
+    elif rope_type == "dynamic":
+        # Dynamic NTK only changes the frequencies past max_position_embeddings, and Weir never serves
+        # more than that (max_model_len is capped by it), so within our range it is plain RoPE.
+        pass
+    elif rope_type == "yarn":
+        inv_freq, scaling = _transformers_inv_freq(config, rope_type)
+    else:
+        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, dynamic, llama3, yarn")
+    return RotaryEmbedding(head_dim, inv_freq, scaling)
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths divided by `factor`, short ones kept, a smooth ramp between."""
+    factor = params["factor"]
+    low_freq_factor = params["low_freq_factor"]
+    high_freq_factor = params["high_freq_factor"]
+    old_context_len = params["original_max_position_embeddings"]
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _transformers_inv_freq(config: Any, rope_type: str) -> tuple[torch.Tensor, float]:
+    """Frequencies from transformers' own RoPE initializers, for the rarer scalings we do not re-derive."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)
