@@ -10,7 +10,7 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates the first `rotary_dim` features of q and k by position; cos/sin are computed per call in fp32."""
+    """Computes cos/sin for a step's positions once; every layer then rotates its q and k with them."""
 
     def __init__(self, head_dim: int, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
         super().__init__()
@@ -21,29 +21,24 @@ class RotaryEmbedding(nn.Module):
         # which would wipe a buffer; this stays a real fp32 tensor whatever dtype the model takes.
         self._inv_freq = inv_freq.detach().to("cpu", torch.float32)
 
-    def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; query [T, H, D], key [T, Hkv, D] -> rotated query, key."""
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> (cos, sin), each [T, 1, rotary_dim / 2] in `dtype`, computed in fp32."""
         if self._inv_freq.device != positions.device:
             self._inv_freq = self._inv_freq.to(positions.device)
-        freqs = positions.float().unsqueeze(-1) * self._inv_freq  # [T, rotary_dim / 2]
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [T, 1, rotary_dim]
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return _apply_rotary(query, cos, sin), _apply_rotary(key, cos, sin)
+        freqs = (positions.float().unsqueeze(-1) * self._inv_freq).unsqueeze(1)
+        cos = (freqs.cos() * self.attention_scaling).to(dtype)
+        sin = (freqs.sin() * self.attention_scaling).to(dtype)
+        return cos, sin
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, scaling={self.attention_scaling}"
 
 
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    rotary_dim = cos.shape[-1]
-    rot, passthrough = x[..., :rotary_dim], x[..., rotary_dim:]
-    half = rotary_dim // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    out = (rot.float() * cos + rotated.float() * sin).to(x.dtype)
-    return torch.cat((out, passthrough), dim=-1) if passthrough.numel() else out
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [T, heads, D]: pairs are (i, i + rotary_dim / 2); features past rotary_dim pass."""
+    half = cos.shape[-1]
+    x1, x2, passthrough = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, passthrough), dim=-1)
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -67,7 +62,7 @@ def get_rope(config: Any, head_dim: int) -> RotaryEmbedding:
     rope_type = params["rope_type"]
     rotary_dim = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
     base = float(params["rope_theta"])
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device="cpu") / rotary_dim))
     scaling = 1.0
     if rope_type == "default":
         pass

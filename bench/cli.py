@@ -1,0 +1,292 @@
+"""`weir bench`: run the same closed-loop load against each target and print one table."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import shlex
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+from weir_bench.load import Driver, LoadSpec, make_prompts, run_closed_loop
+from weir_bench.peers import PeerError, cpu_cores, default_gguf, peak_rss_bytes, start_llama_server, start_weir_server
+from weir_bench.prefix import PrefixSpec, make_pairs, run_prefix_pairs
+from weir_bench.report import (
+    PrefixRow,
+    Row,
+    format_header,
+    format_table,
+    machine_info,
+    sort_side_by_side,
+    summarize,
+    summarize_prefix,
+    to_json,
+)
+
+logger = logging.getLogger("weir_bench")
+
+TARGETS = ("grpc", "inprocess", "openai", "llama-server")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _targets(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(names) - set(TARGETS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")
+    return list(dict.fromkeys(names))
+
+
+def build_parser(prog: str = "weir bench") -> argparse.ArgumentParser:
+    """The options of `weir bench`."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Closed-loop load on Weir (gRPC or in-process) and OpenAI-compatible peers; prints one table.",
+    )
+    t = p.add_argument_group("targets")
+    t.add_argument("--target", type=_targets, help="comma list of grpc, inprocess, openai, llama-server "
+                   "(default: grpc, plus openai when --openai-url is given); measured in this order")
+    t.add_argument("--address", default="127.0.0.1:50051", help="Weir gRPC server HOST:PORT (default %(default)s)")
+    t.add_argument("--model", default="", help="model id sent to Weir (default: the server's default)")
+    t.add_argument("--server-pid", type=int, help="pid of the Weir server, for its peak RSS")
+    t.add_argument("--start-server", action="store_true", help="start `weir serve` on a free port for the run")
+    t.add_argument("--server-args", default="", help="extra `weir serve` options, also used by the in-process "
+                   "target (e.g. \"--kv-cache-memory-gb 2\"); --embed-model none is added unless given")
+    t.add_argument("--server-timeout", type=float, default=600.0, help="seconds a started server may take to load")
+    t.add_argument("--openai-url", help="base URL of an OpenAI-compatible server (e.g. http://127.0.0.1:8000)")
+    t.add_argument("--openai-model", help="model name to send (default: the first one /v1/models lists)")
+    t.add_argument("--openai-pid", type=int, help="pid of the --openai-url server, for its peak RSS")
+    t.add_argument("--api-key", help="bearer key for --openai-url")
+    t.add_argument("--peer", choices=("llama-server",), action="append", default=[],
+                   help="also start this peer on the same GGUF and load it the same way (adds it to --target)")
+    t.add_argument("--llama-server-bin", default="llama-server", help="llama-server executable (default: on PATH)")
+    t.add_argument("--gguf", type=Path, help="GGUF file for llama-server (default: the packaged SmolLM2)")
+    t.add_argument("--llama-server-args", default="", help="extra llama-server options")
+    t.add_argument("--threads", type=int, default=cpu_cores(), help="llama-server threads (default: %(default)s, "
+                   "this machine's cores)")
+    t.add_argument("--ctx", type=int, help="llama-server context per slot (default: what the requests need)")
+
+    w = p.add_argument_group("load")
+    w.add_argument("--scenario", choices=("throughput", "prefix"), default="throughput")
+    w.add_argument("--concurrency", type=_int_list, default=[1, 8, 32], help="streams in flight; a comma list "
+                   "runs each level in turn (default 1,8,32)")
+    w.add_argument("--requests", type=int, help="measured requests per level (default: max(16, 4 x concurrency))")
+    w.add_argument("--warmup", type=int, help="unmeasured requests before each level (default: the concurrency)")
+    w.add_argument("--prompt-tokens", type=int, default=128, help="random token ids per prompt (default 128)")
+    w.add_argument("--output-tokens", type=int, default=64, help="tokens generated per request, EOS ignored")
+    w.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    w.add_argument("--vocab-size", type=int, help="draw prompt ids below this (default: asked of the target)")
+    w.add_argument("--prefix-tokens", type=int, default=1000, help="prefix scenario: shared prompt tokens")
+    w.add_argument("--suffix-tokens", type=int, default=8, help="prefix scenario: differing tokens after it")
+    w.add_argument("--repeats", type=int, default=3, help="prefix scenario: (cold, cached) pairs, median reported")
+    w.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    o.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("prompt_tokens", "output_tokens", "prefix_tokens", "suffix_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.requests is not None and args.requests < 1:
+        p.error("--requests must be at least 1")
+    if args.warmup is not None and args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    if args.target is None:
+        args.target = ["grpc", "openai"] if args.openai_url else ["grpc"]
+    args.target = list(dict.fromkeys([*args.target, *args.peer]))
+    if "openai" in args.target and not args.openai_url:
+        p.error("--target openai needs --openai-url")
+    if args.start_server and "grpc" not in args.target:
+        p.error("--start-server starts a gRPC target; add grpc to --target")
+
+
+@dataclass(frozen=True)
+class Target:
+    """How to bring one target up for a run; `opener(slots)` yields its driver and tears it down after."""
+
+    name: str
+    opener: Callable[[int], AbstractAsyncContextManager[Driver]]
+    restart_per_level: bool = False  # llama-server is sized by its slot count, so it restarts per concurrency
+
+
+def _weir_server_args(args: argparse.Namespace) -> list[str]:
+    extra = shlex.split(args.server_args)
+    # Generation only, like the peers: an embedding model would add to the server's memory and load time.
+    return extra if any(a.startswith("--embed-model") for a in extra) else [*extra, "--embed-model", "none"]
+
+
+def _plan(args: argparse.Namespace, ctx_per_slot: int) -> list[Target]:
+    """The targets of this run, in the order they are measured."""
+    from weir_bench.grpc_driver import GrpcDriver, grpc_ready
+    from weir_bench.openai_driver import OpenAIDriver
+
+    @contextlib.asynccontextmanager
+    async def grpc_target(_: int) -> AsyncIterator[Driver]:
+        proc = None
+        address, pid = args.address, args.server_pid
+        if args.start_server:
+            proc, address = await start_weir_server(_weir_server_args(args), grpc_ready, args.server_timeout)
+            pid = proc.pid
+        elif not await grpc_ready(address):
+            raise PeerError(f"no Weir server with a generation model answers at {address} (or use --start-server)")
+        driver = GrpcDriver(address, model=args.model, pid=pid, temperature=args.temperature, timeout_s=args.timeout)
+        try:
+            yield driver
+        finally:
+            await driver.close()
+            if proc is not None:
+                proc.stop()
+
+    @contextlib.asynccontextmanager
+    async def inprocess_target(_: int) -> AsyncIterator[Driver]:
+        from weir_bench.inprocess import InProcessDriver
+
+        driver = await InProcessDriver.start(" ".join(_weir_server_args(args)), args.temperature)
+        try:
+            yield driver
+        finally:
+            await driver.close()
+
+    @contextlib.asynccontextmanager
+    async def openai_target(_: int) -> AsyncIterator[Driver]:
+        driver = OpenAIDriver(args.openai_url, model=args.openai_model, pid=args.openai_pid,
+                              temperature=args.temperature, timeout_s=args.timeout, api_key=args.api_key)
+        try:
+            await driver.resolve_model()
+            yield driver
+        finally:
+            await driver.close()
+
+    @contextlib.asynccontextmanager
+    async def llama_target(slots: int) -> AsyncIterator[Driver]:
+        gguf = args.gguf or default_gguf()
+        proc, url = await start_llama_server(args.llama_server_bin, gguf, slots, ctx_per_slot, args.threads,
+                                             shlex.split(args.llama_server_args), args.server_timeout)
+        driver = OpenAIDriver(url, name="llama-server", pid=proc.pid, temperature=args.temperature,
+                              timeout_s=args.timeout)
+        try:
+            await driver.resolve_model()
+            yield driver
+        finally:
+            await driver.close()
+            proc.stop()
+
+    targets = {
+        "grpc": Target("weir-grpc", grpc_target),
+        "inprocess": Target("weir-inprocess", inprocess_target),
+        "openai": Target("openai", openai_target),
+        "llama-server": Target("llama-server", llama_target, restart_per_level=True),
+    }
+    return [targets[name] for name in args.target]
+
+
+async def _vocab(driver: Driver, args: argparse.Namespace) -> int:
+    vocab = args.vocab_size or await driver.vocab_size()
+    if not vocab:
+        raise PeerError(f"{driver.name} does not report its vocabulary size; pass --vocab-size")
+    return vocab
+
+
+async def _measure_level(driver: Driver, args: argparse.Namespace, concurrency: int) -> Row:
+    requests = args.requests or max(16, 4 * concurrency)
+    warmup = concurrency if args.warmup is None else args.warmup
+    spec = LoadSpec(concurrency, requests, args.prompt_tokens, args.output_tokens, warmup)
+    # One prompt set per (seed, level), shared by every target; levels never repeat a prompt, so a prefix
+    # cache cannot serve one level from the previous one.
+    prompts = make_prompts(warmup + requests, args.prompt_tokens, await _vocab(driver, args),
+                           seed=args.seed * 1_000_003 + concurrency)
+    logger.info("%s: concurrency %d, %d requests (+%d warm-up)", driver.name, concurrency, requests, warmup)
+    result = await run_closed_loop(driver, spec, prompts)
+    return summarize(driver.name, result, peak_rss_bytes(driver.peak_rss_pid()))
+
+
+async def _measure_prefix(driver: Driver, args: argparse.Namespace, spec: PrefixSpec,
+                          pairs: list[tuple[list[int], list[int]]]) -> PrefixRow:
+    warmup = make_prompts(1, args.prompt_tokens, await _vocab(driver, args), seed=args.seed)[0]
+    logger.info("%s: prefix scenario, %d pairs of %d + %d tokens", driver.name, spec.repeats,
+                spec.prefix_tokens, spec.suffix_tokens)
+    timings = await run_prefix_pairs(driver, spec, pairs, warmup)
+    return summarize_prefix(driver.name, timings, spec.prefix_tokens, spec.suffix_tokens,
+                            peak_rss_bytes(driver.peak_rss_pid()))
+
+
+async def run(args: argparse.Namespace) -> list[Row] | list[PrefixRow]:
+    """Measure every target of `args` and return the rows (side by side per concurrency level)."""
+    if args.scenario == "prefix":
+        spec = PrefixSpec(args.prefix_tokens, args.suffix_tokens, args.output_tokens, args.repeats)
+        ctx = args.ctx or _round_up(spec.prefix_tokens + spec.suffix_tokens + spec.output_tokens + 1, 256)
+        prefix_rows: list[PrefixRow] = []
+        pairs: list[tuple[list[int], list[int]]] | None = None
+        for target in _plan(args, ctx):
+            async with target.opener(1) as driver:
+                # Fresh prefixes each run (a long-lived server must not have them cached), the same for all targets.
+                pairs = pairs or make_pairs(spec, await _vocab(driver, args))
+                prefix_rows.append(await _measure_prefix(driver, args, spec, pairs))
+        return prefix_rows
+
+    ctx = args.ctx or _round_up(args.prompt_tokens + args.output_tokens + 1, 256)
+    rows: list[Row] = []
+    for target in _plan(args, ctx):
+        if target.restart_per_level:
+            for level in args.concurrency:
+                async with target.opener(level) as driver:
+                    rows.append(await _measure_level(driver, args, level))
+        else:
+            async with target.opener(max(args.concurrency)) as driver:
+                for level in args.concurrency:
+                    rows.append(await _measure_level(driver, args, level))
+    return sort_side_by_side(rows)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `weir bench`; returns 0 when every request succeeded, 1 when some failed, 2 when a target failed."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _validate(parser, args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        rows = asyncio.run(run(args))
+    except (PeerError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    machine = machine_info()
+    if args.json:
+        print(to_json(rows, argv, machine))
+    else:
+        print(format_header(argv, machine))
+        print()
+        print(format_table(rows))
+        for row in rows:
+            if isinstance(row, Row) and row.short_outputs:
+                print(f"note: {row.target} at concurrency {row.concurrency} returned fewer than "
+                      f"{row.output_tokens} tokens for {row.short_outputs} requests (it does not honour ignore_eos)")
+    return 1 if any(row.errors for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Request building, response conversion and channel options shared by the sync and async clients."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from weir.v1 import inference_pb2 as pb
+from weir_client.errors import WeirClientError
+from weir_client.types import (
+    Embeddings,
+    GenerationChunk,
+    ModelInfo,
+    SamplingOptions,
+    Tokenization,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+SERVICE = "weir.v1.InferenceService"
+_IDEMPOTENT_METHODS = ("Embed", "Tokenize", "Detokenize", "ListModels")
+_FINISH_REASONS = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+    pb.FINISH_REASON_CANCELLED: "cancelled",
+    pb.FINISH_REASON_ERROR: "error",
+}
+_TASKS = {pb.MODEL_TASK_GENERATE: "generate", pb.MODEL_TASK_EMBED: "embed"}
+POOLINGS = {None: pb.POOLING_UNSPECIFIED, "mean": pb.POOLING_MEAN, "cls": pb.POOLING_CLS, "last": pb.POOLING_LAST}
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def channel_options(max_attempts: int = 4) -> list[tuple[str, Any]]:
+    """Message limits, and gRPC's own retry of UNAVAILABLE for the idempotent calls (never Generate)."""
+    names = [{"service": SERVICE, "method": m} for m in _IDEMPOTENT_METHODS]
+    names.append({"service": "grpc.health.v1.Health", "method": "Check"})
+    config = {
+        "methodConfig": [
+            {
+                "name": names,
+                "retryPolicy": {
+                    "maxAttempts": max(2, max_attempts),
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.enable_retries", 1 if max_attempts > 1 else 0),
+        ("grpc.service_config", json.dumps(config)),
+    ]
+
+
+def generate_request(
+    prompt: str | None,
+    messages: Sequence[Mapping[str, str]] | None,
+    token_ids: Sequence[int] | None,
+    model: str,
+    request_id: str,
+    add_generation_prompt: bool,
+    sampling: SamplingOptions,
+) -> pb.GenerateRequest:
+    """A GenerateRequest from exactly one input and sampling keywords; bad keywords raise before sending."""
+    inputs = {"prompt": prompt, "messages": messages, "token_ids": token_ids}
+    given = [name for name, value in inputs.items() if value is not None]
+    if len(given) != 1:
+        raise TypeError(f"generate() takes exactly one of prompt, messages or token_ids; got {given or 'none'}")
+    request = pb.GenerateRequest(model=model, request_id=request_id, sampling_params=sampling_params(sampling))
+    if prompt is not None:
+        request.prompt = prompt
+    elif messages is not None:
+        request.messages.add_generation_prompt = add_generation_prompt
+        for message in messages:
+            request.messages.messages.add(role=message["role"], content=message["content"])
+    else:
+        request.token_ids.ids.extend(token_ids or ())
+    return request
+
+
+def sampling_params(options: SamplingOptions) -> pb.SamplingParams:
+    """SamplingParams from keywords; unknown names raise TypeError, values the proto cannot hold raise
+    WeirClientError(INVALID_ARGUMENT) naming the field, like the server would."""
+    params = pb.SamplingParams()
+    known = SamplingOptions.__annotations__
+    for name, value in options.items():
+        if name not in known:
+            raise TypeError(f"unknown sampling option {name!r}; expected one of {', '.join(known)}")
+        if value is None:
+            continue
+        if name == "stop" and isinstance(value, str):
+            value = [value]
+        try:
+            if isinstance(value, (list, tuple)):
+                getattr(params, name).extend(value)
+            else:
+                setattr(params, name, value)
+        except (ValueError, TypeError) as e:
+            raise WeirClientError.invalid_argument(f"sampling_params.{name}", f"invalid value {value!r}: {e}") from e
+    return params
+
+
+def token_ids_messages(sequences: Sequence[Sequence[int]]) -> list[pb.TokenIds]:
+    return [pb.TokenIds(ids=list(ids)) for ids in sequences]
+
+
+def _logprobs(items: Sequence[pb.TokenLogprob]) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(
+            token_id=item.token_id,
+            token=item.token,
+            logprob=item.logprob if item.HasField("logprob") else None,
+            token_bytes=item.token_bytes,
+            top=tuple(TopLogprob(t.token_id, t.token, t.logprob, t.token_bytes) for t in item.top_logprobs),
+        )
+        for item in items
+    ]
+
+
+def usage(message: pb.Usage) -> Usage:
+    return Usage(message.prompt_tokens, message.completion_tokens, message.cached_tokens, message.total_tokens)
+
+
+def generation_chunk(message: pb.GenerateResponse) -> GenerationChunk:
+    """One streamed message as a GenerationChunk."""
+    finish_reason = _FINISH_REASONS.get(message.finish_reason)
+    return GenerationChunk(
+        request_id=message.request_id,
+        model=message.model,
+        index=message.index,
+        text=message.text,
+        token_ids=list(message.token_ids),
+        logprobs=_logprobs(message.logprobs),
+        finish_reason=finish_reason,
+        stop_reason=message.stop_reason or None,
+        usage=usage(message.usage) if message.HasField("usage") else None,
+        prompt_token_ids=list(message.prompt_token_ids) or None,
+        prompt_logprobs=_logprobs(message.prompt_logprobs) or None,
+    )
+
+
+def tokenizations(message: pb.TokenizeResponse, with_offsets: bool) -> list[Tokenization]:
+    return [
+        Tokenization(
+            token_ids=list(r.token_ids),
+            tokens=list(r.tokens),
+            offsets=[(o.start, o.end) for o in r.offsets] if with_offsets else None,
+        )
+        for r in message.results
+    ]
+
+
+def model_info(message: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        id=message.id,
+        task=_TASKS.get(message.task, "unknown"),
+        max_context_length=message.max_context_length,
+        vocab_size=message.vocab_size,
+        architecture=message.architecture,
+        dtype=message.dtype,
+        device=message.device,
+        is_default=message.is_default,
+    )
+
+
+def texts_list(texts: str | Sequence[str]) -> list[str]:
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+def embed_request(
+    texts: str | Sequence[str] | None,
+    token_ids: Sequence[Sequence[int]] | None,
+    model: str,
+    pooling: str | None,
+    normalize: bool,
+    dimensions: int | None,
+    truncate: bool,
+) -> pb.EmbedRequest:
+    """An EmbedRequest from texts or token id sequences."""
+    if pooling not in POOLINGS:
+        raise WeirClientError.invalid_argument("pooling", f"must be one of mean, cls, last; got {pooling!r}")
+    if dimensions is not None and dimensions < 0:
+        raise WeirClientError.invalid_argument("dimensions", f"must be >= 0, got {dimensions}")
+    return pb.EmbedRequest(
+        model=model,
+        texts=texts_list(texts) if texts is not None else [],
+        token_ids=token_ids_messages(token_ids or ()),
+        pooling=POOLINGS[pooling],
+        normalize=normalize,
+        dimensions=dimensions or 0,
+        truncate=truncate,
+    )
+
+
+def embeddings(message: pb.EmbedResponse) -> Embeddings:
+    vectors = [list(e.values) for e in sorted(message.embeddings, key=lambda e: e.index)]
+    return Embeddings(message.model, vectors, message.usage.prompt_tokens)

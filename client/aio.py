@@ -1,0 +1,199 @@
+"""AsyncWeirClient: the asyncio twin of WeirClient, over grpc.aio. Every failure raises WeirClientError."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Unpack
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from weir.v1 import inference_pb2 as pb
+from weir.v1 import inference_pb2_grpc
+from weir_client import _protocol as proto
+from weir_client.errors import WeirClientError, error_from_rpc
+from weir_client.types import (
+    Completion,
+    CompletionBuilder,
+    Embeddings,
+    GenerationChunk,
+    ModelInfo,
+    SamplingOptions,
+    Tokenization,
+)
+
+_UNSET: Any = object()
+
+
+class AsyncWeirClient:
+    """Asyncio client with the same methods and defaults as WeirClient; `async with` closes the channel."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        max_attempts: int = 4,
+    ) -> None:
+        options = proto.channel_options(max_attempts)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.target = target
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+
+    async def __aenter__(self) -> AsyncWeirClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        token_ids: Sequence[int] | None = None,
+        model: str = "",
+        request_id: str = "",
+        add_generation_prompt: bool = True,
+        timeout: float | None = _UNSET,
+        **sampling: Unpack[SamplingOptions],
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream the completion of one input as chunks (`async for`); closing the iterator early cancels it."""
+        request = proto.generate_request(
+            prompt, messages, token_ids, model, request_id, add_generation_prompt, sampling
+        )
+        call = self._stub.Generate(request, timeout=self._timeout(timeout), metadata=self.metadata)
+        return self._chunks(call)
+
+    @staticmethod
+    async def _chunks(call: Any) -> AsyncIterator[GenerationChunk]:
+        try:
+            async for message in call:
+                yield proto.generation_chunk(message)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+        finally:
+            call.cancel()  # a no-op once the stream has ended
+
+    async def complete(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        token_ids: Sequence[int] | None = None,
+        model: str = "",
+        request_id: str = "",
+        add_generation_prompt: bool = True,
+        timeout: float | None = _UNSET,
+        **sampling: Unpack[SamplingOptions],
+    ) -> Completion:
+        """Like generate(), but wait for the end and return the whole Completion."""
+        builder = CompletionBuilder()
+        chunks = self.generate(
+            prompt,
+            messages=messages,
+            token_ids=token_ids,
+            model=model,
+            request_id=request_id,
+            add_generation_prompt=add_generation_prompt,
+            timeout=timeout,
+            **sampling,
+        )
+        async for chunk in chunks:
+            builder.add(chunk)
+        return builder.build()
+
+    async def embed(
+        self,
+        texts: str | Sequence[str] | None = None,
+        *,
+        token_ids: Sequence[Sequence[int]] | None = None,
+        model: str = "",
+        pooling: str | None = None,
+        normalize: bool = True,
+        dimensions: int | None = None,
+        truncate: bool = False,
+        timeout: float | None = _UNSET,
+    ) -> Embeddings:
+        """One vector per text (or token id sequence); `pooling` is None (model default), mean, cls or last."""
+        request = proto.embed_request(texts, token_ids, model, pooling, normalize, dimensions, truncate)
+        return proto.embeddings(await self._unary(self._stub.Embed, request, timeout))
+
+    async def tokenize(
+        self,
+        texts: str | Sequence[str],
+        *,
+        model: str = "",
+        add_special_tokens: bool = True,
+        return_offsets: bool = False,
+        timeout: float | None = _UNSET,
+    ) -> list[Tokenization]:
+        """Tokenize each text with the model's tokenizer (default: the generation model's)."""
+        request = pb.TokenizeRequest(
+            model=model,
+            texts=proto.texts_list(texts),
+            add_special_tokens=add_special_tokens,
+            return_offsets=return_offsets,
+        )
+        return proto.tokenizations(await self._unary(self._stub.Tokenize, request, timeout), return_offsets)
+
+    async def detokenize(
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        model: str = "",
+        skip_special_tokens: bool = True,
+        timeout: float | None = _UNSET,
+    ) -> list[str]:
+        """The text of each token id sequence."""
+        request = pb.DetokenizeRequest(
+            model=model, sequences=proto.token_ids_messages(sequences), skip_special_tokens=skip_special_tokens
+        )
+        return list((await self._unary(self._stub.Detokenize, request, timeout)).texts)
+
+    async def list_models(self, *, timeout: float | None = _UNSET) -> list[ModelInfo]:
+        """The models the server has loaded."""
+        response = await self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return [proto.model_info(m) for m in response.models]
+
+    async def health(self, service: str = "", *, timeout: float | None = _UNSET) -> str:
+        """The grpc.health.v1 status name: SERVING, NOT_SERVING, UNKNOWN or SERVICE_UNKNOWN."""
+        response = await self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def wait_until_ready(self, timeout: float = 300.0, interval: float = 0.25) -> None:
+        """Wait until health is SERVING; raise WeirClientError(DEADLINE_EXCEEDED) after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                last = await self.health(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                if last == "SERVING":
+                    return
+            except WeirClientError as e:
+                last = e.code.name
+            await asyncio.sleep(interval)
+        raise WeirClientError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.target} not SERVING after {timeout:.0f}s (last: {last})"
+        )
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is _UNSET else timeout
+
+    async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=self._timeout(timeout), metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None

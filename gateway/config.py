@@ -1,0 +1,35 @@
+"""The gateway's frozen configuration, built once from the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_BACKEND = "127.0.0.1:50051"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Where to listen, which Weir servers to use, and the limits put on each request."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backends: tuple[str, ...] = (DEFAULT_BACKEND,)  # HOST:PORT of each Weir gRPC server
+    api_keys: tuple[str, ...] = ()  # bearer keys; empty = no auth
+    cors_origins: tuple[str, ...] = ()  # allowed Origins ("*" for any); empty = CORS off
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_n: int = 16  # most choices per prompt
+    max_tokens: int = 32768  # most tokens a request may ask for per choice
+    max_prompts: int = 256  # most prompts in one completions request
+    max_embedding_inputs: int = 2048
+    request_timeout_s: float = 600.0  # the gRPC deadline of every backend call
+    health_retry_s: float = 1.0  # pause before re-watching a backend whose health stream broke
+    max_message_bytes: int = 64 * 1024 * 1024  # gRPC message size limit, both ways
+
+    def __post_init__(self) -> None:
+        if not self.backends:
+            raise ValueError("at least one backend is required")
+        for name in ("max_body_bytes", "max_n", "max_tokens", "max_prompts", "max_embedding_inputs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be positive")

@@ -1,0 +1,139 @@
+"""OpenAI-shaped errors and the one table that maps gRPC status codes to HTTP statuses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+logger = logging.getLogger(__name__)
+
+# gRPC status -> (HTTP status, OpenAI error type). The only place this mapping lives.
+GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.OK: (200, "ok"),
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
+    grpc.StatusCode.ABORTED: (409, "conflict_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    # The gateway's own cancels never reach a client, so a CANCELLED that does means the backend dropped the call.
+    grpc.StatusCode.CANCELLED: (503, "service_unavailable"),
+    grpc.StatusCode.UNKNOWN: (500, "server_error"),
+    grpc.StatusCode.INTERNAL: (500, "server_error"),
+    grpc.StatusCode.DATA_LOSS: (500, "server_error"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "not_implemented_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+
+# HTTP status -> OpenAI error type, for errors the gateway raises itself.
+_TYPE_OF_STATUS = {status: kind for status, kind in GRPC_TO_HTTP.values()} | {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    500: "server_error",
+}
+
+
+class ApiError(Exception):
+    """An error answered to the client as OpenAI error JSON with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+    @property
+    def type(self) -> str:
+        return _TYPE_OF_STATUS.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error object: {"error": {message, type, param, code}}."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(param: str | None, message: str) -> ApiError:
+    """A 400 naming the offending request field."""
+    return ApiError(400, message, param=param, code="invalid_value" if param else None)
+
+
+def no_backend(message: str = "no Weir backend is serving") -> ApiError:
+    """A 503: the gateway has nowhere to send the request."""
+    return ApiError(503, message, code="backend_unavailable")
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> ApiError:
+    """Convert a failed gRPC call into the ApiError the client sees, keeping field names and retry hints."""
+    status, _ = GRPC_TO_HTTP.get(error.code(), (500, "server_error"))
+    message = error.details() or error.code().name.lower()
+    param, retry_after = _status_details(error)
+    if param is None and error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        param = _param_from_message(message)
+    code = None
+    if status == 404 and "model" in message.lower():
+        code = "model_not_found"
+    elif status == 503:
+        code = "backend_unavailable"
+    return ApiError(status, message, param=_openai_param(param), code=code, retry_after_s=retry_after)
+
+
+def _status_details(error: grpc.aio.AioRpcError) -> tuple[str | None, float | None]:
+    """Field violation and retry delay from the rich status (google.rpc.Status) when the server sent one."""
+    blob = next((v for k, v in (error.trailing_metadata() or ()) if k == "grpc-status-details-bin"), None)
+    if not isinstance(blob, bytes):
+        return None, None
+    param: str | None = None
+    retry_after: float | None = None
+    try:
+        rich = status_pb2.Status.FromString(blob)
+    except Exception:  # a malformed trailer must not hide the real error
+        logger.warning("unparseable grpc-status-details-bin from backend", exc_info=True)
+        return None, None
+    for detail in rich.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            if bad.field_violations:
+                param = bad.field_violations[0].field
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            retry_after = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    return param, retry_after
+
+
+def _param_from_message(message: str) -> str | None:
+    """Servers write invalid-argument details as 'field.path: reason'; take the field when it looks like one."""
+    head, sep, _ = message.partition(":")
+    if sep and head and all(part.isidentifier() for part in head.replace("[", ".").replace("]", "").split(".")):
+        return head
+    return None
+
+
+def _openai_param(param: str | None) -> str | None:
+    """Server field paths (sampling_params.top_p) become the OpenAI request field (top_p)."""
+    if param is None:
+        return None
+    for prefix in ("sampling_params.", "request."):
+        if param.startswith(prefix):
+            return param[len(prefix) :]
+    return param

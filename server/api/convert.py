@@ -1,0 +1,115 @@
+"""Protobuf ⇄ engine types. Pure functions; the servicer strings them together."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from weir.v1 import inference_pb2 as pb
+from weir_server.engine.types import FinishReason, GenerationOutput, SamplingParams, TokenLogprob
+from weir_server.tokenization import ChatMessage, Tokenizer
+
+_DEFAULTS = SamplingParams()
+
+FINISH_REASONS = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+}
+
+POOLINGS = {pb.POOLING_UNSPECIFIED: None, pb.POOLING_MEAN: "mean", pb.POOLING_CLS: "cls", pb.POOLING_LAST: "last"}
+
+
+def sampling_params(p: pb.SamplingParams) -> SamplingParams:
+    """Engine sampling parameters from the request's; unset optional fields take the defaults the proto names."""
+
+    def has(name: str) -> bool:
+        return p.HasField(name)
+
+    return SamplingParams(
+        max_tokens=p.max_tokens if has("max_tokens") else _DEFAULTS.max_tokens,
+        min_tokens=p.min_tokens,
+        temperature=p.temperature if has("temperature") else _DEFAULTS.temperature,
+        top_p=p.top_p if has("top_p") else _DEFAULTS.top_p,
+        top_k=p.top_k,
+        min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty if has("repetition_penalty") else _DEFAULTS.repetition_penalty,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        seed=p.seed if has("seed") else None,
+        stop=tuple(p.stop),
+        stop_token_ids=tuple(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        logprobs=p.logprobs if has("logprobs") else None,
+        prompt_logprobs=p.prompt_logprobs if has("prompt_logprobs") else None,
+        n=p.n if has("n") else _DEFAULTS.n,
+        skip_special_tokens=p.skip_special_tokens if has("skip_special_tokens") else True,
+        include_stop_str_in_output=p.include_stop_str_in_output,
+    )
+
+
+def chat_messages(messages: pb.ChatMessages) -> list[ChatMessage]:
+    return [ChatMessage(m.role, m.content) for m in messages.messages]
+
+
+def token_logprobs(items: Sequence[TokenLogprob], tokenizer: Tokenizer) -> list[pb.TokenLogprob]:
+    """Logprobs with each token's text and bytes."""
+    result = []
+    for item in items:
+        message = pb.TokenLogprob(
+            token_id=item.token_id,
+            token=tokenizer.token_text(item.token_id),
+            token_bytes=tokenizer.token_bytes(item.token_id),
+            top_logprobs=[
+                pb.TopLogprob(
+                    token_id=top.token_id,
+                    token=tokenizer.token_text(top.token_id),
+                    token_bytes=tokenizer.token_bytes(top.token_id),
+                    logprob=top.logprob,
+                )
+                for top in item.top
+            ],
+        )
+        if item.logprob is not None:
+            message.logprob = item.logprob
+        result.append(message)
+    return result
+
+
+def generate_response(
+    output: GenerationOutput,
+    *,
+    request_id: str,
+    model: str,
+    tokenizer: Tokenizer,
+    prompt_token_ids: list[int] | None,
+) -> pb.GenerateResponse:
+    """One stream message from one engine output; `prompt_token_ids` is given on a choice's first message."""
+    response = pb.GenerateResponse(
+        request_id=request_id,
+        index=output.index,
+        text=output.text,
+        token_ids=output.token_ids,
+        model=model,
+    )
+    if output.logprobs:
+        response.logprobs.extend(token_logprobs(output.logprobs, tokenizer))
+    if prompt_token_ids is not None:
+        response.prompt_token_ids.extend(prompt_token_ids)
+    if output.prompt_logprobs:
+        response.prompt_logprobs.extend(token_logprobs(output.prompt_logprobs, tokenizer))
+    if output.finish_reason is not None:
+        response.finish_reason = FINISH_REASONS[output.finish_reason]
+        response.stop_reason = output.stop_reason or ""
+    if output.usage is not None:
+        usage = output.usage
+        response.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+                total_tokens=usage.prompt_tokens + usage.completion_tokens,
+            )
+        )
+    return response

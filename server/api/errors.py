@@ -1,0 +1,97 @@
+"""Map Weir's exceptions to gRPC statuses with google.rpc details; the only place statuses are chosen."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from weir_server.errors import (
+    EngineStepError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QueueFullError,
+    WeirError,
+)
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_KEY = "retry-after"
+
+
+class UnimplementedError(WeirError):
+    """The request asks for a feature this server does not offer yet."""
+
+
+def to_grpc_status(error: Exception) -> grpc.Status:
+    """The gRPC status (code, message, rich details in trailing metadata) an exception is answered with."""
+    details: list[Any] = []
+    metadata: list[tuple[str, str]] = []
+    if isinstance(error, InvalidRequestError):
+        code, message = code_pb2.INVALID_ARGUMENT, str(error)
+        details.append(_bad_request(error.field, error.description))
+    elif isinstance(error, ModelNotFoundError):
+        code, message = code_pb2.NOT_FOUND, str(error)
+        details.append(_bad_request("model", message))
+    elif isinstance(error, QueueFullError):
+        code, message = code_pb2.RESOURCE_EXHAUSTED, str(error)
+        seconds = max(error.retry_after_s, 0.0)
+        delay = duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+        metadata.append((RETRY_AFTER_KEY, str(max(1, math.ceil(seconds)))))
+    elif isinstance(error, EngineUnavailableError):
+        code, message = code_pb2.UNAVAILABLE, str(error)
+    elif isinstance(error, UnimplementedError):
+        code, message = code_pb2.UNIMPLEMENTED, str(error)
+    elif isinstance(error, EngineStepError):
+        code, message = code_pb2.INTERNAL, f"the engine failed while running this request: {error}"
+    else:
+        code, message = code_pb2.INTERNAL, f"internal error ({type(error).__name__}); see the server log"
+    status = status_pb2.Status(code=code, message=message)
+    for detail in details:
+        status.details.add().Pack(detail)
+    grpc_status = rpc_status.to_status(status)
+    return _with_metadata(grpc_status, tuple(metadata))
+
+
+def _bad_request(field: str, description: str) -> error_details_pb2.BadRequest:
+    return error_details_pb2.BadRequest(
+        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)]
+    )
+
+
+def _with_metadata(status: grpc.Status, extra: tuple[tuple[str, str], ...]) -> grpc.Status:
+    if not extra:
+        return status
+    return type(status)(status.code, status.details, tuple(status.trailing_metadata) + extra)  # type: ignore[call-arg]
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def map_errors(handler: Handler) -> Handler:
+    """Wrap an async servicer method: Weir errors become their status, anything else INTERNAL, logged once."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except WeirError as e:
+            if isinstance(e, EngineStepError):
+                logger.error("%s failed in the engine: %s", handler.__name__, e)
+            status = to_grpc_status(e)
+        except Exception as e:
+            logger.exception("%s failed unexpectedly", handler.__name__)
+            status = to_grpc_status(e)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,97 @@
+"""The models a server serves: loading them off the event loop and resolving a request's `model` field."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Literal
+
+from weir_server.config import ServerConfig
+from weir_server.engine.async_engine import AsyncEngine
+from weir_server.engine.embedding_engine import EmbeddingEngine
+from weir_server.errors import EngineUnavailableError, InvalidRequestError, ModelNotFoundError
+from weir_server.models.loader import LoadedModel, load_model
+from weir_server.tokenization import Tokenizer
+
+Task = Literal["generate", "embed"]
+_TASK_WORDS = {"generate": "text generation", "embed": "embeddings"}
+
+
+@dataclass
+class ServedModel:
+    """One loaded model with its tokenizer and the engine that runs it."""
+
+    loaded: LoadedModel
+    tokenizer: Tokenizer
+    generator: AsyncEngine | None = None
+    embedder: EmbeddingEngine | None = None
+    is_default: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.loaded.model_id
+
+    @property
+    def task(self) -> Task:
+        return self.loaded.task
+
+
+class ModelRegistry:
+    """Served models by id; the first model of each task is its default."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, ServedModel] = {}
+        self.ready = False
+
+    def add(self, model: ServedModel) -> None:
+        if model.id in self._models:
+            raise ValueError(f"two models are served as {model.id!r}; give one a different served name")
+        model.is_default = self.default(model.task) is None
+        self._models[model.id] = model
+
+    def models(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    def default(self, task: Task) -> ServedModel | None:
+        return next((m for m in self._models.values() if m.task == task and m.is_default), None)
+
+    def get(self, name: str, task: Task | None) -> ServedModel:
+        """The model a request names (empty = the task's default; task None = any, generation first)."""
+        if not self.ready:
+            raise EngineUnavailableError("the server is still loading its models; retry shortly")
+        if not name:
+            model = self.default(task or "generate") or (None if task else self.default("embed"))
+            if model is None:
+                raise ModelNotFoundError(f"no {_TASK_WORDS[task or 'generate']} model is loaded on this server")
+            return model
+        model = self._models.get(name)
+        if model is None:
+            loaded = ", ".join(self._models) or "none"
+            raise ModelNotFoundError(f"model {name!r} is not loaded on this server; loaded models: {loaded}")
+        if task is not None and model.task != task:
+            serves, wanted = _TASK_WORDS[model.task], _TASK_WORDS[task]
+            raise InvalidRequestError("model", f"model {name!r} serves {serves}, not {wanted}")
+        return model
+
+    async def load(self, config: ServerConfig) -> None:
+        """Load every configured model (in a worker thread, so health checks keep answering), then mark ready."""
+        if config.generate is not None:
+            engine_config = config.generate
+            loaded = await asyncio.to_thread(load_model, engine_config.model, "generate")
+            engine = await asyncio.to_thread(AsyncEngine, loaded, engine_config)
+            await engine.start()
+            self.add(ServedModel(loaded, Tokenizer(loaded.tokenizer), generator=engine))
+        if config.embed is not None:
+            loaded = await asyncio.to_thread(load_model, config.embed, "embed")
+            self.add(ServedModel(loaded, Tokenizer(loaded.tokenizer), embedder=EmbeddingEngine(loaded)))
+        self.ready = True
+
+    async def shutdown(self) -> None:
+        """Stop the engines; requests still running are aborted."""
+        self.ready = False
+        for model in self.models():
+            if model.generator is not None:
+                await model.generator.shutdown()
+            if model.embedder is not None:
+                await model.embedder.shutdown()
+

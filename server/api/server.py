@@ -1,0 +1,108 @@
+"""The grpc.aio server: InferenceService, grpc.health.v1 and reflection on one port; drains on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from weir.v1 import inference_pb2, inference_pb2_grpc
+from weir_server.api.models import ModelRegistry
+from weir_server.api.servicer import InferenceServicer
+from weir_server.config import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+_HEALTH_NAMES = ("", SERVICE_NAME)
+
+
+class WeirServer:
+    """One gRPC server and the models behind it. `start()` listens first, then loads, then reports SERVING."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.registry = ModelRegistry()
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        options = [
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        self.server = grpc.aio.server(options=options)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.registry), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Listen (port 0 picks a free one), load the models, then report SERVING."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as e:  # grpc raises RuntimeError when the bind fails
+            raise OSError(f"cannot listen on {address}: is the port in use?") from e
+        await self.server.start()
+        logger.info("listening on %s; loading models", self.address)
+        await self.registry.load(self.config)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        names = ", ".join(f"{m.id} ({m.task})" for m in self.registry.models()) or "none"
+        logger.info("Weir is ready on %s serving %s", self.address, names)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let running calls finish for `grace` seconds, then stop the engines."""
+        grace = self.config.drain_timeout_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.port is not None:
+            logger.info("draining for up to %.0fs", grace)
+        await self.server.stop(grace)
+        await self.registry.shutdown()
+        if self.port is not None:
+            logger.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in _HEALTH_NAMES:
+            await self.health.set(name, status)
+
+
+async def serve_async(config: ServerConfig) -> None:
+    """Run a server until SIGTERM or SIGINT, then drain and stop."""
+    server = WeirServer(config)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    start = asyncio.ensure_future(server.start())
+    stop_wait = asyncio.ensure_future(stopping.wait())
+    try:
+        done, _ = await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if start in done:
+            start.result()  # raises if loading failed
+            await stop_wait
+        else:
+            logger.info("stop requested while loading")
+            start.cancel()
+    finally:
+        stop_wait.cancel()
+        await server.stop()
+
+
+def serve(config: ServerConfig) -> None:
+    """Blocking entry point of `weir serve`."""
+    asyncio.run(serve_async(config))

@@ -1,0 +1,209 @@
+"""weir.v1.InferenceService: converts protobuf to engine calls and back, nothing more."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from weir.v1 import inference_pb2 as pb
+from weir.v1 import inference_pb2_grpc
+from weir_server.api import convert
+from weir_server.api.errors import UnimplementedError, map_errors
+from weir_server.api.models import ModelRegistry, ServedModel
+from weir_server.engine.types import GenerationRequest
+from weir_server.errors import EngineStepError, EngineUnavailableError, InvalidRequestError
+
+REQUEST_ID_KEY = "x-request-id"
+_MODEL_TASKS = {"generate": pb.MODEL_TASK_GENERATE, "embed": pb.MODEL_TASK_EMBED}
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """Every RPC of weir.v1.InferenceService over the registry's engines."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    @map_errors
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        model = self.registry.get(request.model, "generate")
+        engine = model.generator
+        if engine is None:
+            raise EngineUnavailableError(f"model {model.id!r} has no generation engine")
+        constraint = request.WhichOneof("constraint")
+        if constraint is not None:
+            raise UnimplementedError(f"constrained output ({constraint}) is not supported by this server yet")
+        prompt_ids = self._prompt_token_ids(request, model)
+        params = convert.sampling_params(request.sampling_params)  # the engine validates them
+        caller_id = request.request_id or _metadata_request_id(context)
+        request_id = caller_id or uuid.uuid4().hex
+        await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
+        # The engine needs unique ids; a caller may reuse theirs, so the engine gets a suffixed one.
+        engine_request = GenerationRequest(
+            request_id=f"{caller_id}.{uuid.uuid4().hex[:8]}" if caller_id else request_id,
+            prompt_token_ids=prompt_ids,
+            params=params,
+        )
+        stream = engine.generate(engine_request)
+        started: set[int] = set()
+        try:
+            async for output in stream:
+                if output.error is not None:
+                    raise EngineStepError(output.error)
+                first = output.index not in started
+                started.add(output.index)
+                response = convert.generate_response(
+                    output,
+                    request_id=request_id,
+                    model=model.id,
+                    tokenizer=model.tokenizer,
+                    prompt_token_ids=prompt_ids if first else None,
+                )
+                await context.write(response)
+        finally:
+            # Closing the stream aborts the request in the engine (client gone, deadline or error).
+            await _aclose(stream)
+
+    def _prompt_token_ids(self, request: pb.GenerateRequest, model: ServedModel) -> list[int]:
+        kind = request.WhichOneof("input")
+        tokenizer = model.tokenizer
+        if kind == "prompt":
+            if not request.prompt:
+                raise InvalidRequestError("prompt", "must not be empty")
+            ids = tokenizer.encode(request.prompt)
+        elif kind == "token_ids":
+            ids = list(request.token_ids.ids)
+            if not ids:
+                raise InvalidRequestError("token_ids", "must hold at least one token id")
+            tokenizer.check_ids(ids, "token_ids", limit=model.loaded.vocab_size)
+        elif kind == "messages":
+            messages = request.messages
+            add_generation_prompt = (
+                messages.add_generation_prompt if messages.HasField("add_generation_prompt") else True
+            )
+            ids = tokenizer.encode_chat(convert.chat_messages(messages), add_generation_prompt)
+        else:
+            raise InvalidRequestError("input", "set exactly one of prompt, token_ids or messages")
+        if not ids:
+            raise InvalidRequestError(kind, "tokenizes to no tokens")
+        limit = model.loaded.max_model_len
+        if len(ids) >= limit:
+            raise InvalidRequestError(
+                kind, f"is {len(ids)} tokens long; this model's context is {limit} tokens including the output"
+            )
+        return ids
+
+    @map_errors
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        return await self._embed(request)
+
+    @map_errors
+    async def EmbedStream(self, requests: AsyncIterator[pb.EmbedStreamRequest], context: Any) -> None:
+        async for message in requests:
+            response = await self._embed(message.request)
+            await context.write(pb.EmbedStreamResponse(response=response))
+
+    async def _embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
+        model = self.registry.get(request.model, "embed")
+        if model.embedder is None:
+            raise EngineUnavailableError(f"model {model.id!r} has no embedding engine")
+        field, inputs = self._embed_inputs(request, model)
+        pooling = convert.POOLINGS.get(request.pooling)
+        normalize = request.normalize if request.HasField("normalize") else True
+        dimensions = request.dimensions or None
+        vectors = await model.embedder.embed(inputs, pooling, normalize, dimensions, input_field=field)
+        return pb.EmbedResponse(
+            model=model.id,
+            embeddings=[pb.Embedding(index=i, values=v) for i, v in enumerate(vectors)],
+            usage=pb.Usage(prompt_tokens=sum(map(len, inputs)), total_tokens=sum(map(len, inputs))),
+        )
+
+    def _embed_inputs(self, request: pb.EmbedRequest, model: ServedModel) -> tuple[str, list[list[int]]]:
+        """The request's input field and its token ids (the engine checks lengths and id ranges)."""
+        if request.texts and request.token_ids:
+            raise InvalidRequestError("token_ids", "set texts or token_ids, not both")
+        if not request.texts and not request.token_ids:
+            raise InvalidRequestError("texts", "set at least one text (or token_ids)")
+        max_length = model.loaded.max_model_len if request.truncate else None
+        if request.texts:
+            return "texts", [model.tokenizer.encode(text, max_length=max_length) for text in request.texts]
+        return "token_ids", [list(t.ids)[:max_length] for t in request.token_ids]
+
+    @map_errors
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        return self._tokenize(request)
+
+    @map_errors
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetokenizeResponse:
+        return self._detokenize(request)
+
+    @map_errors
+    async def TokenizeStream(self, requests: AsyncIterator[pb.TokenizeStreamRequest], context: Any) -> None:
+        async for message in requests:
+            kind = message.WhichOneof("request")
+            if kind == "tokenize":
+                response = pb.TokenizeStreamResponse(tokenize=self._tokenize(message.tokenize))
+            elif kind == "detokenize":
+                response = pb.TokenizeStreamResponse(detokenize=self._detokenize(message.detokenize))
+            else:
+                raise InvalidRequestError("request", "set tokenize or detokenize")
+            await context.write(response)
+
+    def _tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        model = self.registry.get(request.model, None)
+        add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        results = []
+        for text in request.texts:
+            tokens = model.tokenizer.tokenize(text, add_special, request.return_offsets)
+            result = pb.Tokenization(token_ids=tokens.token_ids, tokens=tokens.tokens)
+            for start, end in tokens.offsets or ():
+                result.offsets.add(start=start, end=end)
+            results.append(result)
+        return pb.TokenizeResponse(model=model.id, results=results, max_model_len=model.loaded.max_model_len)
+
+    def _detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
+        model = self.registry.get(request.model, None)
+        skip_special = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        texts = []
+        for i, sequence in enumerate(request.sequences):
+            model.tokenizer.check_ids(sequence.ids, f"sequences[{i}]")
+            texts.append(model.tokenizer.decode(sequence.ids, skip_special))
+        return pb.DetokenizeResponse(model=model.id, texts=texts)
+
+    @map_errors
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        if not self.registry.ready:
+            raise EngineUnavailableError("the server is still loading its models; retry shortly")
+        return pb.ListModelsResponse(models=[_model_info(m) for m in self.registry.models()])
+
+
+def _model_info(model: ServedModel) -> pb.ModelInfo:
+    loaded = model.loaded
+    return pb.ModelInfo(
+        id=model.id,
+        task=_MODEL_TASKS[model.task],
+        max_context_length=loaded.max_model_len,
+        vocab_size=loaded.vocab_size,
+        architecture=loaded.architecture,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        device=str(loaded.device),
+        is_default=model.is_default,
+    )
+
+
+def _metadata_request_id(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str):
+            return value
+    return None
+
+
+async def _aclose(stream: AsyncIterator[Any]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()

@@ -1,0 +1,210 @@
+"""AsyncEngine: the engine's steps run on their own thread; each request reads its outputs as an async stream."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from weir_server.config import EngineConfig
+from weir_server.engine.llm_engine import LLMEngine
+from weir_server.engine.stats import EngineStats
+from weir_server.engine.types import GenerationOutput, GenerationRequest
+from weir_server.errors import EngineUnavailableError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from weir_server.models.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+def merge_outputs(first: GenerationOutput, second: GenerationOutput) -> GenerationOutput:
+    """One output carrying both deltas of a choice, in order (the later one's finish and usage win)."""
+    logprobs = first.logprobs
+    if second.logprobs is not None:
+        logprobs = (logprobs or []) + second.logprobs
+    return dataclasses.replace(
+        second,
+        text=first.text + second.text,
+        token_ids=first.token_ids + second.token_ids,
+        logprobs=logprobs,
+        prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None else second.prompt_logprobs,
+    )
+
+
+class RequestStream:
+    """The outputs of one request waiting for its consumer; queued deltas of a choice are merged."""
+
+    def __init__(self, request_id: str, num_choices: int) -> None:
+        self.request_id = request_id
+        self.unfinished = set(range(num_choices))
+        self._queue: deque[GenerationOutput] = deque()
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+
+    @property
+    def finished(self) -> bool:
+        return not self.unfinished
+
+    def put(self, output: GenerationOutput) -> None:
+        if output.finished:
+            self.unfinished.discard(output.index)
+        for i in range(len(self._queue) - 1, -1, -1):
+            queued = self._queue[i]
+            if queued.index == output.index:
+                if not queued.finished:
+                    self._queue[i] = merge_outputs(queued, output)
+                    self._ready.set()
+                    return
+                break
+        self._queue.append(output)
+        self._ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self.unfinished.clear()
+        self._ready.set()
+
+    async def get(self) -> GenerationOutput | None:
+        """The next (possibly merged) output, or None once every choice has finished and been read."""
+        while not self._queue:
+            if self._error is not None:
+                raise self._error
+            if self.finished:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        return self._queue.popleft()
+
+
+class AsyncEngine:
+    """Admits requests from asyncio, runs `LLMEngine.step()` on a worker thread, streams outputs back."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.model_id = loaded.model_id
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.max_model_len
+        self.vocab_size = loaded.vocab_size
+        self.engine = LLMEngine(loaded, config)
+        self._streams: dict[str, RequestStream] = {}
+        self._wakeup = threading.Condition()
+        self._pending: list[GenerationRequest] = []  # admitted on the loop, added on the engine thread
+        self._aborts: list[str] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_stats = self.engine.stats()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def start(self) -> None:
+        """Start the engine thread (idempotent)."""
+        if self.is_running:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="weir-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Stop the engine thread; every open stream fails with EngineUnavailableError."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        for stream in self._streams.values():
+            stream.fail(EngineUnavailableError("the engine is shutting down"))
+        self._streams.clear()
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Validate and queue a request; raises InvalidRequestError / QueueFullError before yielding anything."""
+        if not self.is_running or self._stopping:
+            raise EngineUnavailableError("the engine is not running")
+        if request.request_id in self._streams:
+            raise InvalidRequestError("request_id", f"request {request.request_id!r} is already running")
+        request = self.engine.validate(request)
+        if not request.arrival_time:
+            request = dataclasses.replace(request, arrival_time=time.time())
+        with self._wakeup:
+            self.engine.scheduler.check_capacity(len(self._pending))
+            self._pending.append(request)
+            self._wakeup.notify()
+        stream = RequestStream(request.request_id, request.params.n)
+        self._streams[request.request_id] = stream
+        return self._iterate(stream)
+
+    async def _iterate(self, stream: RequestStream) -> AsyncIterator[GenerationOutput]:
+        try:
+            while (output := await stream.get()) is not None:
+                yield output
+        finally:
+            # Closed early (client gone, cancelled) or done: either way the engine forgets the request.
+            if self._streams.pop(stream.request_id, None) is not None and not stream.finished:
+                self._abort(stream.request_id)
+
+    def _abort(self, request_id: str) -> None:
+        with self._wakeup:
+            self._aborts.append(request_id)
+            self._wakeup.notify()
+
+    def stats(self) -> EngineStats:
+        """The engine's counters as of its last step."""
+        return self._last_stats
+
+    # ---- engine thread ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._wakeup:
+                # Sleep while idle: no polling, the loop thread notifies on new work, aborts and shutdown.
+                while not (self._stopping or self._pending or self._aborts or engine.has_unfinished()):
+                    self._wakeup.wait()
+                if self._stopping:
+                    break
+                pending, self._pending = self._pending, []
+                aborts, self._aborts = self._aborts, []
+            outputs: list[GenerationOutput] = []
+            try:
+                for request in pending:
+                    engine.add_request(request)
+                for request_id in aborts:
+                    engine.abort_request(request_id)
+                if engine.has_unfinished():
+                    outputs = engine.step()
+            except Exception as error:  # noqa: BLE001 - a bug outside the model step must not kill the thread
+                logger.exception("engine loop failed; failing every request in flight")
+                outputs = self._fail_all(f"{type(error).__name__}: {error}")
+            self._last_stats = engine.stats()
+            if outputs:
+                self._deliver(outputs)
+        self._last_stats = engine.stats()
+
+    def _fail_all(self, message: str) -> list[GenerationOutput]:
+        scheduler = self.engine.scheduler
+        request_ids = [s.request_id for s in [*scheduler.running, *scheduler.waiting]]
+        return self.engine.fail_requests(request_ids, message)
+
+    def _deliver(self, outputs: list[GenerationOutput]) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        except RuntimeError:
+            logger.warning("event loop closed; dropping %d outputs", len(outputs))
+
+    def _dispatch(self, outputs: list[GenerationOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.put(output)

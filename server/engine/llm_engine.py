@@ -1,0 +1,213 @@
+"""The synchronous engine core: one `step()` is schedule -> run -> sample -> update -> detokenize -> outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from weir_server.config import EngineConfig
+from weir_server.engine.block_manager import BlockManager
+from weir_server.engine.detokenizer import IncrementalDetokenizer
+from weir_server.engine.sampler import Sampler, make_generator, token_logprobs
+from weir_server.engine.scheduler import Scheduler, SchedulerOutput
+from weir_server.engine.sequence import Sequence
+from weir_server.engine.stats import EngineStats
+from weir_server.engine.types import FinishReason, GenerationOutput, GenerationRequest, TokenLogprob, Usage
+from weir_server.errors import InvalidRequestError
+from weir_server.executor.model_runner import ModelOutput, ModelRunner
+
+if TYPE_CHECKING:
+    from weir_server.models.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    """Owns the scheduler, model runner, sampler and every live sequence; not thread-safe (one caller)."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = tuple(loaded.eos_token_ids)
+        self.max_model_len = loaded.max_model_len
+        self.vocab_size = loaded.vocab_size
+        self.runner = ModelRunner(loaded, config)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.sampler = Sampler()
+        # A sequence can never outgrow the whole KV pool, so that is a context limit too.
+        self.max_seq_len = min(self.max_model_len, self.block_manager.num_total_blocks * config.cache.block_size)
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+
+    # ---- requests ---------------------------------------------------------------------------------------
+
+    def validate(self, request: GenerationRequest) -> GenerationRequest:
+        """Check a request against the model; return it with max_tokens clamped to the context left."""
+        params = request.params
+        params.validate(self.vocab_size)
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise InvalidRequestError("prompt", "the prompt is empty; at least one token is required")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError("prompt", f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if len(prompt) + 1 > self.max_seq_len:
+            limit = (
+                f"the model's context length is {self.max_model_len} tokens"
+                if self.max_seq_len == self.max_model_len
+                else f"the KV cache holds at most {self.max_seq_len} tokens per sequence"
+            )
+            raise InvalidRequestError(
+                "prompt", f"the prompt has {len(prompt)} tokens, but {limit} and at least 1 must be generated"
+            )
+        room = self.max_seq_len - len(prompt)
+        if params.max_tokens > room:
+            params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+            request = dataclasses.replace(request, params=params)
+        return request
+
+    def add_request(self, request: GenerationRequest) -> None:
+        """Queue a validated request as `n` sequences (siblings share the prompt's cached blocks)."""
+        params = request.params
+        prompt = list(request.prompt_token_ids)
+        share = (
+            params.n > 1 and self.block_manager.enable_prefix_caching and len(prompt) > self.block_manager.block_size
+        )
+        seqs: list[Sequence] = []
+        for index in range(params.n):
+            leader = seqs[0] if share and seqs else None
+            seq = Sequence(request.request_id, index, prompt, params, request.arrival_time, leader=leader)
+            if params.seed is not None:
+                seq.generator = make_generator(params.seed, index, self.runner.device)
+            if self.tokenizer is not None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params)
+            if params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [TokenLogprob(prompt[0], None)]
+            seqs.append(seq)
+        self.scheduler.add(seqs)
+
+    def abort_request(self, request_id: str) -> list[GenerationOutput]:
+        """Cancel a request's unfinished choices at once, freeing their blocks."""
+        return [self._output(seq, "") for seq in self.scheduler.abort(request_id)]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -----------------------------------------------------------------------------------------
+
+    def step(self) -> list[GenerationOutput]:
+        """Run one iteration; a failure in the model fails only this step's requests."""
+        output = self.scheduler.schedule()
+        if output.is_empty:
+            return []
+        self.num_steps += 1
+        try:
+            result = self.runner.execute(output.scheduled)
+            self._record_prompt_logprobs(result)
+            self.scheduler.update(output)
+            sample_seqs = [s.seq for s in result.sample_seqs]
+            sampled = self.sampler(result.sample_logits, sample_seqs, self.eos_token_ids) if sample_seqs else None
+        except Exception as error:  # noqa: BLE001 - any failure of the model must not stop the engine
+            logger.exception("engine step failed; failing the %d requests in it", len(output.scheduled))
+            return self._fail_step(output, f"{type(error).__name__}: {error}")
+        if sampled is None:
+            return []
+        outputs: list[GenerationOutput] = []
+        for seq, token_id, logprob in zip(sample_seqs, sampled.token_ids, sampled.logprobs, strict=True):
+            outputs.append(self._append(seq, token_id, logprob))
+        self.num_generated_tokens += len(outputs)
+        return outputs
+
+    def _record_prompt_logprobs(self, result: ModelOutput) -> None:
+        for scheduled, logits in result.prompt_logits:
+            seq, start = scheduled.seq, scheduled.start
+            assert seq.prompt_logprobs is not None and seq.params.prompt_logprobs is not None
+            targets = torch.tensor(seq.token_ids[start + 1 : start + 1 + logits.shape[0]], device=logits.device)
+            entries = token_logprobs(
+                torch.log_softmax(logits, dim=-1), targets, [seq.params.prompt_logprobs] * len(targets)
+            )
+            for offset, entry in enumerate(entries):
+                if start + 1 + offset == len(seq.prompt_logprobs):  # positions recomputed after preemption are known
+                    seq.prompt_logprobs.append(entry)
+
+    def _append(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> GenerationOutput:
+        """Add a sampled token, decide whether the choice ends, and build its output delta."""
+        seq.append_token(token_id, logprob)
+        params = seq.params
+        reason: FinishReason | None = None
+        can_stop = seq.num_output_tokens >= params.min_tokens
+        if can_stop and (
+            token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)
+        ):
+            reason = FinishReason.STOP
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
+            reason = FinishReason.LENGTH
+        stop_str: str | None = None
+        text = ""
+        if seq.detokenizer is not None:
+            # A stop token's own text is not part of the answer unless asked.
+            keep = reason is not FinishReason.STOP or params.include_stop_str_in_output
+            text, stop_str = seq.detokenizer.add([token_id] if keep else [], reason is not None, check_stop=can_stop)
+            if stop_str is not None:
+                reason = FinishReason.STOP_SEQUENCE
+        if reason is not None:
+            seq.finish(reason, stop_str)
+            self.scheduler.finish(seq)
+        return self._output(seq, text)
+
+    def _output(self, seq: Sequence, text: str) -> GenerationOutput:
+        prompt_logprobs = None
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+        out = GenerationOutput(
+            request_id=seq.request_id,
+            index=seq.index,
+            text=text,
+            token_ids=seq.pending_token_ids,
+            logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            usage=self._usage(seq) if seq.is_finished else None,
+            error=seq.error,
+        )
+        seq.pending_token_ids, seq.pending_logprobs = [], []
+        return out
+
+    @staticmethod
+    def _usage(seq: Sequence) -> Usage:
+        return Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens)
+
+    def _fail_step(self, output: SchedulerOutput, message: str) -> list[GenerationOutput]:
+        return self.fail_requests([s.seq.request_id for s in output.scheduled], message)
+
+    def fail_requests(self, request_ids: list[str], message: str) -> list[GenerationOutput]:
+        """Finish every unfinished choice of these requests with ERROR, freeing their blocks."""
+        outputs: list[GenerationOutput] = []
+        for request_id in dict.fromkeys(request_ids):
+            for seq in self.scheduler.abort(request_id, FinishReason.ERROR):
+                seq.error = message
+                outputs.append(self._output(seq, ""))
+        return outputs
+
+    def stats(self) -> EngineStats:
+        """A snapshot of queue, cache and throughput counters."""
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_total_blocks,
+            block_size=bm.block_size,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queried_tokens=bm.prefix_queried_tokens,
+            prefix_cache_hit_tokens=bm.prefix_hit_tokens,
+            num_steps=self.num_steps,
+            num_generated_tokens=self.num_generated_tokens,
+        )

@@ -1,0 +1,183 @@
+"""Batched sampling over a step's sequences: penalties, temperature, top-k/p, min-p, seeds, logprobs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+from weir_server.engine.sequence import Sequence
+from weir_server.engine.types import TokenLogprob, TopLogprob
+
+
+@dataclass
+class SamplerOutput:
+    """One sampled token per row, with its logprob entry where the row asked for logprobs."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+def make_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """A choice's private RNG: choice 0 uses the seed itself, the other choices of one request differ."""
+    mixed = seed if index == 0 else (seed * 1_000_003 + index) % (2**63)
+    return torch.Generator(device=device).manual_seed(mixed % (2**63))
+
+
+def _pad(rows: list[list[int]], fill: int, device: torch.device) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(width, 1)), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out.to(device)
+
+
+def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: Seq[int]) -> list[TokenLogprob]:
+    """TokenLogprob per row of a [N, V] log-softmax: the logprob of `token_ids[i]` and the top `num_top[i]`."""
+    chosen = logprobs.gather(1, token_ids.view(-1, 1)).squeeze(1).tolist()
+    k = max(num_top, default=0)
+    top_vals: list[list[float]] = [[] for _ in chosen]
+    top_ids: list[list[int]] = [[] for _ in chosen]
+    if k > 0:
+        vals, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+        top_vals, top_ids = vals.tolist(), ids.tolist()
+    ids_list = token_ids.tolist()
+    return [
+        TokenLogprob(
+            token_id=ids_list[i],
+            logprob=chosen[i],
+            top=tuple(
+                TopLogprob(t, v) for t, v in zip(top_ids[i][: num_top[i]], top_vals[i][: num_top[i]], strict=True)
+            ),
+        )
+        for i in range(len(chosen))
+    ]
+
+
+class Sampler:
+    """Chooses the next token of every row of a logits batch with tensor ops (no per-row vocab loops)."""
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Seq[int]) -> SamplerOutput:
+        assert logits.shape[0] == len(seqs)
+        logits = logits.float()
+        device = logits.device
+        params = [s.params for s in seqs]
+
+        lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
+
+        logits = self._apply_penalties(logits, seqs)
+        logits = self._mask_stops_before_min_tokens(logits, seqs, eos_token_ids)
+
+        greedy = torch.tensor([p.greedy for p in params], device=device)
+        tokens = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            sampled = self._sample(logits, seqs)
+            tokens = torch.where(greedy, tokens, sampled)
+
+        entries: list[TokenLogprob | None] = [None] * len(seqs)
+        if raw_logprobs is not None:
+            rows = torch.tensor(lp_rows, device=device)
+            found = token_logprobs(raw_logprobs, tokens[rows], [params[i].logprobs or 0 for i in lp_rows])
+            for i, entry in zip(lp_rows, found, strict=True):
+                entries[i] = entry
+        return SamplerOutput(tokens.tolist(), entries)
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        params = [s.params for s in seqs]
+        use_rep = any(p.repetition_penalty != 1.0 for p in params)
+        use_add = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
+        if not (use_rep or use_add):
+            return logits
+        device, vocab = logits.device, logits.shape[-1]
+        n = len(seqs)
+        # Column `vocab` is a sink for padding so padded slots never count as a token.
+        outputs = _pad([s.output_token_ids for s in seqs], vocab, device)
+        counts = torch.zeros(n, vocab + 1, device=device).scatter_add_(
+            1, outputs, torch.ones_like(outputs, dtype=torch.float)
+        )
+        counts = counts[:, :vocab]
+        if use_add:
+            freq = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
+            pres = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
+            logits = logits - freq * counts - pres * (counts > 0).float()
+        if use_rep:
+            prompts = _pad([s.prompt_token_ids for s in seqs], vocab, device)
+            seen = torch.zeros(n, vocab + 1, dtype=torch.bool, device=device)
+            seen.scatter_(1, prompts, True)
+            seen = seen[:, :vocab] | (counts > 0)
+            rep = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1).expand_as(logits)
+            penalized = torch.where(logits > 0, logits / rep, logits * rep)
+            logits = torch.where(seen, penalized, logits)
+        return logits
+
+    @staticmethod
+    def _mask_stops_before_min_tokens(
+        logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Seq[int]
+    ) -> torch.Tensor:
+        rows: list[int] = []
+        cols: list[int] = []
+        vocab = logits.shape[-1]
+        for i, s in enumerate(seqs):
+            if s.num_output_tokens >= s.params.min_tokens:
+                continue
+            stops = set(s.params.stop_token_ids)
+            if not s.params.ignore_eos:
+                stops.update(eos_token_ids)
+            for t in stops:
+                if 0 <= t < vocab:
+                    rows.append(i)
+                    cols.append(t)
+        if not rows:
+            return logits
+        masked = logits.clone()
+        masked[torch.tensor(rows), torch.tensor(cols)] = float("-inf")
+        # A row whose stop ids cover the whole vocabulary keeps its logits rather than sampling from nothing.
+        possible = torch.isfinite(masked).any(dim=-1, keepdim=True)
+        return torch.where(possible, masked, logits)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Random draw per row after temperature, top-k, top-p and min-p (greedy rows get temperature 1)."""
+        params = [s.params for s in seqs]
+        device, vocab = logits.device, logits.shape[-1]
+        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+        logits = logits / temps.unsqueeze(1)
+
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        top_p = [p.top_p for p in params]
+        if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+            logits = apply_top_k_top_p(logits, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device))
+        min_p = [p.min_p for p in params]
+        if any(m > 0.0 for m in min_p):
+            logits = apply_min_p(logits, torch.tensor(min_p, device=device))
+
+        probs = torch.softmax(logits, dim=-1)
+        # Gumbel-style draw: argmax(p / q) with q ~ Exp(1) samples from p; seeded rows draw q from their own RNG.
+        q = torch.empty_like(probs).exponential_()
+        for i, s in enumerate(seqs):
+            if s.generator is not None and not s.params.greedy:
+                q[i] = torch.empty(vocab, device=device).exponential_(generator=s.generator)
+        return (probs / q).argmax(dim=-1)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask to -inf every token outside each row's top-k and outside its smallest set with mass >= top_p."""
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
+    sorted_logits = sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    # Rows with top_p == 1 are exempt: rounding in the cumsum must not trim their tail.
+    outside = (mass_before >= top_p.unsqueeze(1)) & (ranks > 0) & (top_p < 1.0).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below min_p times the row's top probability."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))

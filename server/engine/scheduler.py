@@ -1,0 +1,184 @@
+"""Iteration-level continuous batching: a token budget per step, chunked prefill, preemption by recompute."""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter, deque
+from dataclasses import dataclass
+
+from weir_server.config import SchedulerConfig
+from weir_server.engine.block_manager import BlockManager
+from weir_server.engine.sequence import Sequence, SequenceStatus
+from weir_server.engine.types import FinishReason
+from weir_server.errors import QueueFullError
+
+
+@dataclass
+class ScheduledSeq:
+    """A sequence and the slice of its uncomputed tokens that runs this step (fixed when scheduled)."""
+
+    seq: Sequence
+    num_new_tokens: int
+    start: int = -1  # position of the first token computed this step
+    do_sample: bool = False  # the step reaches the sequence's last token, so its next token is sampled
+
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            self.start = self.seq.num_computed_tokens
+        self.do_sample = self.start + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """Who runs this step, in batch order."""
+
+    scheduled: list[ScheduledSeq]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Decides which sequences run each step; never touches tensors."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # ordered by arrival (seq_id), so the newest is last
+        self._waiting_requests: Counter[str] = Counter()
+        self.num_preemptions = 0
+
+    @property
+    def num_waiting_requests(self) -> int:
+        return len(self._waiting_requests)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def check_capacity(self, num_pending: int = 0) -> None:
+        """Raise QueueFullError when the waiting queue (plus `num_pending` not yet added) is full."""
+        if self.num_waiting_requests + num_pending >= self.config.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
+
+    def add(self, seqs: list[Sequence]) -> None:
+        """Queue a request's sequences at the back."""
+        for seq in seqs:
+            self._push_waiting(seq, front=False)
+
+    def _push_waiting(self, seq: Sequence, front: bool) -> None:
+        seq.status = SequenceStatus.WAITING
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+        self._waiting_requests[seq.request_id] += 1
+
+    def _pop_waiting(self) -> Sequence:
+        seq = self.waiting.popleft()
+        self._waiting_requests[seq.request_id] -= 1
+        if not self._waiting_requests[seq.request_id]:
+            del self._waiting_requests[seq.request_id]
+        return seq
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's batch: running decodes, then running prefill chunks, then new admissions."""
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[int, ScheduledSeq] = {}
+        preempted = False
+        for decodes in (True, False):
+            for seq in list(self.running):
+                if seq.status is not SequenceStatus.RUNNING or seq.seq_id in scheduled:
+                    continue
+                if (seq.num_uncomputed_tokens == 1) != decodes:
+                    continue
+                num_new = min(seq.num_uncomputed_tokens, budget)
+                if num_new == 0:
+                    break
+                while not self.block_manager.can_allocate(seq, num_new):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    preempted = True
+                    freed = scheduled.pop(victim.seq_id, None)
+                    if freed is not None:
+                        budget += freed.num_new_tokens
+                    if victim is seq:
+                        break
+                if seq.status is SequenceStatus.RUNNING:
+                    self.block_manager.allocate(seq, num_new)
+                    scheduled[seq.seq_id] = ScheduledSeq(seq, num_new)
+                    budget -= num_new
+        if not preempted:  # memory is tight when we just preempted: admit nobody this step
+            budget = self._admit(scheduled, budget)
+        return SchedulerOutput(list(scheduled.values()))
+
+    def _admit(self, scheduled: dict[int, ScheduledSeq], budget: int) -> int:
+        """Move waiting sequences to running in FIFO order while budget, seats and blocks last."""
+        bm = self.block_manager
+        deferred: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.ready_to_admit():
+                deferred.append(self._pop_waiting())
+                continue
+            hits = bm.lookup_prefix(seq)
+            remaining = seq.num_tokens - len(hits) * bm.block_size
+            if self.config.enable_chunked_prefill:
+                num_new = min(remaining, budget)
+            elif remaining <= budget or not scheduled:  # an oversized prompt runs alone rather than never
+                num_new = remaining
+            else:
+                break
+            if not bm.can_admit(seq, hits, num_new):
+                break
+            self._pop_waiting()
+            cached = bm.admit(seq, hits)
+            if not seq.admitted:
+                seq.admitted, seq.num_cached_tokens = True, cached
+            bm.allocate(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.seq_id)
+            scheduled[seq.seq_id] = ScheduledSeq(seq, num_new)
+            budget -= num_new
+        for seq in reversed(deferred):
+            self._push_waiting(seq, front=True)
+        return budget
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and requeue it at the front; it is recomputed later."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        self._push_waiting(seq, front=True)
+        self.num_preemptions += 1
+
+    def update(self, output: SchedulerOutput) -> None:
+        """Account a finished step: the scheduled tokens now have KV, and full blocks enter the prefix cache."""
+        for s in output.scheduled:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.commit(s.seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished running sequence."""
+        assert seq.is_finished
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> list[Sequence]:
+        """Remove every unfinished sequence of a request, free its blocks, and return them."""
+        aborted = [s for s in self.running if s.request_id == request_id]
+        for seq in aborted:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        if request_id in self._waiting_requests:
+            kept = deque(s for s in self.waiting if s.request_id != request_id)
+            aborted += [s for s in self.waiting if s.request_id == request_id]
+            self.waiting = kept
+            del self._waiting_requests[request_id]
+        for seq in aborted:
+            seq.finish(reason)
+        return aborted

