@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import shlex
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 from weir_bench.load import Driver, LoadSpec, make_prompts, run_closed_loop
-from weir_bench.peers import PeerError, cpu_cores, default_gguf, peak_rss_bytes, start_llama_server, start_weir_server
-from weir_bench.prefix import PrefixSpec, make_pairs, run_prefix_pairs
+from weir_bench.peers import TargetError, cpu_cores, peak_rss_bytes
+from weir_bench.prefix import PrefixSpec, PromptPair, make_pairs, run_prefix_pairs
 from weir_bench.report import (
     PrefixRow,
     Row,
@@ -27,11 +23,9 @@ from weir_bench.report import (
     summarize_prefix,
     to_json,
 )
+from weir_bench.targets import TARGETS, VocabBound, plan_targets
 
 logger = logging.getLogger("weir_bench")
-
-TARGETS = ("grpc", "inprocess", "openai", "llama-server")
-
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -67,6 +61,8 @@ def build_parser(prog: str = "weir bench") -> argparse.ArgumentParser:
     t.add_argument("--server-args", default="", help="extra `weir serve` options, also used by the in-process "
                    "target (e.g. \"--kv-cache-memory-gb 2\"); --embed-model none is added unless given")
     t.add_argument("--server-timeout", type=float, default=600.0, help="seconds a started server may take to load")
+    t.add_argument("--wait", type=float, default=60.0, help="seconds to wait for an already running server "
+                   "(--address, --openai-url) to answer; it may still be loading (default %(default)s)")
     t.add_argument("--openai-url", help="base URL of an OpenAI-compatible server (e.g. http://127.0.0.1:8000)")
     t.add_argument("--openai-model", help="model name to send (default: the first one /v1/models lists)")
     t.add_argument("--openai-pid", type=int, help="pid of the --openai-url server, for its peak RSS")
@@ -119,141 +115,59 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--start-server starts a gRPC target; add grpc to --target")
 
 
-@dataclass(frozen=True)
-class Target:
-    """How to bring one target up for a run; `opener(slots)` yields its driver and tears it down after."""
-
-    name: str
-    opener: Callable[[int], AbstractAsyncContextManager[Driver]]
-    restart_per_level: bool = False  # llama-server is sized by its slot count, so it restarts per concurrency
-
-
-def _weir_server_args(args: argparse.Namespace) -> list[str]:
-    extra = shlex.split(args.server_args)
-    # Generation only, like the peers: an embedding model would add to the server's memory and load time.
-    return extra if any(a.startswith("--embed-model") for a in extra) else [*extra, "--embed-model", "none"]
-
-
-def _plan(args: argparse.Namespace, ctx_per_slot: int) -> list[Target]:
-    """The targets of this run, in the order they are measured."""
-    from weir_bench.grpc_driver import GrpcDriver, grpc_ready
-    from weir_bench.openai_driver import OpenAIDriver
-
-    @contextlib.asynccontextmanager
-    async def grpc_target(_: int) -> AsyncIterator[Driver]:
-        proc = None
-        address, pid = args.address, args.server_pid
-        if args.start_server:
-            proc, address = await start_weir_server(_weir_server_args(args), grpc_ready, args.server_timeout)
-            pid = proc.pid
-        elif not await grpc_ready(address):
-            raise PeerError(f"no Weir server with a generation model answers at {address} (or use --start-server)")
-        driver = GrpcDriver(address, model=args.model, pid=pid, temperature=args.temperature, timeout_s=args.timeout)
-        try:
-            yield driver
-        finally:
-            await driver.close()
-            if proc is not None:
-                proc.stop()
-
-    @contextlib.asynccontextmanager
-    async def inprocess_target(_: int) -> AsyncIterator[Driver]:
-        from weir_bench.inprocess import InProcessDriver
-
-        driver = await InProcessDriver.start(" ".join(_weir_server_args(args)), args.temperature)
-        try:
-            yield driver
-        finally:
-            await driver.close()
-
-    @contextlib.asynccontextmanager
-    async def openai_target(_: int) -> AsyncIterator[Driver]:
-        driver = OpenAIDriver(args.openai_url, model=args.openai_model, pid=args.openai_pid,
-                              temperature=args.temperature, timeout_s=args.timeout, api_key=args.api_key)
-        try:
-            await driver.resolve_model()
-            yield driver
-        finally:
-            await driver.close()
-
-    @contextlib.asynccontextmanager
-    async def llama_target(slots: int) -> AsyncIterator[Driver]:
-        gguf = args.gguf or default_gguf()
-        proc, url = await start_llama_server(args.llama_server_bin, gguf, slots, ctx_per_slot, args.threads,
-                                             shlex.split(args.llama_server_args), args.server_timeout)
-        driver = OpenAIDriver(url, name="llama-server", pid=proc.pid, temperature=args.temperature,
-                              timeout_s=args.timeout)
-        try:
-            await driver.resolve_model()
-            yield driver
-        finally:
-            await driver.close()
-            proc.stop()
-
-    targets = {
-        "grpc": Target("weir-grpc", grpc_target),
-        "inprocess": Target("weir-inprocess", inprocess_target),
-        "openai": Target("openai", openai_target),
-        "llama-server": Target("llama-server", llama_target, restart_per_level=True),
-    }
-    return [targets[name] for name in args.target]
-
-
-async def _vocab(driver: Driver, args: argparse.Namespace) -> int:
-    vocab = args.vocab_size or await driver.vocab_size()
-    if not vocab:
-        raise PeerError(f"{driver.name} does not report its vocabulary size; pass --vocab-size")
-    return vocab
-
-
-async def _measure_level(driver: Driver, args: argparse.Namespace, concurrency: int) -> Row:
+async def _measure_level(driver: Driver, args: argparse.Namespace, vocab: VocabBound, concurrency: int) -> Row:
     requests = args.requests or max(16, 4 * concurrency)
     warmup = concurrency if args.warmup is None else args.warmup
     spec = LoadSpec(concurrency, requests, args.prompt_tokens, args.output_tokens, warmup)
     # One prompt set per (seed, level), shared by every target; levels never repeat a prompt, so a prefix
     # cache cannot serve one level from the previous one.
-    prompts = make_prompts(warmup + requests, args.prompt_tokens, await _vocab(driver, args),
+    prompts = make_prompts(warmup + requests, args.prompt_tokens, await vocab.resolve(driver),
                            seed=args.seed * 1_000_003 + concurrency)
     logger.info("%s: concurrency %d, %d requests (+%d warm-up)", driver.name, concurrency, requests, warmup)
     result = await run_closed_loop(driver, spec, prompts)
     return summarize(driver.name, result, peak_rss_bytes(driver.peak_rss_pid()))
 
 
-async def _measure_prefix(driver: Driver, args: argparse.Namespace, spec: PrefixSpec,
-                          pairs: list[tuple[list[int], list[int]]]) -> PrefixRow:
-    warmup = make_prompts(1, args.prompt_tokens, await _vocab(driver, args), seed=args.seed)[0]
+async def _measure_prefix(
+    driver: Driver, args: argparse.Namespace, vocab: VocabBound, spec: PrefixSpec, pairs: list[PromptPair] | None,
+) -> tuple[PrefixRow, list[PromptPair]]:
+    """Run the prefix pairs (made on first use: fresh each run, so a long-lived server has none cached)."""
+    bound = await vocab.resolve(driver)
+    pairs = pairs or make_pairs(spec, bound)
+    warmup = make_prompts(1, args.prompt_tokens, bound, seed=args.seed)[0]
     logger.info("%s: prefix scenario, %d pairs of %d + %d tokens", driver.name, spec.repeats,
                 spec.prefix_tokens, spec.suffix_tokens)
     timings = await run_prefix_pairs(driver, spec, pairs, warmup)
-    return summarize_prefix(driver.name, timings, spec.prefix_tokens, spec.suffix_tokens,
-                            peak_rss_bytes(driver.peak_rss_pid()))
+    row = summarize_prefix(driver.name, timings, spec.prefix_tokens, spec.suffix_tokens,
+                           peak_rss_bytes(driver.peak_rss_pid()))
+    return row, pairs
 
 
 async def run(args: argparse.Namespace) -> list[Row] | list[PrefixRow]:
     """Measure every target of `args` and return the rows (side by side per concurrency level)."""
+    vocab = VocabBound(args.vocab_size)
     if args.scenario == "prefix":
         spec = PrefixSpec(args.prefix_tokens, args.suffix_tokens, args.output_tokens, args.repeats)
         ctx = args.ctx or _round_up(spec.prefix_tokens + spec.suffix_tokens + spec.output_tokens + 1, 256)
         prefix_rows: list[PrefixRow] = []
-        pairs: list[tuple[list[int], list[int]]] | None = None
-        for target in _plan(args, ctx):
+        pairs: list[PromptPair] | None = None
+        for target in plan_targets(args, ctx):
             async with target.opener(1) as driver:
-                # Fresh prefixes each run (a long-lived server must not have them cached), the same for all targets.
-                pairs = pairs or make_pairs(spec, await _vocab(driver, args))
-                prefix_rows.append(await _measure_prefix(driver, args, spec, pairs))
+                row, pairs = await _measure_prefix(driver, args, vocab, spec, pairs)
+                prefix_rows.append(row)
         return prefix_rows
 
     ctx = args.ctx or _round_up(args.prompt_tokens + args.output_tokens + 1, 256)
     rows: list[Row] = []
-    for target in _plan(args, ctx):
+    for target in plan_targets(args, ctx):
         if target.restart_per_level:
             for level in args.concurrency:
                 async with target.opener(level) as driver:
-                    rows.append(await _measure_level(driver, args, level))
+                    rows.append(await _measure_level(driver, args, vocab, level))
         else:
             async with target.opener(max(args.concurrency)) as driver:
                 for level in args.concurrency:
-                    rows.append(await _measure_level(driver, args, level))
+                    rows.append(await _measure_level(driver, args, vocab, level))
     return sort_side_by_side(rows)
 
 
@@ -271,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         rows = asyncio.run(run(args))
-    except (PeerError, ValueError) as exc:
+    except (TargetError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
     machine = machine_info()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 
 from grpc import aio
+
 from weir.v1 import inference_pb2, inference_pb2_grpc
 from weir_bench.load import RequestTiming
+from weir_bench.peers import TargetError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,10 @@ class GrpcDriver:
         return self.pid
 
     async def vocab_size(self) -> int | None:
-        reply = await self._stub.ListModels(inference_pb2.ListModelsRequest(), timeout=30.0)
+        try:
+            reply = await self._stub.ListModels(inference_pb2.ListModelsRequest(), timeout=30.0)
+        except aio.AioRpcError as exc:
+            raise TargetError(f"{self.name}: ListModels failed: {exc.code().name}: {exc.details()}") from exc
         generators = [m for m in reply.models if m.task == inference_pb2.MODEL_TASK_GENERATE]
         chosen = next((m for m in generators if m.id == self.model or (not self.model and m.is_default)), None)
         chosen = chosen or (generators[0] if generators and not self.model else None)

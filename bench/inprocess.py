@@ -6,22 +6,23 @@ import asyncio
 import itertools
 import logging
 import os
-import shlex
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from weir_bench.load import RequestTiming
+from weir_bench.peers import TargetError
 
 logger = logging.getLogger(__name__)
 
 
-def engine_config_from_server_args(server_args: str) -> Any:
+def engine_config_from_server_args(server_args: Sequence[str]) -> Any:
     """The EngineConfig `weir serve <server_args>` would build, so in-process and gRPC runs match."""
     from weir_server.cli import build_parser, config_from_args
 
-    config = config_from_args(build_parser().parse_args(shlex.split(server_args)))
+    config = config_from_args(build_parser(prog="weir bench --server-args").parse_args(list(server_args)))
     if config.generate is None:
-        raise ValueError("--server-args disable the generation model; the in-process target needs one")
+        raise TargetError("--server-args disable the generation model; the in-process target needs one")
     return config.generate
 
 
@@ -35,16 +36,20 @@ class InProcessDriver:
         self._ids = itertools.count()
 
     @classmethod
-    async def start(cls, server_args: str = "", temperature: float = 0.0) -> InProcessDriver:
+    async def start(cls, server_args: Sequence[str] = (), temperature: float = 0.0) -> InProcessDriver:
         """Load the model `server_args` name (default: the packaged SmolLM2) and start its engine."""
         from weir_server.engine.async_engine import AsyncEngine
+        from weir_server.errors import WeirError
         from weir_server.models.loader import load_model
 
         config = engine_config_from_server_args(server_args)
         logger.info("loading %s in-process", config.model.model)
-        loaded = await asyncio.to_thread(load_model, config.model, "generate")
-        engine = AsyncEngine(loaded, config)
-        await engine.start()
+        try:
+            loaded = await asyncio.to_thread(load_model, config.model, "generate")
+            engine = AsyncEngine(loaded, config)
+            await engine.start()
+        except WeirError as exc:
+            raise TargetError(f"in-process engine: {exc}") from exc
         return cls(engine, temperature)
 
     def peak_rss_pid(self) -> int | None:

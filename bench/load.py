@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -57,7 +58,7 @@ class RequestTiming:
     def inter_token_latencies(self) -> list[float]:
         """Gaps between token-carrying messages, split evenly over the tokens of each later message."""
         gaps: list[float] = []
-        for (prev, _), (now, n) in zip(self.events, self.events[1:], strict=False):
+        for (prev, _), (now, n) in itertools.pairwise(self.events):
             gaps.extend([(now - prev) / n] * n)
         return gaps
 

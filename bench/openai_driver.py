@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import aiohttp
+
 from weir_bench.load import RequestTiming
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,18 @@ class OpenAIDriver:
             )
         return self._session
 
+    async def ready(self) -> bool:
+        """Whether the server answers GET /v1/models (the model list is kept for later)."""
+        try:
+            async with self._client().get(f"{self.base}/v1/models") as resp:
+                if resp.status != 200:
+                    return False
+                self._models = list((await resp.json()).get("data") or [])
+                return True
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            logger.debug("%s not ready: %s", self.base, exc)
+            return False
+
     async def _list_models(self) -> list[dict[str, Any]]:
         if self._models is None:
             try:
@@ -72,10 +85,10 @@ class OpenAIDriver:
         return self.model
 
     async def vocab_size(self) -> int | None:
-        # llama-server describes its model under `meta`; other servers usually do not say.
+        # llama-server describes its model under `meta`; Weir's gateway may say `vocab_size`; most servers don't.
         models = await self._list_models()
         entry = next((m for m in models if m.get("id") == self.model), models[0] if models else {})
-        n_vocab = (entry.get("meta") or {}).get("n_vocab")
+        n_vocab = entry.get("vocab_size") or (entry.get("meta") or {}).get("n_vocab")
         return int(n_vocab) if n_vocab else None
 
     def _body(self, prompt: list[int], output_tokens: int) -> dict[str, Any]:

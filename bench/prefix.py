@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from weir_bench.load import Driver, RequestTiming, make_prompts
 
+PromptPair = tuple[list[int], list[int]]  # (cold prompt, prompt sharing its prefix)
+
 
 @dataclass(frozen=True)
 class PrefixSpec:
@@ -18,7 +20,7 @@ class PrefixSpec:
     repeats: int = 3
 
 
-def make_pairs(spec: PrefixSpec, vocab_size: int, seed: int | None = None) -> list[tuple[list[int], list[int]]]:
+def make_pairs(spec: PrefixSpec, vocab_size: int, seed: int | None = None) -> list[PromptPair]:
     """`spec.repeats` (cold, cached) prompt pairs, each pair on its own prefix.
 
     With seed None the prefixes are fresh every run, so a server kept up between runs never has them cached.
@@ -33,7 +35,7 @@ def make_pairs(spec: PrefixSpec, vocab_size: int, seed: int | None = None) -> li
 
 
 async def run_prefix_pairs(
-    driver: Driver, spec: PrefixSpec, pairs: list[tuple[list[int], list[int]]], warmup_prompt: list[int],
+    driver: Driver, spec: PrefixSpec, pairs: list[PromptPair], warmup_prompt: list[int],
 ) -> list[tuple[RequestTiming, RequestTiming]]:
     """One warm-up request, then each pair in turn, alone on the server: the cold prompt, then the cached one."""
     await driver.generate(warmup_prompt, spec.output_tokens)

@@ -11,6 +11,7 @@ Results are plain dataclasses (`weir_client.types`); every failure raises `WeirC
 from weir_client.aio import AsyncWeirClient
 from weir_client.client import WeirClient
 from weir_client.errors import WeirClientError
+from weir_client.security import TlsOptions
 from weir_client.types import (
     Choice,
     Completion,
@@ -33,6 +34,7 @@ __all__ = [
     "GenerationChunk",
     "ModelInfo",
     "SamplingOptions",
+    "TlsOptions",
     "Tokenization",
     "TokenLogprob",
     "TopLogprob",

@@ -33,11 +33,19 @@ POOLINGS = {None: pb.POOLING_UNSPECIFIED, "mean": pb.POOLING_MEAN, "cls": pb.POO
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def channel_options(max_attempts: int = 4) -> list[tuple[str, Any]]:
-    """Message limits, and gRPC's own retry of UNAVAILABLE for the idempotent calls (never Generate)."""
+LOAD_BALANCING_POLICIES = ("pick_first", "round_robin")
+
+
+def channel_options(max_attempts: int = 4, load_balancing: str | None = None) -> list[tuple[str, Any]]:
+    """Message limits, and gRPC's own retry of UNAVAILABLE for the idempotent calls (never Generate).
+
+    `load_balancing` ("round_robin" or "pick_first") spreads calls over every address the target resolves to
+    (`dns:///host:port`, `ipv4:a:p,b:p`), skipping those whose grpc.health.v1 status is not SERVING."""
+    if load_balancing is not None and load_balancing not in LOAD_BALANCING_POLICIES:
+        raise ValueError(f"load_balancing must be one of {', '.join(LOAD_BALANCING_POLICIES)}, got {load_balancing!r}")
     names = [{"service": SERVICE, "method": m} for m in _IDEMPOTENT_METHODS]
     names.append({"service": "grpc.health.v1.Health", "method": "Check"})
-    config = {
+    config: dict[str, Any] = {
         "methodConfig": [
             {
                 "name": names,
@@ -51,9 +59,16 @@ def channel_options(max_attempts: int = 4) -> list[tuple[str, Any]]:
             }
         ]
     }
+    if load_balancing is not None:
+        config["loadBalancingConfig"] = [{load_balancing: {}}]
+        config["healthCheckConfig"] = {"serviceName": SERVICE}
     return [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        # Pings during a call notice a server host that vanished without closing the connection (Weir servers
+        # accept pings every 10 s or slower).
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.enable_retries", 1 if max_attempts > 1 else 0),
         ("grpc.service_config", json.dumps(config)),
     ]

@@ -13,6 +13,7 @@ from weir.v1 import inference_pb2 as pb
 from weir.v1 import inference_pb2_grpc
 from weir_client import _protocol as proto
 from weir_client.errors import WeirClientError, error_from_rpc
+from weir_client.security import TlsOptions, channel_security, with_auth
 from weir_client.types import (
     Completion,
     CompletionBuilder,
@@ -37,8 +38,12 @@ class AsyncWeirClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         max_attempts: int = 4,
+        load_balancing: str | None = None,
+        tls: TlsOptions | bool | None = None,
+        api_key: str | None = None,
     ) -> None:
-        options = proto.channel_options(max_attempts)
+        credentials, tls_options = channel_security(tls, credentials)
+        options = proto.channel_options(max_attempts, load_balancing) + tls_options
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
@@ -47,7 +52,7 @@ class AsyncWeirClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.target = target
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        self.metadata = with_auth(metadata, api_key)
 
     async def __aenter__(self) -> AsyncWeirClient:
         return self

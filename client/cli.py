@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from types import FrameType
 
 from weir_client.client import WeirClient
 from weir_client.errors import WeirClientError
+from weir_client.security import TlsOptions
 
 DEFAULT_TARGET = "localhost:50051"
 # Commands that belong to other packages: (module with `main(argv) -> int`, what to install when missing).
@@ -135,7 +137,7 @@ def _generate(args: argparse.Namespace) -> int:
         inputs: dict[str, object] = {"messages": messages}
     else:
         inputs = {"prompt": args.prompt}
-    with WeirClient(args.target, timeout=args.timeout) as client:
+    with _connect(args) as client:
         last = None
         for chunk in client.generate(model=args.model, **inputs, **sampling):  # type: ignore[arg-type]
             print(chunk.text, end="", flush=True)
@@ -152,7 +154,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    with WeirClient(args.target, timeout=args.timeout) as client:
+    with _connect(args) as client:
         result = client.embed(
             args.texts, model=args.model, normalize=not args.no_normalize, dimensions=args.dimensions
         )
@@ -162,7 +164,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    with WeirClient(args.target, timeout=args.timeout) as client:
+    with _connect(args) as client:
         results = client.tokenize(
             args.texts, model=args.model, add_special_tokens=not args.no_special_tokens, return_offsets=args.offsets
         )
@@ -175,7 +177,7 @@ def _tokenize(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    with WeirClient(args.target, timeout=args.timeout) as client:
+    with _connect(args) as client:
         models = client.list_models()
     rows = [("ID", "TASK", "CONTEXT", "VOCAB", "ARCHITECTURE", "DTYPE", "DEVICE", "DEFAULT")]
     for m in models:
@@ -187,6 +189,15 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connect(args: argparse.Namespace) -> WeirClient:
+    """A client for the connection options every client command takes."""
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+        tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    api_key = args.api_key or os.environ.get("WEIR_API_KEY") or None
+    return WeirClient(args.target, timeout=args.timeout, tls=tls, api_key=api_key)
+
+
 def _client_parser(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
 ) -> argparse.ArgumentParser:
@@ -194,6 +205,12 @@ def _client_parser(
     p.add_argument("--target", default=DEFAULT_TARGET, help="gRPC server HOST:PORT (default %(default)s)")
     p.add_argument("--model", default="", help="model id (default: the server's default for the task)")
     p.add_argument("--timeout", type=float, help="deadline of the call in seconds")
+    p.add_argument("--tls", action="store_true", help="connect over TLS (server verified against the system roots)")
+    p.add_argument("--tls-ca", metavar="PEM", help="TLS: verify the server against this CA instead")
+    p.add_argument("--tls-cert", metavar="PEM", help="mutual TLS: this client certificate")
+    p.add_argument("--tls-key", metavar="PEM", help="mutual TLS: the key of --tls-cert")
+    p.add_argument("--tls-server-name", metavar="NAME", help="TLS: the name the server certificate must carry")
+    p.add_argument("--api-key", help="send `authorization: Bearer KEY` (default: $WEIR_API_KEY)")
     return p
 
 
@@ -248,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     except WeirClientError as e:
         print(f"\nerror: {e}" if args.command == "generate" else f"error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, OSError) as e:  # bad TLS files or options, found before any call
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return code

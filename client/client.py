@@ -12,6 +12,7 @@ from weir.v1 import inference_pb2 as pb
 from weir.v1 import inference_pb2_grpc
 from weir_client import _protocol as proto
 from weir_client.errors import WeirClientError, error_from_rpc
+from weir_client.security import TlsOptions, channel_security, with_auth
 from weir_client.types import (
     Completion,
     Embeddings,
@@ -30,6 +31,9 @@ class WeirClient:
 
     Idempotent calls (embed, tokenize, detokenize, list_models, health) are retried on UNAVAILABLE up to
     `max_attempts` times by gRPC itself; generate is never retried. Use as a context manager to close the channel.
+    `load_balancing="round_robin"` with a multi-address target (`dns:///svc:50051`, `ipv4:a:p,b:p`) spreads calls
+    over the healthy servers. `tls=True` (system roots) or `tls=TlsOptions(ca_file=..., cert_file=..., key_file=...)`
+    connects over TLS / mutual TLS; `api_key` is sent as `authorization: Bearer KEY` to servers run with `--api-key`.
     """
 
     def __init__(
@@ -40,8 +44,12 @@ class WeirClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         max_attempts: int = 4,
+        load_balancing: str | None = None,
+        tls: TlsOptions | bool | None = None,
+        api_key: str | None = None,
     ) -> None:
-        options = proto.channel_options(max_attempts)
+        credentials, tls_options = channel_security(tls, credentials)
+        options = proto.channel_options(max_attempts, load_balancing) + tls_options
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
@@ -50,7 +58,7 @@ class WeirClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.target = target
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        self.metadata = with_auth(metadata, api_key)
 
     def __enter__(self) -> WeirClient:
         return self

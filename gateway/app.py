@@ -8,6 +8,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from aiohttp import hdrs, web
@@ -15,18 +16,23 @@ from weir_gateway.backends import BackendPool
 from weir_gateway.chat import create_chat_completion
 from weir_gateway.completions import create_completion
 from weir_gateway.config import GatewayConfig
+from weir_gateway.drain import drain_middleware, install_drain
 from weir_gateway.embeddings import create_embeddings
 from weir_gateway.errors import ApiError, from_rpc_error
+from weir_gateway.logging_setup import access_log_middleware
+from weir_gateway.metrics import install_metrics, metrics_middleware
 from weir_gateway.models import list_models, retrieve_model
+from weir_gateway.openapi import openapi_json
 from weir_gateway.sse import dumps
 from weir_gateway.state import CONFIG, POOL, REQUEST_ID, gateway_version
+from weir_gateway.telemetry import TRACER_PROVIDER, client_interceptors, tracing_middlewares
 from weir_gateway.tokenization import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
 VALID_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # what gRPC metadata and log lines can carry safely
-OPEN_PATHS = frozenset({"/health", "/version"})  # answered without an API key
+OPEN_PATHS = frozenset({"/health", "/version", "/openapi.json"})  # answered without an API key
 
 
 async def health(request: web.Request) -> web.Response:
@@ -50,6 +56,7 @@ ROUTES = [
     web.post("/detokenize", detokenize),
     web.get("/health", health),
     web.get("/version", version),
+    web.get("/openapi.json", openapi_json),
 ]
 
 
@@ -147,21 +154,28 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 
 
 async def _backend_pool(app: web.Application) -> AsyncIterator[None]:
-    pool = BackendPool(app[CONFIG])
+    pool = BackendPool(app[CONFIG], interceptors=client_interceptors(app[TRACER_PROVIDER]))
     await pool.start()
     app[POOL] = pool
     yield
     await pool.close()
 
 
-def create_app(config: GatewayConfig) -> web.Application:
-    """The gateway application for `config`; run it with handler_cancellation=True so a client that
-    disconnects cancels its backend calls at once."""
+def create_app(config: GatewayConfig, tracer_provider: Any = None) -> web.Application:
+    """The gateway application for `config` (traced with `tracer_provider`, an OpenTelemetry TracerProvider, when
+    given); run it with handler_cancellation=True so a client that disconnects cancels its backend calls at once."""
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[request_id_middleware, error_middleware, cors_middleware, auth_middleware],
-    )
+        middlewares=[
+            *tracing_middlewares(tracer_provider),  # first: the request's span covers everything below
+            drain_middleware, request_id_middleware, access_log_middleware(REQUEST_ID), metrics_middleware,
+            error_middleware, cors_middleware, auth_middleware,
+        ],
+    )  # fmt: skip
     app[CONFIG] = config
+    app[TRACER_PROVIDER] = tracer_provider
+    install_metrics(app, lambda: app[POOL].backends if POOL in app else [])
+    install_drain(app)
     app.cleanup_ctx.append(_backend_pool)
     app.on_response_prepare.append(_on_prepare)
     app.add_routes(ROUTES)

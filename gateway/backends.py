@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from weir.v1 import inference_pb2, inference_pb2_grpc
+from weir_client.security import channel_security
 from weir_gateway.config import GatewayConfig
 from weir_gateway.errors import ApiError, bad_request, no_backend
+from weir_gateway.security import auth_interceptors
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +26,19 @@ ModelTask = int  # inference_pb2.ModelTask value
 T = TypeVar("T")
 HEALTH_SERVICE = ""  # the server's overall health, which goes NOT_SERVING while it loads or drains
 LIST_MODELS_TIMEOUT_S = 10.0
+MULTI_ADDRESS_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+
+
+def balancing_options(address: str) -> list[tuple[str, str]]:
+    """For a backend named as several servers (`dns:///headless-service:50051`, `ipv4:a:p,b:p`): calls spread
+    round-robin over those whose grpc.health.v1 status is SERVING. A plain HOST:PORT keeps one connection."""
+    if not address.startswith(MULTI_ADDRESS_SCHEMES):
+        return []
+    config = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name},
+    }
+    return [("grpc.service_config", json.dumps(config))]
 
 
 @dataclass(eq=False)
@@ -59,6 +75,7 @@ class BackendPool:
     backends: list[Backend] = field(default_factory=list)
     _watchers: list[asyncio.Task[None]] = field(default_factory=list)
     _turn: Iterator[int] = field(default_factory=itertools.count)
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = ()  # e.g. tracing, outermost first
 
     async def start(self) -> None:
         """Open a channel per backend and start watching their health."""
@@ -71,8 +88,15 @@ class BackendPool:
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
         ]
+        credentials, tls_options = channel_security(self.config.backend_tls, None)
+        options += tls_options
+        interceptors = [*self.interceptors, *(auth_interceptors(self.config.backend_api_key) or ())]
         for address in self.config.backends:
-            channel = grpc.aio.insecure_channel(address, options=options)
+            options_for = [*options, *balancing_options(address)]
+            if credentials is None:
+                channel = grpc.aio.insecure_channel(address, options=options_for, interceptors=interceptors)
+            else:
+                channel = grpc.aio.secure_channel(address, credentials, options=options_for, interceptors=interceptors)
             backend = Backend(
                 address,
                 channel,

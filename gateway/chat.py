@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
 from weir.v1 import inference_pb2 as pb
 from weir_gateway.generation import Renderer, respond, stream_generate
 from weir_gateway.logprobs import chat_logprob_entries
 from weir_gateway.sampling import (
+    CONSTRAINT_FIELDS,
     MAX_LOGPROBS,
     SAMPLING_FIELDS,
     UNSUPPORTED_FIELDS,
     apply_constraint,
+    constraint_params,
     include_usage,
     sampling_params,
 )
 from weir_gateway.state import CONFIG, POOL, REQUEST_ID, call_context, fingerprint
+from weir_gateway.tools import TOOL_FIELDS, ToolCallParser, ToolPlan, parse_tools
 from weir_gateway.validation import Fields, read_json
 
-KNOWN_FIELDS = SAMPLING_FIELDS | {"messages", "top_logprobs", "response_format", "add_generation_prompt"}
+KNOWN_FIELDS = SAMPLING_FIELDS | CONSTRAINT_FIELDS | TOOL_FIELDS | {"messages", "top_logprobs", "add_generation_prompt"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MESSAGE_FIELDS = frozenset({"role", "content"})
 UNSUPPORTED_MESSAGE_FIELDS = {
@@ -84,6 +89,13 @@ class _Choice:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | None = None
+    tool_call: ToolCallParser | None = None  # when the request forces a tool call
+
+    def message(self) -> dict[str, Any]:
+        """The choice's assistant message: its text, or its tool call once the call's name is known."""
+        if self.tool_call is not None and self.tool_call.name is not None:
+            return {"role": "assistant", "content": None, "tool_calls": [self.tool_call.message()]}
+        return {"role": "assistant", "content": "".join(self.text)}
 
 
 class ChatRenderer(Renderer):
@@ -92,20 +104,32 @@ class ChatRenderer(Renderer):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def __init__(self, *args: Any, logprobs: bool, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, logprobs: bool, tools: ToolPlan | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.want_logprobs = logprobs
+        self.tools = tools
         self.choices: dict[int, _Choice] = {}
 
-    def _update(self, prompt_index: int, message: pb.GenerateResponse) -> tuple[int, str | None, list[Any]]:
+    def _update(
+        self, prompt_index: int, message: pb.GenerateResponse
+    ) -> tuple[int, str | None, dict[str, Any], list[Any]]:
+        """Record a message; return its choice's index, finish reason, stream delta and logprob entries."""
         index, reason = self.observe(prompt_index, message)
-        choice = self.choices.setdefault(index, _Choice())
+        choice = self.choices.get(index)
+        if choice is None:
+            choice = self.choices[index] = _Choice(tool_call=ToolCallParser(self.tools) if self.tools else None)
         entries = chat_logprob_entries(message.logprobs) if self.want_logprobs else []
         choice.text.append(message.text)
         choice.logprobs.extend(entries)
+        delta: dict[str, Any] = {"content": message.text} if message.text else {}
+        if choice.tool_call is not None:
+            call = choice.tool_call.feed(message.text, reason)
+            delta = {"tool_calls": [call.as_json()]} if call is not None else {}
+            if reason == "stop" and choice.tool_call.name is not None:
+                reason = "tool_calls"
         if reason is not None:
             choice.finish_reason, choice.stop_reason = reason, message.stop_reason or None
-        return index, reason, entries
+        return index, reason, delta, entries
 
     def start_chunks(self, total_choices: int) -> list[dict[str, Any]]:
         """The first chunk of each choice carries the role, as OpenAI sends it."""
@@ -120,12 +144,12 @@ class ChatRenderer(Renderer):
         ]
 
     def chunk(self, prompt_index: int, message: pb.GenerateResponse) -> dict[str, Any] | None:
-        index, reason, entries = self._update(prompt_index, message)
-        if not message.text and reason is None and not entries:
+        index, reason, delta, entries = self._update(prompt_index, message)
+        if not delta and reason is None and not entries:
             return None
         choice = {
             "index": index,
-            "delta": {"content": message.text} if message.text else {},
+            "delta": delta,
             "logprobs": {"content": entries} if self.want_logprobs else None,
             "finish_reason": reason,
         }
@@ -140,7 +164,7 @@ class ChatRenderer(Renderer):
         choices = [
             {
                 "index": index,
-                "message": {"role": "assistant", "content": "".join(choice.text)},
+                "message": choice.message(),
                 "logprobs": {"content": choice.logprobs} if self.want_logprobs else None,
                 "finish_reason": choice.finish_reason,
                 "stop_reason": choice.stop_reason,
@@ -174,8 +198,17 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     message = pb.GenerateRequest(model=model, request_id=request_id, sampling_params=params)
     message.messages.messages.extend(turns)
     message.messages.add_generation_prompt = bool(fields.boolean("add_generation_prompt", True))
-    apply_constraint(fields, message)
+    constraint_source = apply_constraint(fields, message)
+    tools = parse_tools(fields)
+    if tools is not None:
+        if constraint_source is not None:
+            raise fields.error("tools", f"cannot be combined with {constraint_source.split('.')[0]}")
+        message.json_schema = json.dumps(tools.schema())
+        constraint_source = "tools"
 
-    renderer = ChatRenderer(f"chatcmpl-{request_id}", model, params.n, usage, fingerprint(), logprobs=logprobs)
-    stream = stream_generate(pool, model, [message], call_context(request))
+    renderer = ChatRenderer(
+        f"chatcmpl-{request_id}", model, params.n, usage, fingerprint(), logprobs=logprobs, tools=tools
+    )
+    renamed = constraint_params(constraint_source)
+    stream = stream_generate(pool, model, [message], call_context(request), renamed_params=renamed)
     return await respond(request, stream, renderer, streaming=streaming, total_choices=params.n)

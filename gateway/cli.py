@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
-from aiohttp import web
+from weir_client.security import TlsOptions
 from weir_gateway.app import create_app
 from weir_gateway.config import DEFAULT_BACKEND, GatewayConfig
+from weir_gateway.drain import run_app
+from weir_gateway.logging_setup import LOG_FORMATS, configure_logging
+from weir_gateway.telemetry import create_tracer_provider
 
 logger = logging.getLogger("weir_gateway")
 
@@ -29,7 +33,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="most tokens per choice")
     p.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
                    help="seconds before a backend call is abandoned (its gRPC deadline)")
+    p.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout_s,
+                   help="seconds running requests may finish after SIGTERM (default %(default)s)")
+    p.add_argument("--backend-tls", action="store_true", help="connect to the backends over TLS (system roots)")
+    p.add_argument("--backend-tls-ca", metavar="PEM", help="TLS: verify backends against this CA instead")
+    p.add_argument("--backend-tls-cert", metavar="PEM", help="mutual TLS: the gateway's client certificate")
+    p.add_argument("--backend-tls-key", metavar="PEM", help="mutual TLS: the key of --backend-tls-cert")
+    p.add_argument("--backend-tls-server-name", metavar="NAME",
+                   help="TLS: the name the backend certificates must carry")
+    p.add_argument("--backend-api-key", metavar="KEY",
+                   help="API key of backends run with --api-key (default: $WEIR_BACKEND_API_KEY)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                   help="json: one object per line with request and trace ids; either way one access line per "
+                   "request (tracing is on when OTEL_EXPORTER_OTLP_ENDPOINT names an OTLP/gRPC collector)")
     return p  # fmt: skip
 
 
@@ -44,26 +61,40 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_n=args.max_n,
         max_tokens=args.max_tokens,
         request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
+        backend_tls=_backend_tls(args),
+        backend_api_key=args.backend_api_key or os.environ.get("WEIR_BACKEND_API_KEY") or None,
     )
+
+
+def _backend_tls(args: argparse.Namespace) -> TlsOptions | None:
+    files = (args.backend_tls_ca, args.backend_tls_cert, args.backend_tls_key)
+    if not (args.backend_tls or any(files)):
+        return None
+    return TlsOptions(*files, server_name=args.backend_tls_server_name)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the gateway; returns the process exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         config = config_from_args(args)
     except ValueError as e:
         logger.error("invalid configuration: %s", e)
         return 2
     logger.info("gateway on http://%s:%d -> %s", config.host, config.port, ", ".join(config.backends))
-    web.run_app(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        handler_cancellation=True,  # a client that disconnects cancels its gRPC call at once
-        print=None,
+    tracer_provider = create_tracer_provider(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"), os.environ.get("OTEL_SERVICE_NAME") or "weir-gateway"
     )
+    try:
+        run_app(create_app(config, tracer_provider), config)
+    except OSError as e:
+        logger.error("%s", e)
+        return 1
+    finally:
+        if tracer_provider is not None:
+            tracer_provider.shutdown()  # flushes the spans still buffered
     return 0
 
 

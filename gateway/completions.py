@@ -6,16 +6,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
 from weir.v1 import inference_pb2 as pb
 from weir_gateway.config import GatewayConfig
 from weir_gateway.generation import CallContext, Renderer, respond, stream_generate
 from weir_gateway.logprobs import CompletionLogprobs
 from weir_gateway.sampling import (
+    CONSTRAINT_FIELDS,
     MAX_LOGPROBS,
     SAMPLING_FIELDS,
     UNSUPPORTED_FIELDS,
     apply_constraint,
     check_best_of,
+    constraint_params,
     include_usage,
     sampling_params,
 )
@@ -23,7 +26,7 @@ from weir_gateway.state import CONFIG, POOL, REQUEST_ID, call_context, fingerpri
 from weir_gateway.tokenization import detokenize_texts
 from weir_gateway.validation import Fields, is_token_id, read_json
 
-KNOWN_FIELDS = SAMPLING_FIELDS | {"prompt", "echo", "best_of", "response_format"}
+KNOWN_FIELDS = SAMPLING_FIELDS | CONSTRAINT_FIELDS | {"prompt", "echo", "best_of"}
 DEFAULT_MAX_TOKENS = 16  # the OpenAI default for completions
 
 Prompt = str | list[int]
@@ -141,6 +144,8 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
 
     ctx = call_context(request)
     request_id = request[REQUEST_ID]
+    constraint = pb.GenerateRequest()  # only its `constraint` oneof, merged into every prompt's request
+    constraint_source = apply_constraint(fields, constraint)
     messages = []
     for i, prompt in enumerate(prompts):
         message = pb.GenerateRequest(
@@ -152,7 +157,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
             message.prompt = prompt
         else:
             message.token_ids.ids.extend(prompt)
-        apply_constraint(fields, message)
+        message.MergeFrom(constraint)
         messages.append(message)
     echo_texts = await _echo_texts(request, model, prompts, ctx) if echo else None
 
@@ -160,7 +165,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         f"cmpl-{request_id}", model, params.n, usage, fingerprint(),
         echo_texts=echo_texts, logprobs=logprobs is not None,
     )  # fmt: skip
-    stream = stream_generate(pool, model, messages, ctx)
+    stream = stream_generate(pool, model, messages, ctx, renamed_params=constraint_params(constraint_source))
     return await respond(request, stream, renderer, streaming=streaming, total_choices=len(prompts) * params.n)
 
 

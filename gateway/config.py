@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from weir_client.security import TlsOptions
+
 DEFAULT_BACKEND = "127.0.0.1:50051"
 
 
@@ -24,6 +26,9 @@ class GatewayConfig:
     request_timeout_s: float = 600.0  # the gRPC deadline of every backend call
     health_retry_s: float = 1.0  # pause before re-watching a backend whose health stream broke
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC message size limit, both ways
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests may finish
+    backend_tls: TlsOptions | None = None  # None = plaintext gRPC to the backends
+    backend_api_key: str | None = None  # sent as `authorization: Bearer KEY` to backends run with --api-key
 
     def __post_init__(self) -> None:
         if not self.backends:
@@ -33,3 +38,5 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be positive")
+        if self.drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must be >= 0")

@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from aiohttp import web
+
 from weir.v1 import inference_pb2 as pb
 from weir_gateway import sse
 from weir_gateway.backends import Backend, BackendPool
@@ -41,10 +42,38 @@ class CallContext:
 
 
 async def stream_generate(
-    pool: BackendPool, model: str, requests: Sequence[pb.GenerateRequest], ctx: CallContext
+    pool: BackendPool,
+    model: str,
+    requests: Sequence[pb.GenerateRequest],
+    ctx: CallContext,
+    *,
+    renamed_params: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Item]:
     """Yield the messages of one Generate call per request, merged; a backend found unreachable before
-    any output is routed around and the request tried on another."""
+    any output is routed around and the request tried on another. `renamed_params` maps request fields
+    the server may name in an error (e.g. `json_schema`) to the body field the client set."""
+    try:
+        async with contextlib.aclosing(_stream_generate(pool, model, requests, ctx)) as stream:
+            async for item in stream:
+                yield item
+    except grpc.aio.AioRpcError as e:
+        error = from_rpc_error(e)
+        if not renamed_params or error.param not in renamed_params:
+            raise
+        raise rename_param(error, renamed_params[error.param]) from None
+
+
+def rename_param(error: ApiError, param: str) -> ApiError:
+    """The same error naming `param` instead (its message's leading 'field:' too)."""
+    message = error.message
+    if error.param and message.startswith(f"{error.param}:"):
+        message = f"{param}:{message[len(error.param) + 1 :]}"
+    return ApiError(error.status, message, param=param, code=error.code, retry_after_s=error.retry_after_s)
+
+
+async def _stream_generate(
+    pool: BackendPool, model: str, requests: Sequence[pb.GenerateRequest], ctx: CallContext
+) -> AsyncIterator[Item]:
     tried: set[Backend] = set()
     while True:
         backend = pool.choose(model, pb.MODEL_TASK_GENERATE, frozenset(tried))

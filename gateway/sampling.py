@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from weir.v1 import inference_pb2 as pb
 from weir_gateway.config import GatewayConfig
-from weir_gateway.errors import ApiError
 from weir_gateway.validation import INT32_MAX, INT64_MAX, INT64_MIN, Fields
 
 MAX_STOP_STRINGS = 16
@@ -39,10 +40,6 @@ UNSUPPORTED_FIELDS = {
     "metadata": "stored completions",
     "service_tier": "service tiers",
     "suffix": "suffix insertion",
-    "guided_json": "structured output",
-    "guided_regex": "structured output",
-    "guided_choice": "structured output",
-    "guided_grammar": "structured output",
 }
 
 
@@ -109,17 +106,99 @@ def include_usage(fields: Fields, stream: bool) -> bool:
     return bool(options.boolean("include_usage", False))
 
 
-def apply_constraint(fields: Fields, request: pb.GenerateRequest) -> None:
-    """Translate `response_format` into the request's `constraint` oneof; only free text is supported yet."""
+# Where an output constraint may come from: OpenAI's `response_format` and vLLM's extras, old and new.
+CONSTRAINT_FIELDS = frozenset(
+    {"response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"}
+)
+_GUIDED_KINDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+_STRUCTURED_OUTPUT_KINDS = frozenset({"json", "json_object", "regex", "choice", "grammar"})
+# The server names a bad constraint by its oneof field; these are every field it may name.
+CONSTRAINT_ONEOF_FIELDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+def apply_constraint(fields: Fields, request: pb.GenerateRequest) -> str | None:
+    """Set the request's `constraint` oneof from whichever constraint field the body uses; return that
+    field's name (so the server's complaints about it can name it), or None for free text."""
+    sources = sorted(name for name in CONSTRAINT_FIELDS if fields.present(name))
+    if len(sources) > 1:
+        raise fields.error(sources[1], f"set only one output constraint, got {' and '.join(sources)}")
+    if not sources:
+        return None
+    name = sources[0]
+    if name == "response_format":
+        return _response_format(fields, request)
+    if name == "structured_outputs":
+        return _structured_outputs(fields, request)
+    _set_constraint(fields, name, _GUIDED_KINDS[name], request)
+    return name
+
+
+def constraint_params(source: str | None) -> dict[str, str]:
+    """The server's names for a constraint field, each mapped to the body field `source` it came from."""
+    return dict.fromkeys(CONSTRAINT_ONEOF_FIELDS, source) if source else {}
+
+
+def _response_format(fields: Fields, request: pb.GenerateRequest) -> str | None:
     response_format = fields.object_fields("response_format")
-    if response_format is None:
-        return
+    assert response_format is not None
     kind = response_format.string("type")
     if kind == "text":
-        return
-    raise ApiError(
-        400,
-        f"response_format type {kind!r} is not supported by Weir yet (structured output)",
-        param="response_format",
-        code="unsupported_value",
-    )
+        response_format.reject_unknown(frozenset({"type"}))
+        return None
+    if kind == "json_object":
+        response_format.reject_unknown(frozenset({"type"}))
+        request.json_object = True
+        return "response_format"
+    if kind == "json_schema":
+        response_format.reject_unknown(frozenset({"type", "json_schema"}))
+        spec = response_format.object_fields("json_schema")
+        if spec is None:
+            raise response_format.error("json_schema", "required when type is 'json_schema'")
+        spec.reject_unknown(frozenset({"name", "description", "schema", "strict"}))
+        spec.string("name")
+        spec.string("description")
+        spec.boolean("strict")  # the output always follows the schema, strict or not
+        if not spec.present("schema"):
+            raise spec.error("schema", "required")
+        _set_constraint(spec, "schema", "json", request)
+        return spec.param("schema")
+    if kind is None:
+        raise response_format.error("type", "required")
+    raise response_format.error("type", f"must be one of 'text', 'json_object', 'json_schema', got {kind!r}")
+
+
+def _structured_outputs(fields: Fields, request: pb.GenerateRequest) -> str:
+    options = fields.object_fields("structured_outputs")
+    assert options is not None
+    options.reject_unknown(_STRUCTURED_OUTPUT_KINDS)
+    kinds = sorted(kind for kind in _STRUCTURED_OUTPUT_KINDS if options.present(kind))
+    if len(kinds) != 1:
+        raise fields.error("structured_outputs", f"set exactly one of {', '.join(sorted(_STRUCTURED_OUTPUT_KINDS))}")
+    if kinds[0] == "json_object":
+        if not options.boolean("json_object"):
+            raise options.error("json_object", "must be true when set")
+        request.json_object = True
+    else:
+        _set_constraint(options, kinds[0], kinds[0], request)
+    return options.param(kinds[0])
+
+
+def _set_constraint(fields: Fields, name: str, kind: str, request: pb.GenerateRequest) -> None:
+    """Put the field's value into the oneof: json (an object, boolean or JSON text), regex, choice or grammar."""
+    value = fields.raw(name)
+    if kind == "json":
+        if isinstance(value, dict | bool):
+            request.json_schema = json.dumps(value)
+        elif isinstance(value, str):
+            request.json_schema = value  # JSON text; the server parses and checks it
+        else:
+            raise fields.error(name, "expected a JSON schema (an object, or its JSON text)")
+    elif kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+            raise fields.error(name, "expected a non-empty array of strings")
+        request.choice.values.extend(value)
+    else:
+        text = fields.string(name)
+        if not text:
+            raise fields.error(name, "must be a non-empty string")
+        setattr(request, kind, text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from weir_server.config import (
@@ -13,10 +14,13 @@ from weir_server.config import (
     EngineConfig,
     ExecutorConfig,
     ModelConfig,
+    ObservabilityConfig,
     SchedulerConfig,
     ServerConfig,
+    TlsConfig,
 )
 from weir_server.errors import ModelLoadError
+from weir_server.logging_setup import LOG_FORMATS, configure_logging
 
 _CACHE = CacheConfig()
 _SCHEDULER = SchedulerConfig()
@@ -61,8 +65,47 @@ def build_parser(prog: str = "weir serve") -> argparse.ArgumentParser:
         "--drain-timeout", type=float, default=_SERVER.drain_timeout_s,
         help="seconds running calls may finish after SIGTERM (default %(default)s)",
     )
+    p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain) file")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca", metavar="PEM", help="mutual TLS: require client certificates signed by this CA"
+    )
+    p.add_argument(
+        "--api-key", action="append", default=[], metavar="KEY",
+        help="require `authorization: Bearer KEY` metadata on InferenceService calls; repeat for several keys "
+        "(health and reflection stay open)",
+    )
+    p.add_argument(
+        "--api-key-file", metavar="PATH", help="read API keys from a file, one per line (keeps them out of `ps`)"
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-format", default="text", choices=LOG_FORMATS, help="json: one object per line with request and "
+        "trace ids (default %(default)s)"
+    )
+    p.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus /metrics over HTTP on this port of --host (0 picks a "
+        "free one; default: off). Tracing is on when OTEL_EXPORTER_OTLP_ENDPOINT names an OTLP/gRPC collector",
+    )
     return p
+
+
+def _tls(args: argparse.Namespace) -> TlsConfig | None:
+    if not (args.tls_cert or args.tls_key or args.tls_client_ca):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together (and --tls-client-ca needs both)")
+    return TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    keys = [k.strip() for k in args.api_key]
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            keys += [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if any(not k for k in keys):
+        raise ValueError("--api-key must not be empty")
+    return tuple(dict.fromkeys(keys))
 
 
 def _disabled(name: str) -> bool:
@@ -98,17 +141,30 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if not _disabled(args.embed_model):
         embed = ModelConfig(model=args.embed_model, dtype=args.dtype, device=args.device)
     return ServerConfig(
-        host=args.host, port=args.port, generate=generate, embed=embed, drain_timeout_s=args.drain_timeout
+        host=args.host,
+        port=args.port,
+        generate=generate,
+        embed=embed,
+        drain_timeout_s=args.drain_timeout,
+        tls=_tls(args),
+        api_keys=_api_keys(args),
+        observability=ObservabilityConfig(
+            metrics_port=args.metrics_port,
+            otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+            service_name=os.environ.get("OTEL_SERVICE_NAME") or "weir-server",
+        ),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `weir serve`; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    config = config_from_args(args)
+    configure_logging(args.log_level, args.log_format)
+    try:
+        config = config_from_args(args)
+    except (ValueError, OSError) as e:
+        logging.getLogger("weir_server").error("invalid configuration: %s", e)
+        return 2
     from weir_server.api.server import serve  # imports torch; after parsing so --help stays fast
 
     try:
@@ -118,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:
         logging.getLogger("weir_server").error("%s", e)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a failed start ends in one clear line, the traceback at debug level
+        message = " ".join(str(e).split())
+        logging.getLogger("weir_server").debug("start-up failed", exc_info=True)
+        logging.getLogger("weir_server").error("could not start: %s: %s", type(e).__name__, message)
         return 1
     return 0
 

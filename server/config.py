@@ -64,6 +64,24 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class ObservabilityConfig:
+    """Metrics port and trace export (the CLI reads OTEL_EXPORTER_OTLP_ENDPOINT once, at start-up)."""
+
+    metrics_port: int | None = None  # HTTP port serving /metrics on the server's host; None = off, 0 = any free
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector, e.g. http://otel-collector:4317; None = no tracing
+    service_name: str = "weir-server"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS on the gRPC port: PEM files; with `client_ca_file` clients must present a certificate it signed."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None  # set = mutual TLS
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """The gRPC server and the models it serves."""
 
@@ -75,3 +93,6 @@ class ServerConfig:
     embed: ModelConfig | None = field(default_factory=lambda: ModelConfig(DEFAULT_EMBED_MODEL))
     max_message_bytes: int = 64 * 1024 * 1024
     drain_timeout_s: float = 30.0
+    tls: TlsConfig | None = None  # None = plaintext (fine on loopback, the default host)
+    api_keys: tuple[str, ...] = ()  # non-empty = InferenceService calls need `authorization: Bearer KEY`
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from weir_server.errors import InvalidRequestError
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SENTENCEPIECE_SPACE = "\u2581"
+# WordPiece turns a word of up to 100 characters it cannot split into one [UNK]; no common scheme covers more.
+_MIN_CHARS_PER_TOKEN_BOUND = 128
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class Tokenizer:
             )
         except TemplateError as e:
             raise InvalidRequestError("messages", f"the chat template rejected the conversation: {e}") from e
+        except (TypeError, OverflowError) as e:
+            # How the sandbox refuses file access ({% include %} has no loader) and huge ranges.
+            raise InvalidRequestError("messages", f"the chat template failed (it runs sandboxed): {e}") from e
         if not isinstance(rendered, str):
             raise TypeError(f"apply_chat_template returned {type(rendered).__name__}, expected str")
         return rendered
@@ -96,9 +102,26 @@ class Tokenizer:
         """Token ids of a rendered conversation; the template already holds the special tokens."""
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
 
+    @functools.cached_property
+    def max_chars_per_token(self) -> int:
+        """An upper bound on the characters one token stands for (the longest vocabulary entry, or more)."""
+        longest = max((len(piece) for piece in self.hf.get_vocab()), default=1)
+        return max(longest, _MIN_CHARS_PER_TOKEN_BOUND)
+
+    def check_text_length(self, text: str, field: str, max_tokens: int) -> None:
+        """Refuse, before tokenizing it, a text far longer than `max_tokens` tokens could hold: tokenizing
+        megabytes takes seconds, and the server would stall meanwhile."""
+        limit = 2 * max_tokens * self.max_chars_per_token
+        if len(text) > limit:
+            raise InvalidRequestError(
+                field, f"is {len(text)} characters long; far more than the model's {max_tokens}-token context holds"
+            )
+
     def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
         """Token ids of one text; with `max_length`, truncated to it (special tokens kept)."""
         truncation = max_length is not None
+        if max_length is not None:
+            text = text[: 2 * max_length * self.max_chars_per_token]  # the cut-off tail would be dropped anyway
         ids = self.hf.encode(text, add_special_tokens=add_special_tokens, truncation=truncation, max_length=max_length)
         return list(ids)
 

@@ -24,6 +24,10 @@ from weir_server.errors import (
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_KEY = "retry-after"
+# Messages may quote the request; clients drop trailers over 8 KiB (and grpc-message is percent-encoded), so
+# a long quote would turn a clear status into RESOURCE_EXHAUSTED on the client.
+MAX_MESSAGE_BYTES = 1024
+MAX_DESCRIPTION_BYTES = 512
 
 
 class UnimplementedError(WeirError):
@@ -54,17 +58,26 @@ def to_grpc_status(error: Exception) -> grpc.Status:
         code, message = code_pb2.INTERNAL, f"the engine failed while running this request: {error}"
     else:
         code, message = code_pb2.INTERNAL, f"internal error ({type(error).__name__}); see the server log"
-    status = status_pb2.Status(code=code, message=message)
+    status = status_pb2.Status(code=code, message=clip(message, MAX_MESSAGE_BYTES))
     for detail in details:
         status.details.add().Pack(detail)
     grpc_status = rpc_status.to_status(status)
     return _with_metadata(grpc_status, tuple(metadata))
 
 
+def clip(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` of UTF-8 (on a character boundary), marked when cut."""
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[: max_bytes - 16].decode(errors="ignore") + " ...(truncated)"
+
+
 def _bad_request(field: str, description: str) -> error_details_pb2.BadRequest:
-    return error_details_pb2.BadRequest(
-        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)]
+    violation = error_details_pb2.BadRequest.FieldViolation(
+        field=clip(field, MAX_DESCRIPTION_BYTES), description=clip(description, MAX_DESCRIPTION_BYTES)
     )
+    return error_details_pb2.BadRequest(field_violations=[violation])
 
 
 def _with_metadata(status: grpc.Status, extra: tuple[tuple[str, str], ...]) -> grpc.Status:

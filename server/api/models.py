@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +27,7 @@ class ServedModel:
     generator: AsyncEngine | None = None
     embedder: EmbeddingEngine | None = None
     is_default: bool = False
+    load_duration_s: float = 0.0  # weights and engine, for the model-load-time metric
 
     @property
     def id(self) -> str:
@@ -77,13 +79,18 @@ class ModelRegistry:
         """Load every configured model (in a worker thread, so health checks keep answering), then mark ready."""
         if config.generate is not None:
             engine_config = config.generate
+            started = time.perf_counter()
             loaded = await asyncio.to_thread(load_model, engine_config.model, "generate")
             engine = await asyncio.to_thread(AsyncEngine, loaded, engine_config)
             await engine.start()
-            self.add(ServedModel(loaded, Tokenizer(loaded.tokenizer), generator=engine))
+            took = time.perf_counter() - started
+            self.add(ServedModel(loaded, Tokenizer(loaded.tokenizer), generator=engine, load_duration_s=took))
         if config.embed is not None:
+            started = time.perf_counter()
             loaded = await asyncio.to_thread(load_model, config.embed, "embed")
-            self.add(ServedModel(loaded, Tokenizer(loaded.tokenizer), embedder=EmbeddingEngine(loaded)))
+            embedder = EmbeddingEngine(loaded)
+            took = time.perf_counter() - started
+            self.add(ServedModel(loaded, Tokenizer(loaded.tokenizer), embedder=embedder, load_duration_s=took))
         self.ready = True
 
     async def shutdown(self) -> None:

@@ -10,14 +10,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from weir.v1 import inference_pb2, inference_pb2_grpc
+from weir_server.api.drain import Drain
 from weir_server.api.models import ModelRegistry
+from weir_server.api.observer import Observability
+from weir_server.api.security import ApiKeyInterceptor, server_credentials
 from weir_server.api.servicer import InferenceServicer
 from weir_server.config import ServerConfig
+from weir_server.metrics import MetricsHttpServer, create_metrics
+from weir_server.telemetry import create_tracing
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 _HEALTH_NAMES = ("", SERVICE_NAME)
+_STATUS_FLUSH_S = 2.0
 
 
 class WeirServer:
@@ -36,8 +42,18 @@ class WeirServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
         ]
-        self.server = grpc.aio.server(options=options)
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.registry), self.server)
+        self.drain = Drain(frozenset({SERVICE_NAME}))
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.drain]
+        if config.api_keys:
+            interceptors.insert(0, ApiKeyInterceptor(config.api_keys))  # an unauthenticated call is not counted
+        observe = config.observability
+        metrics = create_metrics(self.registry) if observe.metrics_port is not None else None
+        self.observability = Observability(metrics, create_tracing(observe))
+        self.metrics_server: MetricsHttpServer | None = None
+        interceptors[:0] = self.observability.interceptors()  # outermost: refused calls are counted too
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        servicer = InferenceServicer(self.registry, self.observability)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -52,26 +68,55 @@ class WeirServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            if self.config.tls is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, server_credentials(self.config.tls))
         except RuntimeError as e:  # grpc raises RuntimeError when the bind fails
             raise OSError(f"cannot listen on {address}: is the port in use?") from e
         await self.server.start()
-        logger.info("listening on %s; loading models", self.address)
+        if self.observability.metrics is not None:
+            port = self.config.observability.metrics_port or 0
+            self.metrics_server = MetricsHttpServer(self.observability.metrics, self.config.host, port)
+        scheme = "plaintext" if self.config.tls is None else "mutual TLS" if self.config.tls.client_ca_file else "TLS"
+        logger.info("listening on %s (%s); loading models", self.address, scheme)
         await self.registry.load(self.config)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         names = ", ".join(f"{m.id} ({m.task})" for m in self.registry.models()) or "none"
         logger.info("Weir is ready on %s serving %s", self.address, names)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, let running calls finish for `grace` seconds, then stop the engines."""
+        """Report NOT_SERVING and refuse new calls (UNAVAILABLE), let running calls finish for `grace` seconds,
+        then stop the engines (calls still running end with UNAVAILABLE) and the server."""
         grace = self.config.drain_timeout_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        if self.port is not None:
-            logger.info("draining for up to %.0fs", grace)
-        await self.server.stop(grace)
+        self.drain.begin()
+        if self.registry.ready:
+            logger.info("draining: %d calls running, waiting up to %.0fs", self.drain.in_flight, grace)
+        idle = await self.drain.wait_idle(grace)
+        if not idle:
+            logger.warning("drain ended with %d calls still running; they end with UNAVAILABLE", self.drain.in_flight)
         await self.registry.shutdown()
+        await self.server.stop(_STATUS_FLUSH_S)  # lets the aborted calls send their status
+        self._stop_observability()
         if self.port is not None:
-            logger.info("stopped")
+            logger.info("stopped (%d calls refused while draining)", self.drain.refused)
+
+    def force_stop(self) -> None:
+        """End the drain now (a second SIGTERM or SIGINT)."""
+        self.drain.force()
+
+    def _stop_observability(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        if self.observability.tracing is not None:
+            self.observability.tracing.shutdown()  # flushes the spans still buffered
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port serving /metrics once started (None when metrics are off)."""
+        return self.metrics_server.port if self.metrics_server is not None else None
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
@@ -85,9 +130,16 @@ async def serve_async(config: ServerConfig) -> None:
     """Run a server until SIGTERM or SIGINT, then drain and stop."""
     server = WeirServer(config)
     stopping = asyncio.Event()
+
+    def on_signal() -> None:
+        if stopping.is_set():
+            logger.warning("second stop signal: not waiting for running calls")
+            server.force_stop()
+        stopping.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_signal)
     start = asyncio.ensure_future(server.start())
     stop_wait = asyncio.ensure_future(stopping.wait())
     try:

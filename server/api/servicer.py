@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,18 +13,21 @@ from weir.v1 import inference_pb2_grpc
 from weir_server.api import convert
 from weir_server.api.errors import UnimplementedError, map_errors
 from weir_server.api.models import ModelRegistry, ServedModel
+from weir_server.api.observer import Observability
 from weir_server.engine.types import GenerationRequest
 from weir_server.errors import EngineStepError, EngineUnavailableError, InvalidRequestError
 
 REQUEST_ID_KEY = "x-request-id"
+VALID_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # what gRPC metadata and log lines carry safely
 _MODEL_TASKS = {"generate": pb.MODEL_TASK_GENERATE, "embed": pb.MODEL_TASK_EMBED}
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """Every RPC of weir.v1.InferenceService over the registry's engines."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, observability: Observability | None = None) -> None:
         self.registry = registry
+        self.observability = observability or Observability()
 
     @map_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
@@ -37,6 +41,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         prompt_ids = self._prompt_token_ids(request, model)
         params = convert.sampling_params(request.sampling_params)  # the engine validates them
         caller_id = request.request_id or _metadata_request_id(context)
+        if caller_id and not VALID_REQUEST_ID.fullmatch(caller_id):
+            raise InvalidRequestError("request_id", "must be 1 to 128 printable ASCII characters without spaces")
         request_id = caller_id or uuid.uuid4().hex
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         # The engine needs unique ids; a caller may reuse theirs, so the engine gets a suffixed one.
@@ -45,10 +51,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             prompt_token_ids=prompt_ids,
             params=params,
         )
+        observer = self.observability.generation(model.id, request_id, params.n)
         stream = engine.generate(engine_request)
         started: set[int] = set()
         try:
             async for output in stream:
+                observer.output(output)
                 if output.error is not None:
                     raise EngineStepError(output.error)
                 first = output.index not in started
@@ -64,6 +72,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         finally:
             # Closing the stream aborts the request in the engine (client gone, deadline or error).
             await _aclose(stream)
+            observer.finish()
 
     def _prompt_token_ids(self, request: pb.GenerateRequest, model: ServedModel) -> list[int]:
         kind = request.WhichOneof("input")
@@ -71,6 +80,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if kind == "prompt":
             if not request.prompt:
                 raise InvalidRequestError("prompt", "must not be empty")
+            tokenizer.check_text_length(request.prompt, "prompt", model.loaded.max_model_len)
             ids = tokenizer.encode(request.prompt)
         elif kind == "token_ids":
             ids = list(request.token_ids.ids)
@@ -79,6 +89,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             tokenizer.check_ids(ids, "token_ids", limit=model.loaded.vocab_size)
         elif kind == "messages":
             messages = request.messages
+            text = "".join(m.content for m in messages.messages)
+            tokenizer.check_text_length(text, "messages", model.loaded.max_model_len)
             add_generation_prompt = (
                 messages.add_generation_prompt if messages.HasField("add_generation_prompt") else True
             )
@@ -127,6 +139,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise InvalidRequestError("texts", "set at least one text (or token_ids)")
         max_length = model.loaded.max_model_len if request.truncate else None
         if request.texts:
+            if max_length is None:
+                for i, text in enumerate(request.texts):
+                    model.tokenizer.check_text_length(text, f"texts[{i}]", model.loaded.max_model_len)
             return "texts", [model.tokenizer.encode(text, max_length=max_length) for text in request.texts]
         return "token_ids", [list(t.ids)[:max_length] for t in request.token_ids]
 

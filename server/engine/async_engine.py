@@ -37,11 +37,19 @@ def merge_outputs(first: GenerationOutput, second: GenerationOutput) -> Generati
     )
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class RequestStream:
     """The outputs of one request waiting for its consumer; queued deltas of a choice are merged."""
 
-    def __init__(self, request_id: str, num_choices: int) -> None:
+    def __init__(self, request_id: str, num_choices: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.request_id = request_id
+        self.loop = loop  # the event loop its consumer runs on
         self.unfinished = set(range(num_choices))
         self._queue: deque[GenerationOutput] = deque()
         self._error: BaseException | None = None
@@ -140,7 +148,7 @@ class AsyncEngine:
             self.engine.scheduler.check_capacity(len(self._pending))
             self._pending.append(request)
             self._wakeup.notify()
-        stream = RequestStream(request.request_id, request.params.n)
+        stream = RequestStream(request.request_id, request.params.n, _running_loop() or self._loop)
         self._streams[request.request_id] = stream
         return self._iterate(stream)
 
@@ -197,11 +205,17 @@ class AsyncEngine:
         return self.engine.fail_requests(request_ids, message)
 
     def _deliver(self, outputs: list[GenerationOutput]) -> None:
-        assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(self._dispatch, outputs)
-        except RuntimeError:
-            logger.warning("event loop closed; dropping %d outputs", len(outputs))
+        """Hand outputs to the event loop(s) of their consumers; never blocks the engine thread."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[GenerationOutput]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None and stream.loop is not None:
+                by_loop.setdefault(stream.loop, []).append(output)
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._dispatch, batch)
+            except RuntimeError:
+                logger.warning("event loop closed; dropping %d outputs", len(batch))
 
     def _dispatch(self, outputs: list[GenerationOutput]) -> None:
         for output in outputs:

@@ -11,7 +11,6 @@ from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
-
 from weir_server.errors import EngineStepError, InvalidRequestError
 from weir_server.models.loader import LoadedModel
 
@@ -169,4 +168,3 @@ def _batches(items: list[T], length_of: Callable[[T], int], max_tokens: int) -> 
         else:
             groups.append([item])
     return groups
-

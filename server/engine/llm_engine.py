@@ -7,6 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
+
 from weir_server.config import EngineConfig
 from weir_server.engine.block_manager import BlockManager
 from weir_server.engine.detokenizer import IncrementalDetokenizer
@@ -105,7 +106,7 @@ class LLMEngine:
         """Run one iteration; a failure in the model fails only this step's requests."""
         output = self.scheduler.schedule()
         if output.is_empty:
-            return []
+            return self._fail_unschedulable()
         self.num_steps += 1
         try:
             result = self.runner.execute(output.scheduled)
@@ -183,6 +184,15 @@ class LLMEngine:
     @staticmethod
     def _usage(seq: Sequence) -> Usage:
         return Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens)
+
+    def _fail_unschedulable(self) -> list[GenerationOutput]:
+        """Nothing runs yet requests wait: the head can never fit (validation should prevent it); fail it."""
+        if self.scheduler.running or not self.scheduler.waiting:
+            return []
+        head = self.scheduler.waiting[0]
+        logger.error("request %s cannot be scheduled with an empty engine; failing it", head.request_id)
+        message = f"the request needs more KV cache than the engine has ({self.block_manager.num_total_blocks} blocks)"
+        return self.fail_requests([head.request_id], message)
 
     def _fail_step(self, output: SchedulerOutput, message: str) -> list[GenerationOutput]:
         return self.fail_requests([s.seq.request_id for s in output.scheduled], message)

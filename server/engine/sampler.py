@@ -6,8 +6,12 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
+
 from weir_server.engine.sequence import Sequence
 from weir_server.engine.types import TokenLogprob, TopLogprob
+
+
+_TOP_P_CANDIDATES = 256  # candidates per row that top-k/top-p masking looks at before sorting everything
 
 
 @dataclass
@@ -155,22 +159,48 @@ class Sampler:
             logits = apply_min_p(logits, torch.tensor(min_p, device=device))
 
         probs = torch.softmax(logits, dim=-1)
-        # Gumbel-style draw: argmax(p / q) with q ~ Exp(1) samples from p; seeded rows draw q from their own RNG.
-        q = torch.empty_like(probs).exponential_()
+        # argmax(p / q) with q ~ Exp(1) is a draw from p; seeded rows take their uniforms from their own RNG.
+        uniform = torch.rand_like(probs)
         for i, s in enumerate(seqs):
             if s.generator is not None and not s.params.greedy:
-                q[i] = torch.empty(vocab, device=device).exponential_(generator=s.generator)
+                uniform[i] = torch.rand(vocab, device=device, generator=s.generator)
+        q = uniform.clamp_(min=torch.finfo(uniform.dtype).tiny).log_().neg_()
         return (probs / q).argmax(dim=-1)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask to -inf every token outside each row's top-k and outside its smallest set with mass >= top_p."""
+    """Mask to -inf every token outside each row's top-k and outside its smallest set with mass >= top_p.
+
+    Works on the best few hundred candidates of each row (a full-vocabulary sort is ~10x slower) and falls back
+    to the whole vocabulary only when the candidates cannot hold some row's top-p mass; both give equal masks.
+    """
+    vocab = logits.shape[-1]
+    limited = top_k < vocab
+    num_candidates = min(vocab, max(_TOP_P_CANDIDATES, int(top_k[limited].max()) if bool(limited.any()) else 0))
+    vals, idx = logits.topk(num_candidates, dim=-1)  # sorted, best first
+    ranks = torch.arange(num_candidates, device=logits.device).unsqueeze(0)
+    vals = vals.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
+    # Top-p mass is relative to the whole row left after top-k: the candidates if top-k cut, else the vocabulary.
+    norm = torch.where(limited, vals.logsumexp(dim=-1), logits.logsumexp(dim=-1)).unsqueeze(1)
+    probs = (vals - norm).exp()
+    cumulative = probs.cumsum(dim=-1)
+    nucleus = top_p < 1.0
+    if num_candidates < vocab and bool((nucleus & ~limited & (cumulative[:, -1] < top_p)).any()):
+        return _top_k_top_p_full_sort(logits, top_k, top_p)
+    # Rows with top_p == 1 are exempt: rounding in the cumsum must not trim their tail.
+    outside = (cumulative - probs >= top_p.unsqueeze(1)) & (ranks > 0) & nucleus.unsqueeze(1)
+    kept = vals.masked_fill(outside, float("-inf"))
+    masked = torch.full_like(logits, float("-inf")).scatter_(-1, idx, kept)
+    untouched = ~limited & ~nucleus
+    return torch.where(untouched.unsqueeze(1), logits, masked)
+
+
+def _top_k_top_p_full_sort(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
     sorted_logits = sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    # Rows with top_p == 1 are exempt: rounding in the cumsum must not trim their tail.
     outside = (mass_before >= top_p.unsqueeze(1)) & (ranks > 0) & (top_p < 1.0).unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)

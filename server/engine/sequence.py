@@ -10,6 +10,7 @@ from weir_server.engine.types import FinishReason, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     import torch
+
     from weir_server.engine.detokenizer import IncrementalDetokenizer
 
 _seq_ids = itertools.count()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from weir_server.config import EngineConfig
 from weir_server.engine.scheduler import ScheduledSeq
 from weir_server.engine.sequence import Sequence

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 from weir_server.layers.activation import SiluAndMul
 from weir_server.layers.attention import PagedAttention
 from weir_server.layers.attention_metadata import AttentionMetadata
@@ -66,7 +65,9 @@ class LlamaAttention(nn.Module):
             self.num_heads, self.num_kv_heads, self.head_dim, sliding_window=_sliding_window(config, layer_idx)
         )
 
-    def forward(self, rope: Rope, hidden: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, rope: Rope, hidden: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)

@@ -13,7 +13,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
-
 from weir_server.config import ModelConfig
 from weir_server.errors import ModelLoadError
 from weir_server.models.registry import ModelSource, Task, architecture_of, lookup_architecture, resolve_source

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+
 from weir_bench.cli import main
 
 

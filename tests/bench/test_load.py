@@ -6,6 +6,7 @@ import asyncio
 import os
 
 import pytest
+
 from weir_bench.load import LoadSpec, RequestTiming, make_prompts, run_closed_loop
 from weir_bench.peers import peak_rss_bytes
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
+
 from weir_bench.openai_driver import OpenAIDriver, api_base
 
 # Async tests run on the session's event loop, where pyproject puts async fixtures too.
@@ -59,6 +60,7 @@ async def test_streams_count_text_chunks_and_send_token_ids_with_eos_ignored(fak
     url, app = fake_server
     driver = OpenAIDriver(url)
     try:
+        assert await driver.ready()
         assert await driver.resolve_model() == "tiny"
         assert await driver.vocab_size() == 321
         timing = await driver.generate([5, 6, 7], 4)
@@ -87,6 +89,7 @@ async def test_unreachable_server_becomes_a_failed_timing():
     driver = OpenAIDriver("http://127.0.0.1:9", model="m", timeout_s=5)
     try:
         timing = await driver.generate([1], 2)
+        assert not await driver.ready()
     finally:
         await driver.close()
     assert not timing.ok and timing.error

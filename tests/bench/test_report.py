@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+
 from weir_bench.load import LoadResult, LoadSpec, RequestTiming
 from weir_bench.report import (
     Row,

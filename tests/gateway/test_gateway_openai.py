@@ -194,8 +194,8 @@ def test_errors_arrive_as_sdk_exception_classes(client: openai.OpenAI) -> None:
         client.completions.create(model="no-such-model", prompt="hi")
     with pytest.raises(openai.BadRequestError) as unsupported:
         tools = [{"type": "function", "function": {"name": "f"}}]
-        client.chat.completions.create(model=GEN, messages=FRANCE, tools=tools)
-    assert unsupported.value.body["param"] == "tools"
+        client.chat.completions.create(model=GEN, messages=FRANCE, tools=tools)  # tool_choice "auto" by default
+    assert unsupported.value.body["param"] == "tool_choice"
 
 
 def test_bad_api_key_is_authentication_error(background, weir_target: str) -> None:

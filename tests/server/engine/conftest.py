@@ -28,6 +28,12 @@ def smollm_tokenizer():
     return AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf.name)
 
 
+@pytest.fixture(scope="session")
+def tiny_loaded_with_tokenizer(smollm_tokenizer) -> LoadedModel:
+    """The tiny model over SmolLM2's vocabulary, so its output can be detokenized."""
+    return tiny_loaded_model(tokenizer=smollm_tokenizer, vocab_size=len(smollm_tokenizer))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

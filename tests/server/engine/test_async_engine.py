@@ -12,6 +12,8 @@ from weir_server.engine.async_engine import AsyncEngine, RequestStream
 from weir_server.engine.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
 from weir_server.errors import InvalidRequestError, QueueFullError
 
+pytestmark = pytest.mark.timeout(60)
+
 
 def _config(num_blocks: int = 128, max_waiting: int = 1024) -> EngineConfig:
     return EngineConfig(

@@ -11,7 +11,9 @@ from weir_server.engine.types import SamplingParams
 def _stream(tokenizer, text: str, prompt: str = "Say:", **params) -> tuple[list[str], str | None, list[int]]:
     """Feed `text`'s tokens one at a time; return the deltas, the matched stop and the ids fed."""
     ids = tokenizer.encode(text, add_special_tokens=False)
-    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt, add_special_tokens=False), SamplingParams(**params))
+    detok = IncrementalDetokenizer(
+        tokenizer, tokenizer.encode(prompt, add_special_tokens=False), SamplingParams(**params)
+    )
     deltas: list[str] = []
     for i, token_id in enumerate(ids):
         delta, stop = detok.add([token_id], finished=i == len(ids) - 1)
@@ -21,7 +23,9 @@ def _stream(tokenizer, text: str, prompt: str = "Say:", **params) -> tuple[list[
     return deltas, None, ids
 
 
-@pytest.mark.parametrize("text", ["Hello world, how are you?", " leading space and  two", "naïve café 😀🎉 终于 日本語 ok"])
+@pytest.mark.parametrize(
+    "text", ["Hello world, how are you?", " leading space and  two", "naïve café 😀🎉 终于 日本語 ok"]
+)
 def test_streamed_text_equals_full_decode(smollm_tokenizer, text):
     deltas, _, ids = _stream(smollm_tokenizer, text)
     assert "".join(deltas) == smollm_tokenizer.decode(ids) == text

@@ -183,3 +183,47 @@ def test_step_exception_fails_only_that_steps_requests(tiny_loaded, monkeypatch)
     outputs = run(engine, {})
     assert outputs[("good", 0)][-1].finish_reason is FinishReason.LENGTH
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_total_blocks
+
+
+def test_prompt_logprobs_come_on_the_first_output_and_survive_chunking(tiny_loaded):
+    params = SamplingParams(max_tokens=3, temperature=0.0, prompt_logprobs=2, logprobs=1, ignore_eos=True)
+    request = GenerationRequest("p", prompt(11, 30), params)
+    whole = run(make_engine(tiny_loaded), {0: [request]})[("p", 0)]
+    chunked = run(make_engine(tiny_loaded, max_num_batched_tokens=8), {0: [request]})[("p", 0)]
+    for outputs in (whole, chunked):
+        first = outputs[0].prompt_logprobs
+        assert first is not None and len(first) == 30 and first[0].logprob is None
+        assert [e.token_id for e in first] == request.prompt_token_ids
+        assert all(len(e.top) == 2 and e.logprob is not None for e in first[1:])
+        assert all(o.prompt_logprobs is None for o in outputs[1:])
+        logprobs = [e for o in outputs for e in (o.logprobs or [])]
+        assert [e.token_id for e in logprobs] == tokens_of(outputs) and all(len(e.top) == 1 for e in logprobs)
+        # Greedy picks the best token, so the chosen logprob is the top-1 logprob.
+        assert all(abs(e.logprob - e.top[0].logprob) < 1e-6 for e in logprobs)
+    for a, b in zip(whole[0].prompt_logprobs[1:], chunked[0].prompt_logprobs[1:], strict=True):
+        assert abs(a.logprob - b.logprob) < 1e-4
+
+
+def test_equal_seed_and_prompt_give_equal_samples_also_when_batched(tiny_loaded):
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    request = GenerationRequest("seeded", prompt(12, 10), params)
+    alone = run_alone(tiny_loaded, request)
+    others = [GenerationRequest(f"o{i}", prompt(20 + i, 6 + i), SamplingParams(max_tokens=6)) for i in range(3)]
+    batched = run(make_engine(tiny_loaded), {0: others[:2], 1: [request], 2: others[2:]})
+    assert tokens_of(batched[("seeded", 0)]) == alone
+
+
+def test_stop_string_ends_the_choice_and_is_not_in_the_text(tiny_loaded_with_tokenizer):
+    loaded = tiny_loaded_with_tokenizer
+    ids = loaded.tokenizer.encode("Once upon a time", add_special_tokens=False)
+    free = run(make_engine(loaded), {0: [GenerationRequest("free", ids, greedy(24))]})[("free", 0)]
+    text = "".join(o.text for o in free)
+    assert text == loaded.tokenizer.decode(tokens_of(free))
+    stop = text[len(text) // 2 : len(text) // 2 + 5]
+    cut = text.index(stop)
+    for include in (False, True):
+        params = greedy(24, stop=(stop,), include_stop_str_in_output=include)
+        outputs = run(make_engine(loaded), {0: [GenerationRequest("s", ids, params)]})[("s", 0)]
+        got = "".join(o.text for o in outputs)
+        assert got == (text[: cut + len(stop)] if include else text[:cut])
+        assert outputs[-1].finish_reason is FinishReason.STOP_SEQUENCE and outputs[-1].stop_reason == stop

@@ -29,7 +29,7 @@ def test_top_k_keeps_only_the_k_largest_per_row():
 
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]])
-    out = apply_top_k_top_p(probs.log(), torch.tensor([4, 4]), torch.tensor([0.5, 0.8]))
+    out = apply_top_k_top_p(probs.log(), torch.tensor([4, 4]), torch.tensor([0.45, 0.75]))
     assert torch.isfinite(out[0]).tolist() == [True, False, False, False]
     assert torch.isfinite(out[1]).tolist() == [True, True, False, False]
 
@@ -120,3 +120,19 @@ def test_logprobs_are_raw_log_softmax_with_top_n_best_first():
 def test_logprobs_zero_returns_only_the_chosen_token():
     out = Sampler()(torch.randn(1, VOCAB), [_seq(SamplingParams(temperature=0.0, logprobs=0))], ())
     assert out.logprobs[0] is not None and out.logprobs[0].top == ()
+
+
+def test_candidate_top_k_top_p_equals_the_full_sort_reference():
+    from weir_server.engine.sampler import _top_k_top_p_full_sort
+
+    torch.manual_seed(1)
+    vocab = 5000
+    peaked = torch.randn(6, vocab) * 8
+    flat = torch.randn(2, vocab) * 0.01  # top_p 0.9 of a flat row needs far more than the candidates
+    top_k = torch.tensor([vocab, 10, 400, vocab, 3, vocab])
+    top_p = torch.tensor([0.9, 0.5, 1.0, 1.0, 0.99, 0.3])
+    for logits, k, p in ((peaked, top_k, top_p), (flat, top_k[:2], torch.tensor([0.9, 1.0]))):
+        fast = apply_top_k_top_p(logits, k, p)
+        reference = _top_k_top_p_full_sort(logits, k, p)
+        assert torch.equal(torch.isinf(fast), torch.isinf(reference))
+        assert torch.equal(fast[torch.isfinite(fast)], logits[torch.isfinite(fast)])

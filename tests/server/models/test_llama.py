@@ -12,7 +12,6 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
-
 from weir_server.config import ModelConfig
 from weir_server.models.loader import load_model
 
@@ -116,9 +115,7 @@ def test_greedy_generation_matches_transformers_generate(models):
     ours = runner.greedy(PROMPTS, max_new_tokens=10)
     for prompt, generated in zip(PROMPTS, ours, strict=True):
         with torch.no_grad():
-            out = hf_model.generate(
-                torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0
-            )
+            out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0)
         expected = out[0, len(prompt) :].tolist()
         assert generated[: len(expected)] == expected  # transformers stops early at EOS
 
