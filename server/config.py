@@ -54,6 +54,15 @@ class ExecutorConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism over the GPUs of one host: one worker process per rank (rank 0 is the engine's)."""
+
+    tensor_parallel_size: int = 1  # 1 = a single device, no torch.distributed at all
+    collective_timeout_s: float = 600.0  # a collective (or start-up) that takes longer fails instead of hanging
+    worker_start_timeout_s: float = 300.0  # workers must join the process group within this
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything a generation engine needs."""
 
@@ -61,6 +70,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from weir.v1 import inference_pb2 as pb
-from weir_server.engine.types import FinishReason, GenerationOutput, SamplingParams, TokenLogprob
+from weir_server.engine.types import Constraint, FinishReason, GenerationOutput, SamplingParams, TokenLogprob
 from weir_server.tokenization import ChatMessage, Tokenizer
 
 _DEFAULTS = SamplingParams()
@@ -47,6 +47,18 @@ def sampling_params(p: pb.SamplingParams) -> SamplingParams:
         skip_special_tokens=p.skip_special_tokens if has("skip_special_tokens") else True,
         include_stop_str_in_output=p.include_stop_str_in_output,
     )
+
+
+def constraint(request: pb.GenerateRequest) -> Constraint | None:
+    """The request's output constraint (the engine checks and compiles it); `json_object: false` is free text."""
+    kind = request.WhichOneof("constraint")
+    if kind is None or (kind == "json_object" and not request.json_object):
+        return None
+    if kind == "json_object":
+        return Constraint(kind)
+    if kind == "choice":
+        return Constraint(kind, tuple(request.choice.values))
+    return Constraint(kind, getattr(request, kind))
 
 
 def chat_messages(messages: pb.ChatMessages) -> list[ChatMessage]:

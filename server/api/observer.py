@@ -82,7 +82,7 @@ class GenerationObserver:
             self._usage[output.index] = (u.prompt_tokens, u.completion_tokens, u.cached_tokens)
         if output.finish_reason is not None:
             self._reasons.append(output.finish_reason.value)
-        timing = getattr(output, "timing", None)  # engine timestamps, on final outputs when the engine sets them
+        timing = output.timing  # engine timestamps, on each choice's final output
         if timing is not None:
             self._arrival = timing.arrival_time
             first = timing.first_scheduled_time

@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+
 from weir.v1 import inference_pb2 as pb
 from weir.v1 import inference_pb2_grpc
 from weir_server.api import convert
-from weir_server.api.errors import UnimplementedError, map_errors
+from weir_server.api.errors import map_errors
 from weir_server.api.models import ModelRegistry, ServedModel
 from weir_server.api.observer import Observability
 from weir_server.engine.types import GenerationRequest
@@ -35,14 +36,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine = model.generator
         if engine is None:
             raise EngineUnavailableError(f"model {model.id!r} has no generation engine")
-        constraint = request.WhichOneof("constraint")
-        if constraint is not None:
-            raise UnimplementedError(f"constrained output ({constraint}) is not supported by this server yet")
         prompt_ids = self._prompt_token_ids(request, model)
         params = convert.sampling_params(request.sampling_params)  # the engine validates them
         caller_id = request.request_id or _metadata_request_id(context)
         if caller_id and not VALID_REQUEST_ID.fullmatch(caller_id):
             raise InvalidRequestError("request_id", "must be 1 to 128 printable ASCII characters without spaces")
+        constraint = convert.constraint(request)
+        if constraint is not None:
+            await engine.prepare_constraint(constraint)  # compiled off the event loop, before admission
         request_id = caller_id or uuid.uuid4().hex
         await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
         # The engine needs unique ids; a caller may reuse theirs, so the engine gets a suffixed one.
@@ -50,6 +51,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             request_id=f"{caller_id}.{uuid.uuid4().hex[:8]}" if caller_id else request_id,
             prompt_token_ids=prompt_ids,
             params=params,
+            constraint=constraint,
         )
         observer = self.observability.generation(model.id, request_id, params.n)
         stream = engine.generate(engine_request)

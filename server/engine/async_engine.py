@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from weir_server.config import EngineConfig
 from weir_server.engine.llm_engine import LLMEngine
 from weir_server.engine.stats import EngineStats
-from weir_server.engine.types import GenerationOutput, GenerationRequest
+from weir_server.engine.types import Constraint, GenerationOutput, GenerationRequest
 from weir_server.errors import EngineUnavailableError, InvalidRequestError
 
 if TYPE_CHECKING:
@@ -135,6 +135,11 @@ class AsyncEngine:
             stream.fail(EngineUnavailableError("the engine is shutting down"))
         self._streams.clear()
 
+    async def prepare_constraint(self, constraint: Constraint) -> None:
+        """Check and compile an output constraint off the event loop (a schema may take a while); `generate`
+        then finds it compiled. Raises InvalidRequestError naming the constraint's field."""
+        await asyncio.to_thread(self.engine.structured.validate, constraint)
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Validate and queue a request; raises InvalidRequestError / QueueFullError before yielding anything."""
         if not self.is_running or self._stopping:
@@ -191,7 +196,7 @@ class AsyncEngine:
                     engine.abort_request(request_id)
                 if engine.has_unfinished():
                     outputs = engine.step()
-            except Exception as error:  # noqa: BLE001 - a bug outside the model step must not kill the thread
+            except Exception as error:  # a bug outside the model step must not kill the thread
                 logger.exception("engine loop failed; failing every request in flight")
                 outputs = self._fail_all(f"{type(error).__name__}: {error}")
             self._last_stats = engine.stats()

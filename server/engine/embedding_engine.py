@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+
 from weir_server.errors import EngineStepError, InvalidRequestError
 from weir_server.models.loader import LoadedModel
 

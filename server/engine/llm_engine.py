@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,8 +16,16 @@ from weir_server.engine.sampler import Sampler, make_generator, token_logprobs
 from weir_server.engine.scheduler import Scheduler, SchedulerOutput
 from weir_server.engine.sequence import Sequence
 from weir_server.engine.stats import EngineStats
-from weir_server.engine.types import FinishReason, GenerationOutput, GenerationRequest, TokenLogprob, Usage
-from weir_server.errors import InvalidRequestError
+from weir_server.engine.structured import StructuredOutputs
+from weir_server.engine.types import (
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    RequestTiming,
+    TokenLogprob,
+    Usage,
+)
+from weir_server.errors import EngineStepError, InvalidRequestError
 from weir_server.executor.model_runner import ModelOutput, ModelRunner
 
 if TYPE_CHECKING:
@@ -41,6 +50,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler()
+        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids, self.runner.device)
         # A sequence can never outgrow the whole KV pool, so that is a context limit too.
         self.max_seq_len = min(self.max_model_len, self.block_manager.num_total_blocks * config.cache.block_size)
         self.num_steps = 0
@@ -52,6 +62,8 @@ class LLMEngine:
         """Check a request against the model; return it with max_tokens clamped to the context left."""
         params = request.params
         params.validate(self.vocab_size)
+        if request.constraint is not None:
+            self.structured.validate(request.constraint)
         prompt = request.prompt_token_ids
         if not prompt:
             raise InvalidRequestError("prompt", "the prompt is empty; at least one token is required")
@@ -90,6 +102,8 @@ class LLMEngine:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params)
             if params.prompt_logprobs is not None:
                 seq.prompt_logprobs = [TokenLogprob(prompt[0], None)]
+            if request.constraint is not None:
+                seq.grammar = self.structured.new_state(request.constraint)
             seqs.append(seq)
         self.scheduler.add(seqs)
 
@@ -109,20 +123,32 @@ class LLMEngine:
             return self._fail_unschedulable()
         self.num_steps += 1
         try:
+            # Constrained rows' token masks are filled on a helper thread while the model runs.
+            mask = self.structured.submit([s.seq.grammar for s in output.scheduled if s.do_sample])
             result = self.runner.execute(output.scheduled)
             self._record_prompt_logprobs(result)
             self.scheduler.update(output)
             sample_seqs = [s.seq for s in result.sample_seqs]
-            sampled = self.sampler(result.sample_logits, sample_seqs, self.eos_token_ids) if sample_seqs else None
-        except Exception as error:  # noqa: BLE001 - any failure of the model must not stop the engine
+            sampled = (
+                self.sampler(result.sample_logits, sample_seqs, self.eos_token_ids, mask.result() if mask else None)
+                if sample_seqs
+                else None
+            )
+        except Exception as error:  # any failure of the model must not stop the engine
             logger.exception("engine step failed; failing the %d requests in it", len(output.scheduled))
             return self._fail_step(output, f"{type(error).__name__}: {error}")
         if sampled is None:
             return []
         outputs: list[GenerationOutput] = []
         for seq, token_id, logprob in zip(sample_seqs, sampled.token_ids, sampled.logprobs, strict=True):
-            outputs.append(self._append(seq, token_id, logprob))
-        self.num_generated_tokens += len(outputs)
+            if seq.is_finished:  # a sibling's failure below already ended it
+                continue
+            try:
+                outputs.append(self._append(seq, token_id, logprob))
+            except Exception as error:  # a detokenizer failure ends this request only
+                logger.exception("post-processing request %s failed", seq.request_id)
+                outputs += self.fail_requests([seq.request_id], f"{type(error).__name__}: {error}")
+        self.num_generated_tokens += len(sampled.token_ids)
         return outputs
 
     def _record_prompt_logprobs(self, result: ModelOutput) -> None:
@@ -142,8 +168,12 @@ class LLMEngine:
         seq.append_token(token_id, logprob)
         params = seq.params
         reason: FinishReason | None = None
+        if seq.grammar is not None and not seq.grammar.accept(token_id):
+            raise EngineStepError(f"the output constraint does not allow token {token_id} here")
         can_stop = seq.num_output_tokens >= params.min_tokens
-        if can_stop and (
+        if seq.grammar is not None and seq.grammar.is_terminated:  # complete, and its stop token taken
+            reason = FinishReason.STOP
+        elif can_stop and (
             token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)
         ):
             reason = FinishReason.STOP
@@ -177,9 +207,14 @@ class LLMEngine:
             stop_reason=seq.stop_reason,
             usage=self._usage(seq) if seq.is_finished else None,
             error=seq.error,
+            timing=self._timing(seq) if seq.is_finished else None,
         )
         seq.pending_token_ids, seq.pending_logprobs = [], []
         return out
+
+    @staticmethod
+    def _timing(seq: Sequence) -> RequestTiming:
+        return RequestTiming(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time, time.time())
 
     @staticmethod
     def _usage(seq: Sequence) -> Usage:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from weir_server.engine.sequence import Sequence
 from weir_server.engine.types import TokenLogprob, TopLogprob
 
+if TYPE_CHECKING:
+    from weir_server.engine.structured import TokenMask
 
 _TOP_P_CANDIDATES = 256  # candidates per row that top-k/top-p masking looks at before sorting everything
 
@@ -62,7 +65,10 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: Seq
 class Sampler:
     """Chooses the next token of every row of a logits batch with tensor ops (no per-row vocab loops)."""
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Seq[int]) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Seq[int], mask: TokenMask | None = None
+    ) -> SamplerOutput:
+        """`mask` holds the tokens each constrained row may take; logprobs are the model's, before it."""
         assert logits.shape[0] == len(seqs)
         logits = logits.float()
         device = logits.device
@@ -71,6 +77,9 @@ class Sampler:
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
 
+        # First, so the min_tokens mask below keeps a constrained row's stop token when nothing else is allowed.
+        if mask is not None:
+            mask.apply(logits)
         logits = self._apply_penalties(logits, seqs)
         logits = self._mask_stops_before_min_tokens(logits, seqs, eos_token_ids)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
@@ -140,6 +141,7 @@ class Scheduler:
             cached = bm.admit(seq, hits)
             if not seq.admitted:
                 seq.admitted, seq.num_cached_tokens = True, cached
+                seq.first_scheduled_time = time.time()
             bm.allocate(seq, num_new)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.seq_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from typing import TYPE_CHECKING
 
 from weir_server.engine.types import FinishReason, SamplingParams, TokenLogprob
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 
     from weir_server.engine.detokenizer import IncrementalDetokenizer
+    from weir_server.engine.structured import GrammarState
 
 _seq_ids = itertools.count()
 
@@ -48,6 +50,8 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
         self.admitted = False
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hash chain of the sequence's full blocks (a function of its tokens)
         self.num_committed_blocks = 0  # leading blocks already offered to the prefix cache
@@ -57,6 +61,7 @@ class Sequence:
         self.error: str | None = None
         self.generator: torch.Generator | None = None
         self.detokenizer: IncrementalDetokenizer | None = None
+        self.grammar: GrammarState | None = None  # the output constraint's state, advanced with each token
         self.prompt_logprobs: list[TokenLogprob] | None = None  # filled chunk by chunk during prefill
         self.prompt_logprobs_sent = False
         # Output not yet handed out: tokens (and their logprobs) since the previous GenerationOutput.
@@ -106,6 +111,8 @@ class Sequence:
 
     def append_token(self, token_id: int, logprob: TokenLogprob | None) -> None:
         """Record a sampled token (its KV is computed next step)."""
+        if self.first_token_time is None:
+            self.first_token_time = time.time()
         self.token_ids.append(token_id)
         self.pending_token_ids.append(token_id)
         if logprob is not None:

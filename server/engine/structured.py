@@ -16,31 +16,10 @@ import torch
 import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
+from weir_server.engine.types import Constraint
 from weir_server.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
-
-
-CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
-
-
-@dataclass(frozen=True)
-class Constraint:  # TEMP: moves to engine/types.py once the engine owner is done
-    """A format the output must follow: a JSON schema (text), any JSON object, a regex, one of `choice`'s strings
-    (a tuple), or an EBNF grammar. `kind` is also the field named when it is invalid."""
-
-    kind: str
-    value: str | tuple[str, ...] = ""
-
-    def validate(self) -> None:
-        """Check the shape (the engine compiles it to check the content); raise InvalidRequestError."""
-        if self.kind not in CONSTRAINT_KINDS:
-            raise InvalidRequestError("constraint", f"must be one of {', '.join(CONSTRAINT_KINDS)}, got {self.kind!r}")
-        if self.kind == "choice":
-            if not isinstance(self.value, tuple) or not self.value:
-                raise InvalidRequestError("choice", "must hold at least one string")
-        elif self.kind != "json_object" and (not isinstance(self.value, str) or not self.value):
-            raise InvalidRequestError(self.kind, "must not be empty")
 
 
 # xgrammar prefixes its messages with a timestamp, the C++ source line and sometimes the failed check.

@@ -94,14 +94,37 @@ class SamplingParams:
             check(not bad, "stop_token_ids", f"token ids out of range [0, {vocab_size}): {bad[:5]}")
 
 
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A format the output must follow: a JSON schema (text), any JSON object, a regex, one of `choice`'s strings
+    (a tuple), or an EBNF grammar. `kind` is also the field named when it is invalid."""
+
+    kind: str
+    value: str | tuple[str, ...] = ""
+
+    def validate(self) -> None:
+        """Check the shape (the engine compiles it to check the content); raise InvalidRequestError."""
+        if self.kind not in CONSTRAINT_KINDS:
+            raise InvalidRequestError("constraint", f"must be one of {', '.join(CONSTRAINT_KINDS)}, got {self.kind!r}")
+        if self.kind == "choice":
+            if not isinstance(self.value, tuple) or not self.value:
+                raise InvalidRequestError("choice", "must hold at least one string")
+        elif self.kind != "json_object" and (not isinstance(self.value, str) or not self.value):
+            raise InvalidRequestError(self.kind, "must not be empty")
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One request as the engine sees it: a tokenized prompt and its sampling parameters."""
+    """One request as the engine sees it: a tokenized prompt, its sampling parameters and an output constraint."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     arrival_time: float = 0.0
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +154,16 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class RequestTiming:
+    """Engine timestamps of one choice (time.time()), for queue/prefill/decode spans and latency metrics."""
+
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finished_time: float | None
+
+
+@dataclass(frozen=True)
 class GenerationOutput:
     """New output of one choice since its previous output. Several tokens may arrive at once."""
 
@@ -144,6 +177,7 @@ class GenerationOutput:
     stop_reason: str | None = None  # the matched stop string
     usage: Usage | None = None  # on the last output of each choice
     error: str | None = None  # set with finish_reason ERROR
+    timing: RequestTiming | None = None  # on the last output of each choice
 
     @property
     def finished(self) -> bool:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from weir_server.layers.attention_metadata import AttentionMetadata
+from weir_server.layers.rotary import StepRope
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,18 @@ class PagedAttention(nn.Module):
         value: torch.Tensor,
         kv_cache: torch.Tensor,
         attn: AttentionMetadata,
+        rope: StepRope | None = None,
     ) -> torch.Tensor:
-        """query [T, H, D], key/value [T, Hkv, D], kv_cache [2, blocks, block_size, Hkv, D] -> [T, H, D]."""
-        write_kv_cache(key, value, kv_cache, attn.slot_mapping)
+        """query [T, H, D], key/value [T, Hkv, D], kv_cache [2, blocks, block_size, Hkv, D] -> [T, H, D].
+
+        With `rope`, q and k are rotated first; on CUDA rotation and the cache write are one kernel.
+        """
+        if rope is not None and rope.fused:
+            rope.rotate_and_cache(query, key, value, kv_cache, attn.slot_mapping)
+        else:
+            if rope is not None:
+                query, key = rope.rotate(query, key)
+            write_kv_cache(key, value, kv_cache, attn.slot_mapping)
         return paged_attention(query, kv_cache[0], kv_cache[1], attn, self.scale, self.sliding_window)
 
     def extra_repr(self) -> str:

@@ -6,6 +6,8 @@ from typing import overload
 
 import torch
 from torch import nn
+from weir_server.kernels import HAS_TRITON
+from weir_server.kernels.rms_norm import fused_add_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -25,7 +27,15 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
+        """norm(x), or with `residual`: (norm(x + residual), x + residual).
+
+        On CUDA one Triton kernel does it, writing in place: the sum over `residual`, the norm over `x`.
+        """
+        if x.is_cuda and HAS_TRITON and x.is_contiguous():
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            if residual.is_contiguous():
+                return fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         summed = x + residual

@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from weir_server.kernels import HAS_TRITON
+from weir_server.kernels.cache_ops import rotary_and_cache
 
 
 class RotaryEmbedding(nn.Module):
     """Computes cos/sin for a step's positions once; every layer then rotates its q and k with them."""
 
-    def __init__(self, head_dim: int, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
+    def __init__(
+        self, head_dim: int, inv_freq: torch.Tensor, attention_scaling: float = 1.0, max_positions: int = 2048
+    ) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.rotary_dim = inv_freq.numel() * 2
         self.attention_scaling = attention_scaling
+        self.max_positions = max_positions
         # A plain attribute, not a buffer: models are built on the meta device and materialized empty,
         # which would wipe a buffer; this stays a real fp32 tensor whatever dtype the model takes.
         self._inv_freq = inv_freq.detach().to("cpu", torch.float32)
+        self._cos_sin_cache: torch.Tensor | None = None
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> (cos, sin), each [T, 1, rotary_dim / 2] in `dtype`, computed in fp32."""
@@ -30,8 +37,55 @@ class RotaryEmbedding(nn.Module):
         sin = (freqs.sin() * self.attention_scaling).to(dtype)
         return cos, sin
 
+    def for_step(self, positions: torch.Tensor, dtype: torch.dtype) -> StepRope:
+        """This step's rotary inputs: a position-indexed table for the fused CUDA kernel, else cos/sin."""
+        if positions.is_cuda and HAS_TRITON:
+            return StepRope(positions=positions, cos_sin_cache=self.cos_sin_cache(positions.device))
+        cos, sin = self(positions, dtype)
+        return StepRope(positions=positions, cos=cos, sin=sin)
+
+    def cos_sin_cache(self, device: torch.device) -> torch.Tensor:
+        """[max_positions, rotary_dim] fp32: cos in the first half of a row, sin in the second (built once)."""
+        if self._cos_sin_cache is None or self._cos_sin_cache.device != device:
+            positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+            freqs = positions.unsqueeze(-1) * self._inv_freq.to(device)
+            table = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * self.attention_scaling
+            self._cos_sin_cache = table.contiguous()
+        return self._cos_sin_cache
+
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, scaling={self.attention_scaling}"
+
+
+@dataclass
+class StepRope:
+    """One step's rotary inputs, computed once and shared by every layer."""
+
+    positions: torch.Tensor  # [T]
+    cos: torch.Tensor | None = None  # [T, 1, rotary_dim / 2] (torch path)
+    sin: torch.Tensor | None = None
+    cos_sin_cache: torch.Tensor | None = None  # [max_positions, rotary_dim] fp32 (fused CUDA path)
+
+    @property
+    def fused(self) -> bool:
+        return self.cos_sin_cache is not None
+
+    def rotate_and_cache(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Fused path only: rotate q [T, H, D] and k [T, Hkv, D] in place and write k, v at their cache slots."""
+        assert self.cos_sin_cache is not None
+        rotary_and_cache(q, k, v, self.positions, self.cos_sin_cache, kv_cache, slot_mapping)
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Torch path: rotated copies of q and k."""
+        assert self.cos is not None and self.sin is not None
+        return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -78,7 +132,8 @@ def get_rope(config: Any, head_dim: int) -> RotaryEmbedding:
         inv_freq, scaling = _transformers_inv_freq(config, rope_type)
     else:
         raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, dynamic, llama3, yarn")
-    return RotaryEmbedding(head_dim, inv_freq, scaling)
+    max_positions = int(getattr(config, "max_position_embeddings", None) or 2048)
+    return RotaryEmbedding(head_dim, inv_freq, scaling, max_positions)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from weir_server.layers.activation import SiluAndMul
 from weir_server.layers.attention import PagedAttention
 from weir_server.layers.attention_metadata import AttentionMetadata
 from weir_server.layers.norm import RMSNorm
-from weir_server.layers.rotary import apply_rotary, get_rope
+from weir_server.layers.rotary import StepRope, get_rope
 
 # HF name fragment -> (our fused parameter, shard); shards are concatenated along the output dim in this order.
 _STACKED = {
@@ -26,7 +26,7 @@ _STACKED = {
     ".up_proj.": (".gate_up_proj.", "up"),
 }
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin) for this step's positions
+Rope = StepRope  # this step's rotary inputs, shared by every layer
 
 
 def _head_dim(config: Any) -> int:
@@ -75,8 +75,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = self.attn(q, k, v, kv_cache, attn)
+        out = self.attn(q, k, v, kv_cache, attn, rope)  # rotates q and k (fused with the cache write on CUDA)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -142,7 +141,7 @@ class LlamaModel(nn.Module):
         attn: AttentionMetadata,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        rope = self.rotary_emb(positions, hidden.dtype)  # shared by every layer
+        rope = self.rotary_emb.for_step(positions, hidden.dtype)  # shared by every layer
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(rope, hidden, residual, kv_cache, attn)

@@ -118,11 +118,11 @@ def test_unknown_model_on_embed_and_tokenize_is_not_found(weir_stub: InferenceSe
         assert _error(call).code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
 
 
-def test_output_constraints_are_unimplemented_for_now(weir_stub: InferenceServiceStub) -> None:
-    request = pb.GenerateRequest(prompt="Hi", regex="[a-z]+")
+def test_invalid_output_constraint_is_invalid_argument_naming_it(weir_stub: InferenceServiceStub) -> None:
+    request = pb.GenerateRequest(prompt="Hi", regex="[a-z")
     error = _error(lambda: weir_stub.Generate(request))
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
-    assert "regex" in error.details()  # type: ignore[attr-defined]
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert _field(error) == "regex"
 
 
 BAD_EMBED = [

@@ -8,7 +8,8 @@ import pytest
 import torch
 from structured_support import SMOLLM2_EOS, SMOLLM2_VOCAB_SIZE
 
-from weir_server.engine.structured import Constraint, GrammarState, StructuredOutputs, choice_grammar, fill_mask
+from weir_server.engine.structured import GrammarState, StructuredOutputs, choice_grammar, fill_mask
+from weir_server.engine.types import Constraint
 from weir_server.errors import InvalidRequestError
 
 SPECIAL_IDS = set(range(17))  # SmolLM2's added special tokens

@@ -51,7 +51,10 @@ def make_engine(loaded: LoadedModel, num_blocks: int = 64) -> LLMEngine:
 
 def request(request_id: str, constraint: Constraint | None, max_tokens: int = 40, **params: Any) -> GenerationRequest:
     return GenerationRequest(
-        request_id, PROMPT, SamplingParams(max_tokens=max_tokens, temperature=0.0, **params), constraint=constraint
+        request_id,
+        PROMPT,
+        SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0} | params),
+        constraint=constraint,
     )
 
 
@@ -109,7 +112,8 @@ def test_each_of_n_choices_follows_the_grammar(tiny_smollm_vocab: LoadedModel) -
 
 
 def test_a_constraint_not_met_within_max_tokens_finishes_with_length(tiny_smollm_vocab: LoadedModel) -> None:
-    outputs = run(make_engine(tiny_smollm_vocab), request("short", Constraint("json_object"), max_tokens=2))
+    schema = json.dumps({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]})
+    outputs = run(make_engine(tiny_smollm_vocab), request("short", Constraint("json_schema", schema), max_tokens=2))
     assert outputs[("short", 0)][-1].finish_reason is FinishReason.LENGTH
     assert text_of(outputs[("short", 0)]).startswith("{")
 
@@ -133,7 +137,7 @@ def test_the_mask_is_filled_while_the_model_runs(
 ) -> None:
     engine = make_engine(tiny_smollm_vocab)
     events: list[str] = []
-    execute, submit = engine.runner.execute, engine.structured.filler.submit
+    execute, submit = engine.runner.execute, engine.structured.submit
 
     def recording_execute(*args: Any) -> Any:
         events.append("execute")
@@ -144,6 +148,6 @@ def test_the_mask_is_filled_while_the_model_runs(
         return submit(*args)
 
     monkeypatch.setattr(engine.runner, "execute", recording_execute)
-    monkeypatch.setattr(engine.structured.filler, "submit", recording_submit)
+    monkeypatch.setattr(engine.structured, "submit", recording_submit)
     run(engine, request("x", Constraint("choice", ("a", "b"))))
     assert events[:2] == ["submit", "execute"]

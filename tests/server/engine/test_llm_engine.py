@@ -154,7 +154,7 @@ def test_waiting_queue_beyond_max_waiting_raises_queue_full(tiny_loaded):
 def test_abort_frees_blocks_at_once(tiny_loaded):
     engine = make_engine(tiny_loaded)
     engine.add_request(GenerationRequest("r", prompt(3, 20), greedy(50)))
-    engine.add_request(GenerationRequest("w", prompt(4, 20), SamplingParams(n=2, max_tokens=50)))
+    engine.add_request(GenerationRequest("w", prompt(4, 20), SamplingParams(n=2, max_tokens=50, ignore_eos=True)))
     engine.step()
     engine.step()
     assert engine.block_manager.num_free_blocks < engine.block_manager.num_total_blocks
