@@ -164,6 +164,8 @@ class ToolCallParser:
         return self.name is not None
 
     def _delta(self, arguments: str) -> ToolCallDelta | None:
+        if not self.arguments:  # whitespace between the wrapper's `"arguments":` and the value
+            arguments = arguments.lstrip()
         header = not self._header_sent
         if not arguments and not header:
             return None

@@ -15,6 +15,7 @@ from weir_server.config import (
     ExecutorConfig,
     ModelConfig,
     ObservabilityConfig,
+    ParallelConfig,
     SchedulerConfig,
     ServerConfig,
     TlsConfig,
@@ -60,6 +61,11 @@ def build_parser(prog: str = "weir serve") -> argparse.ArgumentParser:
     )
     p.add_argument("--max-waiting", type=int, default=_SCHEDULER.max_waiting, help="queued requests before refusing")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    p.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+        help="split the generation model over N GPUs of this host (one worker process per extra GPU; "
+        "with --device cpu, N processes over gloo) (default %(default)s)",
+    )
     p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     p.add_argument(
         "--drain-timeout", type=float, default=_SERVER.drain_timeout_s,
@@ -136,7 +142,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_waiting=args.max_waiting,
         )
-        generate = EngineConfig(model, cache, scheduler, ExecutorConfig(enforce_eager=args.enforce_eager))
+        if args.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
+        parallel = ParallelConfig(tensor_parallel_size=args.tensor_parallel_size)
+        executor = ExecutorConfig(enforce_eager=args.enforce_eager)
+        generate = EngineConfig(model, cache, scheduler, executor, parallel)
     embed = None
     if not _disabled(args.embed_model):
         embed = ModelConfig(model=args.embed_model, dtype=args.dtype, device=args.device)
@@ -166,8 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("weir_server").error("invalid configuration: %s", e)
         return 2
     from weir_server.api.server import serve  # imports torch; after parsing so --help stays fast
+    from weir_server.executor.tp_executor import launch
 
     try:
+        if config.generate is not None:
+            launch(config.generate)  # tensor-parallel workers start before the model loads; stopped at exit
         serve(config)
     except ModelLoadError as e:
         logging.getLogger("weir_server").error("could not load a model: %s", e)

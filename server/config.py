@@ -58,8 +58,7 @@ class ParallelConfig:
     """Tensor parallelism over the GPUs of one host: one worker process per rank (rank 0 is the engine's)."""
 
     tensor_parallel_size: int = 1  # 1 = a single device, no torch.distributed at all
-    collective_timeout_s: float = 600.0  # a collective (or start-up) that takes longer fails instead of hanging
-    worker_start_timeout_s: float = 300.0  # workers must join the process group within this
+    collective_timeout_s: float = 600.0  # joining the group, or an eager collective, fails after this long
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
@@ -25,8 +26,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import pytest
+from hypothesis import settings
 from weir.v1 import inference_pb2_grpc
 from weir_client import WeirClient
+
+# Property tests explore a fixed sequence of examples so CI is repeatable; HYPOTHESIS_PROFILE=default
+# explores new random examples on each run.
+settings.register_profile("weir", derandomize=True, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "weir"))
 
 if TYPE_CHECKING:
     from weir_server.api.server import WeirServer

@@ -83,9 +83,10 @@ class Sampler:
         logits = self._apply_penalties(logits, seqs)
         logits = self._mask_stops_before_min_tokens(logits, seqs, eos_token_ids)
 
-        greedy = torch.tensor([p.greedy for p in params], device=device)
+        greedy_rows = [p.greedy for p in params]
         tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        if not all(greedy_rows):  # decided on the host: no device round trip for all-greedy batches
+            greedy = torch.tensor(greedy_rows, device=device)
             sampled = self._sample(logits, seqs)
             tokens = torch.where(greedy, tokens, sampled)
 
@@ -156,7 +157,7 @@ class Sampler:
         """Random draw per row after temperature, top-k, top-p and min-p (greedy rows get temperature 1)."""
         params = [s.params for s in seqs]
         device, vocab = logits.device, logits.shape[-1]
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
         logits = logits / temps.unsqueeze(1)
 
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -19,9 +18,6 @@ from transformers import PreTrainedTokenizerBase
 from weir_server.engine.types import Constraint
 from weir_server.errors import InvalidRequestError
 
-logger = logging.getLogger(__name__)
-
-
 # xgrammar prefixes its messages with a timestamp, the C++ source line and sometimes the failed check.
 _LIBRARY_PREFIX = re.compile(r"^\[[\d:.]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
 
@@ -29,6 +25,16 @@ _LIBRARY_PREFIX = re.compile(r"^\[[\d:.]+\] \S+:\d+: (Check failed: \(.*?\) is f
 def library_message(error: Exception) -> str:
     """xgrammar's own message, without its log prefix."""
     return _LIBRARY_PREFIX.sub("", str(error).strip()).strip()
+
+
+def allowed_row(vocab_size: int, forbidden: Iterable[int]) -> torch.Tensor:
+    """One bitmask row (int32 words, bit set = allowed) allowing every token but `forbidden`."""
+    row = xgr.allocate_token_bitmask(1, vocab_size)[0]
+    for token_id in forbidden:
+        if 0 <= token_id < vocab_size:
+            clear = ~(1 << (token_id % 32)) & 0xFFFFFFFF
+            row[token_id // 32] &= clear - (1 << 32) if clear >= 1 << 31 else clear  # as a signed int32
+    return row
 
 
 def choice_grammar(choices: Sequence[str]) -> str:
@@ -53,35 +59,36 @@ class ConstraintCompiler:
         self.vocab_size = vocab_size
         self.stop_token_ids = tuple(stop_token_ids)
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=min(8, os.cpu_count() or 1), cache_enabled=False)
-        self._cache: OrderedDict[Constraint, xgr.CompiledGrammar] = OrderedDict()
+        self._cache: OrderedDict[Constraint, Future[xgr.CompiledGrammar]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self.allowed = self._allowed_row(tokenizer)
-
-    def _allowed_row(self, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-        """A bitmask row without the special tokens other than stops: xgrammar reads them as plain text."""
+        # Special tokens other than the stops are never part of a constrained output (xgrammar reads them as text).
         special = set(tokenizer.all_special_ids)
         special.update(i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special)
-        row = xgr.allocate_token_bitmask(1, self.vocab_size)[0]
-        for token_id in special - set(self.stop_token_ids):
-            if 0 <= token_id < self.vocab_size:
-                row[token_id // 32] &= ~(1 << (token_id % 32))
-        return row
+        self.allowed = allowed_row(vocab_size, special - set(self.stop_token_ids))
 
     def compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
-        """The compiled grammar of a constraint; raises InvalidRequestError (naming the kind) for a bad one."""
+        """The compiled grammar of a constraint; raises InvalidRequestError (naming the kind) for a bad one.
+        Concurrent requests for one new constraint wait for a single compilation."""
         with self._lock:
-            compiled = self._cache.get(constraint)
-            if compiled is not None:
+            entry = self._cache.get(constraint)
+            owner = entry is None
+            if entry is None:
+                entry = self._cache[constraint] = Future()
+            else:
                 self._cache.move_to_end(constraint)
-                return compiled
-        # Compiled outside the lock so one slow schema does not hold up the others; a rare duplicate is harmless.
-        compiled = self._compile(constraint)
-        with self._lock:
-            self._cache[constraint] = compiled
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return compiled
+        if owner:
+            try:
+                entry.set_result(self._compile(constraint))
+            except Exception as error:  # re-raised; the waiters get it too
+                with self._lock:
+                    self._cache.pop(constraint, None)  # a bad constraint is not kept
+                entry.set_exception(error)
+                raise
+            with self._lock:
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return entry.result()
 
     def _compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
         kind, value = constraint.kind, constraint.value
@@ -102,6 +109,8 @@ class ConstraintCompiler:
             if kind == "grammar":
                 assert isinstance(value, str)
                 return self._compiler.compile_grammar(value)
+        except UnicodeDecodeError:  # xgrammar's message itself held broken UTF-8 (seen with fuzzed regexes)
+            raise InvalidRequestError(kind, f"is not a valid {kind}") from None
         except RuntimeError as error:
             raise InvalidRequestError(kind, library_message(error)) from None
         raise InvalidRequestError("constraint", f"unknown constraint kind {kind!r}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from weir_server.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+GREEDY_TEMPERATURE = 1e-5
 
 
 class FinishReason(enum.Enum):
@@ -46,7 +47,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Temperatures this small overflow logits / T to inf; they mean "greedy" in practice.
+        return self.temperature < GREEDY_TEMPERATURE
 
     def validate(self, vocab_size: int | None = None, max_n: int = 16) -> None:
         """Check every field; raise InvalidRequestError for the first one out of range."""

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from weir_server.config import EngineConfig
+from weir_server.distributed import parallel_state
+from weir_server.distributed.communication import min_across_ranks
 from weir_server.engine.scheduler import ScheduledSeq
 from weir_server.engine.sequence import Sequence
 from weir_server.engine.types import SamplingParams
+from weir_server.executor.cuda_graphs import DecodeGraphs
 from weir_server.layers.attention_metadata import AttentionMetadata
+from weir_server.layers.cpu_linear import pack_linear_layers
 
 if TYPE_CHECKING:
     from weir_server.models.loader import LoadedModel
@@ -42,9 +49,11 @@ class ModelOutput:
 
 
 def kv_cache_shape(hf_config: Any, num_blocks: int, block_size: int) -> tuple[int, ...]:
-    """[2, num_blocks, block_size, num_kv_heads, head_dim] for one layer."""
+    """[2, num_blocks, block_size, num_kv_heads, head_dim] for one layer; under tensor parallelism the KV heads
+    are this rank's."""
     heads = int(hf_config.num_attention_heads)
     kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
+    kv_heads = parallel_state.kv_heads_per_rank(kv_heads, parallel_state.tp_size())
     head_dim = int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads)
     return (2, num_blocks, block_size, kv_heads, head_dim)
 
@@ -58,11 +67,13 @@ class ModelRunner:
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.config = config
+        # Rank 0 of a tensor-parallel group sends each batch to the workers, which run the same `execute`.
+        self.publisher = parallel_state.get().publisher
         self.block_size = config.cache.block_size
         self.max_model_len = loaded.max_model_len
         self.num_layers = int(self.hf_config.num_hidden_layers)
-        if self.device.type == "cpu" and config.executor.num_threads:
-            torch.set_num_threads(config.executor.num_threads)
+        if self.device.type == "cpu":
+            self._prepare_cpu()
         self.num_blocks = self._decide_num_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         logger.info(
@@ -72,6 +83,32 @@ class ModelRunner:
             self.num_blocks * self._bytes_per_block() / 2**30,
             self.device,
         )
+        self.graphs = self._capture_graphs()
+
+    def _prepare_cpu(self) -> None:
+        """Intra-op threads = physical cores (SMT siblings only contend for the same FMA units), and bf16 weights
+        packed once for oneDNN."""
+        threads = self.config.executor.num_threads or physical_cores()
+        torch.set_num_threads(threads)
+        packed = pack_linear_layers(self.model) if self.dtype == torch.bfloat16 else 0
+        logger.info("CPU: %d torch threads, %d linear layers packed for oneDNN", threads, packed)
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        """Decode graphs on CUDA unless --enforce-eager (or Triton, which the graphed kernels need, is missing)."""
+        from weir_server.kernels import HAS_TRITON
+
+        if self.device.type != "cuda" or self.config.executor.enforce_eager:
+            return None
+        if not HAS_TRITON:
+            logger.warning("Triton is missing: decode runs eagerly without CUDA graphs")
+            return None
+        max_batch = min(self.config.executor.cuda_graph_max_batch, self.config.scheduler.max_num_seqs)
+        graphs = DecodeGraphs(self._graph_forward, self.device, max_batch, self.block_size, self.max_model_len)
+        graphs.capture()
+        return graphs
+
+    def _graph_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, self.kv_caches, attn)
 
     # ---- KV cache -------------------------------------------------------------------------------------
 
@@ -91,7 +128,8 @@ class ModelRunner:
             available = self._profile_available_cuda_memory()
         else:
             available = int(cache.kv_cache_memory_gb * 2**30)
-        num_blocks = available // self._bytes_per_block()
+        # Every tensor-parallel rank must hold the same blocks, so all take the smallest that fits.
+        num_blocks = min_across_ranks(available // self._bytes_per_block())
         if num_blocks < 1:
             raise RuntimeError(
                 f"no memory left for the KV cache ({available / 2**30:.2f} GiB available); "
@@ -145,20 +183,10 @@ class ModelRunner:
         slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs
         context_lens = [start + n for start, n in zip(starts, lens, strict=True)]
 
-        prompt_rows: list[tuple[int, int, int]] = []
-        indices: list[torch.Tensor] = []
-        row = 0
-        for i, s in enumerate(batch):
-            # Logits at position p give the logprob of prompt token p + 1, so the last prompt position has none.
-            if s.seq.wants_prompt_logprobs:
-                count = min(s.start + s.num_new_tokens, s.seq.num_prompt_tokens - 1) - s.start
-                if count > 0:
-                    first = int(query_start_loc[i])
-                    indices.append(torch.arange(first, first + count))
-                    prompt_rows.append((i, row, count))
-                    row += count
-        sample_rows = [i for i, s in enumerate(batch) if s.do_sample]
+        token_rows, sample_rows = _logit_rows(batch, query_start_loc[:-1].tolist())
+        indices = [torch.arange(first, first + n) for _, first, n in token_rows]
         indices.append(query_start_loc[1:][sample_rows] - 1)
+        prompt_rows = _number_prompt_rows(token_rows)
 
         device = self.device
         attn = AttentionMetadata(
@@ -183,17 +211,71 @@ class ModelRunner:
 
     def execute(self, batch: list[ScheduledSeq]) -> ModelOutput:
         """Run the model over the batch (writing its K/V) and return the logits the step needs."""
-        model_input = self.prepare(batch)
-        with torch.inference_mode():
-            hidden = self.forward(model_input)
-            logits = self.model.compute_logits(hidden[model_input.logits_indices])
-        num_prompt_rows = sum(n for _, _, n in model_input.prompt_rows)
+        if self.publisher is not None:
+            self.publisher.publish(batch)
+        decode = self.graphs.prepare(batch) if self.graphs is not None else None
+        if decode is not None:
+            prompt_rows, sample_rows = _logit_rows(batch, range(len(batch)))
+            with torch.inference_mode():
+                hidden = self.graphs.replay(decode)  # type: ignore[union-attr]
+                if not prompt_rows and len(sample_rows) == len(batch):
+                    logits = self.model.compute_logits(hidden)
+                else:
+                    rows = [r for _, first, n in prompt_rows for r in range(first, first + n)] + sample_rows
+                    logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+            prompt_rows = _number_prompt_rows(prompt_rows)
+        else:
+            model_input = self.prepare(batch)
+            prompt_rows, sample_rows = model_input.prompt_rows, model_input.sample_rows
+            with torch.inference_mode():
+                hidden = self.forward(model_input)
+                logits = self.model.compute_logits(hidden[model_input.logits_indices])
+        num_prompt_rows = sum(n for _, _, n in prompt_rows)
         return ModelOutput(
             sample_logits=logits[num_prompt_rows:],
-            sample_seqs=[batch[i] for i in model_input.sample_rows],
-            prompt_logits=[(batch[i], logits[row : row + n]) for i, row, n in model_input.prompt_rows],
+            sample_seqs=[batch[i] for i in sample_rows],
+            prompt_logits=[(batch[i], logits[row : row + n]) for i, row, n in prompt_rows],
         )
 
     def forward(self, model_input: ModelInput) -> torch.Tensor:
         """The model call; the seam where a CUDA-graph runner replays captured decode batches."""
         return self.model(model_input.input_ids, model_input.positions, self.kv_caches, model_input.attn)
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyperthread siblings count once)."""
+    cpus = os.sched_getaffinity(0)
+    cores: set[tuple[str, str]] = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:  # no sysfs topology (containers, non-Linux): count logical CPUs
+            return len(cpus)
+    return max(1, len(cores))
+
+
+def _logit_rows(
+    batch: list[ScheduledSeq], first_rows: Sequence_[int]
+) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """(batch index, first token row, count) of each prompt-logprobs slice, and the batch indices sampled.
+
+    Logits at position p give the logprob of prompt token p + 1, so the last prompt position has none.
+    """
+    prompt_rows: list[tuple[int, int, int]] = []
+    for i, s in enumerate(batch):
+        if s.seq.wants_prompt_logprobs:
+            count = min(s.start + s.num_new_tokens, s.seq.num_prompt_tokens - 1) - s.start
+            if count > 0:
+                prompt_rows.append((i, int(first_rows[i]), count))
+    return prompt_rows, [i for i, s in enumerate(batch) if s.do_sample]
+
+
+def _number_prompt_rows(token_rows: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Token rows -> rows of the computed logits, where the prompt slices come first, back to back."""
+    numbered: list[tuple[int, int, int]] = []
+    row = 0
+    for i, _, n in token_rows:
+        numbered.append((i, row, n))
+        row += n
+    return numbered

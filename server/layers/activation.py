@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from weir_server.kernels import HAS_TRITON
 from weir_server.kernels.activation import silu_and_mul
 

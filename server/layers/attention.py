@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from weir_server.layers.attention_metadata import AttentionMetadata
 from weir_server.layers.rotary import StepRope
 

@@ -6,6 +6,7 @@ from typing import overload
 
 import torch
 from torch import nn
+
 from weir_server.kernels import HAS_TRITON
 from weir_server.kernels.rms_norm import fused_add_rms_norm, rms_norm
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from weir_server.kernels import HAS_TRITON
 from weir_server.kernels.cache_ops import rotary_and_cache
 

@@ -11,19 +11,30 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from weir_server.layers.activation import SiluAndMul
 from weir_server.layers.attention import PagedAttention
 from weir_server.layers.attention_metadata import AttentionMetadata
+from weir_server.layers.linear import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    WeightSource,
+    load_replicated,
+)
 from weir_server.layers.norm import RMSNorm
 from weir_server.layers.rotary import StepRope, get_rope
 
-# HF name fragment -> (our fused parameter, shard); shards are concatenated along the output dim in this order.
+# HF name fragment -> (our fused parameter, shard id for its weight_loader); q/k/v and gate/up each fill one
+# fused parameter, per tensor-parallel rank.
 _STACKED = {
     ".q_proj.": (".qkv_proj.", "q"),
     ".k_proj.": (".qkv_proj.", "k"),
     ".v_proj.": (".qkv_proj.", "v"),
-    ".gate_proj.": (".gate_up_proj.", "gate"),
-    ".up_proj.": (".gate_up_proj.", "up"),
+    ".gate_proj.": (".gate_up_proj.", 0),
+    ".up_proj.": (".gate_up_proj.", 1),
 }
 
 Rope = StepRope  # this step's rotary inputs, shared by every layer
@@ -43,20 +54,23 @@ def _sliding_window(config: Any, layer_idx: int) -> int | None:
 
 
 class LlamaAttention(nn.Module):
-    """Fused q/k/v projection, optional per-head q/k norm (Qwen3), RoPE, paged attention, output projection."""
+    """Fused q/k/v projection, optional per-head q/k norm (Qwen3), RoPE, paged attention, output projection.
+
+    Under tensor parallelism each rank holds num_heads / tp query heads and their KV heads.
+    """
 
     def __init__(self, config: Any, layer_idx: int) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
         self.head_dim = _head_dim(config)
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
         attention_bias = bool(getattr(config, "attention_bias", False))
         # Qwen2 has biases on q/k/v only and no `attention_bias` field.
         qkv_bias = attention_bias or config.model_type == "qwen2"
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=attention_bias)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, total_heads, total_kv_heads, qkv_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=attention_bias)
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -87,8 +101,9 @@ class LlamaMLP(nn.Module):
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; Llama-family models use 'silu'")
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        size = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=bias)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +143,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: Any) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = get_rope(config, _head_dim(config))
@@ -152,12 +167,15 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The contract model: forward over a flattened batch of tokens, logits for chosen rows, HF-named weights."""
 
+    # load_weights takes lazy safetensors slices too, so each tensor-parallel rank reads only its own rows.
+    shards_weights_on_load = True
+
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -172,11 +190,12 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, attn)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> float32 logits [N, vocab]."""
-        return self.lm_head(hidden).float()
+        """hidden [N, hidden] -> float32 logits [N, vocab] (gathered from every tensor-parallel rank)."""
+        return self.lm_head.compute_logits(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; raise if any parameter stays unset."""
+    def load_weights(self, weights: Iterable[tuple[str, WeightSource]]) -> None:
+        """Copy Hugging Face-named tensors in, this rank's slice of each, fusing q/k/v and gate/up; raise if any
+        parameter stays unset."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in weights:
@@ -188,41 +207,28 @@ class LlamaForCausalLM(nn.Module):
             param = params.get(name)
             if param is None:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {type(self).__name__}")
-            target = self._shard_view(param, name, shard)
-            if target.shape != tensor.shape:
-                raise ValueError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
-            with torch.no_grad():
-                target.copy_(tensor)
+            owner = self.get_submodule(name.rpartition(".")[0])
+            weight_loader = getattr(owner, "weight_loader", None)
+            if weight_loader is None:
+                load_replicated(param, tensor, hf_name)
+            else:
+                weight_loader(param, tensor, hf_name, shard)
             loaded.add(f"{name}:{shard}")
-        missing = [n for n, p in params.items() for s in self._shards_of(n) if f"{n}:{s}" not in loaded]
+        missing = [n for n in params for s in _shards_of(n) if f"{n}:{s}" not in loaded]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
 
-    def _shards_of(self, name: str) -> tuple[str | None, ...]:
-        if ".qkv_proj." in name:
-            return ("q", "k", "v")
-        if ".gate_up_proj." in name:
-            return ("gate", "up")
-        return (None,)
 
-    def _shard_view(self, param: torch.Tensor, name: str, shard: str | None) -> torch.Tensor:
-        """The rows of a fused parameter that one HF tensor fills."""
-        if shard is None:
-            return param
-        attention = self.model.layers[0].self_attn
-        sizes = {
-            "q": attention.q_size,
-            "k": attention.kv_size,
-            "v": attention.kv_size,
-            "gate": param.shape[0] // 2,
-            "up": param.shape[0] // 2,
-        }
-        order = self._shards_of(name)
-        start = sum(sizes[s] for s in order[: order.index(shard)])
-        return param.narrow(0, start, sizes[shard])
+def _shards_of(name: str) -> tuple[str | int | None, ...]:
+    """The checkpoint tensors that fill one of our parameters."""
+    if ".qkv_proj." in name:
+        return ("q", "k", "v")
+    if ".gate_up_proj." in name:
+        return (0, 1)
+    return (None,)
 
 
-def _fused_name(hf_name: str) -> tuple[str, str | None]:
+def _fused_name(hf_name: str) -> tuple[str, str | int | None]:
     """Map an HF parameter name to ours and the shard of the fused tensor it fills (None if unfused)."""
     for fragment, (fused, shard) in _STACKED.items():
         if fragment in hf_name:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import torch
 from structured_support import SMOLLM2_EOS, SMOLLM2_VOCAB_SIZE
 
-from weir_server.engine.structured import GrammarState, StructuredOutputs, choice_grammar, fill_mask
+from weir_server.engine.structured import GrammarState, StructuredOutputs, allowed_row, choice_grammar, fill_mask
 from weir_server.engine.types import Constraint
 from weir_server.errors import InvalidRequestError
 
@@ -138,3 +139,30 @@ def test_a_model_without_tokenizer_refuses_constraints() -> None:
     with pytest.raises(InvalidRequestError) as error:
         structured.validate(Constraint("regex", "a"))
     assert error.value.field == "constraint"
+
+
+def test_concurrent_requests_for_a_new_constraint_compile_it_once(
+    compiler: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Constraint] = []
+    compile_once = compiler._compile
+
+    def counting(constraint: Constraint) -> Any:
+        calls.append(constraint)
+        return compile_once(constraint)
+
+    monkeypatch.setattr(compiler, "_compile", counting)
+    constraint = Constraint(
+        "json_schema", '{"type": "object", "properties": {"q": {"type": "string", "maxLength": 9}}}'
+    )
+    with ThreadPoolExecutor(8) as pool:
+        compiled = list(pool.map(lambda _: compiler.compile(constraint), range(8)))
+    assert len(calls) == 1
+    assert all(c is compiled[0] for c in compiled)
+
+
+def test_allowed_row_clears_exactly_the_forbidden_bits_including_the_sign_bit() -> None:
+    forbidden = {0, 5, 31, 32, 63, 99}
+    row = allowed_row(100, forbidden)
+    bits = ((row.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).flatten()[:100]
+    assert {i for i in range(100) if not bits[i]} == forbidden

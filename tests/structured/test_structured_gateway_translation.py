@@ -149,8 +149,8 @@ def stream_call(plan: ToolPlan, pieces: list[str]) -> tuple[ToolCallParser, list
 
 def test_required_call_streams_its_name_then_the_arguments_without_the_wrapper() -> None:
     plan = ToolPlan((), None)  # the parser only reads the output; the tools matter for the schema
-    text = '{"name": "weather", "arguments": {"a": {"b": [1]}}}'
-    parser, deltas = stream_call(plan, [text[i : i + 3] for i in range(0, len(text), 3)])
+    head, rest = '{"name": "weather", "arguments":', ' {"a": {"b": [1]}}}'
+    parser, deltas = stream_call(plan, [head] + [rest[i : i + 3] for i in range(0, len(rest), 3)])
     assert deltas[0]["id"] == parser.call_id and deltas[0]["function"]["name"] == "weather"
     assert all("id" not in d and "name" not in d["function"] for d in deltas[1:])
     assert "".join(d["function"]["arguments"] for d in deltas) == '{"a": {"b": [1]}}'

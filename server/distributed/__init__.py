@@ -1,0 +1,1 @@
+"""Tensor parallelism over the GPUs of one host: process group state, collectives, the worker process."""

@@ -1,0 +1,70 @@
+"""A tensor-parallel worker process: joins the group, loads its shard, then runs every batch rank 0 sends.
+
+The loop mirrors rank 0's engine step by step (same `ModelRunner.execute`, so the same collectives in the
+same order); the logits it gathers are dropped, since only rank 0 samples. Any failure ends the process,
+which rank 0 notices; so does the end of rank 0, which this process notices and follows.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import threading
+from multiprocessing.connection import Connection, wait
+
+import torch
+
+from weir_server.config import EngineConfig
+from weir_server.distributed import parallel_state
+
+logger = logging.getLogger(__name__)
+
+
+def _follow_parent() -> None:
+    """Exit as soon as rank 0's process is gone, even while blocked in a collective that will never finish."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="weir-tp-parent-watch", daemon=True).start()
+
+
+def run_worker(
+    rank: int, world_size: int, init_method: str, config: EngineConfig, steps: Connection, log_level: int
+) -> None:
+    """The worker's main: rank `rank` of `world_size`, on `config.model.device`, fed batches over `steps`."""
+    from weir_server.executor.model_runner import ModelRunner
+    from weir_server.executor.tp_executor import STOP_MESSAGE, decode_batch
+    from weir_server.models.loader import load_model
+
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s %(levelname)s [tp rank {rank}] %(name)s: %(message)s", force=True
+    )
+    _follow_parent()
+    try:
+        device = torch.device(config.model.device)
+        parallel_state.initialize(rank, world_size, init_method, device, config.parallel.collective_timeout_s)
+        loaded = load_model(config.model, "generate")
+        runner = ModelRunner(loaded, config)
+        logger.info("ready")
+        while (data := steps.recv_bytes()) != STOP_MESSAGE:
+            runner.execute(decode_batch(data))
+    except EOFError:
+        logger.info("rank 0 closed the step pipe; exiting")
+    except Exception:  # any failure leaves the group out of step: report it and die, rank 0 takes it from there
+        logger.exception("tensor-parallel worker failed")
+        _exit(1)
+    parallel_state.destroy(timeout_s=5.0)
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    """End the process now: interpreter teardown of CUDA graphs and NCCL state can stall, and nothing here
+    needs it."""
+    logging.shutdown()
+    os._exit(code)
