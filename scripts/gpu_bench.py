@@ -43,6 +43,7 @@ GREEDY_PROMPTS = [
     "Once upon a time, in a small village,",
 ]
 GREEDY_TOKENS = 48
+WARMUP_REQUESTS = 64  # enough to run the prefill and decode shapes of the measured pass once
 
 
 def greedy_shape() -> Any:
@@ -149,7 +150,7 @@ async def weir_inprocess(model_dir: Path, args: argparse.Namespace, prompts: lis
     driver = await InProcessDriver.start(server_args(model_dir, args))
     rows = []
     try:
-        spec = LoadSpec(args.concurrency, args.num_requests, args.prompt_tokens, args.output_tokens, 16)
+        spec = LoadSpec(args.concurrency, args.num_requests, args.prompt_tokens, args.output_tokens, WARMUP_REQUESTS)
         result = await run_closed_loop(driver, spec, prompts)
         peak = torch.cuda.max_memory_reserved() / 2**20
         rows.append((summarize("weir in-process", result), peak))
@@ -231,7 +232,7 @@ async def weir_grpc(model_dir: Path, args: argparse.Namespace, prompts: list[lis
     driver = GrpcDriver(address, pid=proc.pid)
     rows = []
     try:
-        spec = LoadSpec(args.concurrency, args.num_requests, args.prompt_tokens, args.output_tokens, 16)
+        spec = LoadSpec(args.concurrency, args.num_requests, args.prompt_tokens, args.output_tokens, WARMUP_REQUESTS)
         result = await run_closed_loop(driver, spec, prompts)
         rows.append((summarize(f"weir gRPC ({args.concurrency} streams)", result), gpu_memory_of(proc.pid)))
         spec1 = LoadSpec(1, args.batch1_requests, args.prompt_tokens, args.output_tokens, 1)
@@ -330,7 +331,9 @@ async def run(args: argparse.Namespace) -> int:
     for name in args.shapes:
         shape = SHAPES[name]
         model_dir = write_model_dir(shape, args.tokenizer, work / name)
-        prompts = make_prompts(args.num_requests + 32, args.prompt_tokens, shape.config["vocab_size"], seed=0)
+        prompts = make_prompts(
+            args.num_requests + WARMUP_REQUESTS, args.prompt_tokens, shape.config["vocab_size"], seed=0
+        )
         for label in ("in-process", "gRPC", "HF"):
             if label == "HF" and args.skip_hf:
                 continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from weir_server.engine.types import SamplingParams
@@ -31,8 +33,15 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.tokenizer = tokenizer
-        self._backend = _rust_decoder(tokenizer)
-        self.skip_special_tokens = params.skip_special_tokens
+        backend = _rust_decoder(tokenizer)
+        skip = params.skip_special_tokens
+        # Bound once: this runs twice per sampled token of every sequence.
+        self._decode: Callable[[list[int]], str] = (
+            functools.partial(backend.decode, skip_special_tokens=skip)
+            if backend is not None
+            else functools.partial(tokenizer.decode, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+        )
+        self.skip_special_tokens = skip
         self.stops = params.stop
         self.include_stop = params.include_stop_str_in_output
         # A stop string may still be completing at the end of the text: hold back that much.
@@ -42,13 +51,6 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.tokens)
         self.text = ""  # all output text decoded so far
         self.emitted = 0  # characters of `text` already handed out
-
-    def _decode(self, ids: list[int]) -> str:
-        if self._backend is not None:
-            return str(self._backend.decode(ids, skip_special_tokens=self.skip_special_tokens))
-        return str(
-            self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False)
-        )
 
     def _decode_pending(self, final: bool) -> str:
         """Text of the tokens after read_offset, unless it would end inside a character (and not final)."""
@@ -67,6 +69,13 @@ class IncrementalDetokenizer:
         After a stop string matches the choice must end; `finished` flushes everything held back;
         `check_stop=False` (before min_tokens) skips the stop search for this text.
         """
+        if not self.stops and len(token_ids) == 1 and not finished:  # the common case, kept lean
+            self.tokens.append(token_ids[0])
+            new = self._decode_pending(final=False)
+            if new:
+                self.text += new
+                self.emitted = len(self.text)
+            return new, None
         # Text before min_tokens is never searched; a stop may still start in the held-back tail.
         search_from = max(0, len(self.text) - self.hold_back)
         for token_id in token_ids:

@@ -14,7 +14,7 @@ from weir_server.engine.block_manager import BlockManager
 from weir_server.engine.detokenizer import IncrementalDetokenizer
 from weir_server.engine.sampler import Sampler, make_generator, token_logprobs
 from weir_server.engine.scheduler import Scheduler, SchedulerOutput
-from weir_server.engine.sequence import Sequence
+from weir_server.engine.sequence import Sequence, SequenceStatus
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.structured import StructuredOutputs
 from weir_server.engine.types import (
@@ -32,6 +32,19 @@ if TYPE_CHECKING:
     from weir_server.models.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
+
+# Finish reasons given by aborts and failures, which hand out the choice's last output themselves.
+_ENDED_ELSEWHERE = (FinishReason.CANCELLED, FinishReason.ERROR)
+
+
+@dataclasses.dataclass(slots=True)
+class _Deferred:
+    """A sampled token of a choice whose text and output are made later."""
+
+    seq: Sequence
+    token_ids: list[int]  # what the detokenizer gets: empty for a stop token whose text is dropped
+    finished: bool
+    can_stop: bool  # min_tokens reached: stop strings count
 
 
 class LLMEngine:
@@ -55,6 +68,9 @@ class LLMEngine:
         self.max_seq_len = min(self.max_model_len, self.block_manager.num_total_blocks * config.cache.block_size)
         self.num_steps = 0
         self.num_generated_tokens = 0
+        # Overlap pays only where the model runs asynchronously to the host; the CPU runs each step to the end.
+        self.overlap_outputs = self.runner.device.type == "cuda"
+        self._deferred: list[_Deferred] = []  # sampled tokens whose text and output are still to be made
 
     # ---- requests ---------------------------------------------------------------------------------------
 
@@ -112,22 +128,28 @@ class LLMEngine:
         return [self._output(seq, "") for seq in self.scheduler.abort(request_id)]
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._deferred)
 
     # ---- the step -----------------------------------------------------------------------------------------
 
     def step(self) -> list[GenerationOutput]:
-        """Run one iteration; a failure in the model fails only this step's requests."""
+        """Run one iteration; a failure in the model fails only this step's requests.
+
+        With `overlap_outputs` the outputs of the tokens sampled in one step are detokenized and built in the
+        next, while its model runs on the device; a stop string found then wastes that step's token of its choice.
+        """
         output = self.scheduler.schedule()
         if output.is_empty:
-            return self._fail_unschedulable()
+            return self._flush() + self._fail_unschedulable()
         self.num_steps += 1
+        outputs: list[GenerationOutput] = []
         try:
             # Constrained rows' token masks are filled on a helper thread while the model runs.
             mask = self.structured.submit([s.seq.grammar for s in output.scheduled if s.do_sample])
             result = self.runner.execute(output.scheduled)
             self._record_prompt_logprobs(result)
             self.scheduler.update(output)
+            outputs = self._flush()  # the host's share of the previous step, while the device computes
             sample_seqs = [s.seq for s in result.sample_seqs]
             sampled = (
                 self.sampler(result.sample_logits, sample_seqs, self.eos_token_ids, mask.result() if mask else None)
@@ -136,19 +158,21 @@ class LLMEngine:
             )
         except Exception as error:  # any failure of the model must not stop the engine
             logger.exception("engine step failed; failing the %d requests in it", len(output.scheduled))
-            return self._fail_step(output, f"{type(error).__name__}: {error}")
+            return outputs + self._flush() + self._fail_step(output, f"{type(error).__name__}: {error}")
         if sampled is None:
-            return []
-        outputs: list[GenerationOutput] = []
+            return outputs
+        append, finished = self._append, SequenceStatus.FINISHED
         for seq, token_id, logprob in zip(sample_seqs, sampled.token_ids, sampled.logprobs, strict=True):
-            if seq.is_finished:  # a sibling's failure below already ended it
+            if seq.status is finished:  # a sibling's failure, or a stop string found late, already ended it
                 continue
             try:
-                outputs.append(self._append(seq, token_id, logprob))
-            except Exception as error:  # a detokenizer failure ends this request only
+                append(seq, token_id, logprob)
+            except Exception as error:  # a constraint failure ends this request only
                 logger.exception("post-processing request %s failed", seq.request_id)
                 outputs += self.fail_requests([seq.request_id], f"{type(error).__name__}: {error}")
         self.num_generated_tokens += len(sampled.token_ids)
+        if not self.overlap_outputs:
+            outputs += self._flush()
         return outputs
 
     def _record_prompt_logprobs(self, result: ModelOutput) -> None:
@@ -163,46 +187,92 @@ class LLMEngine:
                 if start + 1 + offset == len(seq.prompt_logprobs):  # positions recomputed after preemption are known
                     seq.prompt_logprobs.append(entry)
 
-    def _append(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> GenerationOutput:
-        """Add a sampled token, decide whether the choice ends, and build its output delta."""
+    def _append(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> None:
+        """Add a sampled token and end the choice on a stop token or its length; the text and the output
+        follow in `_flush` (a stop string can still end it there)."""
         seq.append_token(token_id, logprob)
         params = seq.params
+        grammar = seq.grammar
+        num_output = seq.num_output_tokens
         reason: FinishReason | None = None
-        if seq.grammar is not None and not seq.grammar.accept(token_id):
+        if grammar is not None and not grammar.accept(token_id):
             raise EngineStepError(f"the output constraint does not allow token {token_id} here")
-        can_stop = seq.num_output_tokens >= params.min_tokens
-        if seq.grammar is not None and seq.grammar.is_terminated:  # complete, and its stop token taken
+        can_stop = num_output >= params.min_tokens
+        if grammar is not None and grammar.is_terminated:  # complete, and its stop token taken
             reason = FinishReason.STOP
         elif can_stop and (
             token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)
         ):
             reason = FinishReason.STOP
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
+        elif num_output >= params.max_tokens or len(seq.token_ids) >= self.max_seq_len:
             reason = FinishReason.LENGTH
-        stop_str: str | None = None
-        text = ""
-        if seq.detokenizer is not None:
-            # A stop token's own text is not part of the answer unless asked.
-            keep = reason is not FinishReason.STOP or params.include_stop_str_in_output
-            text, stop_str = seq.detokenizer.add([token_id] if keep else [], reason is not None, check_stop=can_stop)
-            if stop_str is not None:
-                reason = FinishReason.STOP_SEQUENCE
+        # A stop token's own text is not part of the answer unless asked.
+        keep = reason is not FinishReason.STOP or params.include_stop_str_in_output
         if reason is not None:
-            seq.finish(reason, stop_str)
+            seq.finish(reason)
             self.scheduler.finish(seq)
-        return self._output(seq, text)
+        self._deferred.append(_Deferred(seq, [token_id] if keep else [], reason is not None, can_stop))
+
+    def _flush(self) -> list[GenerationOutput]:
+        """Detokenize the sampled tokens not yet handed out, look for stop strings, and build their outputs."""
+        deferred, self._deferred = self._deferred, []
+        outputs: list[GenerationOutput] = []
+        for item in deferred:
+            seq = item.seq
+            if seq.finish_reason in _ENDED_ELSEWHERE:  # cancelled or failed since: its last output is out
+                continue
+            try:
+                outputs.append(self._text_output(item))
+            except Exception as error:  # a detokenizer failure ends this request only
+                logger.exception("post-processing request %s failed", seq.request_id)
+                message = f"{type(error).__name__}: {error}"
+                if seq.is_finished:  # ended by its last token, so no longer running: fail it here
+                    seq.finish(FinishReason.ERROR, error=message)
+                    outputs.append(self._output(seq, ""))
+                outputs += self.fail_requests([seq.request_id], message)
+        return outputs
+
+    def _text_output(self, item: _Deferred) -> GenerationOutput:
+        seq = item.seq
+        text = ""
+        detokenizer = seq.detokenizer
+        if detokenizer is not None:
+            text, stop_str = detokenizer.add(item.token_ids, item.finished, check_stop=item.can_stop)
+            if stop_str is not None:
+                running = not seq.is_finished
+                seq.finish(FinishReason.STOP_SEQUENCE, stop_str)
+                if running:
+                    self.scheduler.finish(seq)
+        if seq.is_finished:
+            return self._output(seq, text)
+        # The common case: a plain delta, no usage or timing yet.
+        out = GenerationOutput(
+            seq.request_id,
+            seq.index,
+            text,
+            seq.pending_token_ids,
+            seq.pending_logprobs if seq.params.logprobs is not None else None,
+            self._take_prompt_logprobs(seq),
+        )
+        seq.pending_token_ids, seq.pending_logprobs = [], []
+        return out
+
+    @staticmethod
+    def _take_prompt_logprobs(seq: Sequence) -> list[TokenLogprob] | None:
+        """The prompt logprobs on a choice's first output only."""
+        if seq.prompt_logprobs is None or seq.prompt_logprobs_sent:
+            return None
+        seq.prompt_logprobs_sent = True
+        return seq.prompt_logprobs
 
     def _output(self, seq: Sequence, text: str) -> GenerationOutput:
-        prompt_logprobs = None
-        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
-            prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
         out = GenerationOutput(
             request_id=seq.request_id,
             index=seq.index,
             text=text,
             token_ids=seq.pending_token_ids,
             logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
-            prompt_logprobs=prompt_logprobs,
+            prompt_logprobs=self._take_prompt_logprobs(seq),
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
             usage=self._usage(seq) if seq.is_finished else None,

@@ -84,7 +84,7 @@ class Sampler:
         logits = self._mask_stops_before_min_tokens(logits, seqs, eos_token_ids)
 
         greedy_rows = [p.greedy for p in params]
-        tokens = logits.argmax(dim=-1)
+        tokens = logits.max(dim=-1).indices  # same first-max ties as argmax, several times faster on CPU
         if not all(greedy_rows):  # decided on the host: no device round trip for all-greedy batches
             greedy = torch.tensor(greedy_rows, device=device)
             sampled = self._sample(logits, seqs)

@@ -10,16 +10,27 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
-import xgrammar as xgr
 from transformers import PreTrainedTokenizerBase
 
 from weir_server.engine.types import Constraint
 from weir_server.errors import InvalidRequestError
 
+if TYPE_CHECKING:
+    import xgrammar as xgr
+
 # xgrammar prefixes its messages with a timestamp, the C++ source line and sometimes the failed check.
 _LIBRARY_PREFIX = re.compile(r"^\[[\d:.]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
+
+
+def _xgrammar() -> ModuleType:
+    """xgrammar, imported on first use: an engine that never sees a constraint runs without it installed."""
+    import xgrammar
+
+    return xgrammar
 
 
 def library_message(error: Exception) -> str:
@@ -29,7 +40,7 @@ def library_message(error: Exception) -> str:
 
 def allowed_row(vocab_size: int, forbidden: Iterable[int]) -> torch.Tensor:
     """One bitmask row (int32 words, bit set = allowed) allowing every token but `forbidden`."""
-    row = xgr.allocate_token_bitmask(1, vocab_size)[0]
+    row = _xgrammar().allocate_token_bitmask(1, vocab_size)[0]
     for token_id in forbidden:
         if 0 <= token_id < vocab_size:
             clear = ~(1 << (token_id % 32)) & 0xFFFFFFFF
@@ -52,6 +63,7 @@ class ConstraintCompiler:
         stop_token_ids: Sequence[int],
         cache_size: int = 256,
     ) -> None:
+        xgr = _xgrammar()
         # The model's vocab size, not the tokenizer's: logits rows may be padded past the last real token.
         self.info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids)
@@ -117,7 +129,7 @@ class ConstraintCompiler:
 
     def new_state(self, constraint: Constraint) -> GrammarState:
         """A fresh matcher for one choice."""
-        return GrammarState(xgr.GrammarMatcher(self.compile(constraint)))
+        return GrammarState(_xgrammar().GrammarMatcher(self.compile(constraint)))
 
 
 def _check_json(text: str) -> None:
@@ -156,13 +168,13 @@ class TokenMask:
     def apply(self, logits: torch.Tensor) -> None:
         """Set every disallowed token's logit to -inf, in place, on the logits' device."""
         bitmask = self.bitmask.to(logits.device, non_blocking=True)
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=self.rows)
+        _xgrammar().apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=self.rows)
 
 
 def fill_mask(states: Sequence[GrammarState | None], vocab_size: int, allowed: torch.Tensor) -> TokenMask:
     """The mask of a step's rows: each constrained row's grammar, without the forbidden special tokens."""
     rows = [i for i, state in enumerate(states) if state is not None]
-    bitmask = xgr.allocate_token_bitmask(len(states), vocab_size)
+    bitmask = _xgrammar().allocate_token_bitmask(len(states), vocab_size)
     for row in rows:
         state = states[row]
         assert state is not None
@@ -199,6 +211,12 @@ class StructuredOutputs:
                     raise InvalidRequestError(
                         "constraint", "this model has no tokenizer, so output cannot be constrained"
                     )
+                try:
+                    _xgrammar()
+                except ImportError as error:
+                    raise InvalidRequestError(
+                        "constraint", f"structured output needs the xgrammar package, which this server lacks ({error})"
+                    ) from error
                 self._compiler = ConstraintCompiler(self._tokenizer, self.vocab_size, self.stop_token_ids)
             return self._compiler
 

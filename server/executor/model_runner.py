@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass
@@ -118,6 +119,8 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[torch.Tensor]:
         shape = kv_cache_shape(self.hf_config, num_blocks, self.block_size)
+        if self.device.type == "cpu":
+            return [_lazily_zeroed(shape, self.dtype) for _ in range(self.num_layers)]
         return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
 
     def _decide_num_blocks(self) -> int:
@@ -240,6 +243,13 @@ class ModelRunner:
     def forward(self, model_input: ModelInput) -> torch.Tensor:
         """The model call; the seam where a CUDA-graph runner replays captured decode batches."""
         return self.model(model_input.input_ids, model_input.positions, self.kv_caches, model_input.attn)
+
+
+def _lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros in an anonymous memory map: the OS hands out zero pages as blocks are first written, so the process's
+    RSS grows with the KV blocks in use instead of the whole pool at start-up (torch.zeros touches every page)."""
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)  # the tensor keeps the map alive
 
 
 def physical_cores() -> int:

@@ -2,7 +2,9 @@
 
 A bf16 `F.linear` on CPU hands oneDNN a plain [out, in] matrix, which it copies into its blocked (AMX) layout
 on each call; for a small model that copy costs about as much as the matmul. `pack_linear_layers` swaps a
-loaded model's linear layers for `PackedLinear` (same math, same outputs), and its LM head for `PackedLMHead`.
+loaded model's linear layers for `PackedLinear` (same math), its LM head for `PackedLMHead`, and a gated MLP's
+fused gate/up projection plus `SiluAndMul` for `PackedGateUpSilu`, where oneDNN applies silu and the product
+inside the matmuls instead of in separate passes over memory.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import logging
 
 import torch
 from torch import nn
+
+from weir_server.layers.activation import SiluAndMul
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # no fused post-op
 
 
 class PackedLinear(nn.Module):
@@ -50,6 +54,27 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class PackedGateUpSilu(nn.Module):
+    """silu(x W_gate^T) * (x W_up^T) for a [gate | up] weight: two packed matmuls with the activation and the
+    product as oneDNN post-ops. Replaces a gate/up projection whose `SiluAndMul` becomes an identity."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features = weight.shape[1]
+        self.out_features = weight.shape[0] // 2
+        gate, up = weight.detach().chunk(2, dim=0)
+        self.packed_gate, self.packed_up = _pack(gate.contiguous()), _pack(up.contiguous())
+        gate_bias, up_bias = (None, None) if bias is None else bias.detach().chunk(2)
+        self.gate_bias, self.up_bias = gate_bias, up_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.ops.mkldnn._linear_pointwise(x, self.packed_gate, self.gate_bias, "swish", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.packed_up, self.up_bias, "mul")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features} (silu(gate) * up)"
 
 
 class PackedLMHead(nn.Module):
@@ -87,13 +112,23 @@ def pack_linear_layers(model: nn.Module) -> int:
     """
     if not packing_available():
         return 0
-    swaps: list[tuple[nn.Module, str, nn.Module]] = []
-    for name, module in model.named_modules():
+    # Names first, then one swap at a time, so each plain weight is freed as soon as its packed copy exists.
+    names = [name for name, _ in model.named_modules() if name]
+    count = 0
+    for name in names:
         owner_name, _, attr = name.rpartition(".")
-        if isinstance(module, nn.Linear) and _packable(module):
-            swaps.append((model.get_submodule(owner_name), attr, PackedLinear(module.weight, module.bias)))
-        elif attr == "lm_head" and hasattr(module, "compute_logits") and _packable(module):
-            swaps.append((model.get_submodule(owner_name), attr, PackedLMHead(module.weight)))  # type: ignore[arg-type]
-    for owner, attr, packed in swaps:
-        setattr(owner, attr, packed)
-    return len(swaps)
+        owner = model.get_submodule(owner_name)
+        module = getattr(owner, attr)
+        if not _packable(module):
+            continue
+        if attr == "gate_up_proj" and isinstance(getattr(owner, "act_fn", None), SiluAndMul):
+            setattr(owner, attr, PackedGateUpSilu(module.weight, module.bias))
+            owner.act_fn = nn.Identity()
+        elif isinstance(module, nn.Linear):
+            setattr(owner, attr, PackedLinear(module.weight, module.bias))
+        elif attr == "lm_head" and hasattr(module, "compute_logits"):
+            setattr(owner, attr, PackedLMHead(module.weight))  # type: ignore[arg-type]
+        else:
+            continue
+        count += 1
+    return count

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import overload
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from weir_server.kernels import HAS_TRITON
@@ -43,9 +44,8 @@ class RMSNorm(nn.Module):
         return self._norm(summed), summed
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # One fused op that accumulates in fp32 and rounds once (the reference rounds before the weight too).
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

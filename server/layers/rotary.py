@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,6 +66,8 @@ class StepRope:
     cos: torch.Tensor | None = None  # [T, 1, rotary_dim / 2] (torch path)
     sin: torch.Tensor | None = None
     cos_sin_cache: torch.Tensor | None = None  # [max_positions, rotary_dim] fp32 (fused CUDA path)
+    # Torch path: cos/sin widened once per step to [T, 1, rotary_dim] for every layer's `rotate`.
+    _wide: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def fused(self) -> bool:
@@ -86,7 +88,9 @@ class StepRope:
     def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Torch path: rotated copies of q and k."""
         assert self.cos is not None and self.sin is not None
-        return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
+        if self._wide is None:
+            self._wide = (torch.cat((self.cos, self.cos), dim=-1), torch.cat((-self.sin, self.sin), dim=-1))
+        return _apply_rotary_wide(q, *self._wide), _apply_rotary_wide(k, *self._wide)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -94,6 +98,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = cos.shape[-1]
     x1, x2, passthrough = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, passthrough), dim=-1)
+
+
+def _apply_rotary_wide(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` in three ops: x * [cos | cos] + [x2 | x1] * [-sin | sin] over the rotary features."""
+    rotary_dim = cos.shape[-1]
+    half = rotary_dim // 2
+    swapped = torch.cat((x[..., half:rotary_dim], x[..., :half]), dim=-1)
+    rotated = torch.addcmul(x[..., :rotary_dim] * cos, swapped, signed_sin)
+    if rotary_dim == x.shape[-1]:
+        return rotated
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:

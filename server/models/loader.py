@@ -233,15 +233,16 @@ def _dummy_checkpoint(
     hf_config: PretrainedConfig, seed: int, std: float, device: torch.device
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """A seeded random checkpoint under the HF names and full shapes (matrices ~ N(0, std), biases 0, norm
-    scales 1), made on `device`: every tensor-parallel size shards the very same weights."""
+    scales 1), on `device`: every tensor-parallel size shards the very same weights. Drawn on the CPU and then
+    moved, so every device gets the same weights for one seed (CPU and CUDA generators differ)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         reference = AutoModelForCausalLM.from_config(hf_config)  # names and shapes only
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     for name, param in reference.named_parameters():
         if param.dim() >= 2:
-            yield name, torch.randn(param.shape, generator=generator, device=device).mul_(std)
+            yield name, torch.randn(param.shape, generator=generator).mul_(std).to(device)
         elif name.endswith("bias"):
             yield name, torch.zeros(param.shape, device=device)
         else:
