@@ -8,6 +8,7 @@ from typing import Any, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from weir.v1 import inference_pb2 as pb
 from weir.v1 import inference_pb2_grpc
 from weir_client import _protocol as proto

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 from aiohttp import hdrs, web
+
 from weir_gateway.backends import BackendPool
 from weir_gateway.chat import create_chat_completion
 from weir_gateway.completions import create_completion

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from weir.v1 import inference_pb2, inference_pb2_grpc
 from weir_client.security import channel_security
 from weir_gateway.config import GatewayConfig

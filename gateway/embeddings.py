@@ -7,6 +7,7 @@ import struct
 from typing import Any
 
 from aiohttp import web
+
 from weir.v1 import inference_pb2 as pb
 from weir_gateway.config import GatewayConfig
 from weir_gateway.sse import dumps

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from aiohttp import web
+
 from weir.v1 import inference_pb2 as pb
 from weir_gateway.errors import ApiError, no_backend
 from weir_gateway.state import POOL

@@ -7,6 +7,7 @@ from importlib import metadata
 from typing import Any
 
 from aiohttp import web
+
 from weir_gateway.backends import BackendPool
 from weir_gateway.config import GatewayConfig
 from weir_gateway.errors import bad_request

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from aiohttp import web
+
 from weir.v1 import inference_pb2 as pb
 from weir_gateway.backends import BackendPool
 from weir_gateway.generation import CallContext

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
+
 from weir_gateway.errors import ApiError, bad_request
 
 INT32_MAX = 2**31 - 1

@@ -24,6 +24,7 @@ _package.__path__ = [str(ROOT / "server")]
 sys.modules.setdefault("weir_server", _package)
 
 import triton.testing  # noqa: E402
+
 from weir_server.kernels import activation, cache_ops, rms_norm, sampling  # noqa: E402
 from weir_server.kernels.decode_attention import (  # noqa: E402
     decode_attention,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
+
 from weir_server.errors import InvalidRequestError
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")

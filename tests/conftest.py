@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import pytest
 from hypothesis import settings
+
 from weir.v1 import inference_pb2_grpc
 from weir_client import WeirClient
 

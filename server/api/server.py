@@ -9,6 +9,7 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from weir.v1 import inference_pb2, inference_pb2_grpc
 from weir_server.api.drain import Drain
 from weir_server.api.models import ModelRegistry

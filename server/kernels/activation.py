@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+
 from weir_server.kernels import HAS_TRITON, require_triton, tl, triton
 
 BLOCK = 1024

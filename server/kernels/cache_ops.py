@@ -7,6 +7,7 @@ first rotary_dim dimensions of each head turn (partial rotary leaves the others 
 """
 
 import torch
+
 from weir_server.kernels import HAS_TRITON, next_power_of_2, require_triton, tl, triton
 
 

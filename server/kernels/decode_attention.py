@@ -7,6 +7,7 @@ into partitions so that small batches still fill the GPU; a second kernel merges
 import functools
 
 import torch
+
 from weir_server.kernels import HAS_TRITON, next_power_of_2, require_triton, tl, triton
 from weir_server.kernels.prefill_attention import (
     LOG2E,

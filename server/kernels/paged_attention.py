@@ -1,6 +1,7 @@
 """The CUDA backend of layers/attention.py: one call per layer, decode or (mixed) prefill kernel by batch."""
 
 import torch
+
 from weir_server.kernels import HAS_TRITON
 from weir_server.kernels.decode_attention import decode_attention
 from weir_server.kernels.prefill_attention import prefill_attention

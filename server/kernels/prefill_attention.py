@@ -7,6 +7,7 @@ n <= position and, with a sliding window w, position - n < w (the same rule as l
 import functools
 
 import torch
+
 from weir_server.kernels import HAS_TRITON, next_power_of_2, require_triton, tl, triton
 
 NO_WINDOW = 1 << 30  # stands in for "no sliding window" so the kernels need no branch on it

@@ -5,6 +5,7 @@ residual), then normalised in float32 and scaled by the weight.
 """
 
 import torch
+
 from weir_server.kernels import HAS_TRITON, next_power_of_2, require_triton, tl, triton
 
 

@@ -8,6 +8,7 @@ Temperature 0 means greedy.
 """
 
 import torch
+
 from weir_server.kernels import HAS_TRITON, require_triton, tl, triton
 
 _MASK32 = 0xFFFFFFFF

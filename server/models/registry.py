@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from torch import nn
+
 from weir_server.errors import ModelLoadError
 from weir_server.models.bert import BertModel
 from weir_server.models.llama import LlamaForCausalLM

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+
 from weir_client import WeirClient
 
 pytestmark = pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from weir_client import AsyncWeirClient, Completion, WeirClient, WeirClientError
 
 pytestmark = pytest.mark.slow

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
 from weir.v1 import inference_pb2 as pb
 from weir.v1 import inference_pb2_grpc
 from weir_client import WeirClient, WeirClientError

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from weir.v1 import inference_pb2 as pb
 from weir.v1.inference_pb2_grpc import InferenceServiceStub
 from weir_client import WeirClient

@@ -8,6 +8,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
 from weir.v1 import inference_pb2 as pb
 from weir.v1.inference_pb2_grpc import InferenceServiceStub
 

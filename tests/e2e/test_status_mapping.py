@@ -7,6 +7,7 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+
 from weir_server.api.errors import UnimplementedError, map_errors, to_grpc_status
 from weir_server.errors import (
     EngineStepError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from weir.v1 import inference_pb2 as pb
 from weir.v1.inference_pb2_grpc import InferenceServiceStub
 from weir_client import WeirClient

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from gateway_fakes import BackgroundLoop, FakeServer
 from gateway_support import RunningGateway, start_gateway
+
 from weir_gateway.config import GatewayConfig
 
 

@@ -16,6 +16,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+
 from weir.v1 import inference_pb2 as pb
 from weir.v1 import inference_pb2_grpc
 

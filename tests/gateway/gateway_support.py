@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+
 from weir_gateway.app import create_app
 from weir_gateway.backends import BackendPool
 from weir_gateway.config import GatewayConfig

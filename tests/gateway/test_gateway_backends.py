@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from gateway_fakes import GEN_MODEL
 from gateway_support import http as request
+
 from weir_gateway.config import GatewayConfig
 
 

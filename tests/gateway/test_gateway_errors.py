@@ -7,6 +7,7 @@ import json
 import grpc
 from gateway_fakes import GEN_MODEL
 from gateway_support import RunningGateway, http
+
 from weir_gateway.config import GatewayConfig
 from weir_gateway.errors import GRPC_TO_HTTP
 

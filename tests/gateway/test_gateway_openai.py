@@ -14,6 +14,7 @@ import openai
 import pytest
 from gateway_cases import malformed_requests
 from gateway_support import RunningGateway, http, start_gateway
+
 from weir_gateway.config import GatewayConfig
 
 pytestmark = pytest.mark.slow

@@ -6,6 +6,7 @@ import pytest
 from gateway_cases import malformed_requests
 from gateway_fakes import EMBED_MODEL, GEN_MODEL
 from gateway_support import RunningGateway, http
+
 from weir_gateway.config import GatewayConfig
 
 CASES = malformed_requests(GEN_MODEL, EMBED_MODEL, GatewayConfig().max_body_bytes)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from weir_server.kernels.decode_attention import paged_decode_attention_ref
 from weir_server.kernels.prefill_attention import paged_prefill_attention_ref
 from weir_server.kernels.testing import PagedBatch, random_paged_batch

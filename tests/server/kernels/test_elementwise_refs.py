@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
 from weir_server.kernels.activation import silu_and_mul_ref
 from weir_server.kernels.cache_ops import reshape_and_cache_ref, rotary_and_cache_ref, rotate_neox_ref
 from weir_server.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from weir_server.kernels.sampling import apply_top_k_top_p_min_p, gumbel_noise, top_k_top_p_min_p_sample_ref
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from weir_server.kernels import HAS_TRITON
 from weir_server.kernels.activation import silu_and_mul, silu_and_mul_ref
 from weir_server.kernels.cache_ops import reshape_and_cache, rotary_and_cache, rotary_and_cache_ref

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+
 from weir_server.layers.attention import PagedAttention, paged_attention_torch, write_kv_cache
 from weir_server.layers.attention_metadata import AttentionMetadata
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
 from weir_server.layers.activation import SiluAndMul
 from weir_server.layers.norm import RMSNorm
 from weir_server.layers.rotary import apply_rotary, get_rope

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from paged_runner import save_tiny_tokenizer
 from transformers import BertConfig, BertForMaskedLM, BertModel
+
 from weir_server.config import ModelConfig
 from weir_server.engine.embedding_engine import EmbeddingEngine
 from weir_server.errors import InvalidRequestError

@@ -12,6 +12,7 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
 from weir_server.config import ModelConfig
 from weir_server.models.loader import load_model
 

@@ -6,6 +6,7 @@ import json
 
 import huggingface_hub.constants
 import pytest
+
 from weir_server.config import ModelConfig
 from weir_server.errors import ModelLoadError
 from weir_server.models.bert import BertModel

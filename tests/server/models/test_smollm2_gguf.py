@@ -6,6 +6,7 @@ import pytest
 import torch
 from paged_runner import PagedRunner
 from transformers import AutoModelForCausalLM
+
 from weir_server.config import ModelConfig
 from weir_server.models.loader import load_model
 from weir_server.models.registry import resolve_source
