@@ -13,6 +13,7 @@ import functools
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from weir_server.layers.activation import SiluAndMul
@@ -21,6 +22,12 @@ logger = logging.getLogger(__name__)
 
 # oneDNN picks the blocked layout for a typical row count; any count runs on it (decode batches are small).
 _ROWS_HINT = 32
+# Up to this many rows a step is bound by reading the weights, and 4-bit copies read 4x less than bf16 ones.
+INT4_MAX_ROWS = 4
+_INT4_GROUP = 32  # the group of GGUF's Q4_0/Q4_1 blocks, along the input dim
+# A 4-bit copy is kept only where it reproduces the loaded weights: its error must stay under this fraction of
+# a quantization step (bf16 rounding of a Q4 checkpoint gives ~0.08; requantizing real bf16 weights ~0.5).
+_INT4_MAX_STEP_ERROR = 0.15
 
 
 @functools.cache
@@ -36,6 +43,48 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _ROWS_HINT)
 
 
+@functools.cache
+def int4_available() -> bool:
+    """Whether this torch build has the CPU 4-bit weight-only matmul (the one torchao's int4 CPU path uses)."""
+    ops = torch.ops.aten
+    return hasattr(ops, "_convert_weight_to_int4pack_for_cpu") and hasattr(ops, "_weight_int4pack_mm_for_cpu")
+
+
+Int4Weight = tuple[torch.Tensor, torch.Tensor]  # (packed 4-bit weight, scales_and_zeros [K / group, N, 2])
+
+
+def lossless_int4(weight: torch.Tensor) -> Int4Weight | None:
+    """A 4-bit copy (groups of 32, min/max) of a weight already on a 4-bit grid, such as a dequantized Q4_0/Q4_1
+    GGUF tensor; None where it would change the weights (any ordinary bf16 or fp32 checkpoint)."""
+    rows, cols = weight.shape
+    if not int4_available() or cols % _INT4_GROUP:
+        return None
+    w = weight.detach().float().reshape(rows, cols // _INT4_GROUP, _INT4_GROUP)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    q = ((w - low) / scale).round_().clamp_(0, 15)
+    scale16, zero16 = scale.to(weight.dtype), (low + 8 * scale).to(weight.dtype)  # the kernel's (q - 8) * s + z
+    restored = (q - 8) * scale16.float() + zero16.float()
+    if bool(((restored - w).abs() > _INT4_MAX_STEP_ERROR * scale).any()):
+        return None
+    scales_and_zeros = torch.cat((scale16, zero16), dim=-1).transpose(0, 1).contiguous()
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(rows, cols).to(torch.int32), 8)
+    except RuntimeError as error:  # a shape the kernel does not take
+        logger.info("no 4-bit copy of a [%d, %d] weight: %s", rows, cols, error)
+        return None
+    return packed, scales_and_zeros
+
+
+def _int4_matmul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight[0], _INT4_GROUP, weight[1])
+    return out if bias is None else out + bias
+
+
+def _small(x: torch.Tensor, int4: Int4Weight | None) -> bool:
+    return int4 is not None and x.dim() == 2 and x.shape[0] <= INT4_MAX_ROWS
+
+
 def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # no fused post-op
 
@@ -47,13 +96,17 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.packed_weight = _pack(weight)
+        self.int4_weight = lossless_int4(weight)
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _small(x, self.int4_weight):
+            return _int4_matmul(x, self.int4_weight, self.bias)  # type: ignore[arg-type]
         return _packed_matmul(x, self.packed_weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        int4 = ", int4 for small batches" if self.int4_weight is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{int4}"
 
 
 class PackedGateUpSilu(nn.Module):
@@ -68,13 +121,19 @@ class PackedGateUpSilu(nn.Module):
         self.packed_gate, self.packed_up = _pack(gate.contiguous()), _pack(up.contiguous())
         gate_bias, up_bias = (None, None) if bias is None else bias.detach().chunk(2)
         self.gate_bias, self.up_bias = gate_bias, up_bias
+        self.bias = None if bias is None else bias.detach()
+        self.int4_weight = lossless_int4(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _small(x, self.int4_weight):
+            gate, up = _int4_matmul(x, self.int4_weight, self.bias).chunk(2, dim=-1)  # type: ignore[arg-type]
+            return F.silu(gate) * up
         gate = torch.ops.mkldnn._linear_pointwise(x, self.packed_gate, self.gate_bias, "swish", [], "")
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.packed_up, self.up_bias, "mul")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features} (silu(gate) * up)"
+        int4 = ", int4 for small batches" if self.int4_weight is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features} (silu(gate) * up){int4}"
 
 
 class PackedLMHead(nn.Module):

@@ -18,7 +18,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def smollm2():
-    loaded = load_model(ModelConfig("smollm2-135m-instruct", device="cpu"))
+    loaded = load_model(ModelConfig("smollm2-135m-instruct", device="cpu", dtype="float32"))  # fp32 parity
     source = resolve_source("smollm2-135m-instruct")
     hf_model = AutoModelForCausalLM.from_pretrained(
         str(source.directory), gguf_file=source.gguf_file, dtype=torch.float32
