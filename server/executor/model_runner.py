@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+SMALL_STEP_TOKENS = 32  # CPU: steps of at most this many tokens (decode batches) leave a core to the event loop
+
+
 @dataclass
 class ModelInput:
     """One step's flattened batch on the model's device."""
@@ -87,12 +90,26 @@ class ModelRunner:
         self.graphs = self._capture_graphs()
 
     def _prepare_cpu(self) -> None:
-        """Intra-op threads = physical cores (SMT siblings only contend for the same FMA units), and bf16 weights
-        packed once for oneDNN."""
-        threads = self.config.executor.num_threads or physical_cores()
+        """Intra-op threads = physical cores (SMT siblings only contend for the same FMA units), one fewer for small
+        steps unless the config fixes num_threads, and bf16 weights packed once for oneDNN."""
+        fixed = self.config.executor.num_threads
+        threads = fixed or physical_cores()
+        # A step of a few tokens gains little from more threads (it mostly reads weights), while the event loop
+        # waking on its outputs would preempt one of them and stall the whole team at the next barrier.
+        self._cpu_threads = (threads if fixed else max(1, threads - 1), threads)
+        self._threads_now = threads
         torch.set_num_threads(threads)
         packed = pack_linear_layers(self.model) if self.dtype == torch.bfloat16 else 0
-        logger.info("CPU: %d torch threads, %d linear layers packed for oneDNN", threads, packed)
+        logger.info(
+            "CPU: %d torch threads (%d for steps of <= %d tokens), %d linear layers packed for oneDNN",
+            threads, self._cpu_threads[0], SMALL_STEP_TOKENS, packed,
+        )
+
+    def _set_cpu_threads(self, num_tokens: int) -> None:
+        threads = self._cpu_threads[num_tokens > SMALL_STEP_TOKENS]
+        if threads != self._threads_now:
+            torch.set_num_threads(threads)
+            self._threads_now = threads
 
     def _capture_graphs(self) -> DecodeGraphs | None:
         """Decode graphs on CUDA unless --enforce-eager (or Triton, which the graphed kernels need, is missing)."""
@@ -216,6 +233,8 @@ class ModelRunner:
         """Run the model over the batch (writing its K/V) and return the logits the step needs."""
         if self.publisher is not None:
             self.publisher.publish(batch)
+        if self.device.type == "cpu":
+            self._set_cpu_threads(sum(s.num_new_tokens for s in batch))
         decode = self.graphs.prepare(batch) if self.graphs is not None else None
         if decode is not None:
             prompt_rows, sample_rows = _logit_rows(batch, range(len(batch)))

@@ -5,6 +5,9 @@ on each call; for a small model that copy costs about as much as the matmul. `pa
 loaded model's linear layers for `PackedLinear` (same math), its LM head for `PackedLMHead`, and a gated MLP's
 fused gate/up projection plus `SiluAndMul` for `PackedGateUpSilu`, where oneDNN applies silu and the product
 inside the matmuls instead of in separate passes over memory.
+
+Where a weight already sits on a 4-bit grid (a dequantized Q4_1 GGUF tensor) a layer also keeps a 4-bit copy
+for steps of at most INT4_MAX_ROWS rows: those are bound by reading weights, and the copy reads 4x less.
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ Int4Weight = tuple[torch.Tensor, torch.Tensor]  # (packed 4-bit weight, scales_a
 
 
 def lossless_int4(weight: torch.Tensor) -> Int4Weight | None:
-    """A 4-bit copy (groups of 32, min/max) of a weight already on a 4-bit grid, such as a dequantized Q4_0/Q4_1
-    GGUF tensor; None where it would change the weights (any ordinary bf16 or fp32 checkpoint)."""
+    """A 4-bit copy (groups of 32, min/max) of a weight already on that grid, such as a dequantized Q4_1 GGUF
+    tensor; None where it would change the weights (any ordinary bf16 or fp32 checkpoint)."""
     rows, cols = weight.shape
     if not int4_available() or cols % _INT4_GROUP:
         return None
@@ -81,8 +84,8 @@ def _int4_matmul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None)
     return out if bias is None else out + bias
 
 
-def _small(x: torch.Tensor, int4: Int4Weight | None) -> bool:
-    return int4 is not None and x.dim() == 2 and x.shape[0] <= INT4_MAX_ROWS
+def _few_rows(x: torch.Tensor) -> bool:
+    return x.dim() == 2 and x.shape[0] <= INT4_MAX_ROWS
 
 
 def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -100,8 +103,8 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _small(x, self.int4_weight):
-            return _int4_matmul(x, self.int4_weight, self.bias)  # type: ignore[arg-type]
+        if self.int4_weight is not None and _few_rows(x):
+            return _int4_matmul(x, self.int4_weight, self.bias)
         return _packed_matmul(x, self.packed_weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -125,8 +128,8 @@ class PackedGateUpSilu(nn.Module):
         self.int4_weight = lossless_int4(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _small(x, self.int4_weight):
-            gate, up = _int4_matmul(x, self.int4_weight, self.bias).chunk(2, dim=-1)  # type: ignore[arg-type]
+        if self.int4_weight is not None and _few_rows(x):
+            gate, up = _int4_matmul(x, self.int4_weight, self.bias).chunk(2, dim=-1)
             return F.silu(gate) * up
         gate = torch.ops.mkldnn._linear_pointwise(x, self.packed_gate, self.gate_bias, "swish", [], "")
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.packed_up, self.up_bias, "mul")

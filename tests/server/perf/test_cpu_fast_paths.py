@@ -10,7 +10,14 @@ from transformers import LlamaConfig
 
 from weir_server.executor.model_runner import physical_cores
 from weir_server.layers.attention_metadata import AttentionMetadata
-from weir_server.layers.cpu_linear import PackedGateUpSilu, PackedLinear, pack_linear_layers, packing_available
+from weir_server.layers.cpu_linear import (
+    PackedGateUpSilu,
+    PackedLinear,
+    int4_available,
+    lossless_int4,
+    pack_linear_layers,
+    packing_available,
+)
 from weir_server.layers.norm import RMSNorm
 from weir_server.layers.rotary import StepRope, apply_rotary
 from weir_server.models.llama import LlamaForCausalLM
@@ -91,6 +98,36 @@ def test_packing_swaps_linears_and_fuses_the_gated_activation():
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # the embedding keeps its plain weight
 
 
+def q4_grid_weight(rows: int, cols: int) -> torch.Tensor:
+    """A bf16 weight as a dequantized Q4_1 tensor: per 32 inputs, scale * q + min, where the group's smallest
+    weight has q = 0 and its largest q = 15 (as Q4_1's quantizer makes them)."""
+    torch.manual_seed(3)
+    scale = torch.rand(rows, cols // 32, 1) * 0.02 + 0.001
+    low = -scale * torch.randint(4, 12, (rows, cols // 32, 1))
+    q = torch.randint(0, 16, (rows, cols // 32, 32))
+    q[..., 0], q[..., 1] = 0, 15
+    return (scale * q + low).reshape(rows, cols).bfloat16()
+
+
+@pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 matmul")
+def test_a_4bit_copy_is_kept_only_where_it_reproduces_the_weights():
+    assert lossless_int4(q4_grid_weight(64, 96)) is not None
+    assert lossless_int4((torch.randn(64, 96) * 0.05).bfloat16()) is None  # an ordinary bf16 checkpoint
+    assert lossless_int4(q4_grid_weight(64, 96)[:, :80]) is None  # input dim not a multiple of the group
+
+
+@needs_packing
+@pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 matmul")
+@pytest.mark.parametrize("rows", [1, 4, 9], ids=["decode-1", "int4-limit", "oneDNN"])
+def test_packed_linear_matches_the_plain_matmul_at_every_batch_size(rows):
+    weight, bias = q4_grid_weight(64, 96), torch.randn(64).bfloat16()
+    layer = PackedLinear(weight, bias)
+    assert layer.int4_weight is not None
+    x = torch.randn(rows, 96).bfloat16()
+    expected = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+    torch.testing.assert_close(layer(x).float(), expected, atol=0.05, rtol=0.02)
+
+
 def test_float32_models_are_left_unpacked():
     model = tiny_llama(torch.float32, tied=False)
     assert pack_linear_layers(model) == 0
@@ -123,3 +160,13 @@ def test_rms_norm_matches_the_fp32_reference_and_rounds_bf16_once():
 
 def test_physical_cores_counts_each_core_once():
     assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [1, 9], ids=["int4", "oneDNN"])
+def test_fused_gate_up_computes_silu_of_gate_times_up(rows):
+    weight = q4_grid_weight(128, 64)
+    layer = PackedGateUpSilu(weight, None)
+    x = torch.randn(rows, 64).bfloat16()
+    gate, up = torch.nn.functional.linear(x.float(), weight.float()).chunk(2, dim=-1)
+    torch.testing.assert_close(layer(x).float(), torch.nn.functional.silu(gate) * up, atol=0.05, rtol=0.02)
