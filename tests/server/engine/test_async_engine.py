@@ -15,11 +15,11 @@ from weir_server.errors import InvalidRequestError, QueueFullError
 pytestmark = pytest.mark.timeout(60)
 
 
-def _config(num_blocks: int = 128, max_waiting: int = 1024) -> EngineConfig:
+def _config(num_blocks: int = 128, max_waiting: int = 1024, max_num_seqs: int = 16) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig("tiny-llama", device="cpu"),
         cache=CacheConfig(block_size=4, num_blocks=num_blocks),
-        scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=128, max_waiting=max_waiting),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=128, max_waiting=max_waiting),
     )
 
 
@@ -97,13 +97,15 @@ async def test_invalid_request_raises_before_anything_is_yielded(engine):
 
 
 async def test_full_waiting_queue_raises_queue_full(tiny_loaded):
-    engine = AsyncEngine(tiny_loaded, _config(max_waiting=1))
+    engine = AsyncEngine(tiny_loaded, _config(max_waiting=1, max_num_seqs=1))
     await engine.start()
     try:
-        with engine._wakeup:  # hold the engine thread so both requests are still queued
+        with engine._wakeup:  # hold the engine thread so the requests are still queued
             first = engine.generate(GenerationRequest("q1", prompt(1, 4), greedy(2)))
+            second = engine.generate(GenerationRequest("q2", prompt(2, 4), greedy(2)))  # one slot + one waiting
             with pytest.raises(QueueFullError):
-                engine.generate(GenerationRequest("q2", prompt(2, 4), greedy(2)))
+                engine.generate(GenerationRequest("q3", prompt(3, 4), greedy(2)))
+        await second.aclose()
         assert (await anext(first)).request_id == "q1"
         await first.aclose()
     finally:

@@ -143,10 +143,15 @@ def test_prompt_too_long_message_names_the_lengths(tiny_loaded):
 
 
 def test_waiting_queue_beyond_max_waiting_raises_queue_full(tiny_loaded):
-    engine = make_engine(tiny_loaded, max_waiting=2)
-    for i in range(2):
+    engine = make_engine(tiny_loaded, max_num_seqs=2, max_waiting=2)
+    # Between two steps, free running slots absorb a burst: max_num_seqs + max_waiting requests fit.
+    for i in range(4):
         engine.scheduler.check_capacity()
-        engine.add_request(GenerationRequest(f"r{i}", prompt(i, 4), greedy(2)))
+        engine.add_request(GenerationRequest(f"r{i}", prompt(i, 4), greedy(8)))
+    with pytest.raises(QueueFullError):
+        engine.scheduler.check_capacity()
+    engine.step()  # two run, two wait: still full
+    assert len(engine.scheduler.running) == 2 and engine.scheduler.num_waiting_requests == 2
     with pytest.raises(QueueFullError):
         engine.scheduler.check_capacity()
 
