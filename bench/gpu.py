@@ -74,7 +74,8 @@ def write_model_dir(shape: Shape, tokenizer_dir: Path, out: Path) -> Path:
 
 
 def gpu_memory_of(pid: int) -> float | None:
-    """MiB of GPU memory a process holds now (nvidia-smi), or None when it cannot be read."""
+    """MiB of GPU memory a process and its children (an engine-core process) hold now (nvidia-smi), or None
+    when it cannot be read."""
     try:
         text = subprocess.run(
             ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
@@ -83,11 +84,28 @@ def gpu_memory_of(pid: int) -> float | None:
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("nvidia-smi failed: %s", exc)
         return None
-    for line in text.splitlines():
-        fields = [f.strip() for f in line.split(",")]
-        if len(fields) == 2 and fields[0] == str(pid):
-            return float(fields[1])
-    return None
+    family = {str(p) for p in _process_tree(pid)}
+    rows = (line.split(",") for line in text.splitlines())
+    used = [float(f[1]) for f in rows if len(f) == 2 and f[0].strip() in family]
+    return sum(used) if used else None
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and every descendant, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += children.get(current, [])
+    return tree
 
 
 # ---- Hugging Face peers -------------------------------------------------------------------------------------

@@ -221,23 +221,27 @@ def engine_loop(llm: Any, args: argparse.Namespace, prompts: list[list[int]], pe
     return summarize("weir engine loop (no asyncio)", LoadResult(spec, list(timings.values()), duration)), peak
 
 
-async def weir_grpc(model_dir: Path, args: argparse.Namespace, prompts: list[list[int]]) -> list[Any]:
+async def weir_grpc(
+    model_dir: Path, args: argparse.Namespace, prompts: list[list[int]], engine_core: str
+) -> list[Any]:
     from weir_bench.gpu import gpu_memory_of
     from weir_bench.grpc_driver import GrpcDriver, grpc_ready
     from weir_bench.load import LoadSpec, run_closed_loop
     from weir_bench.peers import start_weir_server
     from weir_bench.report import summarize
 
-    proc, address = await start_weir_server(server_args(model_dir, args), grpc_ready, timeout_s=240)
+    server = [*server_args(model_dir, args), "--engine-core", engine_core]
+    proc, address = await start_weir_server(server, grpc_ready, timeout_s=240)
     driver = GrpcDriver(address, pid=proc.pid)
     rows = []
     try:
         spec = LoadSpec(args.concurrency, args.num_requests, args.prompt_tokens, args.output_tokens, WARMUP_REQUESTS)
         result = await run_closed_loop(driver, spec, prompts)
-        rows.append((summarize(f"weir gRPC ({args.concurrency} streams)", result), gpu_memory_of(proc.pid)))
+        label = f"weir gRPC ({args.concurrency} streams, engine {engine_core})"
+        rows.append((summarize(label, result), gpu_memory_of(proc.pid)))
         spec1 = LoadSpec(1, args.batch1_requests, args.prompt_tokens, args.output_tokens, 1)
         result = await run_closed_loop(driver, spec1, prompts)
-        rows.append((summarize("weir gRPC batch 1", result), gpu_memory_of(proc.pid)))
+        rows.append((summarize(f"weir gRPC batch 1 (engine {engine_core})", result), gpu_memory_of(proc.pid)))
     finally:
         await driver.close()
         proc.stop()
@@ -298,17 +302,18 @@ def ratios(rows: list[tuple[str, Any, float | None]]) -> list[str]:
     by = {(shape, row.target.split(" (")[0]): row.output_tokens_per_s for shape, row, _ in rows}
     lines = []
     for shape in dict.fromkeys(s for s, _, _ in rows):
-        grpc, inproc = by.get((shape, "weir gRPC")), by.get((shape, "weir in-process"))
+        inproc = by.get((shape, "weir in-process"))
         static, hf1 = by.get((shape, "HF generate static batch 256")), by.get((shape, "HF generate batch 1"))
         b1 = by.get((shape, "weir gRPC batch 1")) or by.get((shape, "weir in-process batch 1"))
-        parts = []
-        if grpc and static:
-            parts.append(f"gRPC / HF static-256 = {grpc / static:.1f}x")
-        if grpc and inproc:
-            parts.append(f"gRPC / in-process = {grpc / inproc:.0%}")
+        for _, row, _ in (r for r in rows if r[0] == shape and r[1].target.startswith("weir gRPC (")):
+            grpc, parts = row.output_tokens_per_s, []
+            if static:
+                parts.append(f"gRPC / HF static-256 = {grpc / static:.1f}x")
+            if inproc:
+                parts.append(f"gRPC / in-process = {grpc / inproc:.0%}")
+            lines.append(f"{shape}, {row.target}: " + ", ".join(parts))
         if b1 and hf1:
-            parts.append(f"batch-1 Weir / HF = {b1 / hf1:.1f}x")
-        lines.append(f"{shape}: " + ", ".join(parts))
+            lines.append(f"{shape}: batch-1 Weir / HF = {b1 / hf1:.1f}x")
     return lines
 
 
@@ -334,15 +339,16 @@ async def run(args: argparse.Namespace) -> int:
         prompts = make_prompts(
             args.num_requests + WARMUP_REQUESTS, args.prompt_tokens, shape.config["vocab_size"], seed=0
         )
-        for label in ("in-process", "gRPC", "HF"):
+        targets = ["in-process", *(f"gRPC {core}" for core in args.engine_cores), "HF"]
+        for label in targets:
             if label == "HF" and args.skip_hf:
                 continue
             started = time.perf_counter()
             try:
                 if label == "in-process":
                     produced = await weir_inprocess(model_dir, args, prompts)
-                elif label == "gRPC":
-                    produced = await weir_grpc(model_dir, args, prompts)
+                elif label.startswith("gRPC"):
+                    produced = await weir_grpc(model_dir, args, prompts, label.split()[1])
                 else:
                     produced = await asyncio.to_thread(hf_rows, shape, args, prompts)
                 for row, mem in produced:
@@ -399,6 +405,10 @@ def main() -> int:
     bench.add_argument("--gpu-memory-utilization", type=float, default=0.35)
     bench.add_argument("--enforce-eager", action="store_true")
     bench.add_argument("--skip-hf", action="store_true")
+    bench.add_argument(
+        "--engine-cores", nargs="+", default=["process", "thread"], choices=["process", "thread"],
+        help="gRPC rows: the server's --engine-core modes to run (default: both)",
+    )
     bench.add_argument(
         "--compare-gil-switch", type=float, default=0.005, help="also run in-process at this GIL switch interval"
     )

@@ -10,6 +10,7 @@ import sys
 from weir_server.config import (
     DEFAULT_EMBED_MODEL,
     DEFAULT_GENERATE_MODEL,
+    ENGINE_CORES,
     CacheConfig,
     EngineConfig,
     ExecutorConfig,
@@ -61,6 +62,14 @@ def build_parser(prog: str = "weir serve") -> argparse.ArgumentParser:
     )
     p.add_argument("--max-waiting", type=int, default=_SCHEDULER.max_waiting, help="queued requests before refusing")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    p.add_argument(
+        "--engine-core", default="auto", choices=ENGINE_CORES,
+        help="run the generation engine on a thread of the server or in its own process (auto: a process on "
+        "CUDA, a thread on CPU) (default %(default)s)",
+    )
+    p.add_argument(
+        "--num-threads", type=int, metavar="N", help="torch threads for the model on CPU (default: every core)"
+    )
     p.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
         help="split the generation model over N GPUs of this host (one worker process per extra GPU; "
@@ -145,7 +154,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         if args.tensor_parallel_size < 1:
             raise ValueError(f"--tensor-parallel-size must be at least 1, got {args.tensor_parallel_size}")
         parallel = ParallelConfig(tensor_parallel_size=args.tensor_parallel_size)
-        executor = ExecutorConfig(enforce_eager=args.enforce_eager)
+        if args.num_threads is not None and args.num_threads < 1:
+            raise ValueError(f"--num-threads must be at least 1, got {args.num_threads}")
+        executor = ExecutorConfig(
+            enforce_eager=args.enforce_eager, num_threads=args.num_threads, engine_core=args.engine_core
+        )
         generate = EngineConfig(model, cache, scheduler, executor, parallel)
     embed = None
     if not _disabled(args.embed_model):

@@ -44,6 +44,9 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
 
 
+ENGINE_CORES = ("auto", "thread", "process")
+
+
 @dataclass(frozen=True)
 class ExecutorConfig:
     """How the model runs."""
@@ -51,6 +54,9 @@ class ExecutorConfig:
     enforce_eager: bool = False  # disable CUDA graphs
     cuda_graph_max_batch: int = 512
     num_threads: int | None = None  # torch intra-op threads on CPU; None = all cores
+    # Where the generation engine steps: "thread" of the server process, its own "process" (frees the server's
+    # GIL for streaming), or "auto": a process on CUDA, a thread on CPU (see engine/engine_core.py for why).
+    engine_core: str = "auto"
 
 
 @dataclass(frozen=True)

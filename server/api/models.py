@@ -7,11 +7,12 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from weir_server.config import ServerConfig
-from weir_server.engine.async_engine import AsyncEngine
+from weir_server.config import EngineConfig, ServerConfig
+from weir_server.engine.async_engine import AsyncEngine, StreamingEngine
 from weir_server.engine.embedding_engine import EmbeddingEngine
+from weir_server.engine.engine_core import EngineCoreClient
 from weir_server.errors import EngineUnavailableError, InvalidRequestError, ModelNotFoundError
-from weir_server.models.loader import LoadedModel, load_model
+from weir_server.models.loader import LoadedModel, load_model, resolve_device
 from weir_server.tokenization import Tokenizer
 
 Task = Literal["generate", "embed"]
@@ -24,7 +25,7 @@ class ServedModel:
 
     loaded: LoadedModel
     tokenizer: Tokenizer
-    generator: AsyncEngine | None = None
+    generator: StreamingEngine | None = None
     embedder: EmbeddingEngine | None = None
     is_default: bool = False
     load_duration_s: float = 0.0  # weights and engine, for the model-load-time metric
@@ -80,8 +81,13 @@ class ModelRegistry:
         if config.generate is not None:
             engine_config = config.generate
             started = time.perf_counter()
-            loaded = await asyncio.to_thread(load_model, engine_config.model, "generate")
-            engine = await asyncio.to_thread(AsyncEngine, loaded, engine_config)
+            engine: StreamingEngine
+            if _engine_in_process(engine_config):
+                loaded = await asyncio.to_thread(load_model, engine_config.model, "generate", False)
+                engine = EngineCoreClient(loaded, engine_config)
+            else:
+                loaded = await asyncio.to_thread(load_model, engine_config.model, "generate")
+                engine = await asyncio.to_thread(AsyncEngine, loaded, engine_config)
             await engine.start()
             took = time.perf_counter() - started
             self.add(ServedModel(loaded, Tokenizer(loaded.tokenizer), generator=engine, load_duration_s=took))
@@ -102,3 +108,10 @@ class ModelRegistry:
             if model.embedder is not None:
                 await model.embedder.shutdown()
 
+
+def _engine_in_process(config: EngineConfig) -> bool:
+    """Whether the generation engine gets its own process (ExecutorConfig.engine_core)."""
+    choice = config.executor.engine_core
+    if choice == "auto":
+        return resolve_device(config.model.device).type == "cuda"
+    return choice == "process"

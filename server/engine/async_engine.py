@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from weir_server.config import EngineConfig
+from weir_server.engine.engine_loop import EngineLoop
 from weir_server.engine.llm_engine import LLMEngine
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.types import Constraint, GenerationOutput, GenerationRequest
@@ -93,72 +94,60 @@ class RequestStream:
         return self._queue.popleft()
 
 
-class AsyncEngine:
-    """Admits requests from asyncio, runs `LLMEngine.step()` on a worker thread, streams outputs back."""
+class StreamingEngine:
+    """What the API layer calls: admits requests from asyncio and streams each one's outputs back.
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
-        self.loaded = loaded
-        self.config = config
-        self.model_id = loaded.model_id
-        self.tokenizer = loaded.tokenizer
-        self.max_model_len = loaded.max_model_len
-        self.vocab_size = loaded.vocab_size
-        self.engine = LLMEngine(loaded, config)
+    Subclasses say where the engine runs (`_admit`, `_abort`, `start`, `shutdown`); the streams are shared.
+    """
+
+    model_id: str
+    tokenizer: object
+    max_model_len: int
+    vocab_size: int
+
+    def __init__(self) -> None:
         self._streams: dict[str, RequestStream] = {}
-        self._wakeup = threading.Condition()
-        self._pending: list[GenerationRequest] = []  # admitted on the loop, added on the engine thread
-        self._aborts: list[str] = []
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._last_stats = self.engine.stats()
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        raise NotImplementedError
 
     async def start(self) -> None:
-        """Start the engine thread (idempotent)."""
-        if self.is_running:
-            return
-        self._loop = asyncio.get_running_loop()
-        self._stopping = False
-        # The engine thread drops the GIL while it waits for the GPU and must get it back at once, not after
-        # the event loop's 5 ms default slice: measured on an H100 at 512 streams, 0.5 ms gave +17% tokens/s.
-        sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
-        self._thread = threading.Thread(target=self._run, name="weir-engine", daemon=True)
-        self._thread.start()
+        raise NotImplementedError
 
     async def shutdown(self) -> None:
-        """Stop the engine thread; every open stream fails with EngineUnavailableError."""
-        with self._wakeup:
-            self._stopping = True
-            self._wakeup.notify()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-        for stream in self._streams.values():
-            stream.fail(EngineUnavailableError("the engine is shutting down"))
-        self._streams.clear()
+        raise NotImplementedError
 
     async def prepare_constraint(self, constraint: Constraint) -> None:
-        """Check and compile an output constraint off the event loop (a schema may take a while); `generate`
-        then finds it compiled. Raises InvalidRequestError naming the constraint's field."""
-        await asyncio.to_thread(self.engine.structured.validate, constraint)
+        raise NotImplementedError
+
+    def stats(self) -> EngineStats:
+        raise NotImplementedError
+
+    def _validate(self, request: GenerationRequest) -> GenerationRequest:
+        raise NotImplementedError
+
+    def _admit(self, request: GenerationRequest) -> None:
+        """Hand a validated request to the engine; raises QueueFullError when it can take no more."""
+        raise NotImplementedError
+
+    def _abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    def _is_stopping(self) -> bool:
+        raise NotImplementedError
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Validate and queue a request; raises InvalidRequestError / QueueFullError before yielding anything."""
-        if not self.is_running or self._stopping:
+        if not self.is_running or self._is_stopping():
             raise EngineUnavailableError("the engine is not running")
         if request.request_id in self._streams:
             raise InvalidRequestError("request_id", f"request {request.request_id!r} is already running")
-        request = self.engine.validate(request)
+        request = self._validate(request)
         if not request.arrival_time:
             request = dataclasses.replace(request, arrival_time=time.time())
-        with self._wakeup:
-            self.engine.scheduler.check_capacity(len(self._pending))
-            self._pending.append(request)
-            self._wakeup.notify()
+        self._admit(request)
         stream = RequestStream(request.request_id, request.params.n, _running_loop() or self._loop)
         self._streams[request.request_id] = stream
         return self._iterate(stream)
@@ -172,51 +161,13 @@ class AsyncEngine:
             if self._streams.pop(stream.request_id, None) is not None and not stream.finished:
                 self._abort(stream.request_id)
 
-    def _abort(self, request_id: str) -> None:
-        with self._wakeup:
-            self._aborts.append(request_id)
-            self._wakeup.notify()
+    def _fail_streams(self, error: BaseException) -> None:
+        for stream in list(self._streams.values()):
+            stream.fail(error)
+        self._streams.clear()
 
-    def stats(self) -> EngineStats:
-        """The engine's counters as of its last step."""
-        return self._last_stats
-
-    # ---- engine thread ----------------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        engine = self.engine
-        while True:
-            with self._wakeup:
-                # Sleep while idle: no polling, the loop thread notifies on new work, aborts and shutdown.
-                while not (self._stopping or self._pending or self._aborts or engine.has_unfinished()):
-                    self._wakeup.wait()
-                if self._stopping:
-                    break
-                pending, self._pending = self._pending, []
-                aborts, self._aborts = self._aborts, []
-            outputs: list[GenerationOutput] = []
-            try:
-                for request in pending:
-                    engine.add_request(request)
-                for request_id in aborts:
-                    engine.abort_request(request_id)
-                if engine.has_unfinished():
-                    outputs = engine.step()
-            except Exception as error:  # a bug outside the model step must not kill the thread
-                logger.exception("engine loop failed; failing every request in flight")
-                outputs = self._fail_all(f"{type(error).__name__}: {error}")
-            self._last_stats = engine.stats()
-            if outputs:
-                self._deliver(outputs)
-        self._last_stats = engine.stats()
-
-    def _fail_all(self, message: str) -> list[GenerationOutput]:
-        scheduler = self.engine.scheduler
-        request_ids = [s.request_id for s in [*scheduler.running, *scheduler.waiting]]
-        return self.engine.fail_requests(request_ids, message)
-
-    def _deliver(self, outputs: list[GenerationOutput]) -> None:
-        """Hand outputs to the event loop(s) of their consumers; never blocks the engine thread."""
+    def _deliver(self, outputs: list[GenerationOutput], stats: EngineStats | None = None) -> None:
+        """Hand outputs to the event loop(s) of their consumers, from any thread; never blocks."""
         by_loop: dict[asyncio.AbstractEventLoop, list[GenerationOutput]] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
@@ -233,3 +184,64 @@ class AsyncEngine:
             stream = self._streams.get(output.request_id)
             if stream is not None:
                 stream.put(output)
+
+
+class AsyncEngine(StreamingEngine):
+    """Runs `LLMEngine.step()` on a worker thread of this process."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        super().__init__()
+        self.loaded = loaded
+        self.config = config
+        self.model_id = loaded.model_id
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.max_model_len
+        self.vocab_size = loaded.vocab_size
+        self.engine = LLMEngine(loaded, config)
+        self.core = EngineLoop(self.engine, self._deliver)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def start(self) -> None:
+        """Start the engine thread (idempotent)."""
+        if self.is_running:
+            return
+        self._loop = asyncio.get_running_loop()
+        self.core = EngineLoop(self.engine, self._deliver)
+        # The engine thread drops the GIL while it waits for the GPU and must get it back at once, not after
+        # the event loop's 5 ms default slice: measured on an H100 at 512 streams, 0.5 ms gave +17% tokens/s.
+        sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
+        self._thread = threading.Thread(target=self.core.run, name="weir-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Stop the engine thread; every open stream fails with EngineUnavailableError."""
+        self.core.stop()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        self._fail_streams(EngineUnavailableError("the engine is shutting down"))
+
+    async def prepare_constraint(self, constraint: Constraint) -> None:
+        """Check and compile an output constraint off the event loop (a schema may take a while); `generate`
+        then finds it compiled. Raises InvalidRequestError naming the constraint's field."""
+        await asyncio.to_thread(self.engine.structured.validate, constraint)
+
+    def stats(self) -> EngineStats:
+        """The engine's counters as of its last step."""
+        return self.core.last_stats
+
+    def _is_stopping(self) -> bool:
+        return self.core.stopping
+
+    def _validate(self, request: GenerationRequest) -> GenerationRequest:
+        return self.engine.validate(request)
+
+    def _admit(self, request: GenerationRequest) -> None:
+        self.core.add(request)
+
+    def _abort(self, request_id: str) -> None:
+        self.core.abort(request_id)

@@ -25,7 +25,8 @@ from weir_server.engine.types import (
     TokenLogprob,
     Usage,
 )
-from weir_server.errors import EngineStepError, InvalidRequestError
+from weir_server.engine.validation import RequestValidator
+from weir_server.errors import EngineStepError
 from weir_server.executor.model_runner import ModelOutput, ModelRunner
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class LLMEngine:
         self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids, self.runner.device)
         # A sequence can never outgrow the whole KV pool, so that is a context limit too.
         self.max_seq_len = min(self.max_model_len, self.block_manager.num_total_blocks * config.cache.block_size)
+        self.validator = RequestValidator(self.vocab_size, self.max_model_len, self.max_seq_len, self.structured)
         self.num_steps = 0
         self.num_generated_tokens = 0
         # Overlap pays only where the model runs asynchronously to the host; the CPU runs each step to the end.
@@ -76,30 +78,7 @@ class LLMEngine:
 
     def validate(self, request: GenerationRequest) -> GenerationRequest:
         """Check a request against the model; return it with max_tokens clamped to the context left."""
-        params = request.params
-        params.validate(self.vocab_size)
-        if request.constraint is not None:
-            self.structured.validate(request.constraint)
-        prompt = request.prompt_token_ids
-        if not prompt:
-            raise InvalidRequestError("prompt", "the prompt is empty; at least one token is required")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError("prompt", f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        if len(prompt) + 1 > self.max_seq_len:
-            limit = (
-                f"the model's context length is {self.max_model_len} tokens"
-                if self.max_seq_len == self.max_model_len
-                else f"the KV cache holds at most {self.max_seq_len} tokens per sequence"
-            )
-            raise InvalidRequestError(
-                "prompt", f"the prompt has {len(prompt)} tokens, but {limit} and at least 1 must be generated"
-            )
-        room = self.max_seq_len - len(prompt)
-        if params.max_tokens > room:
-            params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
-            request = dataclasses.replace(request, params=params)
-        return request
+        return self.validator.validate(request)
 
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a validated request as `n` sequences (siblings share the prompt's cached blocks)."""

@@ -28,7 +28,7 @@ _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 class LoadedModel:
     """A model ready to run, with everything the engines need to know about it."""
 
-    model: nn.Module
+    model: nn.Module | None  # None when only described: the weights live in an engine-core process
     hf_config: PretrainedConfig
     tokenizer: PreTrainedTokenizerBase
     model_id: str
@@ -42,8 +42,9 @@ class LoadedModel:
     pooling: str  # "mean" | "cls" | "last" (embed models)
 
 
-def load_model(config: ModelConfig, task: Task | None = None) -> LoadedModel:
-    """Resolve, build and fill the model `config` names; raise ModelLoadError with the reason if impossible."""
+def load_model(config: ModelConfig, task: Task | None = None, weights: bool = True) -> LoadedModel:
+    """Resolve, build and fill the model `config` names; raise ModelLoadError with the reason if impossible.
+    With `weights=False` only its config and tokenizer are read (a frontend of an engine-core process)."""
     started = time.perf_counter()
     if config.load_format not in _LOAD_FORMATS:
         raise ModelLoadError(f"load_format {config.load_format!r} is not one of {', '.join(_LOAD_FORMATS)}")
@@ -58,20 +59,7 @@ def load_model(config: ModelConfig, task: Task | None = None) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device, entry.task)
     logger.info("Architecture %s (%s), %s on %s", architecture, entry.task, dtype, device)
 
-    try:
-        model = _build_empty(entry.model_class, hf_config, device, dtype)
-        std = float(getattr(hf_config, "initializer_range", 0.02))
-        if config.load_format == "dummy" and _shards_on_load(model):
-            model.load_weights(_dummy_checkpoint(hf_config, config.seed, std, device))  # type: ignore[operator]
-        elif config.load_format == "dummy":
-            _init_dummy_weights(model, config.seed, std)
-        else:
-            weights = _iter_weights(source, config.load_format, hf_config, lazy=_shards_on_load(model))
-            model.load_weights(weights)  # type: ignore[operator]
-    except (ValueError, OSError, RuntimeError) as error:  # bad shapes or names, unreadable files, out of memory
-        raise ModelLoadError(f"model {config.model!r}: {error}") from error
-    model.eval()
-
+    model = _build_model(config, source, hf_config, entry.model_class, device, dtype) if weights else None
     tokenizer = _load_tokenizer(source)
     loaded = LoadedModel(
         model=model,
@@ -87,7 +75,7 @@ def load_model(config: ModelConfig, task: Task | None = None) -> LoadedModel:
         eos_token_ids=_eos_token_ids(source, hf_config, tokenizer),
         pooling=_pooling(source) if entry.task == "embed" else "last",
     )
-    num_params = sum(p.numel() for p in model.parameters())
+    num_params = sum(p.numel() for p in model.parameters()) if model is not None else 0
     logger.info(
         "Loaded %s: %.1fM parameters, max_model_len %d, in %.1fs",
         loaded.model_id,
@@ -96,6 +84,29 @@ def load_model(config: ModelConfig, task: Task | None = None) -> LoadedModel:
         time.perf_counter() - started,
     )
     return loaded
+
+
+def _build_model(
+    config: ModelConfig,
+    source: ModelSource,
+    hf_config: PretrainedConfig,
+    model_class: type[nn.Module],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> nn.Module:
+    try:
+        model = _build_empty(model_class, hf_config, device, dtype)
+        std = float(getattr(hf_config, "initializer_range", 0.02))
+        if config.load_format == "dummy" and _shards_on_load(model):
+            model.load_weights(_dummy_checkpoint(hf_config, config.seed, std, device))  # type: ignore[operator]
+        elif config.load_format == "dummy":
+            _init_dummy_weights(model, config.seed, std)
+        else:
+            weights = _iter_weights(source, config.load_format, hf_config, lazy=_shards_on_load(model))
+            model.load_weights(weights)  # type: ignore[operator]
+    except (ValueError, OSError, RuntimeError) as error:  # bad shapes or names, unreadable files, out of memory
+        raise ModelLoadError(f"model {config.model!r}: {error}") from error
+    return model.eval()
 
 
 def resolve_device(name: str) -> torch.device:

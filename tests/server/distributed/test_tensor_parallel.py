@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tp_helpers import save_word_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from tp_helpers import save_tiny_llama
 
 from weir_server.config import CacheConfig, EngineConfig, ExecutorConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from weir_server.distributed import parallel_state
@@ -32,23 +31,7 @@ MAX_TOKENS = 12
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny Llama saved by transformers (safetensors) with a word-level tokenizer."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        eos_token_id=2,
-    )
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    save_word_tokenizer(directory, VOCAB)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), VOCAB)
 
 
 def engine_config(directory: Path, tensor_parallel_size: int) -> EngineConfig:

@@ -4,8 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+def save_tiny_llama(directory: Path, vocab_size: int) -> Path:
+    """A random tiny Llama saved by transformers (safetensors, grouped-query attention) with a word tokenizer."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    save_word_tokenizer(directory, vocab_size)
+    return directory
 
 
 def save_word_tokenizer(directory: Path, vocab_size: int) -> None:

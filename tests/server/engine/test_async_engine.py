@@ -100,7 +100,7 @@ async def test_full_waiting_queue_raises_queue_full(tiny_loaded):
     engine = AsyncEngine(tiny_loaded, _config(max_waiting=1, max_num_seqs=1))
     await engine.start()
     try:
-        with engine._wakeup:  # hold the engine thread so the requests are still queued
+        with engine.core._wakeup:  # hold the engine thread so the requests are still queued
             first = engine.generate(GenerationRequest("q1", prompt(1, 4), greedy(2)))
             second = engine.generate(GenerationRequest("q2", prompt(2, 4), greedy(2)))  # one slot + one waiting
             with pytest.raises(QueueFullError):

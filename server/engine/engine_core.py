@@ -1,0 +1,268 @@
+"""The engine core in its own process, and the server-side client that streams from it.
+
+Why a process: on a GPU the engine's host work (schedule, prepare, sample, detokenize) and the gRPC event
+loop's per-message work both need the one GIL of a process. Measured on an H100 at 512 streams (bench/RESULTS.md),
+the engine thread alone stepped at 42-49k tokens/s while gRPC beside it on the same GIL reached 17-20k. In its own
+process the core steps at its own pace and the server process merges the outputs of streams that fall behind into
+fewer, larger messages. On a CPU the model's matmuls need every core and the GIL is mostly released, so there the
+engine stays a thread (`--engine-core auto`).
+
+Wire: the server sends ("add", GenerationRequest), ("abort", request_id) and ("stop",) over one pipe; the core
+answers ("ready", CoreInfo) once, then ("outputs", [GenerationOutput], EngineStats) per step, or ("failed", text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import queue
+import sys
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from weir_server.config import EngineConfig
+from weir_server.engine.async_engine import StreamingEngine
+from weir_server.engine.stats import EngineStats
+from weir_server.engine.structured import StructuredOutputs
+from weir_server.engine.types import Constraint, GenerationOutput, GenerationRequest
+from weir_server.engine.validation import RequestValidator
+from weir_server.errors import EngineUnavailableError, ModelLoadError, QueueFullError
+
+if TYPE_CHECKING:
+    from weir_server.models.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 1800.0  # loading a large checkpoint and capturing CUDA graphs can take minutes
+_GIL_SWITCH_INTERVAL_S = 0.0005  # the loop gets the GIL back at once after each wait for the GPU
+
+
+@dataclass(frozen=True)
+class CoreInfo:
+    """What the core learned while starting that the server needs to validate requests."""
+
+    max_seq_len: int
+    stats: EngineStats
+
+
+def engine_core_main(config: EngineConfig, conn: Connection, log_level: int) -> None:
+    """The core process: load the model, then step it until told to stop or the server process is gone."""
+    from weir_server.engine.engine_loop import EngineLoop
+    from weir_server.engine.llm_engine import LLMEngine
+    from weir_server.models.loader import load_model
+
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [engine core] %(name)s: %(message)s")
+    _exit_with_parent()
+    try:
+        loaded = load_model(config.model, "generate")
+        engine = LLMEngine(loaded, config)
+    except Exception as error:
+        logger.exception("engine core failed to start")
+        conn.send(("failed", f"{type(error).__name__}: {error}"))
+        os._exit(1)
+    # Outputs leave through a sender thread: pickling and a pipe write that blocks while the server is busy
+    # must not hold up the next step. The sender pickles while the loop waits for the GPU (GIL released).
+    # Steps that pile up while the server reads go out as one message.
+    outbox: queue.SimpleQueue[tuple[list[GenerationOutput], EngineStats] | None] = queue.SimpleQueue()
+
+    def send() -> None:
+        done = False
+        try:
+            while not done and (item := outbox.get()) is not None:
+                outputs, stats = item
+                while not outbox.empty():
+                    more = outbox.get_nowait()
+                    if more is None:
+                        done = True
+                        break
+                    outputs, stats = outputs + more[0], more[1]
+                conn.send(("outputs", outputs, stats))
+        except (OSError, ValueError):  # the server is gone; the parent watch ends this process
+            pass
+
+    def deliver(outputs: list[GenerationOutput], stats: EngineStats) -> None:
+        outbox.put((outputs, stats))
+
+    sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)
+    core = EngineLoop(engine, deliver)
+
+    def receive() -> None:
+        try:
+            while True:
+                message = conn.recv()
+                if message[0] == "add":
+                    core.add(message[1], check_capacity=False)  # the server counts what it admits
+                elif message[0] == "abort":
+                    core.abort(message[1])
+                else:
+                    break
+        except (EOFError, OSError):
+            pass
+        core.stop()
+
+    conn.send(("ready", CoreInfo(engine.max_seq_len, engine.stats())))
+    sender = threading.Thread(target=send, name="weir-core-send", daemon=True)
+    sender.start()
+    threading.Thread(target=receive, name="weir-core-receive", daemon=True).start()
+    core.run()
+    outbox.put(None)
+    sender.join(timeout=5)
+    logging.shutdown()
+    os._exit(0)  # teardown of CUDA graphs and helper threads can stall; nothing here needs it
+
+
+def _exit_with_parent() -> None:
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="weir-core-parent-watch", daemon=True).start()
+
+
+class EngineCoreClient(StreamingEngine):
+    """The server side of an engine-core process: validates and admits requests here, steps run there."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        """`loaded` needs no weights (`load_model(..., weights=False)`): the core loads its own."""
+        super().__init__()
+        self.loaded = loaded
+        self.config = config
+        self.model_id = loaded.model_id
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.max_model_len
+        self.vocab_size = loaded.vocab_size
+        # Constraints compile here too (lazily) so a bad one is refused before it reaches the core.
+        self.structured = StructuredOutputs(
+            loaded.tokenizer, loaded.vocab_size, loaded.eos_token_ids, torch.device("cpu")
+        )
+        self._validator: RequestValidator | None = None
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._reader: threading.Thread | None = None
+        self._send_lock = threading.Lock()
+        self._stopping = False
+        self._stats = EngineStats(0, 0, 0, 0, config.cache.block_size, 0, 0, 0, 0, 0)
+        self._capacity = config.scheduler.max_num_seqs + config.scheduler.max_waiting
+
+    @property
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.is_alive() and self._reader is not None
+
+    async def start(self) -> None:
+        """Spawn the core and wait until its model is loaded; raises ModelLoadError if it can't start."""
+        if self.is_running:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        ctx = mp.get_context("spawn")  # a fresh interpreter: CUDA cannot be forked
+        ours, theirs = ctx.Pipe(duplex=True)
+        # Not a daemon: the core may start tensor-parallel workers of its own. It exits when this process does.
+        process = ctx.Process(
+            target=engine_core_main,
+            args=(self.config, theirs, logging.getLogger().getEffectiveLevel()),
+            name="weir-engine-core",
+        )
+        process.start()
+        theirs.close()
+        self._process, self._conn = process, ours
+        message = await asyncio.to_thread(self._await_ready, process, ours)
+        if message[0] != "ready":
+            process.join(timeout=10)
+            self._process = self._conn = None
+            raise ModelLoadError(f"the engine core failed to start: {message[1]}")
+        info: CoreInfo = message[1]
+        self._stats = info.stats
+        self._validator = RequestValidator(self.vocab_size, self.max_model_len, info.max_seq_len, self.structured)
+        self._reader = threading.Thread(target=self._read, args=(ours,), name="weir-core-read", daemon=True)
+        self._reader.start()
+        logger.info("engine core process %d ready", process.pid)
+
+    @staticmethod
+    def _await_ready(process: BaseProcess, conn: Connection) -> tuple[Any, ...]:
+        ready = wait([conn, process.sentinel], timeout=_START_TIMEOUT_S)
+        if conn in ready:
+            try:
+                return conn.recv()
+            except EOFError:
+                pass
+        return ("failed", f"the process exited (code {process.exitcode})" if ready else "it timed out")
+
+    async def shutdown(self) -> None:
+        """Stop the core; every open stream fails with EngineUnavailableError."""
+        self._stopping = True
+        process, conn = self._process, self._conn
+        if process is not None and conn is not None:
+            with contextlib.suppress(EngineUnavailableError):  # already gone
+                self._send(("stop",))
+            await asyncio.to_thread(process.join, 30)
+            if process.is_alive():
+                logger.warning("engine core did not stop in 30 s; killing it")
+                process.kill()
+                await asyncio.to_thread(process.join, 10)
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join, 10)
+        self._process = self._conn = self._reader = None
+        self._fail_streams(EngineUnavailableError("the engine is shutting down"))
+
+    async def prepare_constraint(self, constraint: Constraint) -> None:
+        await asyncio.to_thread(self.structured.validate, constraint)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def _is_stopping(self) -> bool:
+        return self._stopping
+
+    def _validate(self, request: GenerationRequest) -> GenerationRequest:
+        assert self._validator is not None
+        return self._validator.validate(request)
+
+    def _admit(self, request: GenerationRequest) -> None:
+        # The core's queue is not visible from here: count the requests in flight against running + waiting.
+        if len(self._streams) >= self._capacity:
+            raise QueueFullError(
+                f"the waiting queue is full ({self.config.scheduler.max_waiting} requests); retry later"
+            )
+        self._send(("add", request))
+
+    def _abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        conn = self._conn
+        if conn is None:
+            raise EngineUnavailableError("the engine core is not running")
+        try:
+            with self._send_lock:
+                conn.send(message)
+        except (OSError, ValueError) as error:
+            raise EngineUnavailableError(f"the engine core is gone: {error}") from error
+
+    def _read(self, conn: Connection) -> None:
+        """Reader thread: hand each step's outputs to the event loop(s) until the core ends."""
+        try:
+            while True:
+                message = conn.recv()
+                if message[0] == "outputs":
+                    self._stats = message[2]
+                    self._deliver(message[1])
+        except (EOFError, OSError):
+            pass
+        if not self._stopping:
+            logger.error("the engine core process exited unexpectedly; failing every request in flight")
+            error = EngineUnavailableError("the engine core process exited")
+            self._reader = None  # not running any more: health and new requests see it
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_streams, error)
