@@ -8,30 +8,16 @@ which rank 0 notices; so does the end of rank 0, which this process notices and 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
-import threading
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 
 import torch
 
 from weir_server.config import EngineConfig
 from weir_server.distributed import parallel_state
+from weir_server.process_lifetime import exit_with_parent
 
 logger = logging.getLogger(__name__)
-
-
-def _follow_parent() -> None:
-    """Exit as soon as rank 0's process is gone, even while blocked in a collective that will never finish."""
-    parent = mp.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        wait([parent.sentinel])
-        os._exit(0)
-
-    threading.Thread(target=watch, name="weir-tp-parent-watch", daemon=True).start()
 
 
 def run_worker(
@@ -45,7 +31,7 @@ def run_worker(
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s %(levelname)s [tp rank {rank}] %(name)s: %(message)s", force=True
     )
-    _follow_parent()
+    exit_with_parent()  # even while blocked in a collective that will never finish
     try:
         device = torch.device(config.model.device)
         parallel_state.initialize(rank, world_size, init_method, device, config.parallel.collective_timeout_s)

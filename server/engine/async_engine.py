@@ -100,12 +100,13 @@ class StreamingEngine:
     Subclasses say where the engine runs (`_admit`, `_abort`, `start`, `shutdown`); the streams are shared.
     """
 
-    model_id: str
-    tokenizer: object
-    max_model_len: int
-    vocab_size: int
-
-    def __init__(self) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.model_id = loaded.model_id
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.max_model_len
+        self.vocab_size = loaded.vocab_size
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -190,13 +191,7 @@ class AsyncEngine(StreamingEngine):
     """Runs `LLMEngine.step()` on a worker thread of this process."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
-        super().__init__()
-        self.loaded = loaded
-        self.config = config
-        self.model_id = loaded.model_id
-        self.tokenizer = loaded.tokenizer
-        self.max_model_len = loaded.max_model_len
-        self.vocab_size = loaded.vocab_size
+        super().__init__(loaded, config)
         self.engine = LLMEngine(loaded, config)
         self.core = EngineLoop(self.engine, self._deliver)
         self._thread: threading.Thread | None = None

@@ -35,6 +35,7 @@ from weir_server.engine.structured import StructuredOutputs
 from weir_server.engine.types import Constraint, GenerationOutput, GenerationRequest
 from weir_server.engine.validation import RequestValidator
 from weir_server.errors import EngineUnavailableError, ModelLoadError, QueueFullError
+from weir_server.process_lifetime import exit_with_parent
 
 if TYPE_CHECKING:
     from weir_server.models.loader import LoadedModel
@@ -60,7 +61,7 @@ def engine_core_main(config: EngineConfig, conn: Connection, log_level: int) -> 
     from weir_server.models.loader import load_model
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [engine core] %(name)s: %(message)s")
-    _exit_with_parent()
+    exit_with_parent()
     try:
         loaded = load_model(config.model, "generate")
         engine = LLMEngine(loaded, config)
@@ -119,30 +120,12 @@ def engine_core_main(config: EngineConfig, conn: Connection, log_level: int) -> 
     os._exit(0)  # teardown of CUDA graphs and helper threads can stall; nothing here needs it
 
 
-def _exit_with_parent() -> None:
-    parent = mp.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        wait([parent.sentinel])
-        os._exit(0)
-
-    threading.Thread(target=watch, name="weir-core-parent-watch", daemon=True).start()
-
-
 class EngineCoreClient(StreamingEngine):
     """The server side of an engine-core process: validates and admits requests here, steps run there."""
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         """`loaded` needs no weights (`load_model(..., weights=False)`): the core loads its own."""
-        super().__init__()
-        self.loaded = loaded
-        self.config = config
-        self.model_id = loaded.model_id
-        self.tokenizer = loaded.tokenizer
-        self.max_model_len = loaded.max_model_len
-        self.vocab_size = loaded.vocab_size
+        super().__init__(loaded, config)
         # Constraints compile here too (lazily) so a bad one is refused before it reaches the core.
         self.structured = StructuredOutputs(
             loaded.tokenizer, loaded.vocab_size, loaded.eos_token_ids, torch.device("cpu")

@@ -63,12 +63,11 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def check_capacity(self, num_pending: int = 0) -> None:
-        """Raise QueueFullError when the waiting queue (plus `num_pending` not yet added) is full.
-
-        Requests that free running slots will admit at the next step don't count as waiting, so a burst of
-        max_num_seqs + max_waiting requests arriving between two steps is accepted whole."""
-        free_slots = max(0, self.config.max_num_seqs - len(self.running))
-        if self.num_waiting_requests + num_pending >= self.config.max_waiting + free_slots:
+        """Raise QueueFullError when the engine holds max_num_seqs + max_waiting requests (counting `num_pending`
+        not yet added): a burst of that many arriving between two steps is accepted whole, and a preemption
+        (running -> waiting) changes nothing."""
+        in_flight = len(self.running) + self.num_waiting_requests + num_pending
+        if in_flight >= self.config.max_num_seqs + self.config.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
 
     def add(self, seqs: list[Sequence]) -> None:

@@ -91,7 +91,9 @@ class ConstraintCompiler:
                 self._cache.move_to_end(constraint)
         if owner:
             try:
-                entry.set_result(self._compile(constraint))
+                compiled = self._compile(constraint)
+                self._check_startable(constraint.kind, compiled)
+                entry.set_result(compiled)
             except Exception as error:  # re-raised; the waiters get it too
                 with self._lock:
                     self._cache.pop(constraint, None)  # a bad constraint is not kept
@@ -126,6 +128,16 @@ class ConstraintCompiler:
         except RuntimeError as error:
             raise InvalidRequestError(kind, library_message(error)) from None
         raise InvalidRequestError("constraint", f"unknown constraint kind {kind!r}")
+
+    def _check_startable(self, kind: str, compiled: xgr.CompiledGrammar) -> None:
+        """Refuse a constraint no token of this vocabulary can begin (a regex of characters the tokenizer lacks,
+        say): otherwise every token would be masked and the request would fail mid-step."""
+        xgr = _xgrammar()
+        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
+        xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask, 0)
+        bitmask &= self.allowed
+        if not bool(bitmask.any()):
+            raise InvalidRequestError(kind, "no token of this model's vocabulary can begin an output it allows")
 
     def new_state(self, constraint: Constraint) -> GrammarState:
         """A fresh matcher for one choice."""

@@ -235,7 +235,10 @@ class TensorParallelExecutor:
         if self._stopping:
             return
         rank, proc = next(by_sentinel[s] for s in ready if s in by_sentinel)  # type: ignore[index]
-        proc.join(timeout=1)
+        # Another thread may be reaping it at the same moment (its join then reads no code): wait for the code.
+        deadline = time.monotonic() + 2
+        while proc.exitcode is None and time.monotonic() < deadline:
+            proc.join(timeout=0.05)
         message = _death_message(rank, proc)
         self._failure = self._failure or message
         logger.error("%s", message)

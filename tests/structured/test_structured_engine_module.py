@@ -108,6 +108,8 @@ def test_each_constraint_is_compiled_once(compiler: Any) -> None:
         (Constraint("regex", "(ab"), "parenthesis is not closed"),
         (Constraint("grammar", 'root ::= "a" |'), "EBNF parser error"),
         (Constraint("grammar", 'expr ::= "a"'), 'root rule with name "root" is not found'),
+        # Valid, but no token of SmolLM2's vocabulary can spell it (found by the protobuf fuzzer).
+        (Constraint("regex", "\U00040000"), "no token of this model's vocabulary can begin"),
     ],
 )
 def test_invalid_constraints_raise_invalid_request_naming_the_kind(
