@@ -21,7 +21,7 @@ from weir_server.config import (
     ServerConfig,
     TlsConfig,
 )
-from weir_server.errors import ModelLoadError
+from weir_server.errors import EngineUnavailableError, ModelLoadError
 from weir_server.logging_setup import LOG_FORMATS, configure_logging
 
 _CACHE = CacheConfig()
@@ -189,14 +189,19 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("weir_server").error("invalid configuration: %s", e)
         return 2
     from weir_server.api.server import serve  # imports torch; after parsing so --help stays fast
+    from weir_server.engine.engine_core import runs_in_own_process
     from weir_server.executor.tp_executor import launch
 
     try:
-        if config.generate is not None:
-            launch(config.generate)  # tensor-parallel workers start before the model loads; stopped at exit
+        if config.generate is not None and not runs_in_own_process(config.generate):
+            # Tensor-parallel workers start before the model loads (an engine-core process starts its own).
+            launch(config.generate)
         serve(config)
     except ModelLoadError as e:
         logging.getLogger("weir_server").error("could not load a model: %s", e)
+        return 1
+    except EngineUnavailableError as e:  # the engine process died after start-up; the server drained and stopped
+        logging.getLogger("weir_server").error("%s", e)
         return 1
     except OSError as e:
         logging.getLogger("weir_server").error("%s", e)

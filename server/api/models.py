@@ -7,12 +7,12 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from weir_server.config import EngineConfig, ServerConfig
+from weir_server.config import ServerConfig
 from weir_server.engine.async_engine import AsyncEngine, StreamingEngine
 from weir_server.engine.embedding_engine import EmbeddingEngine
-from weir_server.engine.engine_core import EngineCoreClient
+from weir_server.engine.engine_core import EngineCoreClient, runs_in_own_process
 from weir_server.errors import EngineUnavailableError, InvalidRequestError, ModelNotFoundError
-from weir_server.models.loader import LoadedModel, load_model, resolve_device
+from weir_server.models.loader import LoadedModel, load_model
 from weir_server.tokenization import Tokenizer
 
 Task = Literal["generate", "embed"]
@@ -82,7 +82,7 @@ class ModelRegistry:
             engine_config = config.generate
             started = time.perf_counter()
             engine: StreamingEngine
-            if _engine_in_process(engine_config):
+            if runs_in_own_process(engine_config):
                 loaded = await asyncio.to_thread(load_model, engine_config.model, "generate", False)
                 engine = EngineCoreClient(loaded, engine_config)
             else:
@@ -108,10 +108,3 @@ class ModelRegistry:
             if model.embedder is not None:
                 await model.embedder.shutdown()
 
-
-def _engine_in_process(config: EngineConfig) -> bool:
-    """Whether the generation engine gets its own process (ExecutorConfig.engine_core)."""
-    choice = config.executor.engine_core
-    if choice == "auto":
-        return resolve_device(config.model.device).type == "cuda"
-    return choice == "process"

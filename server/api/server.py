@@ -17,6 +17,7 @@ from weir_server.api.observer import Observability
 from weir_server.api.security import ApiKeyInterceptor, server_credentials
 from weir_server.api.servicer import InferenceServicer
 from weir_server.config import ServerConfig
+from weir_server.errors import EngineUnavailableError
 from weir_server.metrics import MetricsHttpServer, create_metrics
 from weir_server.telemetry import create_tracing
 
@@ -44,6 +45,7 @@ class WeirServer:
             ("grpc.keepalive_permit_without_calls", 1),
         ]
         self.drain = Drain(frozenset({SERVICE_NAME}))
+        self.engine_failure: asyncio.Future[str] | None = None  # set when a generation engine dies for good
         interceptors: list[grpc.aio.ServerInterceptor] = [self.drain]
         if config.api_keys:
             interceptors.insert(0, ApiKeyInterceptor(config.api_keys))  # an unauthenticated call is not counted
@@ -81,10 +83,27 @@ class WeirServer:
             self.metrics_server = MetricsHttpServer(self.observability.metrics, self.config.host, port)
         scheme = "plaintext" if self.config.tls is None else "mutual TLS" if self.config.tls.client_ca_file else "TLS"
         logger.info("listening on %s (%s); loading models", self.address, scheme)
+        self.engine_failure = asyncio.get_running_loop().create_future()
         await self.registry.load(self.config)
+        for model in self.registry.models():
+            if model.generator is not None:
+                model.generator.on_death = self._engine_died
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         names = ", ".join(f"{m.id} ({m.task})" for m in self.registry.models()) or "none"
         logger.info("Weir is ready on %s serving %s", self.address, names)
+
+    def _engine_died(self, message: str) -> None:
+        """An engine process ended on its own (any thread): report NOT_SERVING; `serve` then stops with exit 1."""
+        future = self.engine_failure
+        if future is None:
+            return
+
+        def fail() -> None:
+            if not future.done():
+                future.set_result(message)
+            asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+
+        future.get_loop().call_soon_threadsafe(fail)
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING and refuse new calls (UNAVAILABLE), let running calls finish for `grace` seconds,
@@ -147,7 +166,10 @@ async def serve_async(config: ServerConfig) -> None:
         done, _ = await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if start in done:
             start.result()  # raises if loading failed
-            await stop_wait
+            assert server.engine_failure is not None
+            done, _ = await asyncio.wait({stop_wait, server.engine_failure}, return_when=asyncio.FIRST_COMPLETED)
+            if server.engine_failure in done:
+                raise EngineUnavailableError(f"the generation engine stopped: {server.engine_failure.result()}")
         else:
             logger.info("stop requested while loading")
             start.cancel()

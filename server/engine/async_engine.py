@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from weir_server.config import EngineConfig
@@ -109,6 +109,8 @@ class StreamingEngine:
         self.vocab_size = loaded.vocab_size
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Called (from any thread) with the reason when the engine ends on its own and will not come back.
+        self.on_death: Callable[[str], None] | None = None
 
     @property
     def is_running(self) -> bool:

@@ -35,6 +35,7 @@ from weir_server.engine.structured import StructuredOutputs
 from weir_server.engine.types import Constraint, GenerationOutput, GenerationRequest
 from weir_server.engine.validation import RequestValidator
 from weir_server.errors import EngineUnavailableError, ModelLoadError, QueueFullError
+from weir_server.models.loader import resolve_device
 from weir_server.process_lifetime import exit_with_parent
 
 if TYPE_CHECKING:
@@ -58,11 +59,13 @@ def engine_core_main(config: EngineConfig, conn: Connection, log_level: int) -> 
     """The core process: load the model, then step it until told to stop or the server process is gone."""
     from weir_server.engine.engine_loop import EngineLoop
     from weir_server.engine.llm_engine import LLMEngine
+    from weir_server.executor.tp_executor import launch
     from weir_server.models.loader import load_model
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [engine core] %(name)s: %(message)s")
     exit_with_parent()
     try:
+        launch(config)  # this process is rank 0 of a tensor-parallel group (no-op at size 1)
         loaded = load_model(config.model, "generate")
         engine = LLMEngine(loaded, config)
     except Exception as error:
@@ -118,6 +121,14 @@ def engine_core_main(config: EngineConfig, conn: Connection, log_level: int) -> 
     sender.join(timeout=5)
     logging.shutdown()
     os._exit(0)  # teardown of CUDA graphs and helper threads can stall; nothing here needs it
+
+
+def runs_in_own_process(config: EngineConfig) -> bool:
+    """Whether the generation engine gets an engine-core process (ExecutorConfig.engine_core; auto = on CUDA)."""
+    choice = config.executor.engine_core
+    if choice == "auto":
+        return resolve_device(config.model.device).type == "cuda"
+    return choice == "process"
 
 
 class EngineCoreClient(StreamingEngine):
@@ -233,6 +244,13 @@ class EngineCoreClient(StreamingEngine):
         except (OSError, ValueError) as error:
             raise EngineUnavailableError(f"the engine core is gone: {error}") from error
 
+    def _exit_code(self) -> int | None:
+        process = self._process
+        if process is None:
+            return None
+        process.join(timeout=2)
+        return process.exitcode
+
     def _read(self, conn: Connection) -> None:
         """Reader thread: hand each step's outputs to the event loop(s) until the core ends."""
         try:
@@ -249,3 +267,5 @@ class EngineCoreClient(StreamingEngine):
             self._reader = None  # not running any more: health and new requests see it
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._fail_streams, error)
+            if self.on_death is not None:
+                self.on_death(f"the engine core process exited (code {self._exit_code()})")

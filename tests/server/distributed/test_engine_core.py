@@ -5,6 +5,7 @@ Also one real gRPC server with a process core, called by the Python client."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -14,7 +15,15 @@ import pytest
 from tp_helpers import save_tiny_llama
 
 from weir_client import AsyncWeirClient
-from weir_server.config import CacheConfig, EngineConfig, ExecutorConfig, ModelConfig, SchedulerConfig, ServerConfig
+from weir_server.config import (
+    CacheConfig,
+    EngineConfig,
+    ExecutorConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
 from weir_server.engine.async_engine import AsyncEngine, StreamingEngine
 from weir_server.engine.engine_core import EngineCoreClient
 from weir_server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
@@ -142,3 +151,46 @@ async def test_grpc_server_with_a_process_core(model_dir: Path) -> None:
         assert len(result.choices[0].token_ids) == 6 and result.choices[0].finish_reason == "length"
     finally:
         await server.stop(grace=1.0)
+
+
+async def test_a_dead_core_turns_the_server_not_serving_and_ends_it(model_dir: Path) -> None:
+    from grpc_health.v1 import health_pb2
+
+    from weir_server.api.server import WeirServer
+
+    server = WeirServer(ServerConfig(host="127.0.0.1", port=0, generate=engine_config(model_dir), embed=None))
+    await server.start()
+    try:
+        model = server.registry.default("generate")
+        assert model is not None and isinstance(model.generator, EngineCoreClient)
+        process = model.generator._process
+        assert process is not None and process.pid is not None
+        os.kill(process.pid, signal.SIGKILL)
+        assert server.engine_failure is not None
+        reason = await asyncio.wait_for(server.engine_failure, timeout=30)
+        assert "engine core process exited" in reason
+        for _ in range(100):  # health flips on the loop right after
+            status = (await server.health.Check(health_pb2.HealthCheckRequest(service=""), None)).status
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            await asyncio.sleep(0.02)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await server.stop(grace=1.0)
+
+
+async def test_a_process_core_leads_its_own_tensor_parallel_group(model_dir: Path) -> None:
+    """The core, not the server process, is rank 0: it starts the worker and gives the single-rank tokens."""
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    one = await started_core(engine_config(model_dir))
+    try:
+        expected = await collect(one.generate(GenerationRequest("one", PROMPTS[1], params)))
+    finally:
+        await one.shutdown()
+    base = engine_config(model_dir)
+    config = dataclasses.replace(base, parallel=ParallelConfig(tensor_parallel_size=2, collective_timeout_s=60))
+    two = await started_core(config)
+    try:
+        assert await collect(two.generate(GenerationRequest("two", PROMPTS[1], params))) == expected
+    finally:
+        await two.shutdown()
