@@ -83,7 +83,8 @@ def greedy_prompt_ids(model_dir: Path) -> list[list[int]]:
 def greedy_tokens(
     model_dir: Path, prompts: list[list[int]], device: str, dtype: str, enforce_eager: bool = False
 ) -> dict[str, list[int]]:
-    """Greedy tokens of the SmolLM2 shape (seed-0 dummy weights) for `prompts` through the whole engine."""
+    """Greedy tokens for `prompts` through the whole engine: the SmolLM2 shape with seed-0 dummy weights, or real
+    weights when `model_dir` is a .gguf file or holds safetensors."""
     import torch
 
     from weir_server.config import CacheConfig, EngineConfig, ExecutorConfig, ModelConfig, SchedulerConfig
@@ -91,9 +92,10 @@ def greedy_tokens(
     from weir_server.engine.types import GenerationRequest, SamplingParams
     from weir_server.models.loader import load_model
 
-    # Dummy weights are drawn on the CPU and then moved, so every device and dtype computes with the same ones
-    # (the loader draws them with the target device's generator).
-    model = ModelConfig(str(model_dir), load_format="dummy", dtype="float32", device="cpu", max_model_len=1024)
+    # Weights are loaded (or, dummy, drawn) on the CPU and then moved, so every device and dtype computes with the
+    # same ones (the loader would draw dummy weights with the target device's generator).
+    load_format = "auto" if model_dir.suffix == ".gguf" or (model_dir / "model.safetensors").exists() else "dummy"
+    model = ModelConfig(str(model_dir), load_format=load_format, dtype="float32", device="cpu", max_model_len=1024)
     loaded = load_model(model, "generate")
     loaded.dtype, loaded.device = getattr(torch, dtype), torch.device(device)
     loaded.model.to(device=loaded.device, dtype=loaded.dtype)
@@ -375,8 +377,8 @@ def reference(args: argparse.Namespace) -> int:
     from weir_bench.gpu import write_model_dir
 
     work = Path(tempfile.mkdtemp(prefix="weir-greedy-"))
-    model_dir = write_model_dir(greedy_shape(), args.tokenizer, work)
-    prompts = greedy_prompt_ids(model_dir)
+    model_dir = args.model or write_model_dir(greedy_shape(), args.tokenizer, work)
+    prompts = greedy_prompt_ids(args.tokenizer)
     tokens = greedy_tokens(model_dir, prompts, "cpu", "float32")
     args.out.write_text(json.dumps({"prompts": GREEDY_PROMPTS, "prompt_ids": prompts, "tokens": tokens}))
     print(f"wrote {args.out}")
@@ -389,6 +391,10 @@ def main() -> int:
     ref = sub.add_parser("reference", help="CPU: greedy tokens of the SmolLM2 shape's dummy weights")
     ref.add_argument("--tokenizer", type=Path, required=True, help="a folder with the SmolLM2 tokenizer")
     ref.add_argument("--out", type=Path, required=True)
+    ref.add_argument("--model", type=Path, help="real weights (a .gguf file) instead of the dummy SmolLM2 shape")
+    greedy = sub.add_parser("greedy", help="GPU: only the greedy check, on real weights (a .gguf file)")
+    greedy.add_argument("--model", type=Path, required=True)
+    greedy.add_argument("--reference", type=Path, required=True, help="from `reference --model` on the CPU")
     bench = sub.add_parser("run", help="GPU: the benchmark (and the greedy check with --reference)")
     bench.add_argument("--tokenizer", type=Path, required=True, help="a folder with the SmolLM2 tokenizer")
     bench.add_argument("--reference", type=Path, help="greedy tokens from `reference`")
@@ -417,6 +423,10 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "reference":
         return reference(args)
+    if args.command == "greedy":
+        lines = greedy_check(args.model, args.reference)
+        (Path(os.environ.get("OUT") or tempfile.mkdtemp()) / "greedy.md").write_text("\n".join(lines) + "\n")
+        return 0
     return asyncio.run(run(args))
 
 
