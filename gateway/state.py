@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from importlib import metadata
 from typing import Any
@@ -20,6 +21,7 @@ REQUEST_ID: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey"
 TIMEOUT_HEADER = "X-Request-Timeout"  # optional per-request deadline in seconds, capped by the config
 
 
+@functools.cache  # reading package metadata parses a file: once per process, not per request
 def gateway_version() -> str:
     try:
         return metadata.version("weir")
