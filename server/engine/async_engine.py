@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -24,7 +23,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def merge_outputs(first: GenerationOutput, second: GenerationOutput) -> GenerationOutput:
@@ -208,9 +206,6 @@ class AsyncEngine(StreamingEngine):
             return
         self._loop = asyncio.get_running_loop()
         self.core = EngineLoop(self.engine, self._deliver)
-        # The engine thread drops the GIL while it waits for the GPU and must get it back at once, not after
-        # the event loop's 5 ms default slice: measured on an H100 at 512 streams, 0.5 ms gave +17% tokens/s.
-        sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self.core.run, name="weir-engine", daemon=True)
         self._thread.start()
 

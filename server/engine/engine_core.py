@@ -19,7 +19,6 @@ import logging
 import multiprocessing as mp
 import os
 import queue
-import sys
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -30,11 +29,12 @@ import torch
 
 from weir_server.config import EngineConfig
 from weir_server.engine.async_engine import StreamingEngine
+from weir_server.engine.scheduler import check_in_flight
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.structured import StructuredOutputs
 from weir_server.engine.types import Constraint, GenerationOutput, GenerationRequest
 from weir_server.engine.validation import RequestValidator
-from weir_server.errors import EngineUnavailableError, ModelLoadError, QueueFullError
+from weir_server.errors import EngineUnavailableError, ModelLoadError
 from weir_server.models.loader import resolve_device
 from weir_server.process_lifetime import exit_with_parent
 
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 1800.0  # loading a large checkpoint and capturing CUDA graphs can take minutes
-_GIL_SWITCH_INTERVAL_S = 0.0005  # the loop gets the GIL back at once after each wait for the GPU
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,6 @@ def engine_core_main(config: EngineConfig, conn: Connection, log_level: int) -> 
     def deliver(outputs: list[GenerationOutput], stats: EngineStats) -> None:
         outbox.put((outputs, stats))
 
-    sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)
     core = EngineLoop(engine, deliver)
 
     def receive() -> None:
@@ -148,7 +146,6 @@ class EngineCoreClient(StreamingEngine):
         self._send_lock = threading.Lock()
         self._stopping = False
         self._stats = EngineStats(0, 0, 0, 0, config.cache.block_size, 0, 0, 0, 0, 0)
-        self._capacity = config.scheduler.max_num_seqs + config.scheduler.max_waiting
 
     @property
     def is_running(self) -> bool:
@@ -224,11 +221,8 @@ class EngineCoreClient(StreamingEngine):
         return self._validator.validate(request)
 
     def _admit(self, request: GenerationRequest) -> None:
-        # The core's queue is not visible from here: count the requests in flight against running + waiting.
-        if len(self._streams) >= self._capacity:
-            raise QueueFullError(
-                f"the waiting queue is full ({self.config.scheduler.max_waiting} requests); retry later"
-            )
+        # The core's queue is not visible from here: the requests in flight are the open streams.
+        check_in_flight(self.config.scheduler, len(self._streams))
         self._send(("add", request))
 
     def _abort(self, request_id: str) -> None:

@@ -44,6 +44,13 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+def check_in_flight(config: SchedulerConfig, in_flight: int) -> None:
+    """Raise QueueFullError when `in_flight` requests (running + waiting) already fill the engine: the one
+    admission rule, applied by the scheduler itself and by the server in front of an engine-core process."""
+    if in_flight >= config.max_num_seqs + config.max_waiting:
+        raise QueueFullError(f"the waiting queue is full ({config.max_waiting} requests); retry later")
+
+
 class Scheduler:
     """Decides which sequences run each step; never touches tensors."""
 
@@ -66,9 +73,7 @@ class Scheduler:
         """Raise QueueFullError when the engine holds max_num_seqs + max_waiting requests (counting `num_pending`
         not yet added): a burst of that many arriving between two steps is accepted whole, and a preemption
         (running -> waiting) changes nothing."""
-        in_flight = len(self.running) + self.num_waiting_requests + num_pending
-        if in_flight >= self.config.max_num_seqs + self.config.max_waiting:
-            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
+        check_in_flight(self.config, len(self.running) + self.num_waiting_requests + num_pending)
 
     def add(self, seqs: list[Sequence]) -> None:
         """Queue a request's sequences at the back."""

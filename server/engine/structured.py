@@ -132,11 +132,8 @@ class ConstraintCompiler:
     def _check_startable(self, kind: str, compiled: xgr.CompiledGrammar) -> None:
         """Refuse a constraint no token of this vocabulary can begin (a regex of characters the tokenizer lacks,
         say): otherwise every token would be masked and the request would fail mid-step."""
-        xgr = _xgrammar()
-        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size)
-        xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask, 0)
-        bitmask &= self.allowed
-        if not bool(bitmask.any()):
+        first = fill_mask([GrammarState(_xgrammar().GrammarMatcher(compiled))], self.vocab_size, self.allowed)
+        if not bool(first.bitmask.any()):
             raise InvalidRequestError(kind, "no token of this model's vocabulary can begin an output it allows")
 
     def new_state(self, constraint: Constraint) -> GrammarState:
