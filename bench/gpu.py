@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from weir_bench.load import LoadResult, LoadSpec, RequestTiming
+from weir_bench.peers import process_tree
 
 logger = logging.getLogger(__name__)
 
@@ -84,28 +85,10 @@ def gpu_memory_of(pid: int) -> float | None:
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("nvidia-smi failed: %s", exc)
         return None
-    family = {str(p) for p in _process_tree(pid)}
+    family = {str(p) for p in process_tree(pid)}
     rows = (line.split(",") for line in text.splitlines())
     used = [float(f[1]) for f in rows if len(f) == 2 and f[0].strip() in family]
     return sum(used) if used else None
-
-
-def _process_tree(pid: int) -> list[int]:
-    """`pid` and every descendant, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo += children.get(current, [])
-    return tree
 
 
 # ---- Hugging Face peers -------------------------------------------------------------------------------------

@@ -57,6 +57,16 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its living descendants."""
+    tree, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        tree.append(current)
+        stack.extend(_children(current))
+    return tree
+
+
 def peak_rss_bytes(pid: int | None) -> int | None:
     """Peak resident memory (VmHWM) of a process plus its living descendants, in bytes; None if unreadable."""
     if pid is None:
@@ -64,12 +74,7 @@ def peak_rss_bytes(pid: int | None) -> int | None:
     own = _status_kib(pid, "VmHWM")
     if own is None:
         return None
-    total, stack = own, _children(pid)
-    while stack:
-        child = stack.pop()
-        total += _status_kib(child, "VmHWM") or 0
-        stack.extend(_children(child))
-    return total * 1024
+    return (own + sum(_status_kib(child, "VmHWM") or 0 for child in process_tree(pid)[1:])) * 1024
 
 
 def default_gguf() -> Path:
