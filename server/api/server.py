@@ -19,6 +19,7 @@ from weir_server.api.servicer import InferenceServicer
 from weir_server.config import ServerConfig
 from weir_server.errors import EngineUnavailableError
 from weir_server.metrics import MetricsHttpServer, create_metrics
+from weir_server.process_lifetime import freeze_startup_objects
 from weir_server.telemetry import create_tracing
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class WeirServer:
         for model in self.registry.models():
             if model.generator is not None:
                 model.generator.on_death = self._engine_died
+        freeze_startup_objects()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         names = ", ".join(f"{m.id} ({m.task})" for m in self.registry.models()) or "none"
         logger.info("Weir is ready on %s serving %s", self.address, names)

@@ -148,9 +148,14 @@ class StreamingEngine:
         request = self._validate(request)
         if not request.arrival_time:
             request = dataclasses.replace(request, arrival_time=time.time())
-        self._admit(request)
+        # Registered before the engine sees the request, so its first outputs always find the stream.
         stream = RequestStream(request.request_id, request.params.n, _running_loop() or self._loop)
         self._streams[request.request_id] = stream
+        try:
+            self._admit(request)
+        except BaseException:
+            del self._streams[request.request_id]
+            raise
         return self._iterate(stream)
 
     async def _iterate(self, stream: RequestStream) -> AsyncIterator[GenerationOutput]:
@@ -161,6 +166,10 @@ class StreamingEngine:
             # Closed early (client gone, cancelled) or done: either way the engine forgets the request.
             if self._streams.pop(stream.request_id, None) is not None and not stream.finished:
                 self._abort(stream.request_id)
+            self._forget(stream.request_id)
+
+    def _forget(self, request_id: str) -> None:
+        """Drop what this side keeps of a request once its stream has ended."""
 
     def _fail_streams(self, error: BaseException) -> None:
         for stream in list(self._streams.values()):

@@ -115,10 +115,10 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Register the sequence's newly completed full blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
-            return
         bs = self.block_size
         num_full = seq.num_computed_tokens // bs
+        if not self.enable_prefix_caching or num_full <= seq.num_committed_blocks:  # no block completed
+            return
         hashes = self._full_block_hashes(seq, seq.num_computed_tokens)
         for i in range(seq.num_committed_blocks, num_full):
             block = self.blocks[seq.block_table[i]]

@@ -29,6 +29,7 @@ import torch
 
 from weir_server.config import EngineConfig
 from weir_server.engine.async_engine import StreamingEngine
+from weir_server.engine.output_text import OutputText
 from weir_server.engine.scheduler import check_in_flight
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.structured import StructuredOutputs
@@ -67,6 +68,7 @@ def engine_core_main(config: EngineConfig, conn: Connection, log_level: int) -> 
         launch(config)  # this process is rank 0 of a tensor-parallel group (no-op at size 1)
         loaded = load_model(config.model, "generate")
         engine = LLMEngine(loaded, config)
+        engine.detokenize_all = False  # the server process makes the text (OutputText)
     except Exception as error:
         logger.exception("engine core failed to start")
         conn.send(("failed", f"{type(error).__name__}: {error}"))
@@ -140,6 +142,7 @@ class EngineCoreClient(StreamingEngine):
             loaded.tokenizer, loaded.vocab_size, loaded.eos_token_ids, torch.device("cpu")
         )
         self._validator: RequestValidator | None = None
+        self._text = OutputText(loaded.tokenizer)
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
         self._reader: threading.Thread | None = None
@@ -222,11 +225,20 @@ class EngineCoreClient(StreamingEngine):
 
     def _admit(self, request: GenerationRequest) -> None:
         # The core's queue is not visible from here: the requests in flight are the open streams.
-        check_in_flight(self.config.scheduler, len(self._streams))
-        self._send(("add", request))
+        # Counting the open streams, this request's own (registered just before) excluded.
+        check_in_flight(self.config.scheduler, len(self._streams) - 1)
+        self._text.add_request(request)
+        try:
+            self._send(("add", request))
+        except EngineUnavailableError:
+            self._text.forget(request.request_id)
+            raise
 
     def _abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
+
+    def _forget(self, request_id: str) -> None:
+        self._text.forget(request_id)
 
     def _send(self, message: tuple[Any, ...]) -> None:
         conn = self._conn
@@ -252,6 +264,7 @@ class EngineCoreClient(StreamingEngine):
                 message = conn.recv()
                 if message[0] == "outputs":
                     self._stats = message[2]
+                    self._text.fill(message[1])
                     self._deliver(message[1])
         except (EOFError, OSError):
             pass

@@ -73,6 +73,9 @@ class LLMEngine:
         # Overlap pays only where the model runs asynchronously to the host; the CPU runs each step to the end.
         self.overlap_outputs = self.runner.device.type == "cuda"
         self._deferred: list[_Deferred] = []  # sampled tokens whose text and output are still to be made
+        # False in an engine-core process: text is made by the server process (`OutputText`), in parallel, except
+        # for choices with stop strings, which must end here when one appears.
+        self.detokenize_all = True
 
     # ---- requests ---------------------------------------------------------------------------------------
 
@@ -93,7 +96,7 @@ class LLMEngine:
             seq = Sequence(request.request_id, index, prompt, params, request.arrival_time, leader=leader)
             if params.seed is not None:
                 seq.generator = make_generator(params.seed, index, self.runner.device)
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and (self.detokenize_all or params.stop):
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params)
             if params.prompt_logprobs is not None:
                 seq.prompt_logprobs = [TokenLogprob(prompt[0], None)]

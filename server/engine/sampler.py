@@ -135,10 +135,11 @@ class Sampler:
         cols: list[int] = []
         vocab = logits.shape[-1]
         for i, s in enumerate(seqs):
-            if s.num_output_tokens >= s.params.min_tokens:
+            p = s.params
+            if s.num_output_tokens >= p.min_tokens or (p.ignore_eos and not p.stop_token_ids):
                 continue
-            stops = set(s.params.stop_token_ids)
-            if not s.params.ignore_eos:
+            stops = set(p.stop_token_ids)
+            if not p.ignore_eos:
                 stops.update(eos_token_ids)
             for t in stops:
                 if 0 <= t < vocab:

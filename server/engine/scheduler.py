@@ -14,19 +14,20 @@ from weir_server.engine.types import FinishReason
 from weir_server.errors import QueueFullError
 
 
-@dataclass
 class ScheduledSeq:
     """A sequence and the slice of its uncomputed tokens that runs this step (fixed when scheduled)."""
 
-    seq: Sequence
-    num_new_tokens: int
-    start: int = -1  # position of the first token computed this step
-    do_sample: bool = False  # the step reaches the sequence's last token, so its next token is sampled
+    __slots__ = ("seq", "num_new_tokens", "start", "do_sample")
 
-    def __post_init__(self) -> None:
-        if self.start < 0:
-            self.start = self.seq.num_computed_tokens
-        self.do_sample = self.start + self.num_new_tokens == self.seq.num_tokens
+    def __init__(self, seq: Sequence, num_new_tokens: int, start: int = -1) -> None:
+        self.seq = seq
+        self.num_new_tokens = num_new_tokens
+        self.start = seq.num_computed_tokens if start < 0 else start  # position of the first token computed
+        # The step reaches the sequence's last token, so its next token is sampled.
+        self.do_sample = self.start + num_new_tokens == len(seq.token_ids)
+
+    def __repr__(self) -> str:
+        return f"ScheduledSeq({self.seq!r}, {self.num_new_tokens}, start={self.start})"
 
 
 @dataclass
@@ -100,15 +101,24 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: dict[int, ScheduledSeq] = {}
         preempted = False
-        for decodes in (True, False):
-            for seq in list(self.running):
-                if seq.status is not SequenceStatus.RUNNING or seq.seq_id in scheduled:
+        bs = self.block_manager.block_size
+        decodes: list[Sequence] = []
+        prefills: list[Sequence] = []
+        for seq in self.running:
+            (decodes if seq.num_computed_tokens + 1 == len(seq.token_ids) else prefills).append(seq)
+        running = SequenceStatus.RUNNING
+        for group in (decodes, prefills):
+            for seq in group:
+                if seq.status is not running:  # preempted for an earlier one this step
                     continue
-                if (seq.num_uncomputed_tokens == 1) != decodes:
+                if budget == 0:
+                    break
+                # The common case, kept lean: a decode whose last block still has a free slot.
+                if group is decodes and len(seq.block_table) * bs > seq.num_computed_tokens:
+                    scheduled[seq.seq_id] = ScheduledSeq(seq, 1)
+                    budget -= 1
                     continue
                 num_new = min(seq.num_uncomputed_tokens, budget)
-                if num_new == 0:
-                    break
                 while not self.block_manager.can_allocate(seq, num_new):
                     victim = self.running[-1]
                     self._preempt(victim)
@@ -118,7 +128,7 @@ class Scheduler:
                         budget += freed.num_new_tokens
                     if victim is seq:
                         break
-                if seq.status is SequenceStatus.RUNNING:
+                if seq.status is running:
                     self.block_manager.allocate(seq, num_new)
                     scheduled[seq.seq_id] = ScheduledSeq(seq, num_new)
                     budget -= num_new
@@ -168,9 +178,10 @@ class Scheduler:
 
     def update(self, output: SchedulerOutput) -> None:
         """Account a finished step: the scheduled tokens now have KV, and full blocks enter the prefix cache."""
+        commit = self.block_manager.commit
         for s in output.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
-            self.block_manager.commit(s.seq)
+            commit(s.seq)
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished running sequence."""

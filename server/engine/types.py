@@ -165,9 +165,13 @@ class RequestTiming:
     finished_time: float | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GenerationOutput:
-    """New output of one choice since its previous output. Several tokens may arrive at once."""
+    """New output of one choice since its previous output. Several tokens may arrive at once.
+
+    Not frozen: hundreds are made per engine step, and the server process fills in `text` for the choices whose
+    engine core sends token ids only; nothing changes an output once it has been handed to its stream.
+    """
 
     request_id: str
     index: int  # choice index, 0..n-1

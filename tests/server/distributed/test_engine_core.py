@@ -26,7 +26,7 @@ from weir_server.config import (
 )
 from weir_server.engine.async_engine import AsyncEngine, StreamingEngine
 from weir_server.engine.engine_core import EngineCoreClient
-from weir_server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
+from weir_server.engine.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
 from weir_server.errors import EngineUnavailableError, InvalidRequestError, QueueFullError
 from weir_server.models.loader import load_model
 
@@ -70,8 +70,16 @@ async def run_all(engine: StreamingEngine) -> list[dict[int, tuple[list[int], st
         SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
         SamplingParams(max_tokens=9, temperature=0.8, seed=7, n=2, ignore_eos=True),
         SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=(150,)),
+        # The core makes the text of choices with stop strings; the server makes the rest, stop tokens' included.
+        SamplingParams(max_tokens=15, temperature=0.9, seed=3, stop=("w1",)),
+        SamplingParams(max_tokens=15, temperature=0.9, seed=4, stop_token_ids=tuple(range(100, 199))),
+        SamplingParams(
+            max_tokens=15, temperature=0.9, seed=4, stop_token_ids=tuple(range(100, 199)), include_stop_str_in_output=True
+        ),
     ]
-    streams = [engine.generate(GenerationRequest(f"r{i}", p, params[i])) for i, p in enumerate(PROMPTS)]
+    streams = [
+        engine.generate(GenerationRequest(f"r{i}", PROMPTS[i % len(PROMPTS)], p)) for i, p in enumerate(params)
+    ]
     return list(await asyncio.gather(*(collect(s) for s in streams)))
 
 
@@ -81,6 +89,9 @@ async def test_process_core_gives_the_thread_engines_outputs(model_dir: Path) ->
     await thread.start()
     try:
         expected = await run_all(thread)
+        # The stop cases below did stop (a stop string; stop tokens with and without their text).
+        assert [expected[i][0][2] for i in (3, 4, 5)] == [FinishReason.STOP_SEQUENCE, FinishReason.STOP, FinishReason.STOP]
+        assert expected[5][0][1].endswith(" w102")
     finally:
         await thread.shutdown()
     core = await started_core(config)
