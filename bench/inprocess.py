@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import os
@@ -41,6 +42,7 @@ class InProcessDriver:
         from weir_server.engine.async_engine import AsyncEngine
         from weir_server.errors import WeirError
         from weir_server.models.loader import load_model
+        from weir_server.process_lifetime import freeze_startup_objects
 
         config = engine_config_from_server_args(server_args)
         logger.info("loading %s in-process", config.model.model)
@@ -50,6 +52,7 @@ class InProcessDriver:
             await engine.start()
         except WeirError as exc:
             raise TargetError(f"in-process engine: {exc}") from exc
+        freeze_startup_objects()  # as `weir serve` does once its models are loaded; undone by close()
         return cls(engine, temperature)
 
     def peak_rss_pid(self) -> int | None:
@@ -81,3 +84,4 @@ class InProcessDriver:
 
     async def close(self) -> None:
         await self._engine.shutdown()
+        gc.unfreeze()  # the engine's objects become collectable again

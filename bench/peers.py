@@ -67,6 +67,21 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time (user + system) used so far by `pid` and each living descendant, keyed by "name/pid"."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for member in process_tree(pid):
+        try:
+            stat = Path(f"/proc/{member}/stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        used[f"{name}/{member}"] = (int(fields[11]) + int(fields[12])) / ticks
+    return used
+
+
 def peak_rss_bytes(pid: int | None) -> int | None:
     """Peak resident memory (VmHWM) of a process plus its living descendants, in bytes; None if unreadable."""
     if pid is None:

@@ -229,7 +229,7 @@ async def weir_grpc(
     from weir_bench.gpu import gpu_memory_of
     from weir_bench.grpc_driver import GrpcDriver, grpc_ready
     from weir_bench.load import LoadSpec, run_closed_loop
-    from weir_bench.peers import start_weir_server
+    from weir_bench.peers import cpu_seconds, start_weir_server
     from weir_bench.report import summarize
 
     server = [*server_args(model_dir, args), "--engine-core", engine_core]
@@ -238,7 +238,17 @@ async def weir_grpc(
     rows = []
     try:
         spec = LoadSpec(args.concurrency, args.num_requests, args.prompt_tokens, args.output_tokens, WARMUP_REQUESTS)
+        before, client_before = cpu_seconds(proc.pid), time.process_time()
+        spies = start_profilers(args.py_spy, proc.pid)
         result = await run_closed_loop(driver, spec, prompts)
+        stop_profilers(spies)
+        after, client = cpu_seconds(proc.pid), time.process_time() - client_before
+        busy = {k: after[k] - before.get(k, 0.0) for k in after}
+        print(  # which process was the bottleneck: CPU seconds per second of the run, ~1.0 = one core saturated
+            f"gRPC {engine_core}: CPU s/s over {result.duration_s:.2f} s: client {client / result.duration_s:.2f}, "
+            + ", ".join(f"{k} {v / result.duration_s:.2f}" for k, v in busy.items() if v > 0.01),
+            flush=True,
+        )
         label = f"weir gRPC ({args.concurrency} streams, engine {engine_core})"
         rows.append((summarize(label, result), gpu_memory_of(proc.pid)))
         spec1 = LoadSpec(1, args.batch1_requests, args.prompt_tokens, args.output_tokens, 1)
@@ -248,6 +258,33 @@ async def weir_grpc(
         await driver.close()
         proc.stop()
     return rows
+
+
+def start_profilers(py_spy: str | None, pid: int) -> list[Any]:
+    """py-spy (sampling every thread, native frames off) on the server and each child, into $OUT/spy-*.txt."""
+    import subprocess
+
+    from weir_bench.peers import process_tree
+
+    if not py_spy:
+        return []
+    out = Path(os.environ.get("OUT") or tempfile.mkdtemp())
+    return [
+        subprocess.Popen(
+            [py_spy, "record", "--nonblocking", "-p", str(member), "-r", "250", "-f", "raw", "-o", str(out / f"spy-{member}.txt")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for member in process_tree(pid)
+    ]  # fmt: skip
+
+
+def stop_profilers(spies: list[Any]) -> None:
+    import signal
+
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
+    for spy in spies:
+        spy.wait(timeout=30)
 
 
 def hf_rows(shape: Any, args: argparse.Namespace, prompts: list[list[int]]) -> list[Any]:
@@ -419,6 +456,7 @@ def main() -> int:
         "--compare-gil-switch", type=float, default=0.005, help="also run in-process at this GIL switch interval"
     )
     bench.add_argument("--skip-hf-continuous", action="store_true")
+    bench.add_argument("--py-spy", help="path of a py-spy binary: profile the gRPC server's processes under load")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "reference":

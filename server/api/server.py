@@ -89,7 +89,6 @@ class WeirServer:
         for model in self.registry.models():
             if model.generator is not None:
                 model.generator.on_death = self._engine_died
-        freeze_startup_objects()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         names = ", ".join(f"{m.id} ({m.task})" for m in self.registry.models()) or "none"
         logger.info("Weir is ready on %s serving %s", self.address, names)
@@ -168,6 +167,7 @@ async def serve_async(config: ServerConfig) -> None:
         done, _ = await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if start in done:
             start.result()  # raises if loading failed
+            freeze_startup_objects()  # this process's models, tokenizers and modules stay until it exits
             assert server.engine_failure is not None
             done, _ = await asyncio.wait({stop_wait, server.engine_failure}, return_when=asyncio.FIRST_COMPLETED)
             if server.engine_failure in done:

@@ -25,18 +25,17 @@ logger = logging.getLogger(__name__)
 
 
 
-def merge_outputs(first: GenerationOutput, second: GenerationOutput) -> GenerationOutput:
-    """One output carrying both deltas of a choice, in order (the later one's finish and usage win)."""
-    logprobs = first.logprobs
-    if second.logprobs is not None:
-        logprobs = (logprobs or []) + second.logprobs
-    return dataclasses.replace(
-        second,
-        text=first.text + second.text,
-        token_ids=first.token_ids + second.token_ids,
-        logprobs=logprobs,
-        prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None else second.prompt_logprobs,
-    )
+def merge_into(queued: GenerationOutput, later: GenerationOutput) -> None:
+    """Fold a choice's later output into its queued, not yet read one, in order (the later finish and usage win).
+    In place: the queued output belongs to its stream until it is read."""
+    queued.text += later.text
+    queued.token_ids = queued.token_ids + later.token_ids
+    if later.logprobs is not None:
+        queued.logprobs = (queued.logprobs or []) + later.logprobs
+    if queued.prompt_logprobs is None:
+        queued.prompt_logprobs = later.prompt_logprobs
+    queued.finish_reason, queued.stop_reason, queued.error = later.finish_reason, later.stop_reason, later.error
+    queued.usage, queued.timing = later.usage, later.timing
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -68,7 +67,7 @@ class RequestStream:
             queued = self._queue[i]
             if queued.index == output.index:
                 if not queued.finished:
-                    self._queue[i] = merge_outputs(queued, output)
+                    merge_into(queued, output)
                     self._ready.set()
                     return
                 break
@@ -161,12 +160,16 @@ class StreamingEngine:
     async def _iterate(self, stream: RequestStream) -> AsyncIterator[GenerationOutput]:
         try:
             while (output := await stream.get()) is not None:
+                self._complete(output)
                 yield output
         finally:
             # Closed early (client gone, cancelled) or done: either way the engine forgets the request.
             if self._streams.pop(stream.request_id, None) is not None and not stream.finished:
                 self._abort(stream.request_id)
             self._forget(stream.request_id)
+
+    def _complete(self, output: GenerationOutput) -> None:
+        """Finish an output as its consumer reads it (after queued deltas were merged)."""
 
     def _forget(self, request_id: str) -> None:
         """Drop what this side keeps of a request once its stream has ended."""

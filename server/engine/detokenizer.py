@@ -69,9 +69,9 @@ class IncrementalDetokenizer:
         After a stop string matches the choice must end; `finished` flushes everything held back;
         `check_stop=False` (before min_tokens) skips the stop search for this text.
         """
-        if not self.stops and len(token_ids) == 1 and not finished:  # the common case, kept lean
-            self.tokens.append(token_ids[0])
-            new = self._decode_pending(final=False)
+        if not self.stops:  # nothing to search or hold back: the new tokens are decoded in one go
+            self.tokens += token_ids
+            new = self._decode_pending(final=finished)
             if new:
                 self.text += new
                 self.emitted = len(self.text)

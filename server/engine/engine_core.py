@@ -8,15 +8,18 @@ fewer, larger messages. On a CPU the model's matmuls need every core and the GIL
 engine stays a thread (`--engine-core auto`).
 
 Wire: the server sends ("add", GenerationRequest), ("abort", request_id) and ("stop",) over one pipe; the core
-answers ("ready", CoreInfo) once, then ("outputs", [GenerationOutput], EngineStats) per step, or ("failed", text).
+answers ("ready", CoreInfo) once, then ("outputs", [GenerationOutput fields as a tuple], EngineStats) per step, or
+("failed", text).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import multiprocessing as mp
+import operator
 import os
 import queue
 import threading
@@ -37,7 +40,7 @@ from weir_server.engine.types import Constraint, GenerationOutput, GenerationReq
 from weir_server.engine.validation import RequestValidator
 from weir_server.errors import EngineUnavailableError, ModelLoadError
 from weir_server.models.loader import resolve_device
-from weir_server.process_lifetime import exit_with_parent
+from weir_server.process_lifetime import exit_with_parent, freeze_startup_objects
 
 if TYPE_CHECKING:
     from weir_server.models.loader import LoadedModel
@@ -45,6 +48,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 1800.0  # loading a large checkpoint and capturing CUDA graphs can take minutes
+# Outputs cross the pipe as plain tuples of their fields: pickling hundreds of dataclasses per step costs the core
+# five times as much (0.7 vs 0.14 ms for 512).
+_WIRE_FIELDS = operator.attrgetter(*(f.name for f in dataclasses.fields(GenerationOutput)))
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ def engine_core_main(config: EngineConfig, conn: Connection, log_level: int) -> 
                         done = True
                         break
                     outputs, stats = outputs + more[0], more[1]
-                conn.send(("outputs", outputs, stats))
+                conn.send(("outputs", [_WIRE_FIELDS(o) for o in outputs], stats))
         except (OSError, ValueError):  # the server is gone; the parent watch ends this process
             pass
 
@@ -97,6 +103,7 @@ def engine_core_main(config: EngineConfig, conn: Connection, log_level: int) -> 
         outbox.put((outputs, stats))
 
     core = EngineLoop(engine, deliver)
+    freeze_startup_objects()
 
     def receive() -> None:
         try:
@@ -237,6 +244,10 @@ class EngineCoreClient(StreamingEngine):
     def _abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
+    def _complete(self, output: GenerationOutput) -> None:
+        # Made as the consumer reads it: outputs merged while it was behind are decoded together.
+        self._text.fill(output)
+
     def _forget(self, request_id: str) -> None:
         self._text.forget(request_id)
 
@@ -264,8 +275,7 @@ class EngineCoreClient(StreamingEngine):
                 message = conn.recv()
                 if message[0] == "outputs":
                     self._stats = message[2]
-                    self._text.fill(message[1])
-                    self._deliver(message[1])
+                    self._deliver([GenerationOutput(*fields) for fields in message[1]])
         except (EOFError, OSError):
             pass
         if not self._stopping:

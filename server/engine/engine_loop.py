@@ -14,7 +14,6 @@ from collections.abc import Callable
 from weir_server.engine.llm_engine import LLMEngine
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.types import GenerationOutput, GenerationRequest
-from weir_server.process_lifetime import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,6 @@ class EngineLoop:
         # The loop drops the GIL while it waits for the GPU and must get it back at once, not after another
         # thread's 5 ms default slice: measured on an H100 at 512 streams, 0.5 ms gave +17% tokens/s.
         sys.setswitchinterval(min(sys.getswitchinterval(), _GIL_SWITCH_INTERVAL_S))
-        freeze_startup_objects()
         engine = self.engine
         while True:
             with self._wakeup:

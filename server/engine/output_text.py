@@ -22,8 +22,8 @@ def core_makes_text(request: GenerationRequest) -> bool:
 class OutputText:
     """One incremental detokenizer per choice of each open request whose text the core does not make.
 
-    `add_request` and `forget` run on the event loop, `fill` on the thread reading the core's outputs; a request
-    is added before it is sent to the core, so its outputs always find their detokenizers.
+    All on the event loop: `add_request` before the request goes to the core, `fill` as its consumer reads each
+    output (so the deltas merged while a consumer was behind are decoded in one go), `forget` when it ends.
     """
 
     def __init__(self, tokenizer: Any) -> None:
@@ -44,15 +44,13 @@ class OutputText:
         self._choices.pop(request_id, None)
         self._drop_stop_text.pop(request_id, None)
 
-    def fill(self, outputs: list[GenerationOutput]) -> None:
-        """Set the text of every output whose choice is detokenized here (in place)."""
-        choices = self._choices
-        for output in outputs:
-            detokenizers = choices.get(output.request_id)
-            if detokenizers is None:
-                continue
-            token_ids = output.token_ids
-            # A stop token ends the answer without being part of it, as in the core.
-            if output.finish_reason is FinishReason.STOP and self._drop_stop_text[output.request_id]:
-                token_ids = token_ids[:-1]
-            output.text, _ = detokenizers[output.index].add(token_ids, output.finished, check_stop=False)
+    def fill(self, output: GenerationOutput) -> None:
+        """Set the text of an output (in place) if its choice is detokenized here; each output once, in order."""
+        detokenizers = self._choices.get(output.request_id)
+        if detokenizers is None:
+            return
+        token_ids = output.token_ids
+        # A stop token ends the answer without being part of it, as in the core.
+        if output.finish_reason is FinishReason.STOP and self._drop_stop_text[output.request_id]:
+            token_ids = token_ids[:-1]
+        output.text, _ = detokenizers[output.index].add(token_ids, output.finished, check_stop=False)

@@ -40,6 +40,21 @@ def test_multibyte_characters_never_come_out_broken(smollm_tokenizer):
     assert "".join(deltas) == text
 
 
+@pytest.mark.parametrize("chunk", [2, 3, 5])
+def test_tokens_arriving_several_at_a_time_give_the_same_text(smollm_tokenizer, chunk):
+    """Outputs merged while a consumer was behind are decoded together (`OutputText`)."""
+    text = "naïve café 😀🎉🚀 终于完成了 한국어 and the end"
+    ids = smollm_tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(smollm_tokenizer, [], SamplingParams())
+    deltas = []
+    for start in range(0, len(ids), chunk):
+        piece = ids[start : start + chunk]
+        delta, stop = detok.add(piece, finished=start + chunk >= len(ids))
+        assert stop is None and "\ufffd" not in delta
+        deltas.append(delta)
+    assert "".join(deltas) == text
+
+
 def test_stop_string_spanning_tokens_is_not_emitted(smollm_tokenizer):
     deltas, stop, _ = _stream(smollm_tokenizer, "The answer is 42. END OF STORY and more", stop=("END OF STORY",))
     assert stop == "END OF STORY"
