@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import gc
 import json
 import logging
@@ -229,6 +230,7 @@ async def weir_grpc(
     from weir_bench.gpu import gpu_memory_of
     from weir_bench.grpc_driver import GrpcDriver, grpc_ready
     from weir_bench.load import LoadSpec, run_closed_loop
+    from weir_bench.multiclient import run_closed_loop_in_processes
     from weir_bench.peers import cpu_seconds, start_weir_server
     from weir_bench.report import summarize
 
@@ -251,6 +253,11 @@ async def weir_grpc(
         )
         label = f"weir gRPC ({args.concurrency} streams, engine {engine_core})"
         rows.append((summarize(label, result), gpu_memory_of(proc.pid)))
+        if args.client_processes > 1:  # the same load from several client processes (see weir_bench.multiclient)
+            make_driver = functools.partial(GrpcDriver, address)
+            result = await run_closed_loop_in_processes(make_driver, spec, prompts, args.client_processes)
+            label = f"weir gRPC ({args.concurrency} streams from {args.client_processes} clients, engine {engine_core})"
+            rows.append((summarize(label, result), gpu_memory_of(proc.pid)))
         spec1 = LoadSpec(1, args.batch1_requests, args.prompt_tokens, args.output_tokens, 1)
         result = await run_closed_loop(driver, spec1, prompts)
         rows.append((summarize(f"weir gRPC batch 1 (engine {engine_core})", result), gpu_memory_of(proc.pid)))
@@ -456,6 +463,10 @@ def main() -> int:
         "--compare-gil-switch", type=float, default=0.005, help="also run in-process at this GIL switch interval"
     )
     bench.add_argument("--skip-hf-continuous", action="store_true")
+    bench.add_argument(
+        "--client-processes", type=int, default=4,
+        help="also run the gRPC load from this many client processes (1: only the one-process row)",
+    )
     bench.add_argument("--py-spy", help="path of a py-spy binary: profile the gRPC server's processes under load")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
