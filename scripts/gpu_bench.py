@@ -82,7 +82,8 @@ def greedy_prompt_ids(model_dir: Path) -> list[list[int]]:
 
 
 def greedy_tokens(
-    model_dir: Path, prompts: list[list[int]], device: str, dtype: str, enforce_eager: bool = False
+    model_dir: Path, prompts: list[list[int]], device: str, dtype: str, enforce_eager: bool = False,
+    top2: dict[str, list[list[float]]] | None = None,
 ) -> dict[str, list[int]]:
     """Greedy tokens for `prompts` through the whole engine: the SmolLM2 shape with seed-0 dummy weights, or real
     weights when `model_dir` is a .gguf file or holds safetensors."""
@@ -107,14 +108,42 @@ def greedy_tokens(
         ExecutorConfig(enforce_eager=enforce_eager, cuda_graph_max_batch=16),
     )
     engine = LLMEngine(loaded, config)
-    params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
+    # With `top2`: each position's best two candidates [id, logprob, id, logprob], to tell near-ties apart.
+    params = SamplingParams(
+        max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True, logprobs=2 if top2 is not None else None
+    )
     for i, ids in enumerate(prompts):
         engine.add_request(engine.validate(GenerationRequest(str(i), ids, params)))
     tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
     while engine.has_unfinished():
         for out in engine.step():
             tokens[out.request_id].extend(out.token_ids)
+            if top2 is not None:
+                top2.setdefault(out.request_id, []).extend(
+                    [e.top[0].token_id, e.top[0].logprob, e.top[1].token_id, e.top[1].logprob]
+                    for e in out.logprobs or []
+                )
     return tokens
+
+
+def describe_differences(
+    want: dict[str, list[int]], got: dict[str, list[int]], top2: dict[str, list[list[float]]] | None
+) -> str:
+    """Each first difference, with the reference's margin there (its best minus its second logprob) and whether
+    the other path took the reference's runner-up: a small margin and the runner-up is a near-tie broken the
+    other way."""
+    from weir_bench.gpu import greedy_agreement
+
+    parts = []
+    for key, index in greedy_agreement(want, got)["first_difference"].items():
+        text = f"prompt {key}: token {index}"
+        entry = (top2 or {}).get(key, [])
+        if index < len(entry) and index < len(got[key]):
+            _, best, second_id, second = entry[index]
+            taken = "runner-up" if got[key][index] == second_id else "another token"
+            text += f" (reference margin {best - second:.3f} nats, took the {taken})"
+        parts.append(text)
+    return "; ".join(parts) or "-"
 
 
 def greedy_check(model_dir: Path, reference: Path) -> list[str]:
@@ -122,17 +151,21 @@ def greedy_check(model_dir: Path, reference: Path) -> list[str]:
 
     saved = json.loads(reference.read_text())
     prompts = saved["prompt_ids"]
+    top2 = saved.get("top2")
     references = {"CPU fp32 reference (file)": saved["tokens"]}
     references["CPU fp32 on this machine"] = greedy_tokens(model_dir, prompts, "cpu", "float32")
+    cpu_bf16 = greedy_tokens(model_dir, prompts, "cpu", "bfloat16")
     lines = []
     for dtype, eager in (("float32", False), ("float32", True), ("bfloat16", False)):
         got = greedy_tokens(model_dir, prompts, "cuda", dtype, enforce_eager=eager)
-        for name, want in references.items():
+        compared = {**references, **({"CPU bf16 on this machine": cpu_bf16} if dtype == "bfloat16" else {})}
+        for name, want in compared.items():
             result = greedy_agreement(want, got)
+            margins = top2 if name.startswith("CPU fp32") else None
             lines.append(
                 f"greedy GPU {dtype} {'eager' if eager else 'CUDA graphs'} vs {name}: {result['identical']}/"
-                f"{result['prompts']} prompts identical over {GREEDY_TOKENS} tokens; first differing token per "
-                f"prompt: {result['first_difference']}"
+                f"{result['prompts']} prompts identical over {GREEDY_TOKENS} tokens; first differences: "
+                + describe_differences(want, got, margins)
             )
             print(lines[-1], flush=True)
         gc.collect()
@@ -423,8 +456,11 @@ def reference(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="weir-greedy-"))
     model_dir = args.model or write_model_dir(greedy_shape(), args.tokenizer, work)
     prompts = greedy_prompt_ids(args.tokenizer)
-    tokens = greedy_tokens(model_dir, prompts, "cpu", "float32")
-    args.out.write_text(json.dumps({"prompts": GREEDY_PROMPTS, "prompt_ids": prompts, "tokens": tokens}))
+    top2: dict[str, list[list[float]]] = {}
+    tokens = greedy_tokens(model_dir, prompts, "cpu", "float32", top2=top2)
+    args.out.write_text(
+        json.dumps({"prompts": GREEDY_PROMPTS, "prompt_ids": prompts, "tokens": tokens, "top2": top2})
+    )
     print(f"wrote {args.out}")
     return 0
 
