@@ -311,7 +311,8 @@ def start_profilers(py_spy: str | None, pid: int) -> list[Any]:
     out = Path(os.environ.get("OUT") or tempfile.mkdtemp())
     return [
         subprocess.Popen(
-            [py_spy, "record", "--nonblocking", "-p", str(member), "-r", "250", "-f", "raw", "-o", str(out / f"spy-{member}.txt")],
+            [py_spy, "record", "--nonblocking", "-p", str(member), "-r", "250", "-f", "raw",
+             "-o", str(out / f"spy-{member}.txt")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         for member in process_tree(pid)

@@ -74,7 +74,8 @@ async def run_all(engine: StreamingEngine) -> list[dict[int, tuple[list[int], st
         SamplingParams(max_tokens=15, temperature=0.9, seed=3, stop=("w1",)),
         SamplingParams(max_tokens=15, temperature=0.9, seed=4, stop_token_ids=tuple(range(100, 199))),
         SamplingParams(
-            max_tokens=15, temperature=0.9, seed=4, stop_token_ids=tuple(range(100, 199)), include_stop_str_in_output=True
+            max_tokens=15, temperature=0.9, seed=4, stop_token_ids=tuple(range(100, 199)),
+            include_stop_str_in_output=True,
         ),
     ]
     streams = [
@@ -90,7 +91,8 @@ async def test_process_core_gives_the_thread_engines_outputs(model_dir: Path) ->
     try:
         expected = await run_all(thread)
         # The stop cases below did stop (a stop string; stop tokens with and without their text).
-        assert [expected[i][0][2] for i in (3, 4, 5)] == [FinishReason.STOP_SEQUENCE, FinishReason.STOP, FinishReason.STOP]
+        stopped = [FinishReason.STOP_SEQUENCE, FinishReason.STOP, FinishReason.STOP]
+        assert [expected[i][0][2] for i in (3, 4, 5)] == stopped
         assert expected[5][0][1].endswith(" w102")
     finally:
         await thread.shutdown()
