@@ -61,6 +61,7 @@ def server_args(model_dir: Path, args: argparse.Namespace, dtype: str = "bfloat1
         "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
         "--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
         "--max-waiting", str(max(4 * args.num_requests, 1024)), "--log-level", "warning",
+        "--tensor-parallel-size", str(args.tensor_parallel_size),
         *(["--enforce-eager"] if args.enforce_eager else []),
     ]  # fmt: skip
 
@@ -419,7 +420,9 @@ async def run(args: argparse.Namespace) -> int:
         prompts = make_prompts(
             args.num_requests + WARMUP_REQUESTS, args.prompt_tokens, shape.config["vocab_size"], seed=0
         )
-        targets = ["in-process", *(f"gRPC {core}" for core in args.engine_cores), "HF"]
+        # The in-process engine is one GPU's; with -tp > 1 only the server has the workers.
+        inprocess = not args.skip_inprocess and args.tensor_parallel_size == 1
+        targets = [*(["in-process"] if inprocess else []), *(f"gRPC {c}" for c in args.engine_cores), "HF"]
         for label in targets:
             if label == "HF" and args.skip_hf:
                 continue
@@ -492,6 +495,10 @@ def main() -> int:
     bench.add_argument("--gpu-memory-utilization", type=float, default=0.35)
     bench.add_argument("--enforce-eager", action="store_true")
     bench.add_argument("--skip-hf", action="store_true")
+    bench.add_argument("--skip-inprocess", action="store_true", help="only the gRPC (and HF) rows")
+    bench.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="the gRPC server's -tp (GPUs of this host)"
+    )
     bench.add_argument(
         "--engine-cores", nargs="+", default=["process", "thread"], choices=["process", "thread"],
         help="gRPC rows: the server's --engine-core modes to run (default: both)",

@@ -67,8 +67,12 @@ class WeirServer:
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
-    async def start(self) -> None:
-        """Listen (port 0 picks a free one), load the models, then report SERVING."""
+    async def start(self, freeze_loaded: bool = False) -> None:
+        """Listen (port 0 picks a free one), load the models, then report SERVING.
+
+        `freeze_loaded`: the process is this server's own (`weir serve`), so what loading created stays until it
+        exits and is moved out of the garbage collector's reach first (`freeze_startup_objects`).
+        """
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
         try:
@@ -89,6 +93,8 @@ class WeirServer:
         for model in self.registry.models():
             if model.generator is not None:
                 model.generator.on_death = self._engine_died
+        if freeze_loaded:
+            freeze_startup_objects()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         names = ", ".join(f"{m.id} ({m.task})" for m in self.registry.models()) or "none"
         logger.info("Weir is ready on %s serving %s", self.address, names)
@@ -161,13 +167,12 @@ async def serve_async(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    start = asyncio.ensure_future(server.start())
+    start = asyncio.ensure_future(server.start(freeze_loaded=True))
     stop_wait = asyncio.ensure_future(stopping.wait())
     try:
         done, _ = await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if start in done:
             start.result()  # raises if loading failed
-            freeze_startup_objects()  # this process's models, tokenizers and modules stay until it exits
             assert server.engine_failure is not None
             done, _ = await asyncio.wait({stop_wait, server.engine_failure}, return_when=asyncio.FIRST_COMPLETED)
             if server.engine_failure in done:

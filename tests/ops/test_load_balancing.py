@@ -32,12 +32,16 @@ def second_server(tiny_model: Path) -> Iterator[ServerProcess]:
 def test_round_robin_spreads_calls_over_healthy_servers_and_skips_one_that_leaves(traced_server, second_server):
     first, second = traced_server, second_server
     target = "ipv4:" + ",".join((first.target, second.target))
-    before = _tokenize_calls(first)
     with WeirClient(target, load_balancing="round_robin", timeout=10) as client:
-        client.wait_until_ready(30)
+        client.wait_until_ready(30)  # one subchannel is enough for this: the other may still be connecting
+        deadline = time.monotonic() + 30
+        while _tokenize_calls(second) == 0:
+            assert time.monotonic() < deadline, "the second server never got a call"
+            client.tokenize(["warm up"])
+        before, before_second = _tokenize_calls(first), _tokenize_calls(second)
         for _ in range(10):
             assert client.tokenize(["hello world"])[0].token_ids
-        on_first, on_second = _tokenize_calls(first) - before, _tokenize_calls(second)
+        on_first, on_second = _tokenize_calls(first) - before, _tokenize_calls(second) - before_second
         assert on_first + on_second == 10
         assert on_first >= 3 and on_second >= 3  # round robin, not pick_first
 
