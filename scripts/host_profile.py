@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--no-gc-freeze", action="store_true")
+    parser.add_argument("--run-ahead", action="store_true", help="launch each step before reading the last's tokens")
     parser.add_argument("--no-detokenize", action="store_true", help="as in an engine-core process")
     args = parser.parse_args()
 
@@ -70,6 +71,7 @@ def main() -> None:
         runner.graphs = graphs
         engine.overlap_outputs = True
         engine.detokenize_all = not args.no_detokenize
+        engine.run_ahead = args.run_ahead
         if not args.no_gc_freeze:
             freeze_startup_objects()  # as EngineLoop.run does
         params = SamplingParams(
@@ -102,8 +104,8 @@ def main() -> None:
         timed("logits", runner.model, "compute_logits")
         timed("update", engine.scheduler, "update")
         timed("flush (detokenize, outputs)", engine, "_flush")
-        timed("sampler", engine, "sampler")
-        timed("append", engine, "_append")
+        timed("sampler", engine.sampler, "sample")
+        timed("read back + append", engine, "_take")
         profiler = cProfile.Profile() if args.profile else None
         steps, started = 0, time.perf_counter()
         if profiler:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from weir_server.config import EngineConfig
+from weir_server.distributed import parallel_state
 from weir_server.engine.block_manager import BlockManager
 from weir_server.engine.detokenizer import IncrementalDetokenizer
 from weir_server.engine.sampler import Sampler, make_generator, token_logprobs
@@ -27,7 +28,7 @@ from weir_server.engine.types import (
 )
 from weir_server.engine.validation import RequestValidator
 from weir_server.errors import EngineStepError
-from weir_server.executor.model_runner import ModelOutput, ModelRunner
+from weir_server.executor.model_runner import ModelOutput, ModelRunner, TokenFeed
 
 if TYPE_CHECKING:
     from weir_server.models.loader import LoadedModel
@@ -36,6 +37,25 @@ logger = logging.getLogger(__name__)
 
 # Finish reasons given by aborts and failures, which hand out the choice's last output themselves.
 _ENDED_ELSEWHERE = (FinishReason.CANCELLED, FinishReason.ERROR)
+
+
+@dataclasses.dataclass(slots=True)
+class _Launched:
+    """A step whose sampled tokens are still on the device: which placeholder each one fills."""
+
+    seqs: list[Sequence]
+    indices: list[int]  # the placeholder's index in each sequence's token_ids
+    tokens: torch.Tensor  # [S] on the model's device
+    logprobs: list[TokenLogprob | None]
+    host: torch.Tensor | None = None  # pinned copy being filled, and the event that says it is
+    ready: torch.cuda.Event | None = None
+
+    def token_list(self) -> list[int]:
+        if self.ready is None:
+            return self.tokens.tolist()
+        self.ready.synchronize()
+        assert self.host is not None
+        return self.host.tolist()
 
 
 @dataclasses.dataclass(slots=True)
@@ -76,6 +96,11 @@ class LLMEngine:
         # False in an engine-core process: text is made by the server process (`OutputText`), in parallel, except
         # for choices with stop strings, which must end here when one appears.
         self.detokenize_all = True
+        # Run ahead: launch step N+1 before step N's tokens are read back (its inputs come from them on the
+        # device), so scheduling, input preparation and output work overlap the GPU. Only where the model runs
+        # asynchronously and on one rank (tensor-parallel workers get token ids from the host).
+        self.run_ahead = self.overlap_outputs and parallel_state.tp_size() == 1
+        self._launched: _Launched | None = None  # the step running ahead, tokens not yet read
 
     # ---- requests ---------------------------------------------------------------------------------------
 
@@ -94,6 +119,7 @@ class LLMEngine:
         for index in range(params.n):
             leader = seqs[0] if share and seqs else None
             seq = Sequence(request.request_id, index, prompt, params, request.arrival_time, leader=leader)
+            seq.length_limit = min(seq.length_limit, self.max_seq_len)
             if params.seed is not None:
                 seq.generator = make_generator(params.seed, index, self.runner.device)
             if self.tokenizer is not None and (self.detokenize_all or params.stop):
@@ -110,7 +136,7 @@ class LLMEngine:
         return [self._output(seq, "") for seq in self.scheduler.abort(request_id)]
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._deferred)
+        return self.scheduler.has_unfinished() or bool(self._deferred) or self._launched is not None
 
     # ---- the step -----------------------------------------------------------------------------------------
 
@@ -119,42 +145,101 @@ class LLMEngine:
 
         With `overlap_outputs` the outputs of the tokens sampled in one step are detokenized and built in the
         next, while its model runs on the device; a stop string found then wastes that step's token of its choice.
+        With `run_ahead` the next step is also scheduled and launched before this step's tokens are read back.
         """
         output = self.scheduler.schedule()
-        if output.is_empty:
-            return self._flush() + self._fail_unschedulable()
-        self.num_steps += 1
         outputs: list[GenerationOutput] = []
+        ahead = self._launched
+        in_flight = ahead is not None
+        self._launched = None
+        if ahead is not None and not self._can_run_ahead(output):
+            # This batch needs the tokens on the host first (penalties, constraints, logprobs): read them now and
+            # drop the sequences they ended.
+            outputs += self._take(ahead)
+            output.scheduled = [s for s in output.scheduled if not s.seq.is_finished]
+            ahead = None
+        if output.is_empty:
+            if ahead is not None:
+                outputs += self._take(ahead)
+            # Scheduled while tokens were in flight, an empty batch says nothing about what fits: next step.
+            unschedulable = [] if in_flight else self._fail_unschedulable()
+            return outputs + self._flush() + unschedulable
+        self.num_steps += 1
+        launched: _Launched | None = None
         try:
             # Constrained rows' token masks are filled on a helper thread while the model runs.
             mask = self.structured.submit([s.seq.grammar for s in output.scheduled if s.do_sample])
-            result = self.runner.execute(output.scheduled)
+            feed = TokenFeed(ahead.tokens, {seq.seq_id: i for i, seq in enumerate(ahead.seqs)}) if ahead else None
+            result = self.runner.execute(output.scheduled, feed)
             self._record_prompt_logprobs(result)
-            self.scheduler.update(output)
-            outputs = self._flush()  # the host's share of the previous step, while the device computes
             sample_seqs = [s.seq for s in result.sample_seqs]
-            sampled = (
-                self.sampler(result.sample_logits, sample_seqs, self.eos_token_ids, mask.result() if mask else None)
-                if sample_seqs
-                else None
-            )
+            if sample_seqs:
+                tokens, logprobs = self.sampler.sample(
+                    result.sample_logits, sample_seqs, self.eos_token_ids, mask.result() if mask else None
+                )
+                launched = self._launch_readback(sample_seqs, tokens, logprobs)
+            if ahead is not None:
+                outputs += self._take(ahead)  # the previous step's tokens, while this one runs
+            self.scheduler.update(output)
+            if self.overlap_outputs:
+                outputs += self._flush()  # the host's share of earlier steps, while the device computes
         except Exception as error:  # any failure of the model must not stop the engine
             logger.exception("engine step failed; failing the %d requests in it", len(output.scheduled))
-            return outputs + self._flush() + self._fail_step(output, f"{type(error).__name__}: {error}")
-        if sampled is None:
-            return outputs
-        append, finished = self._append, SequenceStatus.FINISHED
-        for seq, token_id, logprob in zip(sample_seqs, sampled.token_ids, sampled.logprobs, strict=True):
-            if seq.status is finished:  # a sibling's failure, or a stop string found late, already ended it
+            failed = [s.seq for s in output.scheduled] + (ahead.seqs if ahead is not None else [])
+            message = f"{type(error).__name__}: {error}"
+            return outputs + self._flush() + self.fail_requests([seq.request_id for seq in failed], message)
+        if launched is not None and self.run_ahead and self._can_run_ahead(output):
+            self._launched = launched  # read back next step
+        elif launched is not None:
+            outputs += self._take(launched)
+        if not self.overlap_outputs:
+            outputs += self._flush()
+        return outputs
+
+    def _can_run_ahead(self, output: SchedulerOutput) -> bool:
+        """Whether a batch can be launched while the previous step's tokens are unread, and itself run ahead:
+        nothing in it reads its own output tokens on the host before sampling."""
+        for s in output.scheduled:
+            seq = s.seq
+            params = seq.params
+            if (
+                seq.grammar is not None
+                or params.logprobs is not None
+                or seq.wants_prompt_logprobs
+                or params.repetition_penalty != 1.0
+                or params.presence_penalty != 0.0
+                or params.frequency_penalty != 0.0
+            ):
+                return False
+        return True
+
+    def _launch_readback(
+        self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: list[TokenLogprob | None]
+    ) -> _Launched:
+        """Take each sampled sequence's next slot and start copying the tokens to the host."""
+        launched = _Launched(seqs, [seq.add_placeholder() for seq in seqs], tokens, logprobs)
+        if tokens.device.type == "cuda":
+            launched.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            launched.host.copy_(tokens, non_blocking=True)
+            launched.ready = torch.cuda.Event()
+            launched.ready.record()
+        return launched
+
+    def _take(self, launched: _Launched) -> list[GenerationOutput]:
+        """Read a launched step's tokens back and add them to their sequences (ending some of them)."""
+        outputs: list[GenerationOutput] = []
+        finished = SequenceStatus.FINISHED
+        token_ids = launched.token_list()
+        rows = zip(launched.seqs, launched.indices, token_ids, launched.logprobs, strict=True)
+        for seq, index, token_id, logprob in rows:
+            if seq.status is finished:  # aborted, failed, or ended by a stop string found late
                 continue
+            self.num_generated_tokens += 1
             try:
-                append(seq, token_id, logprob)
+                self._append(seq, index, token_id, logprob)
             except Exception as error:  # a constraint failure ends this request only
                 logger.exception("post-processing request %s failed", seq.request_id)
                 outputs += self.fail_requests([seq.request_id], f"{type(error).__name__}: {error}")
-        self.num_generated_tokens += len(sampled.token_ids)
-        if not self.overlap_outputs:
-            outputs += self._flush()
         return outputs
 
     def _record_prompt_logprobs(self, result: ModelOutput) -> None:
@@ -169,13 +254,13 @@ class LLMEngine:
                 if start + 1 + offset == len(seq.prompt_logprobs):  # positions recomputed after preemption are known
                     seq.prompt_logprobs.append(entry)
 
-    def _append(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> None:
-        """Add a sampled token and end the choice on a stop token or its length; the text and the output
-        follow in `_flush` (a stop string can still end it there)."""
-        seq.append_token(token_id, logprob)
+    def _append(self, seq: Sequence, index: int, token_id: int, logprob: TokenLogprob | None) -> None:
+        """Fill a sampled token's placeholder and end the choice on a stop token or its length; the text and the
+        output follow in `_flush` (a stop string can still end it there)."""
+        seq.set_token(index, token_id, logprob)
         params = seq.params
         grammar = seq.grammar
-        num_output = seq.num_output_tokens
+        num_output = index + 1 - seq.num_prompt_tokens  # a later token may already be in flight
         reason: FinishReason | None = None
         if grammar is not None and not grammar.accept(token_id):
             raise EngineStepError(f"the output constraint does not allow token {token_id} here")
@@ -186,7 +271,7 @@ class LLMEngine:
             token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)
         ):
             reason = FinishReason.STOP
-        elif num_output >= params.max_tokens or len(seq.token_ids) >= self.max_seq_len:
+        elif num_output >= params.max_tokens or index + 1 >= self.max_seq_len:
             reason = FinishReason.LENGTH
         # A stop token's own text is not part of the answer unless asked.
         keep = reason is not FinishReason.STOP or params.include_stop_str_in_output

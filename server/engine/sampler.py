@@ -69,6 +69,13 @@ class Sampler:
         self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Seq[int], mask: TokenMask | None = None
     ) -> SamplerOutput:
         """`mask` holds the tokens each constrained row may take; logprobs are the model's, before it."""
+        tokens, entries = self.sample(logits, seqs, eos_token_ids, mask)
+        return SamplerOutput(tokens.tolist(), entries)
+
+    def sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Seq[int], mask: TokenMask | None = None
+    ) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
+        """The chosen tokens left on the logits' device, and the logprob entries (which do read back)."""
         assert logits.shape[0] == len(seqs)
         logits = logits.float()
         device = logits.device
@@ -96,7 +103,7 @@ class Sampler:
             found = token_logprobs(raw_logprobs, tokens[rows], [params[i].logprobs or 0 for i in lp_rows])
             for i, entry in zip(lp_rows, found, strict=True):
                 entries[i] = entry
-        return SamplerOutput(tokens.tolist(), entries)
+        return tokens, entries
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

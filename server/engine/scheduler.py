@@ -105,7 +105,10 @@ class Scheduler:
         decodes: list[Sequence] = []
         prefills: list[Sequence] = []
         for seq in self.running:
-            (decodes if seq.num_computed_tokens + 1 == len(seq.token_ids) else prefills).append(seq)
+            num_tokens = len(seq.token_ids)
+            if num_tokens >= seq.length_limit:  # its last token is still in flight: it ends when that arrives
+                continue
+            (decodes if seq.num_computed_tokens + 1 == num_tokens else prefills).append(seq)
         running = SequenceStatus.RUNNING
         for group in (decodes, prefills):
             for seq in group:
@@ -177,17 +180,29 @@ class Scheduler:
         self.num_preemptions += 1
 
     def update(self, output: SchedulerOutput) -> None:
-        """Account a finished step: the scheduled tokens now have KV, and full blocks enter the prefix cache."""
+        """Account a launched step: the scheduled tokens now have KV, and full blocks enter the prefix cache.
+        Sequences that ended meanwhile (a token sampled by the step before, read back since) are skipped."""
         commit = self.block_manager.commit
+        running = SequenceStatus.RUNNING
         for s in output.scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
-            commit(s.seq)
+            if s.seq.status is running:
+                s.seq.num_computed_tokens += s.num_new_tokens
+                commit(s.seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Release a finished running sequence."""
+        """Release a finished sequence: running, or preempted while its last token was in flight."""
         assert seq.is_finished
+        if seq in self._waiting_set(seq.request_id):
+            self.waiting.remove(seq)
+            self._waiting_requests[seq.request_id] -= 1
+            if not self._waiting_requests[seq.request_id]:
+                del self._waiting_requests[seq.request_id]
+            return
         self.running.remove(seq)
         self.block_manager.free(seq)
+
+    def _waiting_set(self, request_id: str) -> list[Sequence]:
+        return [s for s in self.waiting if s.request_id == request_id] if request_id in self._waiting_requests else []
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> list[Sequence]:
         """Remove every unfinished sequence of a request, free its blocks, and return them."""

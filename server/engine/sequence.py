@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 _seq_ids = itertools.count()
 
+# A sampled token still on the device: its slot in `token_ids` is taken when the step is launched, so the next
+# step can be scheduled before the value is read back (`LLMEngine` running ahead); the value replaces it later.
+PLACEHOLDER = -1
+
 
 class SequenceStatus(enum.Enum):
     """Where a sequence is: queued, holding KV blocks, or done."""
@@ -67,6 +71,9 @@ class Sequence:
         # Output not yet handed out: tokens (and their logprobs) since the previous GenerationOutput.
         self.pending_token_ids: list[int] = []
         self.pending_logprobs: list[TokenLogprob] = []
+        # Tokens it may reach (prompt + max_tokens, capped by the engine's context): a step running ahead does not
+        # schedule a sequence whose token in flight is its last.
+        self.length_limit = self.num_prompt_tokens + params.max_tokens
 
     def __repr__(self) -> str:
         return (
@@ -111,14 +118,26 @@ class Sequence:
 
     def append_token(self, token_id: int, logprob: TokenLogprob | None) -> None:
         """Record a sampled token (its KV is computed next step)."""
+        self.set_token(self.add_placeholder(), token_id, logprob)
+
+    def add_placeholder(self) -> int:
+        """Take the slot of a token being sampled; returns its index for `set_token`."""
+        self.token_ids.append(PLACEHOLDER)
+        return len(self.token_ids) - 1
+
+    def set_token(self, index: int, token_id: int, logprob: TokenLogprob | None) -> None:
+        """Fill a placeholder with the sampled token and queue it for output."""
         if self.first_token_time is None:
             self.first_token_time = time.time()
-        self.token_ids.append(token_id)
+        self.token_ids[index] = token_id
         self.pending_token_ids.append(token_id)
         if logprob is not None:
             self.pending_logprobs.append(logprob)
 
     def finish(self, reason: FinishReason, stop_reason: str | None = None, error: str | None = None) -> None:
+        token_ids = self.token_ids
+        while token_ids and token_ids[-1] == PLACEHOLDER:  # tokens still being sampled are not part of it
+            token_ids.pop()
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
         self.stop_reason = stop_reason

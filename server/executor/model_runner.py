@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import mmap
 import os
@@ -16,7 +17,7 @@ from weir_server.config import EngineConfig
 from weir_server.distributed import parallel_state
 from weir_server.distributed.communication import min_across_ranks
 from weir_server.engine.scheduler import ScheduledSeq
-from weir_server.engine.sequence import Sequence
+from weir_server.engine.sequence import PLACEHOLDER, Sequence
 from weir_server.engine.types import SamplingParams
 from weir_server.executor.cuda_graphs import DecodeGraphs
 from weir_server.layers.attention_metadata import AttentionMetadata
@@ -41,6 +42,15 @@ class ModelInput:
     logits_indices: torch.Tensor  # [N] token rows whose logits are computed
     prompt_rows: list[tuple[int, int, int]]  # (batch index, first logits row, number of rows) per prompt-logprobs seq
     sample_rows: list[int]  # batch index of each sampled sequence; their rows follow the prompt rows
+
+
+@dataclass
+class TokenFeed:
+    """Tokens sampled by the previous step, still on the device: the inputs of sequences whose last token is a
+    PLACEHOLDER come from here (`rows`: seq_id -> row of `tokens`)."""
+
+    tokens: torch.Tensor  # [S] int64
+    rows: dict[int, int]
 
 
 @dataclass
@@ -229,14 +239,16 @@ class ModelRunner:
             sample_rows=sample_rows,
         )
 
-    def execute(self, batch: list[ScheduledSeq]) -> ModelOutput:
-        """Run the model over the batch (writing its K/V) and return the logits the step needs."""
+    def execute(self, batch: list[ScheduledSeq], feed: TokenFeed | None = None) -> ModelOutput:
+        """Run the model over the batch (writing its K/V) and return the logits the step needs. Placeholder
+        input tokens are taken from `feed` on the device, without waiting for them."""
         if self.publisher is not None:
             self.publisher.publish(batch)
         if self.device.type == "cpu":
             self._set_cpu_threads(sum(s.num_new_tokens for s in batch))
         decode = self.graphs.prepare(batch) if self.graphs is not None else None
         if decode is not None:
+            _feed_placeholders(self.graphs.i64[0], batch, range(len(batch)), feed)  # type: ignore[union-attr]
             prompt_rows, sample_rows = _logit_rows(batch, range(len(batch)))
             with torch.inference_mode():
                 hidden = self.graphs.replay(decode)  # type: ignore[union-attr]
@@ -248,6 +260,8 @@ class ModelRunner:
             prompt_rows = _number_prompt_rows(prompt_rows)
         else:
             model_input = self.prepare(batch)
+            first_rows = itertools.accumulate((s.num_new_tokens for s in batch[:-1]), initial=0)
+            _feed_placeholders(model_input.input_ids, batch, list(first_rows), feed)
             prompt_rows, sample_rows = model_input.prompt_rows, model_input.sample_rows
             with torch.inference_mode():
                 hidden = self.forward(model_input)
@@ -262,6 +276,25 @@ class ModelRunner:
     def forward(self, model_input: ModelInput) -> torch.Tensor:
         """The model call; the seam where a CUDA-graph runner replays captured decode batches."""
         return self.model(model_input.input_ids, model_input.positions, self.kv_caches, model_input.attn)
+
+
+def _feed_placeholders(
+    input_ids: torch.Tensor, batch: list[ScheduledSeq], first_rows: Sequence_[int], feed: TokenFeed | None
+) -> None:
+    """Write the previous step's sampled tokens (on the device) into the input rows that hold placeholders."""
+    dst: list[int] = []
+    src: list[int] = []
+    for s, first in zip(batch, first_rows, strict=True):
+        token_ids = s.seq.token_ids
+        last = len(token_ids) - 1
+        if token_ids[last] == PLACEHOLDER and s.start <= last:  # only a sequence's last token can be one
+            assert feed is not None, "a placeholder input without the step that samples it"
+            dst.append(first + last - s.start)
+            src.append(feed.rows[s.seq.seq_id])
+    if dst:
+        device = input_ids.device
+        rows = torch.tensor(src, device=device)
+        input_ids.index_copy_(0, torch.tensor(dst, device=device), feed.tokens.index_select(0, rows))  # type: ignore[union-attr]
 
 
 def _lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -115,10 +115,10 @@ async def test_full_waiting_queue_raises_queue_full(tiny_loaded):
 async def test_step_exception_fails_only_that_steps_requests_and_engine_keeps_running(engine, monkeypatch):
     original = engine.engine.runner.execute
 
-    def flaky(batch):
+    def flaky(batch, *rest):
         if any(s.seq.request_id == "bad" for s in batch):
             raise RuntimeError("injected failure")
-        return original(batch)
+        return original(batch, *rest)
 
     monkeypatch.setattr(engine.engine.runner, "execute", flaky)
     bad = await _collect(engine, GenerationRequest("bad", prompt(4, 6), greedy(3)))

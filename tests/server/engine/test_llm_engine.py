@@ -176,10 +176,10 @@ def test_step_exception_fails_only_that_steps_requests(tiny_loaded, monkeypatch)
     engine.add_request(GenerationRequest("good", prompt(2, 6), greedy(3)))
     original = engine.runner.execute
 
-    def boom(batch):
+    def boom(batch, *rest):
         if any(s.seq.request_id == "bad" for s in batch):
             raise RuntimeError("kaboom")
-        return original(batch)
+        return original(batch, *rest)
 
     monkeypatch.setattr(engine.runner, "execute", boom)
     failed = engine.step()
