@@ -62,7 +62,7 @@ def server_args(model_dir: Path, args: argparse.Namespace, dtype: str = "bfloat1
         "--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
         "--max-waiting", str(max(4 * args.num_requests, 1024)), "--log-level", "warning",
         "--tensor-parallel-size", str(args.tensor_parallel_size),
-        *(["--enforce-eager"] if args.enforce_eager else []),
+        *(["--enforce-eager"] if args.enforce_eager else []), *(["--no-run-ahead"] if args.no_run_ahead else []),
     ]  # fmt: skip
 
 
@@ -218,7 +218,7 @@ def engine_loop(llm: Any, args: argparse.Namespace, prompts: list[list[int]], pe
     from weir_bench.report import summarize
     from weir_server.engine.types import GenerationRequest, SamplingParams
 
-    spent = {"schedule": 0.0, "execute (launch)": 0.0, "sample (waits for GPU)": 0.0}
+    spent = {"schedule": 0.0, "execute (launch)": 0.0, "sample (launch)": 0.0, "read back (waits for GPU)": 0.0}
 
     def timed(name: str, fn: Any) -> Any:
         def wrapper(*a: Any, **k: Any) -> Any:
@@ -232,7 +232,8 @@ def engine_loop(llm: Any, args: argparse.Namespace, prompts: list[list[int]], pe
 
     llm.scheduler.schedule = timed("schedule", llm.scheduler.schedule)
     llm.runner.execute = timed("execute (launch)", llm.runner.execute)
-    llm.sampler = timed("sample (waits for GPU)", llm.sampler)
+    llm.sampler.sample = timed("sample (launch)", llm.sampler.sample)
+    llm._take = timed("read back (waits for GPU)", llm._take)
     params = SamplingParams(max_tokens=args.output_tokens, min_tokens=args.output_tokens, ignore_eos=True)
     timings: dict[str, RequestTiming] = {}
     steps0 = llm.num_steps
@@ -494,6 +495,7 @@ def main() -> int:
     bench.add_argument("--max-model-len", type=int, default=4096)
     bench.add_argument("--gpu-memory-utilization", type=float, default=0.35)
     bench.add_argument("--enforce-eager", action="store_true")
+    bench.add_argument("--no-run-ahead", action="store_true", help="the server reads each step's tokens first")
     bench.add_argument("--skip-hf", action="store_true")
     bench.add_argument("--skip-inprocess", action="store_true", help="only the gRPC (and HF) rows")
     bench.add_argument(

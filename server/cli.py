@@ -63,6 +63,10 @@ def build_parser(prog: str = "weir serve") -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=_SCHEDULER.max_waiting, help="queued requests before refusing")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     p.add_argument(
+        "--no-run-ahead", dest="run_ahead", action="store_false",
+        help="on CUDA, read each step's sampled tokens back before launching the next (default: run ahead)",
+    )
+    p.add_argument(
         "--engine-core", default="auto", choices=ENGINE_CORES,
         help="run the generation engine on a thread of the server or in its own process (auto: a process on "
         "CUDA, a thread on CPU) (default %(default)s)",
@@ -157,7 +161,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         if args.num_threads is not None and args.num_threads < 1:
             raise ValueError(f"--num-threads must be at least 1, got {args.num_threads}")
         executor = ExecutorConfig(
-            enforce_eager=args.enforce_eager, num_threads=args.num_threads, engine_core=args.engine_core
+            enforce_eager=args.enforce_eager, num_threads=args.num_threads, engine_core=args.engine_core,
+            run_ahead=args.run_ahead,
         )
         generate = EngineConfig(model, cache, scheduler, executor, parallel)
     embed = None

@@ -52,6 +52,9 @@ class ExecutorConfig:
     """How the model runs."""
 
     enforce_eager: bool = False  # disable CUDA graphs
+    # On CUDA (one rank): launch step N+1 before reading step N's tokens back. False reads every step's tokens
+    # first, for comparing the two.
+    run_ahead: bool = True
     cuda_graph_max_batch: int = 512
     num_threads: int | None = None  # torch intra-op threads on CPU; None = all cores
     # Where the generation engine steps: "thread" of the server process, its own "process" (frees the server's

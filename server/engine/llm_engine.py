@@ -99,7 +99,7 @@ class LLMEngine:
         # Run ahead: launch step N+1 before step N's tokens are read back (its inputs come from them on the
         # device), so scheduling, input preparation and output work overlap the GPU. Only where the model runs
         # asynchronously and on one rank (tensor-parallel workers get token ids from the host).
-        self.run_ahead = self.overlap_outputs and parallel_state.tp_size() == 1
+        self.run_ahead = config.executor.run_ahead and self.overlap_outputs and parallel_state.tp_size() == 1
         self._launched: _Launched | None = None  # the step running ahead, tokens not yet read
 
     # ---- requests ---------------------------------------------------------------------------------------

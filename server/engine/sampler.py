@@ -10,6 +10,7 @@ import torch
 
 from weir_server.engine.sequence import Sequence
 from weir_server.engine.types import TokenLogprob, TopLogprob
+from weir_server.executor.transfer import to_device
 
 if TYPE_CHECKING:
     from weir_server.engine.structured import TokenMask
@@ -37,7 +38,7 @@ def _pad(rows: list[list[int]], fill: int, device: torch.device) -> torch.Tensor
     for i, r in enumerate(rows):
         if r:
             out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out.to(device)
+    return to_device(out, device)
 
 
 def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: Seq[int]) -> list[TokenLogprob]:
@@ -93,7 +94,7 @@ class Sampler:
         greedy_rows = [p.greedy for p in params]
         tokens = logits.max(dim=-1).indices  # same first-max ties as argmax, several times faster on CPU
         if not all(greedy_rows):  # decided on the host: no device round trip for all-greedy batches
-            greedy = torch.tensor(greedy_rows, device=device)
+            greedy = to_device(greedy_rows, device)
             sampled = self._sample(logits, seqs)
             tokens = torch.where(greedy, tokens, sampled)
 
@@ -121,15 +122,15 @@ class Sampler:
         )
         counts = counts[:, :vocab]
         if use_add:
-            freq = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
-            pres = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
+            freq = to_device([p.frequency_penalty for p in params], device).unsqueeze(1)
+            pres = to_device([p.presence_penalty for p in params], device).unsqueeze(1)
             logits = logits - freq * counts - pres * (counts > 0).float()
         if use_rep:
             prompts = _pad([s.prompt_token_ids for s in seqs], vocab, device)
             seen = torch.zeros(n, vocab + 1, dtype=torch.bool, device=device)
             seen.scatter_(1, prompts, True)
             seen = seen[:, :vocab] | (counts > 0)
-            rep = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1).expand_as(logits)
+            rep = to_device([p.repetition_penalty for p in params], device).unsqueeze(1).expand_as(logits)
             penalized = torch.where(logits > 0, logits / rep, logits * rep)
             logits = torch.where(seen, penalized, logits)
         return logits
@@ -165,16 +166,16 @@ class Sampler:
         """Random draw per row after temperature, top-k, top-p and min-p (greedy rows get temperature 1)."""
         params = [s.params for s in seqs]
         device, vocab = logits.device, logits.shape[-1]
-        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+        temps = to_device([1.0 if p.greedy else p.temperature for p in params], device)
         logits = logits / temps.unsqueeze(1)
 
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
         if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
-            logits = apply_top_k_top_p(logits, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device))
+            logits = apply_top_k_top_p(logits, to_device(top_k, device), to_device(top_p, device))
         min_p = [p.min_p for p in params]
         if any(m > 0.0 for m in min_p):
-            logits = apply_min_p(logits, torch.tensor(min_p, device=device))
+            logits = apply_min_p(logits, to_device(min_p, device))
 
         probs = torch.softmax(logits, dim=-1)
         # argmax(p / q) with q ~ Exp(1) is a draw from p; seeded rows take their uniforms from their own RNG.

@@ -20,6 +20,7 @@ from weir_server.engine.scheduler import ScheduledSeq
 from weir_server.engine.sequence import PLACEHOLDER, Sequence
 from weir_server.engine.types import SamplingParams
 from weir_server.executor.cuda_graphs import DecodeGraphs
+from weir_server.executor.transfer import to_device
 from weir_server.layers.attention_metadata import AttentionMetadata
 from weir_server.layers.cpu_linear import pack_linear_layers
 
@@ -220,10 +221,10 @@ class ModelRunner:
 
         device = self.device
         attn = AttentionMetadata(
-            slot_mapping=slot_mapping.to(device),
-            block_tables=block_tables.to(device=device, dtype=torch.int32),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-            query_start_loc=query_start_loc.to(device=device, dtype=torch.int32),
+            slot_mapping=to_device(slot_mapping, device),
+            block_tables=to_device(block_tables, device, torch.int32),
+            context_lens=to_device(context_lens, device, torch.int32),
+            query_start_loc=to_device(query_start_loc, device, torch.int32),
             max_query_len=max(lens),
             max_context_len=max(context_lens),
             block_size=bs,
@@ -231,10 +232,10 @@ class ModelRunner:
             context_lens_cpu=context_lens,
         )
         return ModelInput(
-            input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
-            positions=positions.to(device),
+            input_ids=to_device(token_ids, device, torch.long),
+            positions=to_device(positions, device),
             attn=attn,
-            logits_indices=torch.cat(indices).to(device),
+            logits_indices=to_device(torch.cat(indices), device),
             prompt_rows=prompt_rows,
             sample_rows=sample_rows,
         )
@@ -256,7 +257,7 @@ class ModelRunner:
                     logits = self.model.compute_logits(hidden)
                 else:
                     rows = [r for _, first, n in prompt_rows for r in range(first, first + n)] + sample_rows
-                    logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+                    logits = self.model.compute_logits(hidden[to_device(rows, self.device, torch.long)])
             prompt_rows = _number_prompt_rows(prompt_rows)
         else:
             model_input = self.prepare(batch)
@@ -293,8 +294,8 @@ def _feed_placeholders(
             src.append(feed.rows[s.seq.seq_id])
     if dst:
         device = input_ids.device
-        rows = torch.tensor(src, device=device)
-        input_ids.index_copy_(0, torch.tensor(dst, device=device), feed.tokens.index_select(0, rows))  # type: ignore[union-attr]
+        rows = to_device(src, device, torch.long)
+        input_ids.index_copy_(0, to_device(dst, device, torch.long), feed.tokens.index_select(0, rows))  # type: ignore[union-attr]
 
 
 def _lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
