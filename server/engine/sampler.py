@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -11,10 +13,12 @@ import torch
 from weir_server.engine.sequence import Sequence
 from weir_server.engine.types import TokenLogprob, TopLogprob
 from weir_server.executor.transfer import to_device
+from weir_server.kernels import HAS_TRITON
 
 if TYPE_CHECKING:
     from weir_server.engine.structured import TokenMask
 
+_SEED_MASK = 2**63 - 1
 _TOP_P_CANDIDATES = 256  # candidates per row that top-k/top-p masking looks at before sorting everything
 
 
@@ -65,6 +69,9 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: Seq
 
 class Sampler:
     """Chooses the next token of every row of a logits batch with tensor ops (no per-row vocab loops)."""
+
+    def __init__(self) -> None:
+        self._rng = random.Random()  # seeds of unseeded rows on the GPU sampler (seeded from the OS)
 
     def __call__(
         self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Seq[int], mask: TokenMask | None = None
@@ -161,9 +168,12 @@ class Sampler:
         possible = torch.isfinite(masked).any(dim=-1, keepdim=True)
         return torch.where(possible, masked, logits)
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Random draw per row after temperature, top-k, top-p and min-p (greedy rows get temperature 1)."""
+        if logits.is_cuda and HAS_TRITON:
+            from weir_server.kernels.sampling import top_k_top_p_min_p_sample
+
+            return self._sample_hashed(logits, seqs, top_k_top_p_min_p_sample)
         params = [s.params for s in seqs]
         device, vocab = logits.device, logits.shape[-1]
         temps = to_device([1.0 if p.greedy else p.temperature for p in params], device)
@@ -185,6 +195,31 @@ class Sampler:
                 uniform[i] = torch.rand(vocab, device=device, generator=s.generator)
         q = uniform.clamp_(min=torch.finfo(uniform.dtype).tiny).log_().neg_()
         return (probs / q).argmax(dim=-1)
+
+
+    def _sample_hashed(
+        self, logits: torch.Tensor, seqs: list[Sequence], draw: Callable[..., torch.Tensor]
+    ) -> torch.Tensor:
+        """The GPU sampler (`weir_server.kernels.sampling`): filters and a Gumbel-max draw whose noise is a hash of
+        a per-row seed, so nothing is read back to the host and the engine can run ahead. A seeded choice's seed
+        for a step is derived from (seed, choice index, tokens so far): it reproduces whatever else is batched."""
+        params = [s.params for s in seqs]
+        device, vocab = logits.device, logits.shape[-1]
+        top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+        top_p = [p.top_p for p in params]
+        rng = self._rng
+        seeds = [
+            rng.getrandbits(63) if p.seed is None else hash((p.seed, s.index, s.num_output_tokens)) & _SEED_MASK
+            for s, p in zip(seqs, params, strict=True)
+        ]
+        return draw(
+            logits,
+            to_device([0.0 if p.greedy else p.temperature for p in params], device),
+            to_device(top_k, device) if any(top_k) else None,  # None: no row filters, so no sort at all
+            to_device(top_p, device) if any(x < 1.0 for x in top_p) else None,
+            to_device([p.min_p for p in params], device),
+            to_device(seeds, device),
+        )
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

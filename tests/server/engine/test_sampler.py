@@ -136,3 +136,43 @@ def test_candidate_top_k_top_p_equals_the_full_sort_reference():
         reference = _top_k_top_p_full_sort(logits, k, p)
         assert torch.equal(torch.isinf(fast), torch.isinf(reference))
         assert torch.equal(fast[torch.isfinite(fast)], logits[torch.isfinite(fast)])
+
+
+# ---- the GPU sampler's wiring (its Triton kernel is checked on the device; here its torch twin draws) ----------
+
+
+def _hashed(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    from weir_server.kernels.sampling import sample_torch
+
+    return Sampler()._sample_hashed(logits, seqs, sample_torch).tolist()
+
+
+def test_gpu_sampler_seeded_choices_repeat_whatever_else_is_batched():
+    logits = torch.randn(1, 50)
+    params = SamplingParams(temperature=1.0, seed=42)
+    alone = _hashed(logits, [_seq(params)])[0]
+    seqs = [_seq(SamplingParams(temperature=1.0)), _seq(params), _seq(SamplingParams(temperature=0.7, seed=7))]
+    assert _hashed(torch.cat([torch.randn(1, 50), logits, torch.randn(1, 50)]), seqs)[1] == alone
+    # Each step (tokens so far) and each choice index draws differently.
+    later = [_hashed(logits, [_seq(params, output=[1] * n)])[0] for n in range(12)]
+    assert len(set(later)) > 1
+    siblings = {_hashed(logits, [_seq(params, seed_index=i)])[0] for i in range(12)}
+    assert len(siblings) > 1
+
+
+def test_gpu_sampler_filters_and_greedy_rows():
+    logits = torch.randn(3, VOCAB)
+    seqs = [
+        _seq(SamplingParams(temperature=0.0)),
+        _seq(SamplingParams(temperature=5.0, top_k=1)),
+        _seq(SamplingParams(temperature=5.0, top_p=1e-6)),
+    ]
+    assert _hashed(logits, seqs) == logits.argmax(dim=-1).tolist()
+
+
+def test_gpu_sampler_follows_the_distribution():
+    probs = torch.tensor([0.7, 0.2, 0.1, 0.0])
+    seqs = [_seq(SamplingParams(temperature=1.0)) for _ in range(4000)]
+    tokens = torch.tensor(_hashed(probs.log().expand(4000, 4).contiguous(), seqs))
+    freq = torch.bincount(tokens, minlength=4).float() / 4000
+    assert torch.allclose(freq, probs, atol=0.03)
