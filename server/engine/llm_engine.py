@@ -13,6 +13,7 @@ from weir_server.config import EngineConfig
 from weir_server.distributed import parallel_state
 from weir_server.engine.block_manager import BlockManager
 from weir_server.engine.detokenizer import IncrementalDetokenizer
+from weir_server.engine.output_text import core_makes_text
 from weir_server.engine.sampler import Sampler, make_generator, token_logprobs
 from weir_server.engine.scheduler import Scheduler, SchedulerOutput
 from weir_server.engine.sequence import Sequence, SequenceStatus
@@ -120,9 +121,9 @@ class LLMEngine:
             leader = seqs[0] if share and seqs else None
             seq = Sequence(request.request_id, index, prompt, params, request.arrival_time, leader=leader)
             seq.length_limit = min(seq.length_limit, self.max_seq_len)
-            if params.seed is not None:
+            if params.seed is not None and self.sampler.uses_generators(self.runner.device):
                 seq.generator = make_generator(params.seed, index, self.runner.device)
-            if self.tokenizer is not None and (self.detokenize_all or params.stop):
+            if self.tokenizer is not None and (self.detokenize_all or core_makes_text(request)):
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params)
             if params.prompt_logprobs is not None:
                 seq.prompt_logprobs = [TokenLogprob(prompt[0], None)]
@@ -152,12 +153,14 @@ class LLMEngine:
         ahead = self._launched
         in_flight = ahead is not None
         self._launched = None
-        if ahead is not None and not self._can_run_ahead(output):
+        runs_ahead = self.run_ahead and self._can_run_ahead(output)
+        if ahead is not None and not runs_ahead:
             # This batch needs the tokens on the host first (penalties, constraints, logprobs): read them now and
             # drop the sequences they ended.
             outputs += self._take(ahead)
             output.scheduled = [s for s in output.scheduled if not s.seq.is_finished]
             ahead = None
+            runs_ahead = self._can_run_ahead(output)
         if output.is_empty:
             if ahead is not None:
                 outputs += self._take(ahead)
@@ -188,7 +191,7 @@ class LLMEngine:
             failed = [s.seq for s in output.scheduled] + (ahead.seqs if ahead is not None else [])
             message = f"{type(error).__name__}: {error}"
             return outputs + self._flush() + self.fail_requests([seq.request_id for seq in failed], message)
-        if launched is not None and self.run_ahead and self._can_run_ahead(output):
+        if launched is not None and runs_ahead:
             self._launched = launched  # read back next step
         elif launched is not None:
             outputs += self._take(launched)

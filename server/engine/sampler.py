@@ -168,9 +168,15 @@ class Sampler:
         possible = torch.isfinite(masked).any(dim=-1, keepdim=True)
         return torch.where(possible, masked, logits)
 
+    @staticmethod
+    def uses_generators(device: torch.device) -> bool:
+        """Whether seeded rows draw from their own `torch.Generator` (`make_generator`) on `device`; the GPU
+        sampler derives its per-row seeds instead."""
+        return not (device.type == "cuda" and HAS_TRITON)
+
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Random draw per row after temperature, top-k, top-p and min-p (greedy rows get temperature 1)."""
-        if logits.is_cuda and HAS_TRITON:
+        if not self.uses_generators(logits.device):
             from weir_server.kernels.sampling import top_k_top_p_min_p_sample
 
             return self._sample_hashed(logits, seqs, top_k_top_p_min_p_sample)

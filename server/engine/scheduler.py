@@ -91,10 +91,13 @@ class Scheduler:
 
     def _pop_waiting(self) -> Sequence:
         seq = self.waiting.popleft()
+        self._uncount_waiting(seq)
+        return seq
+
+    def _uncount_waiting(self, seq: Sequence) -> None:
         self._waiting_requests[seq.request_id] -= 1
         if not self._waiting_requests[seq.request_id]:
             del self._waiting_requests[seq.request_id]
-        return seq
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's batch: running decodes, then running prefill chunks, then new admissions."""
@@ -192,17 +195,12 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         """Release a finished sequence: running, or preempted while its last token was in flight."""
         assert seq.is_finished
-        if seq in self._waiting_set(seq.request_id):
+        if seq.request_id in self._waiting_requests and seq in self.waiting:  # its blocks went at preemption
             self.waiting.remove(seq)
-            self._waiting_requests[seq.request_id] -= 1
-            if not self._waiting_requests[seq.request_id]:
-                del self._waiting_requests[seq.request_id]
+            self._uncount_waiting(seq)
             return
         self.running.remove(seq)
         self.block_manager.free(seq)
-
-    def _waiting_set(self, request_id: str) -> list[Sequence]:
-        return [s for s in self.waiting if s.request_id == request_id] if request_id in self._waiting_requests else []
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> list[Sequence]:
         """Remove every unfinished sequence of a request, free its blocks, and return them."""
