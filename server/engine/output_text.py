@@ -29,7 +29,6 @@ class OutputText:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self._choices: dict[str, list[IncrementalDetokenizer]] = {}
-        self._drop_stop_text: dict[str, bool] = {}
 
     def add_request(self, request: GenerationRequest) -> None:
         if self.tokenizer is None or core_makes_text(request):
@@ -38,19 +37,18 @@ class OutputText:
         self._choices[request.request_id] = [
             IncrementalDetokenizer(self.tokenizer, prompt, params) for _ in range(params.n)
         ]
-        self._drop_stop_text[request.request_id] = not params.include_stop_str_in_output
 
     def forget(self, request_id: str) -> None:
         self._choices.pop(request_id, None)
-        self._drop_stop_text.pop(request_id, None)
 
     def fill(self, output: GenerationOutput) -> None:
         """Set the text of an output (in place) if its choice is detokenized here; each output once, in order."""
         detokenizers = self._choices.get(output.request_id)
         if detokenizers is None:
             return
+        detokenizer = detokenizers[output.index]
         token_ids = output.token_ids
         # A stop token ends the answer without being part of it, as in the core.
-        if output.finish_reason is FinishReason.STOP and self._drop_stop_text[output.request_id]:
+        if output.finish_reason is FinishReason.STOP and not detokenizer.include_stop:
             token_ids = token_ids[:-1]
-        output.text, _ = detokenizers[output.index].add(token_ids, output.finished, check_stop=False)
+        output.text, _ = detokenizer.add(token_ids, output.finished, check_stop=False)
