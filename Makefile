@@ -32,6 +32,8 @@ serve: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/buf lint
+	# Clients built against the last release keep working: its descriptor set is kept in proto/releases.
+	$(BIN)/buf breaking --against proto/releases/v0.1.0.binpb
 	$(BIN)/python scripts/gen_proto.py --check
 	$(BIN)/ruff check .
 
