@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from weir.v1 import inference_pb2 as pb
+from weir_client import _chat as chat
 from weir_client.errors import WeirClientError
 from weir_client.types import (
     Embeddings,
+    GenerateOptions,
     GenerationChunk,
     ModelInfo,
+    OutputOptions,
     SamplingOptions,
     Tokenization,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
@@ -27,6 +32,7 @@ _FINISH_REASONS = {
     pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
     pb.FINISH_REASON_CANCELLED: "cancelled",
     pb.FINISH_REASON_ERROR: "error",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 _TASKS = {pb.MODEL_TASK_GENERATE: "generate", pb.MODEL_TASK_EMBED: "embed"}
 POOLINGS = {None: pb.POOLING_UNSPECIFIED, "mean": pb.POOLING_MEAN, "cls": pb.POOLING_CLS, "last": pb.POOLING_LAST}
@@ -76,27 +82,30 @@ def channel_options(max_attempts: int = 4, load_balancing: str | None = None) ->
 
 def generate_request(
     prompt: str | None,
-    messages: Sequence[Mapping[str, str]] | None,
+    messages: Sequence[Mapping[str, Any]] | None,
     token_ids: Sequence[int] | None,
     model: str,
     request_id: str,
     add_generation_prompt: bool,
-    sampling: SamplingOptions,
+    options: GenerateOptions,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest from exactly one input and sampling keywords; bad keywords raise before sending."""
+    """A GenerateRequest from exactly one input and generate()'s keywords (sampling, tools, constraint); bad
+    keywords raise before sending."""
     inputs = {"prompt": prompt, "messages": messages, "token_ids": token_ids}
     given = [name for name, value in inputs.items() if value is not None]
     if len(given) != 1:
         raise TypeError(f"generate() takes exactly one of prompt, messages or token_ids; got {given or 'none'}")
+    output_names = OutputOptions.__annotations__
+    sampling = cast(SamplingOptions, {k: v for k, v in options.items() if k not in output_names})
     request = pb.GenerateRequest(model=model, request_id=request_id, sampling_params=sampling_params(sampling))
     if prompt is not None:
         request.prompt = prompt
     elif messages is not None:
         request.messages.add_generation_prompt = add_generation_prompt
-        for message in messages:
-            request.messages.messages.add(role=message["role"], content=message["content"])
+        request.messages.messages.extend(chat.chat_messages(messages))
     else:
         request.token_ids.ids.extend(token_ids or ())
+    chat.apply_output_options(request, options)
     return request
 
 
@@ -113,13 +122,29 @@ def sampling_params(options: SamplingOptions) -> pb.SamplingParams:
         if name == "stop" and isinstance(value, str):
             value = [value]
         try:
-            if isinstance(value, (list, tuple)):
+            if name == "logit_bias":
+                params.logit_bias.update(_logit_bias(value))
+            elif isinstance(value, (list, tuple)):
                 getattr(params, name).extend(value)
             else:
                 setattr(params, name, value)
         except (ValueError, TypeError) as e:
             raise WeirClientError.invalid_argument(f"sampling_params.{name}", f"invalid value {value!r}: {e}") from e
     return params
+
+
+def _logit_bias(bias: object) -> dict[int, float]:
+    """Token id -> bias; ids may be strings of digits, as OpenAI's JSON (and its SDK) has them."""
+    if not isinstance(bias, Mapping):
+        raise TypeError(f"must be a dict of token id to bias, got {type(bias).__name__}")
+    return {_token_id(token_id): float(value) for token_id, value in bias.items()}
+
+
+def _token_id(key: object) -> int:
+    # int() alone would also take 1.5 or True and quietly bias some other token.
+    if isinstance(key, bool) or not isinstance(key, (int, str)):
+        raise TypeError(f"token ids must be ints or strings of digits, got {key!r}")
+    return int(key)
 
 
 def token_ids_messages(sequences: Sequence[Sequence[int]]) -> list[pb.TokenIds]:
@@ -158,6 +183,11 @@ def generation_chunk(message: pb.GenerateResponse) -> GenerationChunk:
         usage=usage(message.usage) if message.HasField("usage") else None,
         prompt_token_ids=list(message.prompt_token_ids) or None,
         prompt_logprobs=_logprobs(message.prompt_logprobs) or None,
+        reasoning_text=message.reasoning_text,
+        tool_call_deltas=[
+            ToolCallDelta(d.index, d.id or None, d.name or None, d.arguments) for d in message.tool_call_deltas
+        ],
+        tool_calls=[ToolCall(c.id, c.name, c.arguments, c.index) for c in message.tool_calls],
     )
 
 

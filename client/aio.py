@@ -19,9 +19,9 @@ from weir_client.types import (
     Completion,
     CompletionBuilder,
     Embeddings,
+    GenerateOptions,
     GenerationChunk,
     ModelInfo,
-    SamplingOptions,
     Tokenization,
 )
 
@@ -68,18 +68,17 @@ class AsyncWeirClient:
         self,
         prompt: str | None = None,
         *,
-        messages: Sequence[Mapping[str, str]] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
         token_ids: Sequence[int] | None = None,
         model: str = "",
         request_id: str = "",
         add_generation_prompt: bool = True,
         timeout: float | None = _UNSET,
-        **sampling: Unpack[SamplingOptions],
+        **options: Unpack[GenerateOptions],
     ) -> AsyncIterator[GenerationChunk]:
-        """Stream the completion of one input as chunks (`async for`); closing the iterator early cancels it."""
-        request = proto.generate_request(
-            prompt, messages, token_ids, model, request_id, add_generation_prompt, sampling
-        )
+        """Stream the completion of one input as chunks (`async for`); closing the iterator early cancels it.
+        Takes the same messages, sampling, tool and constraint keywords as WeirClient.generate()."""
+        request = proto.generate_request(prompt, messages, token_ids, model, request_id, add_generation_prompt, options)
         call = self._stub.Generate(request, timeout=self._timeout(timeout), metadata=self.metadata)
         return self._chunks(call)
 
@@ -97,13 +96,13 @@ class AsyncWeirClient:
         self,
         prompt: str | None = None,
         *,
-        messages: Sequence[Mapping[str, str]] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
         token_ids: Sequence[int] | None = None,
         model: str = "",
         request_id: str = "",
         add_generation_prompt: bool = True,
         timeout: float | None = _UNSET,
-        **sampling: Unpack[SamplingOptions],
+        **options: Unpack[GenerateOptions],
     ) -> Completion:
         """Like generate(), but wait for the end and return the whole Completion."""
         builder = CompletionBuilder()
@@ -115,7 +114,7 @@ class AsyncWeirClient:
             request_id=request_id,
             add_generation_prompt=add_generation_prompt,
             timeout=timeout,
-            **sampling,
+            **options,
         )
         async for chunk in chunks:
             builder.add(chunk)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+from weir_client import cli_generate
 from weir_client.client import WeirClient
 from weir_client.errors import WeirClientError
 from weir_client.security import TlsOptions
@@ -84,9 +85,7 @@ def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "weir_client.cli", *argv])
 
 
-def _wait_serving(
-    target: str, server: subprocess.Popen[bytes], timeout: float, stopping: Callable[[], bool]
-) -> bool:
+def _wait_serving(target: str, server: subprocess.Popen[bytes], timeout: float, stopping: Callable[[], bool]) -> bool:
     """Poll the server's health until SERVING; False if it exits, a stop is requested, or time runs out."""
     deadline = time.monotonic() + timeout
     with WeirClient(target, max_attempts=1) as client:
@@ -125,39 +124,13 @@ def _stop_all(children: list[subprocess.Popen[bytes]], failed: bool, grace: floa
 
 
 def _generate(args: argparse.Namespace) -> int:
-    sampling: dict[str, object] = {"max_tokens": args.max_tokens}
-    for name in ("temperature", "top_p", "top_k", "seed"):
-        if getattr(args, name) is not None:
-            sampling[name] = getattr(args, name)
-    if args.stop:
-        sampling["stop"] = args.stop
-    if args.chat:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        messages.append({"role": "user", "content": args.prompt})
-        inputs: dict[str, object] = {"messages": messages}
-    else:
-        inputs = {"prompt": args.prompt}
     with _connect(args) as client:
-        last = None
-        for chunk in client.generate(model=args.model, **inputs, **sampling):  # type: ignore[arg-type]
-            print(chunk.text, end="", flush=True)
-            last = chunk
-        print()
-    if args.verbose and last is not None and last.usage is not None:
-        u = last.usage
-        print(
-            f"[{last.finish_reason}; prompt {u.prompt_tokens}, completion {u.completion_tokens}, "
-            f"cached {u.cached_tokens} tokens]",
-            file=sys.stderr,
-        )
-    return 0
+        return cli_generate.run(client, args)
 
 
 def _embed(args: argparse.Namespace) -> int:
     with _connect(args) as client:
-        result = client.embed(
-            args.texts, model=args.model, normalize=not args.no_normalize, dimensions=args.dimensions
-        )
+        result = client.embed(args.texts, model=args.model, normalize=not args.no_normalize, dimensions=args.dimensions)
     for vector in result.vectors:
         print(json.dumps([round(v, 6) for v in vector]))
     return 0
@@ -223,16 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("up", help="run the server and the gateway together (`make serve`)", add_help=False)
 
     p = _client_parser(sub, "generate", "stream a completion of a prompt")
-    p.add_argument("prompt")
-    p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
-    p.add_argument("--system", help="with --chat, a system message first")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
-    p.add_argument("-v", "--verbose", action="store_true", help="print the finish reason and token counts")
+    cli_generate.add_arguments(p)
     p.set_defaults(run=_generate)
 
     p = _client_parser(sub, "embed", "print one embedding (a JSON array) per text")

@@ -17,9 +17,9 @@ from weir_client.security import TlsOptions, channel_security, with_auth
 from weir_client.types import (
     Completion,
     Embeddings,
+    GenerateOptions,
     GenerationChunk,
     ModelInfo,
-    SamplingOptions,
     Tokenization,
     collect,
 )
@@ -74,21 +74,21 @@ class WeirClient:
         self,
         prompt: str | None = None,
         *,
-        messages: Sequence[Mapping[str, str]] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
         token_ids: Sequence[int] | None = None,
         model: str = "",
         request_id: str = "",
         add_generation_prompt: bool = True,
         timeout: float | None = _UNSET,
-        **sampling: Unpack[SamplingOptions],
+        **options: Unpack[GenerateOptions],
     ) -> Iterator[GenerationChunk]:
         """Stream the completion of one input (a prompt, chat `messages` or `token_ids`) as chunks.
 
-        Leaving the loop early cancels the request on the server.
+        `messages` and the keywords take OpenAI's shapes: sampling (SamplingOptions, with `logit_bias`), then
+        `tools`, `tool_choice`, `chat_template_kwargs` and at most one constraint of `json_schema`, `json_object`,
+        `regex`, `choice`, `grammar` (OutputOptions). Leaving the loop early cancels the request on the server.
         """
-        request = proto.generate_request(
-            prompt, messages, token_ids, model, request_id, add_generation_prompt, sampling
-        )
+        request = proto.generate_request(prompt, messages, token_ids, model, request_id, add_generation_prompt, options)
         call = self._stub.Generate(request, timeout=self._timeout(timeout), metadata=self.metadata)
         return self._chunks(call)
 
@@ -106,13 +106,13 @@ class WeirClient:
         self,
         prompt: str | None = None,
         *,
-        messages: Sequence[Mapping[str, str]] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
         token_ids: Sequence[int] | None = None,
         model: str = "",
         request_id: str = "",
         add_generation_prompt: bool = True,
         timeout: float | None = _UNSET,
-        **sampling: Unpack[SamplingOptions],
+        **options: Unpack[GenerateOptions],
     ) -> Completion:
         """Like generate(), but wait for the end and return the whole Completion."""
         return collect(
@@ -124,7 +124,7 @@ class WeirClient:
                 request_id=request_id,
                 add_generation_prompt=add_generation_prompt,
                 timeout=timeout,
-                **sampling,
+                **options,
             )
         )
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import Any, TypedDict
 
 
 class SamplingOptions(TypedDict, total=False):
@@ -28,6 +29,25 @@ class SamplingOptions(TypedDict, total=False):
     n: int
     skip_special_tokens: bool
     include_stop_str_in_output: bool
+    logit_bias: Mapping[int, float] | Mapping[str, float]
+
+
+class OutputOptions(TypedDict, total=False):
+    """Tool and format keywords of `generate()`, in OpenAI's shapes; at most one of the five constraints
+    (json_schema, json_object, regex, choice, grammar). See weir.v1.GenerateRequest."""
+
+    tools: Sequence[Mapping[str, Any]]
+    tool_choice: str | Mapping[str, Any]
+    chat_template_kwargs: Mapping[str, Any]
+    json_schema: Mapping[str, Any] | str
+    json_object: bool
+    regex: str
+    choice: Sequence[str]
+    grammar: str
+
+
+class GenerateOptions(SamplingOptions, OutputOptions, total=False):
+    """Every keyword of `generate()` and `complete()` after the input and its routing: sampling, tools, format."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +82,56 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One complete call of a function by the model; `arguments` is the JSON text of an object."""
+
+    id: str
+    name: str
+    arguments: str
+    index: int = 0
+
+    def parsed_arguments(self) -> dict[str, Any]:
+        """The arguments as a dict ({} when empty); ValueError when they are not the JSON text of an object."""
+        if not self.arguments.strip():
+            return {}
+        value = json.loads(self.arguments)
+        if not isinstance(value, dict):
+            raise ValueError(f"arguments of {self.name!r} are not a JSON object: {self.arguments!r}")
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        """OpenAI's shape of the call, as an assistant message's `tool_calls` entry that generate() takes back."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """New output of one tool call while it streams: `id` and `name` on its first delta (None after), then
+    pieces of the arguments' JSON text."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+def assemble_tool_calls(deltas: Iterable[ToolCallDelta]) -> list[ToolCall]:
+    """Join streamed deltas into whole calls, in index order."""
+    heads: dict[int, tuple[str, str]] = {}
+    arguments: dict[int, list[str]] = {}
+    for delta in deltas:
+        arguments.setdefault(delta.index, []).append(delta.arguments)
+        head_id, head_name = heads.get(delta.index, ("", ""))
+        heads[delta.index] = (head_id or delta.id or "", head_name or delta.name or "")
+    return [ToolCall(*heads[i], "".join(arguments[i]), i) for i in sorted(arguments)]
+
+
+@dataclass(frozen=True)
 class GenerationChunk:
     """New output of one choice since its previous chunk. The last chunk of a choice has `finish_reason`
-    ("stop", "length", "stop_sequence", "cancelled" or "error") and `usage`; the first has `prompt_token_ids`."""
+    ("stop", "length", "stop_sequence", "tool_calls", "cancelled" or "error"), `usage` and the choice's complete
+    `tool_calls`; the first has `prompt_token_ids`. `reasoning_text` is new reasoning (when the server separates
+    it from the answer in `text`), `tool_call_deltas` the new output of the calls being made."""
 
     request_id: str
     model: str
@@ -77,6 +144,9 @@ class GenerationChunk:
     usage: Usage | None = None
     prompt_token_ids: list[int] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    reasoning_text: str = ""
+    tool_call_deltas: list[ToolCallDelta] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -85,7 +155,7 @@ class GenerationChunk:
 
 @dataclass(frozen=True)
 class Choice:
-    """One whole choice of a completion."""
+    """One whole choice of a completion, with its reasoning and the tools it called (when any)."""
 
     index: int
     text: str
@@ -95,6 +165,8 @@ class Choice:
     usage: Usage | None
     logprobs: list[TokenLogprob]
     prompt_logprobs: list[TokenLogprob] | None
+    reasoning_text: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -110,6 +182,16 @@ class Completion:
     def text(self) -> str:
         """The first choice's text."""
         return self.choices[0].text if self.choices else ""
+
+    @property
+    def reasoning_text(self) -> str:
+        """The first choice's reasoning."""
+        return self.choices[0].reasoning_text if self.choices else ""
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The first choice's tool calls."""
+        return self.choices[0].tool_calls if self.choices else []
 
 
 @dataclass(frozen=True)
@@ -184,6 +266,9 @@ class CompletionBuilder:
                     usage=last.usage,
                     logprobs=[lp for p in parts for lp in p.logprobs],
                     prompt_logprobs=next((p.prompt_logprobs for p in parts if p.prompt_logprobs is not None), None),
+                    reasoning_text="".join(p.reasoning_text for p in parts),
+                    # The server sends whole calls on the last message; a stream cut short has only the deltas.
+                    tool_calls=last.tool_calls or assemble_tool_calls(d for p in parts for d in p.tool_call_deltas),
                 )
             )
         return Completion(self.request_id, self.model, self.prompt_token_ids, choices)

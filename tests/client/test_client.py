@@ -107,3 +107,14 @@ async def test_async_stream_closed_early_cancels_the_request(weir_target: str, w
             break
         await asyncio.sleep(0.05)
     assert engine.stats().num_running == 0
+
+
+def test_logit_bias_and_regex_reach_the_server(weir_client: WeirClient) -> None:
+    words = ["red", "blue"]
+    token_ids = [t.token_ids for t in weir_client.tokenize(words, add_special_tokens=False)]
+    assert all(len(ids) == 1 for ids in token_ids), token_ids  # one token each, so a bias on it picks the word
+    for word, (token_id,) in zip(words, token_ids, strict=True):
+        completion = weir_client.complete(
+            "My favourite colour is", regex="(red|blue)", logit_bias={token_id: 100}, max_tokens=4, temperature=0
+        )
+        assert completion.text == word
