@@ -11,7 +11,9 @@ from weir_server.config import (
     DEFAULT_EMBED_MODEL,
     DEFAULT_GENERATE_MODEL,
     ENGINE_CORES,
+    TOOL_CALL_PARSER_AUTO,
     CacheConfig,
+    ChatConfig,
     EngineConfig,
     ExecutorConfig,
     ModelConfig,
@@ -97,6 +99,19 @@ def build_parser(prog: str = "weir serve") -> argparse.ArgumentParser:
     p.add_argument(
         "--api-key-file", metavar="PATH", help="read API keys from a file, one per line (keeps them out of `ps`)"
     )
+    p.add_argument(
+        "--chat-template", metavar="FILE_OR_STRING",
+        help="a Jinja chat template (a file, or the template itself) used instead of the model's own",
+    )
+    p.add_argument(
+        "--tool-call-parser", default=TOOL_CALL_PARSER_AUTO, metavar="NAME",
+        help="the model's tool-call format: hermes, llama3_json, mistral, pythonic, json, or auto (the one its "
+        "chat template uses; hermes where the template knows no tools) (default %(default)s)",
+    )
+    p.add_argument(
+        "--reasoning-parser", metavar="NAME",
+        help="split reasoning from the answer: deepseek_r1 or qwen3 (<think>...</think>) (default: off)",
+    )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument(
         "--log-format", default="text", choices=LOG_FORMATS, help="json: one object per line with request and "
@@ -125,6 +140,23 @@ def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     if any(not k for k in keys):
         raise ValueError("--api-key must not be empty")
     return tuple(dict.fromkeys(keys))
+
+
+def _chat(args: argparse.Namespace) -> ChatConfig:
+    """The chat options; --chat-template names a file when one exists there, else it is the template itself."""
+    template = args.chat_template
+    if template is not None and os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            template = f.read()
+    if template is not None and not template.strip():
+        raise ValueError("--chat-template is empty")
+    from weir_server.parsers import reasoning_parser, tool_parser  # pure Python: no torch at parse time
+
+    if args.tool_call_parser != TOOL_CALL_PARSER_AUTO:
+        tool_parser.get_tool_parser(args.tool_call_parser)  # ValueError naming the choices
+    if args.reasoning_parser is not None:
+        reasoning_parser.get_reasoning_parser(args.reasoning_parser)
+    return ChatConfig(template, args.tool_call_parser, args.reasoning_parser)
 
 
 def _disabled(name: str) -> bool:
@@ -176,6 +208,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         drain_timeout_s=args.drain_timeout,
         tls=_tls(args),
         api_keys=_api_keys(args),
+        chat=_chat(args),
         observability=ObservabilityConfig(
             metrics_port=args.metrics_port,
             otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,

@@ -99,6 +99,20 @@ class TlsConfig:
     client_ca_file: str | None = None  # set = mutual TLS
 
 
+TOOL_CALL_PARSER_AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """How conversations become prompts and outputs become tool calls and reasoning, for the generation model."""
+
+    chat_template: str | None = None  # a Jinja template overriding the model's own; None = the model's
+    # A tool-call format (weir_server.parsers.tool_parser.TOOL_PARSERS), or "auto": the one the chat template
+    # uses, and hermes for a template that knows no tools (Weir renders tools for it generically).
+    tool_call_parser: str = TOOL_CALL_PARSER_AUTO
+    reasoning_parser: str | None = None  # e.g. deepseek_r1, qwen3; None = reasoning text stays in the answer
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The gRPC server and the models it serves."""
@@ -114,3 +128,4 @@ class ServerConfig:
     tls: TlsConfig | None = None  # None = plaintext (fine on loopback, the default host)
     api_keys: tuple[str, ...] = ()  # non-empty = InferenceService calls need `authorization: Bearer KEY`
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)

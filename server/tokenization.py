@@ -1,4 +1,5 @@
-"""The API layer's view of a Hugging Face tokenizer: chat templates, tokenize with offsets, token text and bytes."""
+"""The API layer's view of a Hugging Face tokenizer: tokenize with offsets, token text and bytes (chat templates
+are chat/template.py's)."""
 
 from __future__ import annotations
 
@@ -7,24 +8,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from weir_server.errors import InvalidRequestError
 
-CHAT_ROLES = ("system", "user", "assistant", "tool")
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SENTENCEPIECE_SPACE = "\u2581"
 # WordPiece turns a word of up to 100 characters it cannot split into one [UNK]; no common scheme covers more.
 _MIN_CHARS_PER_TOKEN_BOUND = 128
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    """One turn of a conversation."""
-
-    role: str
-    content: str
 
 
 @dataclass(frozen=True)
@@ -70,39 +61,6 @@ class Tokenizer:
         """Number of token ids the tokenizer knows (added tokens included)."""
         return len(self.hf)
 
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.hf, "chat_template", None))
-
-    def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
-        """Render a conversation with the model's chat template (a sandboxed Jinja template; no code runs)."""
-        if not messages:
-            raise InvalidRequestError("messages", "must hold at least one message")
-        for i, message in enumerate(messages):
-            if message.role not in CHAT_ROLES:
-                raise InvalidRequestError(
-                    f"messages[{i}].role", f"unknown role {message.role!r}; expected one of {', '.join(CHAT_ROLES)}"
-                )
-        if not self.has_chat_template:
-            raise InvalidRequestError("messages", "this model has no chat template; send a prompt instead")
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
-        try:
-            rendered = self.hf.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        except TemplateError as e:
-            raise InvalidRequestError("messages", f"the chat template rejected the conversation: {e}") from e
-        except (TypeError, OverflowError) as e:
-            # How the sandbox refuses file access ({% include %} has no loader) and huge ranges.
-            raise InvalidRequestError("messages", f"the chat template failed (it runs sandboxed): {e}") from e
-        if not isinstance(rendered, str):
-            raise TypeError(f"apply_chat_template returned {type(rendered).__name__}, expected str")
-        return rendered
-
-    def encode_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a rendered conversation; the template already holds the special tokens."""
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
-
     @functools.cached_property
     def max_chars_per_token(self) -> int:
         """An upper bound on the characters one token stands for (the longest vocabulary entry, or more)."""
@@ -112,10 +70,13 @@ class Tokenizer:
     def check_text_length(self, text: str, field: str, max_tokens: int) -> None:
         """Refuse, before tokenizing it, a text far longer than `max_tokens` tokens could hold: tokenizing
         megabytes takes seconds, and the server would stall meanwhile."""
-        limit = 2 * max_tokens * self.max_chars_per_token
-        if len(text) > limit:
+        self.check_chars(len(text), field, max_tokens)
+
+    def check_chars(self, chars: int, field: str, max_tokens: int) -> None:
+        """check_text_length for input of `chars` characters in all (a conversation's turns, say)."""
+        if chars > 2 * max_tokens * self.max_chars_per_token:
             raise InvalidRequestError(
-                field, f"is {len(text)} characters long; far more than the model's {max_tokens}-token context holds"
+                field, f"is {chars} characters long; far more than the model's {max_tokens}-token context holds"
             )
 
     def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:

@@ -5,8 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from weir.v1 import inference_pb2 as pb
+from weir_server.chat.messages import ChatMessage, ToolCallRef
+from weir_server.chat.output import ChoiceDelta
+from weir_server.chat.tools import RawTool, ToolRequest, tool_request
 from weir_server.engine.types import Constraint, FinishReason, GenerationOutput, SamplingParams, TokenLogprob
-from weir_server.tokenization import ChatMessage, Tokenizer
+from weir_server.errors import InvalidRequestError
+from weir_server.parsers.tool_parser import ToolCall, ToolCallDelta
+from weir_server.tokenization import Tokenizer
 
 _DEFAULTS = SamplingParams()
 
@@ -46,6 +51,7 @@ def sampling_params(p: pb.SamplingParams) -> SamplingParams:
         n=p.n if has("n") else _DEFAULTS.n,
         skip_special_tokens=p.skip_special_tokens if has("skip_special_tokens") else True,
         include_stop_str_in_output=p.include_stop_str_in_output,
+        logit_bias=tuple(sorted(p.logit_bias.items())),
     )
 
 
@@ -62,7 +68,51 @@ def constraint(request: pb.GenerateRequest) -> Constraint | None:
 
 
 def chat_messages(messages: pb.ChatMessages) -> list[ChatMessage]:
-    return [ChatMessage(m.role, m.content) for m in messages.messages]
+    """The conversation's turns; content given as parts is joined by newlines."""
+    return [_chat_message(i, m) for i, m in enumerate(messages.messages)]
+
+
+def _chat_message(index: int, message: pb.ChatMessage) -> ChatMessage:
+    content = message.content
+    if message.content_parts:
+        if content:
+            raise InvalidRequestError(f"messages[{index}].content_parts", "set content or content_parts, not both")
+        texts = []
+        for j, part in enumerate(message.content_parts):
+            if part.WhichOneof("part") != "text":
+                raise InvalidRequestError(f"messages[{index}].content_parts[{j}]", "set the part's text")
+            texts.append(part.text)
+        content = "\n".join(texts)
+    calls = tuple(ToolCallRef(c.id, c.name, c.arguments) for c in message.tool_calls)
+    return ChatMessage(message.role, content, calls, message.tool_call_id, message.name)
+
+
+_TOOL_CHOICE_MODES = {
+    pb.TOOL_CHOICE_MODE_UNSPECIFIED: None,
+    pb.TOOL_CHOICE_MODE_AUTO: "auto",
+    pb.TOOL_CHOICE_MODE_NONE: "none",
+    pb.TOOL_CHOICE_MODE_REQUIRED: "required",
+}
+
+
+def tools(request: pb.GenerateRequest) -> ToolRequest | None:
+    """The request's checked tools and tool choice; None without tools."""
+    raw = [RawTool(t.name, t.description, t.parameters) for t in request.tools]
+    choice = request.tool_choice
+    kind = choice.WhichOneof("choice") if request.HasField("tool_choice") else None
+    if kind == "mode" and choice.mode not in _TOOL_CHOICE_MODES:
+        raise InvalidRequestError("tool_choice.mode", f"unknown mode {choice.mode}")
+    mode = _TOOL_CHOICE_MODES[choice.mode] if kind == "mode" else None
+    parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+    return tool_request(raw, mode, choice.function if kind == "function" else None, parallel)
+
+
+def tool_call_deltas(deltas: Sequence[ToolCallDelta]) -> list[pb.ToolCallDelta]:
+    return [pb.ToolCallDelta(index=d.index, id=d.id or "", name=d.name or "", arguments=d.arguments) for d in deltas]
+
+
+def tool_calls(calls: Sequence[ToolCall]) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments, index=c.index) for c in calls]
 
 
 def token_logprobs(items: Sequence[TokenLogprob], tokenizer: Tokenizer) -> list[pb.TokenLogprob]:
@@ -96,15 +146,23 @@ def generate_response(
     model: str,
     tokenizer: Tokenizer,
     prompt_token_ids: list[int] | None,
+    parsed: ChoiceDelta | None = None,
+    calls: Sequence[ToolCall] = (),
 ) -> pb.GenerateResponse:
-    """One stream message from one engine output; `prompt_token_ids` is given on a choice's first message."""
+    """One stream message from one engine output; `prompt_token_ids` is given on a choice's first message.
+    With `parsed` (the choice's output parser ran), its answer text, reasoning and call deltas replace the raw
+    text; `calls` are the choice's complete calls, given on its last message."""
     response = pb.GenerateResponse(
         request_id=request_id,
         index=output.index,
-        text=output.text,
+        text=output.text if parsed is None else parsed.content,
         token_ids=output.token_ids,
         model=model,
     )
+    if parsed is not None:
+        response.reasoning_text = parsed.reasoning
+        response.tool_call_deltas.extend(tool_call_deltas(parsed.tool_calls))
+    response.tool_calls.extend(tool_calls(calls))
     if output.logprobs:
         response.logprobs.extend(token_logprobs(output.logprobs, tokenizer))
     if prompt_token_ids is not None:
@@ -113,6 +171,8 @@ def generate_response(
         response.prompt_logprobs.extend(token_logprobs(output.prompt_logprobs, tokenizer))
     if output.finish_reason is not None:
         response.finish_reason = FINISH_REASONS[output.finish_reason]
+        if calls and output.finish_reason in (FinishReason.STOP, FinishReason.STOP_SEQUENCE):
+            response.finish_reason = pb.FINISH_REASON_TOOL_CALLS
         response.stop_reason = output.stop_reason or ""
     if output.usage is not None:
         usage = output.usage

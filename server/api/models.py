@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from weir_server.chat.frontend import ChatFrontend
 from weir_server.config import ServerConfig
 from weir_server.engine.async_engine import AsyncEngine, StreamingEngine
 from weir_server.engine.embedding_engine import EmbeddingEngine
@@ -27,6 +28,7 @@ class ServedModel:
     tokenizer: Tokenizer
     generator: StreamingEngine | None = None
     embedder: EmbeddingEngine | None = None
+    chat: ChatFrontend | None = None  # generation models: templates, tool calls, reasoning
     is_default: bool = False
     load_duration_s: float = 0.0  # weights and engine, for the model-load-time metric
 
@@ -90,7 +92,9 @@ class ModelRegistry:
                 engine = await asyncio.to_thread(AsyncEngine, loaded, engine_config)
             await engine.start()
             took = time.perf_counter() - started
-            self.add(ServedModel(loaded, Tokenizer(loaded.tokenizer), generator=engine, load_duration_s=took))
+            chat = ChatFrontend(loaded.tokenizer, config.chat) if loaded.tokenizer is not None else None
+            served = ServedModel(loaded, Tokenizer(loaded.tokenizer), generator=engine, chat=chat, load_duration_s=took)
+            self.add(served)
         if config.embed is not None:
             started = time.perf_counter()
             loaded = await asyncio.to_thread(load_model, config.embed, "embed")

@@ -15,8 +15,12 @@ from weir_server.api import convert
 from weir_server.api.errors import map_errors
 from weir_server.api.models import ModelRegistry, ServedModel
 from weir_server.api.observer import Observability
-from weir_server.engine.types import GenerationRequest
+from weir_server.chat.frontend import ChatPrompt
+from weir_server.chat.output import ChoiceDelta, ChoiceParser
+from weir_server.chat.template import template_kwargs
+from weir_server.engine.types import Constraint, GenerationOutput, GenerationRequest
 from weir_server.errors import EngineStepError, EngineUnavailableError, InvalidRequestError
+from weir_server.parsers.tool_parser import ToolCall
 
 REQUEST_ID_KEY = "x-request-id"
 VALID_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # what gRPC metadata and log lines carry safely
@@ -36,14 +40,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine = model.generator
         if engine is None:
             raise EngineUnavailableError(f"model {model.id!r} has no generation engine")
-        prompt_ids = self._prompt_token_ids(request, model)
+        prompt_ids, chat = self._prompt(request, model)
         params = convert.sampling_params(request.sampling_params)  # the engine validates them
         caller_id = request.request_id or _metadata_request_id(context)
         if caller_id and not VALID_REQUEST_ID.fullmatch(caller_id):
             raise InvalidRequestError("request_id", "must be 1 to 128 printable ASCII characters without spaces")
         constraint = convert.constraint(request)
+        if chat is not None and chat.constraint is not None:
+            if constraint is not None:
+                raise InvalidRequestError(
+                    request.WhichOneof("constraint") or "constraint",
+                    "cannot be combined with tool calls; set tool_choice to none to constrain the text",
+                )
+            constraint = chat.constraint
         if constraint is not None:
-            await engine.prepare_constraint(constraint)  # compiled off the event loop, before admission
+            await _prepare_constraint(engine, constraint)  # compiled off the event loop, before admission
         request_id = caller_id or uuid.uuid4().hex
         # Every response carries the id; the trailers too. Not sent as initial metadata: that is one more write per
         # call, which at hundreds of streams arriving at once measurably delayed admission.
@@ -57,20 +68,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
         observer = self.observability.generation(model.id, request_id, params.n)
         stream = engine.generate(engine_request)
-        started: set[int] = set()
+        parsers: dict[int, ChoiceParser | None] = {}
         try:
             async for output in stream:
                 observer.output(output)
                 if output.error is not None:
                     raise EngineStepError(output.error)
-                first = output.index not in started
-                started.add(output.index)
+                first = output.index not in parsers
+                if first:
+                    parsers[output.index] = chat.choice_parser() if chat is not None else None
+                parser = parsers[output.index]
+                parsed, calls = _parse(parser, output) if parser is not None else (None, [])
                 response = convert.generate_response(
                     output,
                     request_id=request_id,
                     model=model.id,
                     tokenizer=model.tokenizer,
                     prompt_token_ids=prompt_ids if first else None,
+                    parsed=parsed,
+                    calls=calls,
                 )
                 await context.write(response)
         finally:
@@ -78,9 +94,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             await _aclose(stream)
             observer.finish()
 
-    def _prompt_token_ids(self, request: pb.GenerateRequest, model: ServedModel) -> list[int]:
+    def _prompt(self, request: pb.GenerateRequest, model: ServedModel) -> tuple[list[int], ChatPrompt | None]:
+        """The prompt's token ids, and for a chat its rendering (constraint and output parsers included)."""
         kind = request.WhichOneof("input")
         tokenizer = model.tokenizer
+        chat = None
+        if kind != "messages" and (request.tools or request.chat_template_kwargs):
+            raise InvalidRequestError("tools" if request.tools else "chat_template_kwargs", "needs `messages`")
         if kind == "prompt":
             if not request.prompt:
                 raise InvalidRequestError("prompt", "must not be empty")
@@ -93,12 +113,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             tokenizer.check_ids(ids, "token_ids", limit=model.loaded.vocab_size)
         elif kind == "messages":
             messages = request.messages
-            text = "".join(m.content for m in messages.messages)
-            tokenizer.check_text_length(text, "messages", model.loaded.max_model_len)
+            size = sum(_message_chars(m) for m in messages.messages) + sum(
+                len(t.description) + len(t.parameters) for t in request.tools
+            )
+            tokenizer.check_chars(size, "messages", model.loaded.max_model_len)
             add_generation_prompt = (
                 messages.add_generation_prompt if messages.HasField("add_generation_prompt") else True
             )
-            ids = tokenizer.encode_chat(convert.chat_messages(messages), add_generation_prompt)
+            if model.chat is None:
+                raise InvalidRequestError("messages", "this model has no tokenizer to render a chat with")
+            chat = model.chat.render(
+                convert.chat_messages(messages),
+                convert.tools(request),
+                add_generation_prompt,
+                template_kwargs(request.chat_template_kwargs),
+            )
+            ids = tokenizer.encode(chat.text, add_special_tokens=False)  # the template holds the special tokens
         else:
             raise InvalidRequestError("input", "set exactly one of prompt, token_ids or messages")
         if not ids:
@@ -108,7 +138,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise InvalidRequestError(
                 kind, f"is {len(ids)} tokens long; this model's context is {limit} tokens including the output"
             )
-        return ids
+        return ids, chat
 
     @map_errors
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
@@ -213,6 +243,36 @@ def _model_info(model: ServedModel) -> pb.ModelInfo:
         device=str(loaded.device),
         is_default=model.is_default,
     )
+
+
+def _message_chars(message: pb.ChatMessage) -> int:
+    """The characters a turn adds to the prompt, before the template's own."""
+    parts = sum(len(p.text) for p in message.content_parts)
+    calls = sum(len(c.name) + len(c.arguments) for c in message.tool_calls)
+    return len(message.content) + parts + calls
+
+
+async def _prepare_constraint(engine: Any, constraint: Constraint) -> None:
+    """Compile the constraint before admission; the tool-call grammar's errors are the tools' fault."""
+    try:
+        await engine.prepare_constraint(constraint)
+    except InvalidRequestError as e:
+        if constraint.kind == "structural_tag":
+            message = f"the tools' schemas do not compile to a grammar: {e.description}"
+            raise InvalidRequestError("tools", message) from e
+        raise
+
+
+def _parse(parser: ChoiceParser, output: GenerationOutput) -> tuple[ChoiceDelta, list[ToolCall]]:
+    """The output split into answer, reasoning and call deltas; on a choice's last output, its complete calls."""
+    parsed = parser.feed(output.text)
+    if not output.finished:
+        return parsed, []
+    rest = parser.finish()
+    merged = ChoiceDelta(
+        parsed.content + rest.content, parsed.reasoning + rest.reasoning, parsed.tool_calls + rest.tool_calls
+    )
+    return merged, parser.calls
 
 
 def _metadata_request_id(context: grpc.aio.ServicerContext) -> str | None:

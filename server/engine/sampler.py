@@ -1,4 +1,4 @@
-"""Batched sampling over a step's sequences: penalties, temperature, top-k/p, min-p, seeds, logprobs."""
+"""Batched sampling over a step's sequences: logit bias, penalties, temperature, top-k/p, min-p, seeds, logprobs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from weir_server.engine.sequence import Sequence
-from weir_server.engine.types import TokenLogprob, TopLogprob
+from weir_server.engine.types import SamplingParams, TokenLogprob, TopLogprob
 from weir_server.executor.transfer import to_device
 from weir_server.kernels import HAS_TRITON
 
@@ -95,6 +95,7 @@ class Sampler:
         # First, so the min_tokens mask below keeps a constrained row's stop token when nothing else is allowed.
         if mask is not None:
             mask.apply(logits)
+        logits = apply_logit_bias(logits, params)  # on the raw logits, before penalties, as vLLM and OpenAI do
         logits = self._apply_penalties(logits, seqs)
         logits = self._mask_stops_before_min_tokens(logits, seqs, eos_token_ids)
 
@@ -202,7 +203,6 @@ class Sampler:
         q = uniform.clamp_(min=torch.finfo(uniform.dtype).tiny).log_().neg_()
         return (probs / q).argmax(dim=-1)
 
-
     def _sample_hashed(
         self, logits: torch.Tensor, seqs: list[Sequence], draw: Callable[..., torch.Tensor]
     ) -> torch.Tensor:
@@ -226,6 +226,29 @@ class Sampler:
             to_device([p.min_p for p in params], device),
             to_device(seeds, device),
         )
+
+
+def apply_logit_bias(logits: torch.Tensor, params: Seq[SamplingParams]) -> torch.Tensor:
+    """Add each row's `logit_bias` to its logits with one indexed add on the logits' device; a batch where no row has
+    a bias gets its logits back untouched, having cost one pass over its params.
+
+    Additive, as OpenAI and vLLM define it: -100 bans a token in practice and +100 all but forces it. Needs no
+    tokens from the host, so a biased step can still run ahead.
+    """
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
+    for row, p in enumerate(params):
+        for token_id, bias in p.logit_bias:
+            rows.append(row)
+            cols.append(token_id)
+            values.append(bias)
+    if not rows:
+        return logits
+    device = logits.device
+    index = to_device([rows, cols], device, torch.long)
+    # Out of place: the logits may be the model's inference-mode output, which must not change outside it.
+    return logits.index_put((index[0], index[1]), to_device(values, device, logits.dtype), accumulate=True)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,9 @@ class ConstraintCompiler:
             if kind == "grammar":
                 assert isinstance(value, str)
                 return self._compiler.compile_grammar(value)
+            if kind == "structural_tag":
+                assert isinstance(value, str)
+                return self._compiler.compile_structural_tag(value)
         except UnicodeDecodeError:  # xgrammar's message itself held broken UTF-8 (seen with fuzzed regexes)
             raise InvalidRequestError(kind, f"is not a valid {kind}") from None
         except RuntimeError as error:

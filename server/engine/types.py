@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from weir_server.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 GREEDY_TEMPERATURE = 1e-5
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit on logit_bias
+MAX_LOGIT_BIAS = 100.0  # |bias| at most this; -100 bans a token, +100 all but forces it
 
 
 class FinishReason(enum.Enum):
@@ -44,6 +47,9 @@ class SamplingParams:
     n: int = 1
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # OpenAI's logit_bias as distinct (token id, bias) pairs, added to the raw logits before penalties and
+    # temperature; a tuple, not a dict, so the params stay hashable.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -94,9 +100,30 @@ class SamplingParams:
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             check(not bad, "stop_token_ids", f"token ids out of range [0, {vocab_size}): {bad[:5]}")
+        self._validate_logit_bias(vocab_size, check)
+
+    def _validate_logit_bias(self, vocab_size: int | None, check: Callable[[bool, str, str], None]) -> None:
+        """At most 300 distinct token ids, in the vocabulary where its size is known, each with a finite bias in
+        [-100, 100] (OpenAI's rules); a message names the first bad token id."""
+        entries = self.logit_bias
+        limit = MAX_LOGIT_BIAS_ENTRIES
+        check(len(entries) <= limit, "logit_bias", f"at most {limit} entries, got {len(entries)}")
+        span = "must be >= 0" if vocab_size is None else f"is out of range [0, {vocab_size})"
+        seen: set[int] = set()
+        for token_id, bias in entries:
+            in_vocab = token_id >= 0 and (vocab_size is None or token_id < vocab_size)
+            check(in_vocab, "logit_bias", f"token id {token_id} {span}")
+            check(token_id not in seen, "logit_bias", f"token id {token_id} appears more than once")
+            seen.add(token_id)
+            check(
+                math.isfinite(bias) and abs(bias) <= MAX_LOGIT_BIAS,
+                "logit_bias",
+                f"the bias of token id {token_id} must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias}",
+            )
 
 
-CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+# structural_tag (an xgrammar structural tag as JSON text) is built by the server for tool calls, never by clients.
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
 @dataclass(frozen=True)
