@@ -9,6 +9,7 @@ Fixtures (all session-scoped):
     weir_target   the server's "HOST:PORT", for any gRPC client (e.g. a gateway under test)
     weir_client   a weir_client.WeirClient connected to it
     weir_stub     a raw weir.v1 InferenceServiceStub (sync channel), to send requests the client would refuse
+    start_server  (module-scoped) start(config) -> RunningServer, for servers with options of a test's own
     packaged_model_paths  PackagedModels: `.smollm2_dir` + `.smollm2_gguf` and `.minilm_dir` on disk
 The server uses max_model_len=1024 (TEST_MAX_MODEL_LEN) so oversize prompts are cheap to build.
 """
@@ -19,7 +20,7 @@ import asyncio
 import importlib.util
 import os
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -127,6 +128,20 @@ def weir_server() -> Iterator[RunningServer]:
     running = start_server_in_thread(config)
     yield running
     stop_server_in_thread(running)
+
+
+@pytest.fixture(scope="module")
+def start_server() -> Iterator[Callable[[Any], RunningServer]]:
+    """Start extra servers with configs of the test's own (a reasoning parser, say); stopped after the module."""
+    started: list[RunningServer] = []
+
+    def start(config: Any) -> RunningServer:
+        started.append(start_server_in_thread(config))
+        return started[-1]
+
+    yield start
+    for running in started:
+        stop_server_in_thread(running)
 
 
 @pytest.fixture(scope="session")

@@ -40,19 +40,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine = model.generator
         if engine is None:
             raise EngineUnavailableError(f"model {model.id!r} has no generation engine")
-        prompt_ids, chat = self._prompt(request, model)
+        answer = convert.constraint(request)
+        prompt_ids, chat = self._prompt(request, model, answer)
         params = convert.sampling_params(request.sampling_params)  # the engine validates them
         caller_id = request.request_id or _metadata_request_id(context)
         if caller_id and not VALID_REQUEST_ID.fullmatch(caller_id):
             raise InvalidRequestError("request_id", "must be 1 to 128 printable ASCII characters without spaces")
-        constraint = convert.constraint(request)
-        if chat is not None and chat.constraint is not None:
-            if constraint is not None:
-                raise InvalidRequestError(
-                    request.WhichOneof("constraint") or "constraint",
-                    "cannot be combined with tool calls; set tool_choice to none to constrain the text",
-                )
-            constraint = chat.constraint
+        constraint = chat.constraint if chat is not None else answer
+        if answer is not None and constraint is not answer:
+            await engine.prepare_constraint(answer)  # its own errors name its own field
         if constraint is not None:
             await _prepare_constraint(engine, constraint)  # compiled off the event loop, before admission
         request_id = caller_id or uuid.uuid4().hex
@@ -94,7 +90,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             await _aclose(stream)
             observer.finish()
 
-    def _prompt(self, request: pb.GenerateRequest, model: ServedModel) -> tuple[list[int], ChatPrompt | None]:
+    def _prompt(
+        self, request: pb.GenerateRequest, model: ServedModel, answer: Constraint | None
+    ) -> tuple[list[int], ChatPrompt | None]:
         """The prompt's token ids, and for a chat its rendering (constraint and output parsers included)."""
         kind = request.WhichOneof("input")
         tokenizer = model.tokenizer
@@ -127,6 +125,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 convert.tools(request),
                 add_generation_prompt,
                 template_kwargs(request.chat_template_kwargs),
+                answer,
             )
             ids = tokenizer.encode(chat.text, add_special_tokens=False)  # the template holds the special tokens
         else:

@@ -17,6 +17,8 @@ from weir_server.chat.template import ChatTemplate
 from weir_server.chat.tools import ToolRequest
 from weir_server.config import TOOL_CALL_PARSER_AUTO, ChatConfig
 from weir_server.engine.types import Constraint
+from weir_server.errors import InvalidRequestError
+from weir_server.parsers import structural
 from weir_server.parsers.reasoning_parser import ReasoningParser, get_reasoning_parser
 from weir_server.parsers.tool_parser import ToolParser, detect_tool_parser, get_tool_parser
 
@@ -80,14 +82,34 @@ class ChatFrontend:
         tools: ToolRequest | None = None,
         add_generation_prompt: bool = True,
         kwargs: Mapping[str, Any] | None = None,
+        answer: Constraint | None = None,
     ) -> ChatPrompt:
-        """The prompt and output constraint of a chat request; raises InvalidRequestError naming the field."""
+        """The prompt and output constraint of a chat request; raises InvalidRequestError naming the field.
+        `answer` constrains the text: alone without calls, as the alternative to calls in auto mode, and not at
+        all when a call is required."""
         text = self.template.render(messages, tools.tools if tools else (), add_generation_prompt, kwargs)
         reasoning = self.reasoning_parser(text) if self.reasoning_parser is not None else None
-        constraint = None
+        constraint = answer
         if tools is not None and tools.calls_allowed:
             prefix = reasoning.structural_prefix() if reasoning is not None else None
-            tag = self.tool_parser.structural_tag(tools.tools, tools.mode, tools.forced, prefix, tools.parallel)
+            tag = self._tool_tag(tools, prefix, answer)
             if tag is not None:
                 constraint = Constraint("structural_tag", json.dumps(tag, ensure_ascii=False))
         return ChatPrompt(text, constraint, tools, self.tool_parser, self.reasoning_parser)
+
+    def _tool_tag(
+        self, tools: ToolRequest, prefix: dict[str, Any] | None, answer: Constraint | None
+    ) -> dict[str, Any] | None:
+        """The structural tag for the calls; in auto mode with an answer constraint: calls, or that answer."""
+        parser = self.tool_parser
+        if answer is None or tools.mode != "auto" or tools.forced is not None:
+            return parser.structural_tag(tools.tools, tools.mode, tools.forced, prefix, tools.parallel)
+        calls = parser.structural_tag(tools.tools, "required", None, None, tools.parallel)
+        if calls is None:  # a format Weir cannot constrain: the answer's shape is the one kept
+            return None
+        try:
+            text = structural.answer_format(answer.kind, answer.value)
+        except (ValueError, RecursionError) as e:
+            raise InvalidRequestError(answer.kind, f"is not valid: {e}") from None
+        body = structural.any_of([calls["format"], text])
+        return structural.structural_tag(body, prefix)

@@ -98,6 +98,24 @@ def free_text_not_starting_with(first_chars: str, excludes: Sequence[str] = ()) 
     return optional(sequence({"type": "regex", "pattern": first}, rest))
 
 
+def answer_format(kind: str, value: str | Sequence[str]) -> Format:
+    """An output constraint (json_schema text, json_object, regex, choice, grammar) as a format, so that a
+    request with tools in auto mode can answer either with calls or with text of that shape."""
+    if kind == "json_schema":
+        assert isinstance(value, str)
+        schema = json.loads(value)  # the caller checked it parses
+        return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": MAX_WHITESPACE}
+    if kind == "json_object":
+        return {"type": "json_schema", "json_schema": {"type": "object"}, "max_whitespace_cnt": MAX_WHITESPACE}
+    if kind == "regex":
+        return {"type": "regex", "pattern": value}
+    if kind == "grammar":
+        return {"type": "grammar", "grammar": value}
+    if kind == "choice":
+        return any_of([const(choice) for choice in value])
+    raise ValueError(f"unknown constraint kind {kind!r}")
+
+
 def structural_tag(body: Format, reasoning_prefix: Format | None) -> dict[str, Any]:
     """The top-level structural tag: the reasoning prefix, if any, then the body."""
     fmt = body if reasoning_prefix is None else sequence(reasoning_prefix, body)

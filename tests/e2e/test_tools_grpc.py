@@ -193,7 +193,7 @@ def test_content_parts_are_joined(weir_stub: InferenceServiceStub) -> None:
         ({"tool_choice": pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED)}, None, "tool_choice"),
         ({"chat_template_kwargs": "[1]"}, None, "chat_template_kwargs"),
         ({"chat_template_kwargs": '{"chat_template": "x"}'}, None, "chat_template_kwargs"),
-        ({"tools": TOOLS, "json_object": True}, None, "json_object"),
+        ({"tools": TOOLS, "json_schema": "{not json"}, None, "json_schema"),
         ({}, [user("hi"), pb.ChatMessage(role="tool", tool_call_id="call_x", content="1")], "messages[1].tool_call_id"),
         (
             {},
@@ -216,6 +216,18 @@ def test_bad_tool_input_names_the_field(
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_field(info.value) == field
     assert run(weir_stub, chat([user("Still there?")], max_tokens=2))["reason"]  # the server keeps serving
+
+
+def test_auto_tools_with_a_json_schema_answer_call_or_answer_in_shape(weir_stub: InferenceServiceStub) -> None:
+    answer = {
+        "type": "object",
+        "properties": {"greeting": {"type": "string", "maxLength": 16}},
+        "required": ["greeting"],
+    }
+    result = run(weir_stub, chat([user("Greet me in JSON.")], tools=TOOLS, json_schema=json.dumps(answer)))
+    assert_calls_valid(result)
+    if not result["calls"]:
+        jsonschema.validate(json.loads(result["text"]), answer)
 
 
 def test_tools_need_messages(weir_stub: InferenceServiceStub) -> None:
