@@ -24,6 +24,8 @@ from weir_gateway.logging_setup import access_log_middleware
 from weir_gateway.metrics import install_metrics, metrics_middleware
 from weir_gateway.models import list_models, retrieve_model
 from weir_gateway.openapi import openapi_json
+from weir_gateway.response_store import install_response_store
+from weir_gateway.responses import create_response, delete_response, retrieve_response
 from weir_gateway.sse import dumps
 from weir_gateway.state import CONFIG, POOL, REQUEST_ID, gateway_version
 from weir_gateway.telemetry import TRACER_PROVIDER, client_interceptors, tracing_middlewares
@@ -50,6 +52,9 @@ async def version(request: web.Request) -> web.Response:
 ROUTES = [
     web.post("/v1/completions", create_completion),
     web.post("/v1/chat/completions", create_chat_completion),
+    web.post("/v1/responses", create_response),
+    web.get("/v1/responses/{response_id}", retrieve_response),
+    web.delete("/v1/responses/{response_id}", delete_response),
     web.post("/v1/embeddings", create_embeddings),
     web.get("/v1/models", list_models),
     web.get("/v1/models/{model_id:.+}", retrieve_model),
@@ -111,7 +116,7 @@ async def cors_middleware(request: web.Request, handler: web.Handler) -> web.Str
         return web.Response(
             status=204,
             headers={
-                hdrs.ACCESS_CONTROL_ALLOW_METHODS: "GET, POST, OPTIONS",
+                hdrs.ACCESS_CONTROL_ALLOW_METHODS: "GET, POST, DELETE, OPTIONS",
                 hdrs.ACCESS_CONTROL_ALLOW_HEADERS: request.headers.get(
                     hdrs.ACCESS_CONTROL_REQUEST_HEADERS, "Authorization, Content-Type"
                 ),
@@ -177,6 +182,7 @@ def create_app(config: GatewayConfig, tracer_provider: Any = None) -> web.Applic
     app[TRACER_PROVIDER] = tracer_provider
     install_metrics(app, lambda: app[POOL].backends if POOL in app else [])
     install_drain(app)
+    install_response_store(app)
     app.cleanup_ctx.append(_backend_pool)
     app.on_response_prepare.append(_on_prepare)
     app.add_routes(ROUTES)

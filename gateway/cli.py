@@ -43,6 +43,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="TLS: the name the backend certificates must carry")
     p.add_argument("--backend-api-key", metavar="KEY",
                    help="API key of backends run with --api-key (default: $WEIR_BACKEND_API_KEY)")
+    p.add_argument("--response-store-size", type=int, default=defaults.response_store_size,
+                   help="most /v1/responses objects kept for GET and previous_response_id, per gateway process "
+                   "(0 keeps none; default %(default)s)")
+    p.add_argument("--response-store-ttl", type=float, default=defaults.response_store_ttl_s,
+                   help="seconds a stored response stays readable (default %(default)s)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse (400) request fields the gateway would accept and ignore (store, metadata, user, "
+                   "service_tier, ...) and unknown fields; see docs/openai.md")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
                    help="json: one object per line with request and trace ids; either way one access line per "
@@ -64,6 +72,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         drain_timeout_s=args.drain_timeout,
         backend_tls=_backend_tls(args),
         backend_api_key=args.backend_api_key or os.environ.get("WEIR_BACKEND_API_KEY") or None,
+        strict=args.strict,
+        response_store_size=args.response_store_size,
+        response_store_ttl_s=args.response_store_ttl,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,31 +13,49 @@ from weir_gateway.config import GatewayConfig
 from weir_gateway.generation import CallContext, Renderer, respond, stream_generate
 from weir_gateway.logprobs import CompletionLogprobs
 from weir_gateway.sampling import (
-    CONSTRAINT_FIELDS,
     MAX_LOGPROBS,
-    SAMPLING_FIELDS,
-    UNSUPPORTED_FIELDS,
     apply_constraint,
     check_best_of,
     constraint_params,
+    generation_fields,
     include_usage,
     sampling_params,
 )
+from weir_gateway.schema import Field, ObjectSchema, boolean, integer, refused, texts_or_token_ids
 from weir_gateway.state import CONFIG, POOL, REQUEST_ID, call_context, fingerprint
 from weir_gateway.tokenization import detokenize_texts
 from weir_gateway.validation import Fields, is_token_id, read_json
 
-KNOWN_FIELDS = SAMPLING_FIELDS | CONSTRAINT_FIELDS | {"prompt", "echo", "best_of"}
 DEFAULT_MAX_TOKENS = 16  # the OpenAI default for completions
 
 Prompt = str | list[int]
 
 
-def parse_prompts(fields: Fields, config: GatewayConfig) -> list[Prompt]:
+@functools.lru_cache(maxsize=16)
+def completion_request(config: GatewayConfig) -> ObjectSchema:
+    """The completions request body's fields, with the limits of `config`."""
+    return ObjectSchema(
+        (
+            Field("prompt", texts_or_token_ids(config.max_prompts), functools.partial(parse_prompts, config=config)),
+            *generation_fields(config),
+            boolean("echo", doc="prefix each choice with its prompt"),
+            integer("best_of", 1, doc="only equal to n (or 1)"),
+            integer("logprobs", 0, MAX_LOGPROBS, doc="the top-n alternatives of each token"),
+            refused("suffix", "suffix insertion"),
+            refused("tools", "tool calling is a chat feature; use /v1/chat/completions"),
+            refused("tool_choice", "tool calling is a chat feature; use /v1/chat/completions"),
+        ),
+        required=("prompt",),
+        open=True,
+        strict=config.strict,
+    )
+
+
+def parse_prompts(fields: Fields, name: str = "prompt", *, config: GatewayConfig) -> list[Prompt]:
     """`prompt` as a list of prompts: a string, strings, token ids, or lists of token ids."""
-    value = fields.raw("prompt")
+    value = fields.raw(name)
     if value is None:
-        raise fields.error("prompt", "required")
+        raise fields.error(name, "required")
     if isinstance(value, str):
         prompts: list[Prompt] = [value]
     elif isinstance(value, list) and value and all(isinstance(p, str) for p in value):
@@ -44,15 +63,15 @@ def parse_prompts(fields: Fields, config: GatewayConfig) -> list[Prompt]:
     elif isinstance(value, list) and value and all(is_token_id(t) for t in value):
         prompts = [value]
     elif isinstance(value, list) and value and all(isinstance(p, list) for p in value):
-        prompts = [fields.token_ids("prompt", p) for p in value]
+        prompts = [fields.token_ids(name, p) for p in value]
     else:
         raise fields.error(
-            "prompt", "expected a non-empty string, array of strings, array of token ids or array of token-id arrays"
+            name, "expected a non-empty string, array of strings, array of token ids or array of token-id arrays"
         )
     if len(prompts) > config.max_prompts:
-        raise fields.error("prompt", f"at most {config.max_prompts} prompts per request, got {len(prompts)}")
+        raise fields.error(name, f"at most {config.max_prompts} prompts per request, got {len(prompts)}")
     if any(len(p) == 0 for p in prompts):
-        raise fields.error("prompt", "prompts must not be empty")
+        raise fields.error(name, "prompts must not be empty")
     return prompts
 
 
@@ -101,11 +120,11 @@ class CompletionRenderer(Renderer):
             "stop_reason": choice.stop_reason if reason else None,
         }
 
-    def chunk(self, prompt_index: int, message: pb.GenerateResponse) -> dict[str, Any] | None:
+    def chunks(self, prompt_index: int, message: pb.GenerateResponse) -> list[dict[str, Any]]:
         choice = self._update(prompt_index, message)
         if not choice["text"] and choice["finish_reason"] is None and not message.logprobs:
-            return None
-        return self.envelope(self.chunk_object_name) | {"choices": [choice]}
+            return []
+        return [self.envelope(self.chunk_object_name) | {"choices": [choice]}]
 
     def add(self, prompt_index: int, message: pb.GenerateResponse) -> None:
         self._update(prompt_index, message)
@@ -127,25 +146,24 @@ class CompletionRenderer(Renderer):
 async def create_completion(request: web.Request) -> web.StreamResponse:
     """OpenAI /v1/completions, streaming or not."""
     config, pool = request.app[CONFIG], request.app[POOL]
-    fields = Fields(await read_json(request))
-    fields.reject_unknown(KNOWN_FIELDS, UNSUPPORTED_FIELDS)
-    model = fields.string("model", "") or ""
-    prompts = parse_prompts(fields, config)
-    params = sampling_params(fields, config, DEFAULT_MAX_TOKENS)
-    check_best_of(fields, params.n)
-    logprobs = fields.integer("logprobs", lo=0, hi=MAX_LOGPROBS)
-    echo = bool(fields.boolean("echo", False))
+    body = completion_request(config).read(Fields(await read_json(request)))
+    model = body.value("model") or ""
+    prompts: list[Prompt] = body.value("prompt")
+    params = sampling_params(body, config, DEFAULT_MAX_TOKENS)
+    check_best_of(body, params.n)
+    logprobs = body.value("logprobs")
+    echo = body.value("echo", False)
     if logprobs is not None:
         params.logprobs = logprobs
         if echo:
             params.prompt_logprobs = logprobs
-    streaming = bool(fields.boolean("stream", False))
-    usage = include_usage(fields, streaming)
+    streaming = body.value("stream", False)
+    usage = include_usage(body, streaming)
 
     ctx = call_context(request)
     request_id = request[REQUEST_ID]
     constraint = pb.GenerateRequest()  # only its `constraint` oneof, merged into every prompt's request
-    constraint_source = apply_constraint(fields, constraint)
+    constraint_source = apply_constraint(body, constraint)
     messages = []
     for i, prompt in enumerate(prompts):
         message = pb.GenerateRequest(

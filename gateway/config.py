@@ -29,6 +29,9 @@ class GatewayConfig:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests may finish
     backend_tls: TlsOptions | None = None  # None = plaintext gRPC to the backends
     backend_api_key: str | None = None  # sent as `authorization: Bearer KEY` to backends run with --api-key
+    strict: bool = False  # refuse (400) the OpenAI fields the gateway accepts and ignores, and unknown fields
+    response_store_size: int = 1024  # most stored /v1/responses objects (per gateway process); 0 stores none
+    response_store_ttl_s: float = 3600.0  # how long a stored response can be read or continued
 
     def __post_init__(self) -> None:
         if not self.backends:
@@ -40,3 +43,7 @@ class GatewayConfig:
             raise ValueError("request_timeout_s must be positive")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
+        if self.response_store_size < 0:
+            raise ValueError("response_store_size must be >= 0")
+        if self.response_store_ttl_s <= 0:
+            raise ValueError("response_store_ttl_s must be positive")

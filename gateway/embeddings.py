@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import struct
 from typing import Any
 
@@ -10,18 +11,35 @@ from aiohttp import web
 
 from weir.v1 import inference_pb2 as pb
 from weir_gateway.config import GatewayConfig
+from weir_gateway.schema import Field, ObjectSchema, Use, integer, string, texts_or_token_ids
 from weir_gateway.sse import dumps
 from weir_gateway.state import CONFIG, POOL, call_context
 from weir_gateway.validation import UINT32_MAX, Fields, is_token_id, read_json
 
-KNOWN_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
+
+@functools.lru_cache(maxsize=16)
+def embedding_request(config: GatewayConfig) -> ObjectSchema:
+    """The embeddings request body's fields, with the limits of `config`."""
+    return ObjectSchema(
+        (
+            string("model", doc="model id; empty or absent means the server's default embedding model"),
+            Field("input", texts_or_token_ids(config.max_embedding_inputs),
+                  functools.partial(parse_input, config=config)),
+            string("encoding_format", ("float", "base64")),
+            integer("dimensions", 1, UINT32_MAX, doc="keep the first n dimensions (renormalized)"),
+            string("user", use=Use.IGNORED, doc="end-user id"),
+        ),
+        required=("input",),
+        open=True,
+        strict=config.strict,
+    )  # fmt: skip
 
 
-def parse_input(fields: Fields, config: GatewayConfig, message: pb.EmbedRequest) -> None:
-    """Put `input` (a string, strings, token ids or lists of token ids) into the request."""
-    value = fields.raw("input")
+def parse_input(fields: Fields, name: str = "input", *, config: GatewayConfig) -> pb.EmbedRequest:
+    """`input` (a string, strings, token ids or lists of token ids) as a request's inputs."""
+    value = fields.raw(name)
     if value is None:
-        raise fields.error("input", "required")
+        raise fields.error(name, "required")
     if isinstance(value, str):
         texts: list[str] | None = [value]
     elif isinstance(value, list) and value and all(isinstance(s, str) for s in value):
@@ -29,20 +47,22 @@ def parse_input(fields: Fields, config: GatewayConfig, message: pb.EmbedRequest)
     elif isinstance(value, list) and value and all(is_token_id(t) for t in value):
         texts, token_lists = None, [value]
     elif isinstance(value, list) and value and all(isinstance(t, list) for t in value):
-        texts, token_lists = None, [fields.token_ids("input", t) for t in value]
+        texts, token_lists = None, [fields.token_ids(name, t) for t in value]
     else:
         raise fields.error(
-            "input", "expected a non-empty string, array of strings, array of token ids or array of token-id arrays"
+            name, "expected a non-empty string, array of strings, array of token ids or array of token-id arrays"
         )
     inputs: list[Any] = texts if texts is not None else token_lists
     if len(inputs) > config.max_embedding_inputs:
-        raise fields.error("input", f"at most {config.max_embedding_inputs} inputs per request, got {len(inputs)}")
+        raise fields.error(name, f"at most {config.max_embedding_inputs} inputs per request, got {len(inputs)}")
     if any(len(item) == 0 for item in inputs):
-        raise fields.error("input", "inputs must not be empty")
+        raise fields.error(name, "inputs must not be empty")
+    message = pb.EmbedRequest()
     if texts is not None:
         message.texts.extend(texts)
     else:
         message.token_ids.extend(pb.TokenIds(ids=ids) for ids in token_lists)
+    return message
 
 
 def encode_base64(values: Any) -> str:
@@ -53,14 +73,12 @@ def encode_base64(values: Any) -> str:
 async def create_embeddings(request: web.Request) -> web.Response:
     """OpenAI /v1/embeddings."""
     config = request.app[CONFIG]
-    fields = Fields(await read_json(request))
-    fields.reject_unknown(KNOWN_FIELDS)
-    model = fields.string("model", "") or ""
-    message = pb.EmbedRequest(model=model)
-    parse_input(fields, config, message)
-    encoding = fields.string("encoding_format", "float", choices=("float", "base64"))
-    message.dimensions = fields.integer("dimensions", 0, lo=1, hi=UINT32_MAX) or 0
-    fields.string("user")
+    body = embedding_request(config).read(Fields(await read_json(request)))
+    model = body.value("model") or ""
+    message: pb.EmbedRequest = body.value("input")
+    message.model = model
+    encoding = body.value("encoding_format", "float")
+    message.dimensions = body.value("dimensions", 0)
 
     ctx = call_context(request)
     reply = await request.app[POOL].unary(

@@ -93,7 +93,10 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ApiError:
         code = "model_not_found"
     elif status == 503:
         code = "backend_unavailable"
-    return ApiError(status, message, param=_openai_param(param), code=code, retry_after_s=retry_after)
+    openai_param = _openai_param(param)
+    if param and openai_param != param and message.startswith(f"{param}:"):
+        message = f"{openai_param}{message[len(param) :]}"  # name the body's field, as the param does
+    return ApiError(status, message, param=openai_param, code=code, retry_after_s=retry_after)
 
 
 def _status_details(error: grpc.aio.AioRpcError) -> tuple[str | None, float | None]:

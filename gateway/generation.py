@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,11 @@ FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_STOP_SEQUENCE: "stop",
     pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
+# Server field names an endpoint renames to the body fields the client set: a table, or a function giving the
+# body's name (None when the name is the same).
+ParamRenames = Mapping[str, str] | Callable[[str], str | None]
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ async def stream_generate(
     requests: Sequence[pb.GenerateRequest],
     ctx: CallContext,
     *,
-    renamed_params: Mapping[str, str] | None = None,
+    renamed_params: ParamRenames | None = None,
 ) -> AsyncIterator[Item]:
     """Yield the messages of one Generate call per request, merged; a backend found unreachable before
     any output is routed around and the request tried on another. `renamed_params` maps request fields
@@ -58,9 +62,15 @@ async def stream_generate(
                 yield item
     except grpc.aio.AioRpcError as e:
         error = from_rpc_error(e)
-        if not renamed_params or error.param not in renamed_params:
+        if renamed_params is None or error.param is None:
             raise
-        raise rename_param(error, renamed_params[error.param]) from None
+        if callable(renamed_params):
+            param = renamed_params(error.param)
+        else:
+            param = renamed_params.get(error.param)
+        if param is None:
+            raise
+        raise rename_param(error, param) from None
 
 
 def rename_param(error: ApiError, param: str) -> ApiError:
@@ -202,7 +212,8 @@ class Renderer:
         """Chunks sent before the first delta (chat's role chunks)."""
         return []
 
-    def chunk(self, prompt_index: int, message: pb.GenerateResponse) -> dict[str, Any] | None:
+    def chunks(self, prompt_index: int, message: pb.GenerateResponse) -> list[dict[str, Any]]:
+        """The stream chunks a message makes (none when it carries nothing to tell)."""
         raise NotImplementedError
 
     def add(self, prompt_index: int, message: pb.GenerateResponse) -> None:
@@ -259,6 +270,5 @@ async def respond(
 
 
 async def _send_chunk(response: web.StreamResponse, renderer: Renderer, item: Item) -> None:
-    chunk = renderer.chunk(*item)
-    if chunk is not None:
+    for chunk in renderer.chunks(*item):
         await sse.send_event(response, renderer.with_usage_field(chunk))

@@ -1,4 +1,5 @@
-"""The OpenAPI 3.0 description of the gateway's routes, served at /openapi.json; limits come from the config."""
+"""The OpenAPI 3.0 description of the gateway's routes, served at /openapi.json: request bodies come from the tables
+the handlers check them with (weir_gateway.schema), limits from the config."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ from typing import Any
 
 from aiohttp import web
 
+from weir_gateway.chat import chat_request
+from weir_gateway.completions import completion_request
 from weir_gateway.config import GatewayConfig
+from weir_gateway.embeddings import embedding_request
+from weir_gateway.responses import responses_request
+from weir_gateway.schema import ObjectSchema
 from weir_gateway.state import CONFIG, gateway_version
+from weir_gateway.tokenization import detokenize_request, tokenize_request
 
-MAX_LOGPROBS = 20
-MAX_STOP_STRINGS = 16
-INT64 = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
-TOKEN_ID = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
 # One server-sent event: `data` holds a JSON chunk (or an error object), the last one `[DONE]`.
 SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
 JSON_ERROR_STATUSES = {
@@ -27,136 +30,20 @@ JSON_ERROR_STATUSES = {
 }
 
 
+def request_schemas(config: GatewayConfig) -> dict[str, ObjectSchema]:
+    """Every request body the gateway reads, by component name: the tables the handlers check bodies with."""
+    return {
+        "CompletionRequest": completion_request(config),
+        "ChatCompletionRequest": chat_request(config),
+        "ResponseRequest": responses_request(config),
+        "EmbeddingRequest": embedding_request(config),
+        "TokenizeRequest": tokenize_request(config.strict),
+        "DetokenizeRequest": detokenize_request(config.strict),
+    }
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _number(lo: float, hi: float, *, exclusive_lo: bool = False) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "number", "minimum": lo, "maximum": hi, "nullable": True}
-    if exclusive_lo:
-        schema["exclusiveMinimum"] = True
-    return schema
-
-
-def _sampling(config: GatewayConfig) -> dict[str, Any]:
-    """Fields chat and completions share."""
-    max_tokens = {"type": "integer", "minimum": 1, "maximum": config.max_tokens, "nullable": True}
-    return {
-        "model": {"type": "string"},
-        "max_tokens": max_tokens,
-        "max_completion_tokens": max_tokens,
-        "min_tokens": {"type": "integer", "minimum": 0, "maximum": config.max_tokens},
-        "temperature": _number(0, 2),
-        "top_p": _number(0, 1, exclusive_lo=True),
-        "top_k": {"type": "integer", "minimum": -1, "maximum": 2**31 - 1},
-        "min_p": _number(0, 1),
-        "repetition_penalty": _number(0, 2, exclusive_lo=True),
-        "presence_penalty": _number(-2, 2),
-        "frequency_penalty": _number(-2, 2),
-        "n": {"type": "integer", "minimum": 1, "maximum": config.max_n},
-        "seed": INT64 | {"nullable": True},
-        "stop": {
-            "nullable": True,
-            "oneOf": [
-                {"type": "string"},
-                {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS},
-            ],
-        },
-        "stop_token_ids": {"type": "array", "items": TOKEN_ID, "maxItems": 256},
-        "ignore_eos": {"type": "boolean"},
-        "skip_special_tokens": {"type": "boolean"},
-        "include_stop_str_in_output": {"type": "boolean"},
-        "stream": {"type": "boolean"},
-        "stream_options": {
-            "type": "object",
-            "properties": {"include_usage": {"type": "boolean"}},
-            "additionalProperties": False,
-        },
-        "user": {"type": "string"},
-    }
-
-
-def _request_schemas(config: GatewayConfig) -> dict[str, Any]:
-    token_ids = {"type": "array", "items": TOKEN_ID, "minItems": 1}
-    text_part = {
-        "type": "object",
-        "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
-        "required": ["type", "text"],
-        "additionalProperties": False,
-    }
-    message = {
-        "type": "object",
-        "properties": {
-            "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
-            "content": {
-                "oneOf": [{"type": "string"}, {"type": "array", "items": text_part, "minItems": 1}],
-            },
-        },
-        "required": ["role", "content"],
-        "additionalProperties": False,
-    }
-    completion = _sampling(config) | {
-        "prompt": {
-            "oneOf": [
-                {"type": "string", "minLength": 1},
-                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
-                 "maxItems": config.max_prompts},
-                token_ids,
-                {"type": "array", "items": token_ids, "minItems": 1, "maxItems": config.max_prompts},
-            ]
-        },
-        "echo": {"type": "boolean"},
-        "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS, "nullable": True},
-        "best_of": {"type": "integer", "minimum": 1, "maximum": 1},
-    }  # fmt: skip
-    chat = _sampling(config) | {
-        "messages": {"type": "array", "items": message, "minItems": 1},
-        "logprobs": {"type": "boolean", "nullable": True},
-        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS, "nullable": True},
-        "add_generation_prompt": {"type": "boolean"},
-    }
-    inputs = {
-        "oneOf": [
-            {"type": "string", "minLength": 1},
-            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
-             "maxItems": config.max_embedding_inputs},
-            token_ids,
-            {"type": "array", "items": token_ids, "minItems": 1, "maxItems": config.max_embedding_inputs},
-        ]
-    }  # fmt: skip
-    return {
-        "CompletionRequest": _object(completion, ["prompt"]),
-        "ChatCompletionRequest": _object(chat, ["messages"]),
-        "EmbeddingRequest": _object(
-            {
-                "model": {"type": "string"},
-                "input": inputs,
-                "encoding_format": {"type": "string", "enum": ["float", "base64"]},
-                "dimensions": {"type": "integer", "minimum": 1, "maximum": 2**32 - 1},
-                "user": {"type": "string"},
-            },
-            ["input"],
-        ),
-        "TokenizeRequest": _object(
-            {
-                "model": {"type": "string"},
-                "prompt": {"type": "string"},
-                "add_special_tokens": {"type": "boolean"},
-                "return_token_strs": {"type": "boolean"},
-            },
-            ["prompt"],
-        ),
-        "DetokenizeRequest": _object({"model": {"type": "string"}, "tokens": {"type": "array", "items": TOKEN_ID}},
-                                     ["tokens"]),  # fmt: skip
-    }
-
-
-def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    """A request body object; optional fields may be null, which the gateway reads as absent (as OpenAI does)."""
-    properties = {
-        name: schema if name in required else schema | {"nullable": True} for name, schema in properties.items()
-    }
-    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
 
 
 def _responses(ok: dict[str, Any], errors: tuple[str, ...] = tuple(JSON_ERROR_STATUSES)) -> dict[str, Any]:
@@ -219,6 +106,20 @@ def build_openapi(config: GatewayConfig) -> dict[str, Any]:
                                  _generation_ok("the completion", "GenerationResponse")),
         "/v1/chat/completions": _post("Chat completion", "ChatCompletionRequest",
                                       _generation_ok("the chat completion", "GenerationResponse")),
+        "/v1/responses": _post("Create a response (the Responses API)", "ResponseRequest", {
+            "description": "the response; with `stream: true`, its server-sent events (response.created ... "
+                           "response.completed)",
+            "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": SSE_EVENT}},
+        }),
+        "/v1/responses/{response_id}": {
+            method: {
+                "summary": summary,
+                "parameters": [{"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": _responses(_json_ok(ok), unauthenticated),
+            }
+            for method, summary, ok in (("get", "A stored response", "the response"),
+                                        ("delete", "Delete a stored response", "the deletion"))
+        },
         "/v1/embeddings": _post("Embeddings", "EmbeddingRequest", _json_ok("one vector per input")),
         "/tokenize": _post("Tokenize a prompt", "TokenizeRequest", _json_ok("token ids")),
         "/detokenize": _post("Text of token ids", "DetokenizeRequest", _json_ok("the text")),
@@ -243,7 +144,8 @@ def build_openapi(config: GatewayConfig) -> dict[str, Any]:
         "info": {"title": "Weir OpenAI-compatible gateway", "version": gateway_version()},
         "paths": paths,
         "components": {
-            "schemas": _request_schemas(config) | {"Error": error, "GenerationResponse": generation_response},
+            "schemas": {name: schema.openapi() for name, schema in request_schemas(config).items()}
+            | {"Error": error, "GenerationResponse": generation_response},
         },
     }
     if config.api_keys:

@@ -1,178 +1,205 @@
-"""Tool calls by constrained decoding: `tools` and a forced `tool_choice` become a JSON schema, the output calls."""
+"""Tool calling over the gateway: `tools` and `tool_choice` in, as weir.v1 fields (the server renders the tools,
+constrains and parses the calls), and the server's calls out, as the OpenAI SDK accumulates them."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from weir.v1 import inference_pb2 as pb
+from weir_gateway.schema import Body, Field, ObjectSchema, boolean, nested, string
 from weir_gateway.validation import Fields
 
-TOOL_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
-_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
-# With several tools the output is {"name": ..., "arguments": ...}, name first (xgrammar keeps schema order).
-_CALL_HEAD = re.compile(r'^\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
-_CLOSING = re.compile(r"[\s}]*$")
+logger = logging.getLogger(__name__)
+
+MAX_TOOLS = 128  # OpenAI's limit, and the server's
+FUNCTION_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"  # OpenAI's rule, with dots as vLLM and the server allow
+TOOL_CHOICE_MODES = {
+    "auto": pb.TOOL_CHOICE_MODE_AUTO,
+    "none": pb.TOOL_CHOICE_MODE_NONE,
+    "required": pb.TOOL_CHOICE_MODE_REQUIRED,
+}
 
 
-@dataclass(frozen=True)
-class Tool:
-    """One function the model may call."""
-
-    name: str
-    parameters: dict[str, Any]  # a JSON schema
-
-
-@dataclass(frozen=True)
-class ToolPlan:
-    """The tools of a request whose output must be a call: of `forced` alone, or of any (`required`)."""
-
-    tools: tuple[Tool, ...]
-    forced: str | None
-
-    def schema(self) -> dict[str, Any]:
-        """The constraint: the forced function's parameters, or an anyOf of {"name": const, "arguments": params}."""
-        if self.forced is not None:
-            return next(t.parameters for t in self.tools if t.name == self.forced)
-        return {
-            "anyOf": [
-                {
-                    "type": "object",
-                    "properties": {"name": {"const": t.name}, "arguments": t.parameters},
-                    "required": ["name", "arguments"],
-                }
-                for t in self.tools
-            ]
-        }
+def _read_name(fields: Fields, name: str) -> str:
+    value = fields.string(name)
+    assert value is not None
+    if not re.fullmatch(FUNCTION_NAME_PATTERN, value):
+        raise fields.error(name, "must be 1-64 letters, digits, underscores, dots or dashes")
+    return value
 
 
-def parse_tools(fields: Fields) -> ToolPlan | None:
-    """The request's tool plan; None when it has no tools or `tool_choice` is "none" (tools are ignored)."""
-    fields.boolean("parallel_tool_calls")  # one call per choice either way
-    items = fields.array("tools")
-    choice = fields.raw("tool_choice")
-    if not items:
-        if items is not None:
-            raise fields.error("tools", "must hold at least one tool")
-        if choice is not None and choice != "none":
-            raise fields.error("tool_choice", "requires `tools`")
-        return None
-    tools = tuple(_tool(fields, i, item) for i, item in enumerate(items))
+def _read_parameters(fields: Fields, name: str) -> str:
+    """The parameters as JSON text, once checked to be a JSON schema (of any draft jsonschema knows)."""
+    value = fields.object_fields(name)
+    if value is None:
+        return ""
+    import jsonschema  # only requests with tools pay for the import
+
+    schema = dict(value.body)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "/".join(str(p) for p in e.path)
+        raise fields.error(name, f"is not a JSON schema: {e.message}" + (f" (at {where})" if where else "")) from None
+    except RecursionError:
+        raise fields.error(name, "is nested too deeply") from None
+    return json.dumps(schema)
+
+
+FUNCTION_SCHEMA = ObjectSchema(
+    (
+        Field("name", {"type": "string", "pattern": FUNCTION_NAME_PATTERN}, _read_name),
+        string("description", doc="shown to the model"),
+        Field("parameters", {"type": "object"}, _read_parameters, doc="a JSON schema; calls are constrained to it"),
+        boolean("strict", doc="always on: every call's arguments follow the schema"),
+    ),
+    required=("name",),
+)
+TOOL_SCHEMA = ObjectSchema(
+    (string("type", ("function",)), nested("function", FUNCTION_SCHEMA)), required=("type", "function")
+)
+
+
+def _read_tools(fields: Fields, name: str) -> list[pb.Tool]:
+    items = fields.array(name)
+    assert items is not None
+    if len(items) > MAX_TOOLS:
+        raise fields.error(name, f"at most {MAX_TOOLS} tools, got {len(items)}")
+    tools = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise fields.error(f"{name}[{i}]", "expected a tool object")
+        function = TOOL_SCHEMA.read(Fields(item, prefix=f"{fields.param(name)}[{i}].")).value("function")
+        tools.append(
+            pb.Tool(
+                name=function.value("name"),
+                description=function.value("description", ""),
+                parameters=function.value("parameters", ""),
+            )
+        )
     names = [t.name for t in tools]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
-        raise fields.error("tools", f"function names must be unique; {duplicate!r} appears twice")
-    if choice == "none":
-        return None
-    if choice == "required":
-        return ToolPlan(tools, None)
-    if choice is None or choice == "auto":
-        raise fields.error(
-            "tool_choice", "'auto' is not supported by Weir yet; set it to 'required', 'none' or a named function"
-        )
-    if isinstance(choice, dict):
-        named = Fields(choice, prefix="tool_choice.")
-        named.reject_unknown(frozenset({"type", "function"}))
-        if named.string("type") != "function":
-            raise named.error("type", "must be 'function'")
-        function = named.object_fields("function")
-        name = function.string("name") if function is not None else None
-        if function is None or name is None:
-            raise named.error("function", "must name the function: {'name': ...}")
-        if name not in names:
-            raise function.error("name", f"{name!r} is not one of the request's tools ({', '.join(names)})")
-        return ToolPlan(tools, name)
-    raise fields.error("tool_choice", "must be 'none', 'auto', 'required' or {'type': 'function', 'function': {...}}")
+        raise fields.error(name, f"function names must be unique; {duplicate!r} appears twice")
+    return tools
 
 
-def _tool(fields: Fields, index: int, item: Any) -> Tool:
-    if not isinstance(item, dict):
-        raise fields.error(f"tools[{index}]", "expected a tool object")
-    tool = Fields(item, prefix=f"tools[{index}].")
-    tool.reject_unknown(frozenset({"type", "function"}))
-    if tool.string("type") != "function":
-        raise tool.error("type", "must be 'function'")
-    function = tool.object_fields("function")
-    if function is None:
-        raise tool.error("function", "required")
-    function.reject_unknown(frozenset({"name", "description", "parameters", "strict"}))
-    name = function.string("name")
-    if name is None or not _FUNCTION_NAME.match(name):
-        raise function.error("name", "required: 1-64 letters, digits, underscores or dashes")
-    function.string("description")
-    function.boolean("strict")  # the arguments always follow the schema
-    parameters = function.raw("parameters")
-    if parameters is not None and not isinstance(parameters, dict):
-        raise function.error("parameters", "expected a JSON schema object")
-    return Tool(name, parameters if parameters is not None else _NO_PARAMETERS)
+NAMED_CHOICE = {
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+    },
+    "required": ["type", "function"],
+}
 
 
 @dataclass(frozen=True)
-class ToolCallDelta:
-    """New output of one call: its header (id, name) once, then pieces of its arguments' JSON text."""
+class NamedFunction:
+    """A tool_choice that names the one function to call."""
 
-    call_id: str | None
-    name: str | None
-    arguments: str
-
-    def as_json(self) -> dict[str, Any]:
-        """The OpenAI `tool_calls[]` entry of a stream chunk."""
-        entry: dict[str, Any] = {"index": 0}
-        function: dict[str, Any] = {"arguments": self.arguments}
-        if self.call_id is not None:
-            entry |= {"id": self.call_id, "type": "function"}
-            function = {"name": self.name} | function
-        return entry | {"function": function}
+    name: str
 
 
-class ToolCallParser:
-    """Reads one choice's constrained output as it streams and tells its call in deltas."""
+def _read_tool_choice(fields: Fields, name: str) -> str | NamedFunction:
+    """A mode ("auto", "none", "required") or the function named."""
+    value = fields.raw(name)
+    if isinstance(value, str) and value in TOOL_CHOICE_MODES:
+        return value
+    function = value.get("function") if isinstance(value, dict) and value.get("type") == "function" else None
+    if isinstance(function, dict) and isinstance(function.get("name"), str):
+        return NamedFunction(function["name"])
+    raise fields.error(
+        name, """must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}"""
+    )
 
-    def __init__(self, plan: ToolPlan) -> None:
-        self.plan = plan
-        self.call_id = f"call_{uuid.uuid4().hex[:24]}"
-        self.name: str | None = plan.forced
-        self.arguments = ""  # all argument text told so far
-        self._pending = ""  # text not told yet: an incomplete head, or what may be the wrapper's closing brace
-        self._header_sent = False
 
-    def feed(self, text: str, finish_reason: str | None = None) -> ToolCallDelta | None:
-        """Take new output text (and, on the choice's last message, why it ended); return what of the call
-        can be told now. Text before the function's name is known is held back."""
-        self._pending += text
-        if not self._read_head():
-            return None
-        ready = self._pending
-        if self.plan.forced is None:
-            if finish_reason == "stop":  # complete: the last `}` closes the {"name", "arguments"} wrapper
-                ready = ready.rstrip()
-                ready = ready[:-1].rstrip() if ready.endswith("}") else ready
-            elif finish_reason is None:  # a trailing `}` may close the wrapper rather than the arguments
-                closing = _CLOSING.search(ready)
-                ready = ready[: closing.start()] if closing else ready
-        self._pending = "" if finish_reason is not None else self._pending[len(ready) :]
-        return self._delta(ready)
+TOOL_FIELDS = (
+    Field("tools", {"type": "array", "items": TOOL_SCHEMA.openapi(), "maxItems": MAX_TOOLS}, _read_tools,
+          doc="function tools, rendered by the model's chat template"),
+    Field("tool_choice", {"oneOf": [{"type": "string", "enum": list(TOOL_CHOICE_MODES)}, NAMED_CHOICE]},
+          _read_tool_choice, doc="auto when tools are given and this is omitted"),
+    boolean("parallel_tool_calls", doc="false: at most one call per choice (the server constrains the output)"),
+)  # fmt: skip
 
-    def _read_head(self) -> bool:
-        """Whether the function's name is known, parsing the head of the output once it is complete."""
-        if self.name is None and (match := _CALL_HEAD.match(self._pending)) is not None:
-            self.name = json.loads(match.group(1))
-            self._pending = self._pending[match.end() :]
-        return self.name is not None
 
-    def _delta(self, arguments: str) -> ToolCallDelta | None:
-        if not self.arguments:  # whitespace between the wrapper's `"arguments":` and the value
-            arguments = arguments.lstrip()
-        header = not self._header_sent
-        if not arguments and not header:
-            return None
-        self._header_sent = True
-        self.arguments += arguments
-        return ToolCallDelta(self.call_id if header else None, self.name if header else None, arguments)
+def apply_tools(body: Body, request: pb.GenerateRequest, tools: Sequence[pb.Tool]) -> None:
+    """Put `tools` (as the body gave them), its tool choice (auto when omitted) and parallel_tool_calls into the
+    request; the server enforces all three. Without tools, a choice that asks for a call is a 400."""
+    choice = body.value("tool_choice")
+    if not tools:
+        if choice is not None and choice not in ("auto", "none"):
+            raise body.error("tool_choice", "asks for a tool call, but the request gives no tools")
+        return
+    request.tools.extend(tools)
+    if isinstance(choice, NamedFunction):
+        names = [t.name for t in tools]
+        if choice.name not in names:
+            raise body.error("tool_choice", f"{choice.name!r} is not one of the request's tools ({', '.join(names)})")
+        request.tool_choice.function = choice.name
+    else:
+        request.tool_choice.mode = TOOL_CHOICE_MODES[choice or "auto"]
+    if body.has("parallel_tool_calls"):
+        request.parallel_tool_calls = body.value("parallel_tool_calls")
 
-    def message(self) -> dict[str, Any]:
-        """The finished call as a chat message's `tool_calls` entry."""
-        return {"id": self.call_id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+@dataclass
+class _Told:
+    """What the client has been told of one call."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+
+@dataclass
+class ChoiceToolCalls:
+    """One choice's calls as the client sees them: deltas told once each, in the shape the OpenAI SDK accumulates
+    (id, type and name on a call's first entry, then argument fragments), and the complete calls at the end."""
+
+    told: dict[int, _Told] = field(default_factory=dict)
+    complete: list[pb.ToolCall] = field(default_factory=list)
+
+    def feed(self, deltas: Sequence[pb.ToolCallDelta], calls: Sequence[pb.ToolCall]) -> list[dict[str, Any]]:
+        """The `tool_calls` entries of a stream chunk for one message: its deltas, then whatever of the complete
+        calls (on a choice's last message) the deltas had not told yet. One entry per call."""
+        entries: dict[int, dict[str, Any]] = {}
+        for delta in deltas:
+            self._tell(entries, delta.index, delta.id, delta.name, delta.arguments)
+        for call in calls:
+            self.complete.append(call)
+            told = self.told.get(call.index)
+            if told is None:
+                self._tell(entries, call.index, call.id, call.name, call.arguments)
+            elif call.arguments.startswith(told.arguments):
+                self._tell(entries, call.index, call.id, call.name, call.arguments[len(told.arguments) :])
+            else:  # a stream already told cannot be taken back; the non-streaming body uses the complete call
+                logger.warning("call %d: complete arguments differ from the streamed ones", call.index)
+        return [entries[i] for i in sorted(entries)]
+
+    def _tell(self, entries: dict[int, dict[str, Any]], index: int, call_id: str, name: str, arguments: str) -> None:
+        told = self.told.get(index)
+        if told is None:
+            told = self.told[index] = _Told(call_id or f"call_{uuid.uuid4().hex[:24]}", name)
+            entries[index] = {"index": index, "id": told.id, "type": "function",
+                              "function": {"name": name, "arguments": ""}}  # fmt: skip
+        elif not arguments:
+            return
+        entry = entries.setdefault(index, {"index": index, "function": {"arguments": ""}})
+        entry["function"]["arguments"] += arguments
+        told.arguments += arguments
+
+    def message(self) -> list[dict[str, Any]]:
+        """The choice's calls for a non-streaming message: the complete ones (every one was fed, so each has its
+        told id), else what the deltas told."""
+        calls = {c.index: _Told(self.told[c.index].id, c.name, c.arguments) for c in self.complete} or self.told
+        return [
+            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for _, call in sorted(calls.items())
+        ]

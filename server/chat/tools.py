@@ -15,6 +15,7 @@ TOOL_CHOICE_MODES = ("auto", "none", "required")
 MAX_TOOLS = 128
 _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # OpenAI's rule, with dots as vLLM allows
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+_OBJECT_KEYWORDS = ("properties", "required", "additionalProperties", "patternProperties", "$ref", "allOf", "anyOf")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,13 @@ def _tool_spec(index: int, tool: RawTool) -> ToolSpec:
     return ToolSpec(tool.name, tool.description, _parameters(tool.parameters, f"{field}.parameters"))
 
 
+def _describes_object(schema: dict[str, Any]) -> bool:
+    kind = schema.get("type")
+    if kind is not None:
+        return kind == "object" or (isinstance(kind, list) and "object" in kind)
+    return not schema or any(key in schema for key in _OBJECT_KEYWORDS)
+
+
 def _parameters(text: str, field: str) -> dict[str, Any]:
     """The parameters' JSON schema: an object that is a valid schema (of any draft jsonschema knows)."""
     if not text.strip():
@@ -84,6 +92,9 @@ def _parameters(text: str, field: str) -> dict[str, Any]:
         raise InvalidRequestError(field, f"is not valid JSON: {e}") from None
     if not isinstance(schema, dict):
         raise InvalidRequestError(field, "must be a JSON schema object")
+    if not _describes_object(schema):
+        # Arguments are keyword arguments: templates and parsers read them as an object, as OpenAI requires.
+        raise InvalidRequestError(field, f"must describe an object (type: object), got {schema.get('type', schema)!r}")
     import jsonschema  # only requests with tools pay for the import
 
     try:

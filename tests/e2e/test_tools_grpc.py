@@ -187,6 +187,7 @@ def test_content_parts_are_joined(weir_stub: InferenceServiceStub) -> None:
     [
         ({"tools": [pb.Tool(name="f", parameters='{"type": 12}')]}, None, "tools[0].parameters"),
         ({"tools": [pb.Tool(name="f", parameters="[1, 2]")]}, None, "tools[0].parameters"),
+        ({"tools": [pb.Tool(name="f", parameters='{"enum": ["a"]}')]}, None, "tools[0].parameters"),
         ({"tools": [pb.Tool(name="f", parameters="{not json")]}, None, "tools[0].parameters"),
         ({"tools": [pb.Tool(name="bad name!")]}, None, "tools[0].name"),
         ({"tools": TOOLS, "tool_choice": pb.ToolChoice(function="nope")}, None, "tool_choice.function"),

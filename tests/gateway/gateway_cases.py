@@ -30,6 +30,23 @@ def chat(model: str, **fields: Any) -> bytes:
     return json.dumps(body | fields).encode()
 
 
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+
+
+def tool(name: str, parameters: Any) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
+def called(call_id: str, arguments: str = "{}") -> dict[str, Any]:
+    """An assistant turn that called `weather`."""
+    call = {"id": call_id, "type": "function", "function": {"name": "weather", "arguments": arguments}}
+    return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+
+def answer(call_id: str) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": "sunny"}
+
+
 def malformed_requests(gen_model: str, embed_model: str, max_body_bytes: int) -> list[Bad]:
     """The cases, built for the models a gateway serves."""
     c = lambda **f: completion(gen_model, **f)  # noqa: E731 - a table reads best with short builders
@@ -69,8 +86,11 @@ def malformed_requests(gen_model: str, embed_model: str, max_body_bytes: int) ->
         Bad("too many stops", COMPLETIONS, c(stop=[f"s{i}" for i in range(40)]), param="stop"),
         Bad("too many logprobs", COMPLETIONS, c(logprobs=100), param="logprobs"),
         Bad("seed beyond int64", COMPLETIONS, c(seed=2**70), param="seed"),
-        Bad("unknown field", COMPLETIONS, c(frobnicate=1), param="frobnicate"),
-        Bad("logit_bias unsupported", COMPLETIONS, c(logit_bias={"1": 2}), param="logit_bias"),
+        Bad("logit_bias above 100", COMPLETIONS, c(logit_bias={"1": 101}), param="logit_bias"),
+        Bad("logit_bias key not a token id", COMPLETIONS, c(logit_bias={"abc": 1}), param="logit_bias"),
+        Bad("logit_bias negative key", COMPLETIONS, c(logit_bias={"-1": 1}), param="logit_bias"),
+        Bad("logit_bias as a list", COMPLETIONS, c(logit_bias=[1, 2]), param="logit_bias"),
+        Bad("tools on completions", COMPLETIONS, c(tools=[WEATHER]), param="tools"),
         Bad("suffix unsupported", COMPLETIONS, c(suffix="x"), param="suffix"),
         Bad("stream as string", COMPLETIONS, c(stream="yes"), param="stream"),
         Bad("stream_options without stream", COMPLETIONS, c(stream_options={"include_usage": True}),
@@ -97,9 +117,42 @@ def malformed_requests(gen_model: str, embed_model: str, max_body_bytes: int) ->
             param="messages[0].content[0].type"),
         Bad("text part without text", CHAT, m({"role": "user", "content": [{"type": "text"}]}),
             param="messages[0].content[0].text"),
-        Bad("tool role", CHAT, m(user, {"role": "tool", "content": "x", "tool_call_id": "1"}),
+        Bad("tool_call_id answering no call", CHAT, m(user, {"role": "tool", "content": "x", "tool_call_id": "1"}),
             param="messages[1].tool_call_id"),
+        Bad("tool turn without tool_call_id", CHAT, m(user, called("1"), {"role": "tool", "content": "x"}),
+            param="messages[2].tool_call_id"),
+        Bad("history arguments not JSON", CHAT, m(user, called("1", "{not json"), answer("1")),
+            param="messages[1].tool_calls[0].function.arguments"),
+        Bad("history arguments not an object", CHAT, m(user, called("1", "[1, 2]"), answer("1")),
+            param="messages[1].tool_calls[0].function.arguments"),
+        Bad("tool_calls on a user turn", CHAT, m(user | {"tool_calls": called("1")["tool_calls"]}),
+            param="messages[0].tool_calls"),
+        Bad("legacy function role", CHAT, m(user, {"role": "function", "name": "f", "content": "x"}),
+            param="messages[1].role"),
+        Bad("legacy functions", CHAT, m(user, functions=[{"name": "f"}]), param="functions"),
+        Bad("audio content part", CHAT, m({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}),
+            param="messages[0].content[0].type"),
+        Bad("audio output", CHAT, m(user, audio={"voice": "alloy", "format": "wav"}), param="audio"),
+        Bad("audio modality", CHAT, m(user, modalities=["text", "audio"]), param="modalities"),
         Bad("tool without function", CHAT, m(user, tools=[{"type": "function"}]), param="tools[0].function"),
+        Bad("tool parameters not a schema", CHAT, m(user, tools=[tool("f", {"type": 12})]),
+            param="tools[0].function.parameters"),
+        Bad("tool parameters not an object", CHAT, m(user, tools=[tool("f", [1])]),
+            param="tools[0].function.parameters"),
+        Bad("tool of another type", CHAT, m(user, tools=[{"type": "custom", "custom": {"name": "f"}}]),
+            param="tools[0].type"),
+        Bad("duplicate tool names", CHAT, m(user, tools=[WEATHER, WEATHER]), param="tools"),
+        Bad("tool_choice naming an unknown tool", CHAT,
+            m(user, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
+            param="tool_choice"),
+        Bad("tool_choice required without tools", CHAT, m(user, tool_choice="required"), param="tool_choice"),
+        Bad("tool_choice of another shape", CHAT, m(user, tools=[WEATHER], tool_choice="sometimes"),
+            param="tool_choice"),
+        Bad("chat logit_bias below -100", CHAT, m(user, logit_bias={"5": -100.5}), param="logit_bias"),
+        Bad("chat_template_kwargs not an object", CHAT, m(user, chat_template_kwargs="x"),
+            param="chat_template_kwargs"),
+        Bad("ignored field of the wrong type", CHAT, m(user, store="yes"), param="store"),
+        Bad("metadata values not strings", CHAT, m(user, metadata={"a": 1}), param="metadata"),
         Bad("unknown response_format type", CHAT, m(user, response_format={"type": "yaml"}),
             param="response_format.type"),
         Bad("top_logprobs without logprobs", CHAT, m(user, top_logprobs=2), param="top_logprobs"),

@@ -1,12 +1,20 @@
 """A tiny in-process InferenceService for gateway unit tests: deterministic text, no model.
 
 Prompts containing these words change its behaviour: FAIL_INVALID (INVALID_ARGUMENT naming a field),
-FAIL_EXHAUSTED (RESOURCE_EXHAUSTED with a retry delay), FAIL_MIDWAY (INTERNAL after the first token),
-SLOW (a token every 50 ms, so calls stay in flight)."""
+FAIL_FIELD=<path> (INVALID_ARGUMENT naming that weir.v1 field path), FAIL_EXHAUSTED (RESOURCE_EXHAUSTED with a
+retry delay), FAIL_MIDWAY (INTERNAL after the first token), SLOW (a token every 50 ms, so calls stay in flight),
+THINK (the first two tokens are reasoning text).
+
+With tools (and a tool choice other than none) each choice calls the forced tool, else the first, as a parser in
+the server would tell it: id and name first, then argument fragments, the complete calls on the last message and
+FINISH_REASON_TOOL_CALLS. CALL2 makes two calls (the second of the second tool, when there is one), NO_IDS leaves
+the server's ids empty, FINAL_ONLY sends no deltas (only the complete calls), SAY_FIRST writes text first."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -35,7 +43,25 @@ def _prompt_text(request: pb.GenerateRequest) -> str:
         return request.prompt
     if kind == "token_ids":
         return " ".join(f"w{i}" for i in request.token_ids.ids)
-    return " ".join(f"{m.role}: {m.content}" for m in request.messages.messages)
+    return " ".join(
+        f"{m.role}: {m.content or chr(10).join(p.text for p in m.content_parts)}" for m in request.messages.messages
+    )
+
+
+def call_arguments(choice: int, call: int) -> str:
+    """The arguments the fake gives call `call` of choice `choice`."""
+    return json.dumps({"city": "Paris", "choice": choice, "call": call})
+
+
+def _called_tools(request: pb.GenerateRequest, text: str) -> list[str]:
+    """The functions each choice calls, in order; none without tools or with tool_choice none."""
+    if not request.tools or request.tool_choice.mode == pb.TOOL_CHOICE_MODE_NONE:
+        return []
+    forced = request.tool_choice.function if request.tool_choice.WhichOneof("choice") == "function" else ""
+    names = [forced or request.tools[0].name]
+    if "CALL2" in text:
+        names.append(request.tools[min(1, len(request.tools) - 1)].name)
+    return names
 
 
 def _logprob(token_id: int, text: str, top: int) -> pb.TokenLogprob:
@@ -76,12 +102,17 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
             violation = error_details_pb2.BadRequest.FieldViolation(field="sampling_params.temperature")
             detail = error_details_pb2.BadRequest(field_violations=[violation])
             await _abort(context, code_pb2.INVALID_ARGUMENT, "sampling_params.temperature: too hot", detail)
+        if (field := re.search(r"FAIL_FIELD=(\S+)", text)) is not None:
+            violation = error_details_pb2.BadRequest.FieldViolation(field=field.group(1))
+            detail = error_details_pb2.BadRequest(field_violations=[violation])
+            await _abort(context, code_pb2.INVALID_ARGUMENT, f"{field.group(1)}: refused by the fake", detail)
         if "FAIL_EXHAUSTED" in text:
             detail = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=3))
             await _abort(context, code_pb2.RESOURCE_EXHAUSTED, "queue is full", detail)
         self.active += 1
+        generate = self._call_tools if _called_tools(request, text) else self._generate
         try:
-            async for message in self._generate(request, text, context):
+            async for message in generate(request, text, context):
                 yield message
         except asyncio.CancelledError:
             self.cancelled += 1
@@ -116,7 +147,10 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
                 if stop is not None:
                     piece = (texts[c] + piece).split(stop)[0][len(texts[c]) :]
                 texts[c] += piece
-                message.text = piece
+                if "THINK" in text and step < 2:
+                    message.reasoning_text = piece
+                else:
+                    message.text = piece
                 message.token_ids.append(100 + step)
                 if p.HasField("logprobs"):
                     message.logprobs.append(_logprob(100 + step, piece, p.logprobs))
@@ -133,9 +167,38 @@ class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
             if all(done):
                 return
 
+    async def _call_tools(self, request: pb.GenerateRequest, text: str, context: grpc.aio.ServicerContext) -> Any:
+        n = request.sampling_params.n if request.sampling_params.HasField("n") else 1
+        names = _called_tools(request, text)
+        for c in range(n):
+            head = pb.GenerateResponse(request_id=request.request_id, index=c, model=request.model or GEN_MODEL)
+            if "THINK" in text:
+                yield pb.GenerateResponse(index=c, reasoning_text="Paris is a city. ")
+            if "SAY_FIRST" in text:
+                head.text = "Let me look. "
+            complete = []
+            for k, name in enumerate(names):
+                call = pb.ToolCall(id="" if "NO_IDS" in text else f"call-{c}-{k}", name=name,
+                                   arguments=call_arguments(c, k), index=k)  # fmt: skip
+                complete.append(call)
+                if "FINAL_ONLY" in text:
+                    continue
+                head.tool_call_deltas.add(index=k, id=call.id, name=name)
+                yield head
+                head = pb.GenerateResponse(index=c)
+                for i in range(0, len(call.arguments), 7):
+                    yield pb.GenerateResponse(index=c, tool_call_deltas=[
+                        pb.ToolCallDelta(index=k, arguments=call.arguments[i : i + 7])])  # fmt: skip
+            last = pb.GenerateResponse(index=c, finish_reason=pb.FINISH_REASON_TOOL_CALLS, tool_calls=complete)
+            last.MergeFrom(head)  # text or the model not sent yet
+            last.usage.CopyFrom(pb.Usage(prompt_tokens=3, completion_tokens=10, total_tokens=13))
+            yield last
+
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         inputs = list(request.texts) or [list(t.ids) for t in request.token_ids]
         dim = request.dimensions or EMBED_DIM
+        if dim > 64:  # as a real server refuses more dimensions than its model has
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"dimensions: at most 64, got {dim}")
         return pb.EmbedResponse(
             model=request.model or EMBED_MODEL,
             embeddings=[pb.Embedding(index=i, values=[0.5 + i] * dim) for i in range(len(inputs))],

@@ -122,6 +122,16 @@ def test_cors_allows_configured_origins(make_gateway, fake) -> None:
     assert "Access-Control-Allow-Origin" not in other.headers
 
 
+def test_cors_preflight_allows_deleting_a_stored_response(make_gateway, fake) -> None:
+    gateway = make_gateway(GatewayConfig(backends=(fake.address,), cors_origins=("http://app.example",)))
+    preflight = http("OPTIONS", gateway.url + "/v1/responses/resp_1", headers={
+        "Origin": "http://app.example", "Access-Control-Request-Method": "DELETE"})  # fmt: skip
+    assert preflight.status == 204
+    assert "DELETE" in [m.strip() for m in preflight.headers["Access-Control-Allow-Methods"].split(",")]
+    reply = http("DELETE", gateway.url + "/v1/responses/resp_1", headers={"Origin": "http://app.example"})
+    assert reply.status == 404 and reply.headers["Access-Control-Allow-Origin"] == "http://app.example"
+
+
 def test_health_and_version(gateway: RunningGateway, fake) -> None:
     health = http("GET", gateway.url + "/health")
     assert health.status == 200

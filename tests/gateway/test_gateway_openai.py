@@ -193,10 +193,15 @@ def test_errors_arrive_as_sdk_exception_classes(client: openai.OpenAI) -> None:
     assert bad.value.body["param"] == "temperature"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="hi")
-    with pytest.raises(openai.BadRequestError) as unsupported:
+    with pytest.raises(openai.BadRequestError) as unknown_tool:
         tools = [{"type": "function", "function": {"name": "f"}}]
-        client.chat.completions.create(model=GEN, messages=FRANCE, tools=tools)  # tool_choice "auto" by default
-    assert unsupported.value.body["param"] == "tool_choice"
+        client.chat.completions.create(
+            model=GEN, messages=FRANCE, tools=tools, tool_choice={"type": "function", "function": {"name": "g"}}
+        )
+    assert unknown_tool.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as out_of_vocabulary:
+        client.chat.completions.create(model=GEN, messages=FRANCE, max_tokens=2, logit_bias={"999999999": 5})
+    assert out_of_vocabulary.value.body["param"] == "logit_bias"
 
 
 def test_bad_api_key_is_authentication_error(background, weir_target: str) -> None:

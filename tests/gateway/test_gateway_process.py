@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from gateway_fakes import GEN_MODEL
 
 PROBE = textwrap.dedent(
@@ -60,3 +61,15 @@ def test_cli_rejects_bad_configuration() -> None:
     from weir_gateway.cli import main
 
     assert main(["--max-n", "0"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--response-store-size", "-1"], "response_store_size must be >= 0"),
+     (["--response-store-ttl", "0"], "response_store_ttl_s must be positive")],
+)  # fmt: skip
+def test_cli_reports_bad_response_store_flags_as_invalid_configuration(flags: list[str], message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "weir_gateway", "--port", str(free_port()), *flags],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"invalid configuration: {message}" in done.stderr and "Traceback" not in done.stderr

@@ -204,7 +204,20 @@ def test_twenty_schemas_through_named_tools_all_validate(openai_client: openai.O
         assert call.type == "function" and call.function.name == "record" and call.id.startswith("call_")
         return call.function.arguments, choice.finish_reason
 
-    assert_all_valid(in_parallel([lambda s=s, sc=sc: ask(s, sc) for s, sc in SCHEMAS]))
+    objects = [(subject, schema) for subject, schema in SCHEMAS if schema.get("type") == "object"]
+    outputs = in_parallel([lambda s=s, sc=sc: ask(s, sc) for s, sc in objects])
+    for (_, schema), (arguments, _) in zip(objects, outputs, strict=True):
+        jsonschema.validate(json.loads(arguments), schema)
+
+
+def test_tool_parameters_that_are_not_an_object_are_refused(openai_client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        openai_client.chat.completions.create(
+            model="",
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[{"type": "function", "function": {"name": "record", "parameters": {"type": "array"}}}],
+        )
+    assert refused.value.body["param"] == "tools[0].function.parameters"  # type: ignore[index]
 
 
 WEATHER = {
@@ -229,10 +242,12 @@ TIME = {
 WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-def test_required_tool_choice_streams_one_call_of_a_listed_tool(openai_client: openai.OpenAI) -> None:
+def test_required_tool_choice_without_parallel_calls_streams_one_call_of_a_listed_tool(
+    openai_client: openai.OpenAI,
+) -> None:
     stream = openai_client.chat.completions.create(
         model="", messages=WEATHER_ASK, max_tokens=MAX_TOKENS, temperature=0,  # type: ignore[arg-type]
-        tools=[WEATHER, TIME], tool_choice="required", stream=True,  # type: ignore[list-item]
+        tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False, stream=True,  # type: ignore[list-item]
     )  # fmt: skip
     name, arguments, finish, ids = "", "", None, set()
     for chunk in stream:
@@ -289,9 +304,8 @@ def test_regex_choice_and_grammar_through_vllm_extras(openai_client: openai.Open
                 "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
                 "tool_choice": "required",
             },
-            "tools",
+            "tools[0].function.parameters",
         ),
-        ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
     ],
 )
 def test_bad_constraints_through_the_gateway_are_400_naming_the_field(
@@ -300,3 +314,25 @@ def test_bad_constraints_through_the_gateway_are_400_naming_the_field(
     with pytest.raises(openai.BadRequestError) as error:
         openai_client.chat.completions.create(model="", messages=WEATHER_ASK, max_tokens=4, extra_body=extra)  # type: ignore[arg-type]
     assert error.value.body["param"] == param  # type: ignore[index]
+
+
+def test_auto_tool_choice_with_a_response_format_answers_a_call_or_text_of_that_shape(
+    openai_client: openai.OpenAI,
+) -> None:
+    """A call, or text the constraint shapes (with parallel calls SmolLM2 calls until it runs out of tokens)."""
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}}, "required": ["answer"]}
+    completion = openai_client.chat.completions.create(
+        model="", messages=WEATHER_ASK, max_tokens=MAX_TOKENS, temperature=0,  # type: ignore[arg-type]
+        tools=[WEATHER, TIME], tool_choice="auto", parallel_tool_calls=False,  # type: ignore[list-item]
+        response_format={"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}},
+    )  # fmt: skip
+    choice = completion.choices[0]
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
+        tools = {"get_weather": WEATHER, "get_time": TIME}
+        for call in choice.message.tool_calls:
+            parameters = tools[call.function.name]["function"]["parameters"]  # type: ignore[index]
+            jsonschema.validate(json.loads(call.function.arguments), parameters)
+    else:
+        assert choice.finish_reason == "stop", choice
+        jsonschema.validate(json.loads(choice.message.content or ""), schema)

@@ -1,4 +1,4 @@
-"""The gateway's translation of OpenAI / vLLM constraint fields and tools into weir.v1, and of calls back out."""
+"""The gateway's translation of OpenAI / vLLM constraint fields into weir.v1 (tools: tests/gateway)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,9 @@ import pytest
 from weir.v1 import inference_pb2 as pb
 from weir_gateway.errors import ApiError
 from weir_gateway.sampling import apply_constraint, constraint_params
-from weir_gateway.tools import ToolCallParser, ToolPlan, parse_tools
 from weir_gateway.validation import Fields
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-WEATHER = {"type": "function", "function": {"name": "weather", "parameters": SCHEMA}}
-NOOP = {"type": "function", "function": {"name": "noop"}}
 
 
 def constrain(body: dict[str, Any]) -> tuple[pb.GenerateRequest, str | None]:
@@ -90,75 +87,3 @@ def test_bad_constraint_fields_are_400_naming_the_field(body: dict[str, Any], pa
         constrain(body)
     assert error.value.status == 400
     assert error.value.param == param
-
-
-def test_named_tool_choice_constrains_to_that_functions_parameters() -> None:
-    plan = parse_tools(
-        Fields({"tools": [WEATHER, NOOP], "tool_choice": {"type": "function", "function": {"name": "weather"}}})
-    )
-    assert plan is not None and plan.forced == "weather"
-    assert plan.schema() == SCHEMA
-
-
-def test_required_tool_choice_is_an_any_of_over_name_and_arguments() -> None:
-    plan = parse_tools(Fields({"tools": [WEATHER, NOOP], "tool_choice": "required"}))
-    assert plan is not None and plan.forced is None
-    options = plan.schema()["anyOf"]
-    assert [o["properties"]["name"] for o in options] == [{"const": "weather"}, {"const": "noop"}]
-    assert options[0]["properties"]["arguments"] == SCHEMA
-    assert all(o["required"] == ["name", "arguments"] for o in options)
-
-
-def test_tool_choice_none_ignores_the_tools() -> None:
-    assert parse_tools(Fields({"tools": [WEATHER], "tool_choice": "none"})) is None
-
-
-@pytest.mark.parametrize(
-    ("body", "param"),
-    [
-        ({"tools": [WEATHER]}, "tool_choice"),
-        ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice"),
-        ({"tool_choice": "required"}, "tool_choice"),
-        (
-            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
-            "tool_choice.function.name",
-        ),
-        ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools[0].function"),
-        ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools"),
-        (
-            {"tools": [{"type": "function", "function": {"name": "bad name"}}], "tool_choice": "required"},
-            "tools[0].function.name",
-        ),
-    ],
-)
-def test_bad_tool_requests_are_400_naming_the_field(body: dict[str, Any], param: str) -> None:
-    with pytest.raises(ApiError) as error:
-        parse_tools(Fields(body))
-    assert error.value.param == param
-
-
-def stream_call(plan: ToolPlan, pieces: list[str]) -> tuple[ToolCallParser, list[dict[str, Any]]]:
-    parser = ToolCallParser(plan)
-    deltas = []
-    for i, piece in enumerate(pieces):
-        delta = parser.feed(piece, "stop" if i == len(pieces) - 1 else None)
-        if delta is not None:
-            deltas.append(delta.as_json())
-    return parser, deltas
-
-
-def test_required_call_streams_its_name_then_the_arguments_without_the_wrapper() -> None:
-    plan = ToolPlan((), None)  # the parser only reads the output; the tools matter for the schema
-    head, rest = '{"name": "weather", "arguments":', ' {"a": {"b": [1]}}}'
-    parser, deltas = stream_call(plan, [head] + [rest[i : i + 3] for i in range(0, len(rest), 3)])
-    assert deltas[0]["id"] == parser.call_id and deltas[0]["function"]["name"] == "weather"
-    assert all("id" not in d and "name" not in d["function"] for d in deltas[1:])
-    assert "".join(d["function"]["arguments"] for d in deltas) == '{"a": {"b": [1]}}'
-    assert parser.message()["function"] == {"name": "weather", "arguments": '{"a": {"b": [1]}}'}
-
-
-def test_named_call_streams_the_output_as_its_arguments() -> None:
-    plan = ToolPlan((), "weather")
-    parser, deltas = stream_call(plan, ['{"a"', ": 1}", ""])
-    assert deltas[0]["function"]["name"] == "weather" and deltas[0]["type"] == "function"
-    assert "".join(d["function"]["arguments"] for d in deltas) == '{"a": 1}'
