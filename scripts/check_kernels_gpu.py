@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 _package = types.ModuleType("weir_server")  # a bare package: skips weir_server/__init__ and its imports
-_package.__path__ = [str(ROOT / "server")]
+_package.__path__ = [str(ROOT / "server" / "weir_server")]
 sys.modules.setdefault("weir_server", _package)
 
 import triton.testing  # noqa: E402

@@ -40,7 +40,7 @@ def _import_path() -> None:
         shim.mkdir(exist_ok=True)
         link = shim / "weir_server"
         if not link.exists():
-            link.symlink_to(Path(__file__).resolve().parent.parent / "server")
+            link.symlink_to(Path(__file__).resolve().parent.parent / "server" / "weir_server")
         sys.path.insert(0, str(shim))
 
 

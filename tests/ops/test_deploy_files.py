@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,11 @@ def _tool(name: str) -> str:
     return path
 
 
+CLIENT_NEEDS = {
+    "weir-proto", "grpcio", "grpcio-health-checking", "grpcio-status", "protobuf", "googleapis-common-protos"
+}
+
+
 def _run(*command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
 
@@ -34,8 +40,21 @@ def test_dockerfile_passes_hadolint(dockerfile):
 
 
 def test_gateway_image_installs_no_torch():
-    text = (DEPLOY / "Dockerfile.gateway").read_text()
-    assert "[gateway]" in text and "torch" not in text.replace("no torch", "")
+    lines = [line for line in (DEPLOY / "Dockerfile.gateway").read_text().splitlines() if not line.startswith("#")]
+    text = "\n".join(lines)
+    assert "./gateway" in text and "./server" not in text and "torch" not in text
+
+
+def _dependencies(folder: str) -> list[str]:
+    with open(REPO / folder / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["dependencies"]
+
+
+def test_gateway_and_client_distributions_never_need_the_server():
+    for folder in ("gateway", "client", "proto"):
+        names = " ".join(_dependencies(folder))
+        assert "torch" not in names and "weir-server" not in names, folder
+    assert all(d.split(">")[0].split("=")[0] in CLIENT_NEEDS for d in _dependencies("client"))
 
 
 def test_compose_file_matches_the_compose_specification():

@@ -24,7 +24,7 @@ TIMEOUT_HEADER = "X-Request-Timeout"  # optional per-request deadline in seconds
 @functools.cache  # reading package metadata parses a file: once per process, not per request
 def gateway_version() -> str:
     try:
-        return metadata.version("weir")
+        return metadata.version("weir-gateway")
     except metadata.PackageNotFoundError:
         return "0+unknown"
 
