@@ -68,9 +68,14 @@ class StreamingToolParser(ToolParser):
     def finish(self) -> ParsedDelta:
         """The output ended: flush held-back text as content and close a pending call."""
         self._step(final=True)
-        if self._call is not None:  # the output ended inside a call
+        if self._call is not None:  # the output ended inside a call (max_tokens, a stop string)
             self._consume(len(self._buffer))
-            self._close_call(None)
+            if self._call.index is None:
+                self._close_call(None)  # never told as a call: its text is content
+            else:
+                # Its id, name and arguments were streamed: repeating them as content would tell the output twice.
+                # The unfinished call is not listed in `calls`; the finish reason says the output was cut.
+                self._call = None
         if self._buffer:
             self._emit_text(self._buffer)
             self._buffer = ""

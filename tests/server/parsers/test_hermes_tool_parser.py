@@ -110,8 +110,14 @@ def test_hermes_call_that_is_not_json_is_content_and_later_calls_still_count():
     check_tool_output(HermesToolParser, bad + "\n" + good, bad, [("get_weather", {"city": "Paris"})])
 
 
-def test_hermes_output_cut_off_inside_a_call_is_content_not_a_call():
+def test_hermes_output_cut_off_inside_a_streamed_call_is_neither_a_call_nor_content():
     cut = '<tool_call>\n{"name": "list_cities", "arguments": {"city": "Pa'
+    run = run_tool_parser(HermesToolParser, [cut])
+    assert run.calls == [] and run.content == ""  # its deltas were told; the finish reason says it was cut
+
+
+def test_hermes_output_cut_off_before_the_name_is_content():
+    cut = '<tool_call>\n{"name": "list_ci'
     run = run_tool_parser(HermesToolParser, [cut])
     assert run.calls == [] and run.content == cut
 
