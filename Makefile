@@ -40,6 +40,9 @@ lint: $(STAMP)
 	$(BIN)/buf breaking --against proto/releases/v0.1.0.binpb
 	$(BIN)/python scripts/gen_proto.py --check
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	# Strict on these packages (pyproject's [tool.mypy]); the rest of weir_server is only read for their types.
+	$(BIN)/mypy -p weir_client -p weir_gateway -p weir_server.engine
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -9,6 +9,7 @@ from typing import Any, cast
 from weir.v1 import inference_pb2 as pb
 from weir_client import _chat as chat
 from weir_client.errors import WeirClientError
+from weir_client.tasks import task_name
 from weir_client.types import (
     Embeddings,
     GenerateOptions,
@@ -34,7 +35,6 @@ _FINISH_REASONS = {
     pb.FINISH_REASON_ERROR: "error",
     pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
-_TASKS = {pb.MODEL_TASK_GENERATE: "generate", pb.MODEL_TASK_EMBED: "embed"}
 POOLINGS = {None: pb.POOLING_UNSPECIFIED, "mean": pb.POOLING_MEAN, "cls": pb.POOLING_CLS, "last": pb.POOLING_LAST}
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -205,7 +205,7 @@ def tokenizations(message: pb.TokenizeResponse, with_offsets: bool) -> list[Toke
 def model_info(message: pb.ModelInfo) -> ModelInfo:
     return ModelInfo(
         id=message.id,
-        task=_TASKS.get(message.task, "unknown"),
+        task=task_name(message.task),
         max_context_length=message.max_context_length,
         vocab_size=message.vocab_size,
         architecture=message.architecture,
@@ -217,31 +217,6 @@ def model_info(message: pb.ModelInfo) -> ModelInfo:
 
 def texts_list(texts: str | Sequence[str]) -> list[str]:
     return [texts] if isinstance(texts, str) else list(texts)
-
-
-def embed_request(
-    texts: str | Sequence[str] | None,
-    token_ids: Sequence[Sequence[int]] | None,
-    model: str,
-    pooling: str | None,
-    normalize: bool,
-    dimensions: int | None,
-    truncate: bool,
-) -> pb.EmbedRequest:
-    """An EmbedRequest from texts or token id sequences."""
-    if pooling not in POOLINGS:
-        raise WeirClientError.invalid_argument("pooling", f"must be one of mean, cls, last; got {pooling!r}")
-    if dimensions is not None and dimensions < 0:
-        raise WeirClientError.invalid_argument("dimensions", f"must be >= 0, got {dimensions}")
-    return pb.EmbedRequest(
-        model=model,
-        texts=texts_list(texts) if texts is not None else [],
-        token_ids=token_ids_messages(token_ids or ()),
-        pooling=POOLINGS[pooling],
-        normalize=normalize,
-        dimensions=dimensions or 0,
-        truncate=truncate,
-    )
 
 
 def embeddings(message: pb.EmbedResponse) -> Embeddings:

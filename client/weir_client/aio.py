@@ -3,57 +3,38 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Unpack
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, TypeVar, Unpack
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from weir.v1 import inference_pb2 as pb
-from weir.v1 import inference_pb2_grpc
 from weir_client import _protocol as proto
+from weir_client._base import UNSET, BaseClient, ReadinessPoll, UnaryCall
 from weir_client.errors import WeirClientError, error_from_rpc
-from weir_client.security import TlsOptions, channel_security, with_auth
 from weir_client.types import (
     Completion,
     CompletionBuilder,
     Embeddings,
-    GenerateOptions,
+    GenerateKeywords,
     GenerationChunk,
     ModelInfo,
     Tokenization,
 )
 
-_UNSET: Any = object()
+T = TypeVar("T")
 
 
-class AsyncWeirClient:
-    """Asyncio client with the same methods and defaults as WeirClient; `async with` closes the channel."""
+class AsyncWeirClient(BaseClient):
+    """Asyncio client with the same arguments, methods and defaults as WeirClient; `async with` closes the channel."""
 
-    def __init__(
-        self,
-        target: str = "localhost:50051",
-        *,
-        timeout: float | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        max_attempts: int = 4,
-        load_balancing: str | None = None,
-        tls: TlsOptions | bool | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        credentials, tls_options = channel_security(tls, credentials)
-        options = proto.channel_options(max_attempts, load_balancing) + tls_options
+    def _open_channel(
+        self, target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
+    ) -> grpc.aio.Channel:
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self.target = target
-        self.timeout = timeout
-        self.metadata = with_auth(metadata, api_key)
+        return self._channel
 
     async def __aenter__(self) -> AsyncWeirClient:
         return self
@@ -65,58 +46,16 @@ class AsyncWeirClient:
         await self._channel.close()
 
     def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[Mapping[str, Any]] | None = None,
-        token_ids: Sequence[int] | None = None,
-        model: str = "",
-        request_id: str = "",
-        add_generation_prompt: bool = True,
-        timeout: float | None = _UNSET,
-        **options: Unpack[GenerateOptions],
+        self, prompt: str | None = None, **keywords: Unpack[GenerateKeywords]
     ) -> AsyncIterator[GenerationChunk]:
         """Stream the completion of one input as chunks (`async for`); closing the iterator early cancels it.
         Takes the same messages, sampling, tool and constraint keywords as WeirClient.generate()."""
-        request = proto.generate_request(prompt, messages, token_ids, model, request_id, add_generation_prompt, options)
-        call = self._stub.Generate(request, timeout=self._timeout(timeout), metadata=self.metadata)
-        return self._chunks(call)
+        return _chunks(self._start_generate(prompt, keywords))
 
-    @staticmethod
-    async def _chunks(call: Any) -> AsyncIterator[GenerationChunk]:
-        try:
-            async for message in call:
-                yield proto.generation_chunk(message)
-        except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
-        finally:
-            call.cancel()  # a no-op once the stream has ended
-
-    async def complete(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[Mapping[str, Any]] | None = None,
-        token_ids: Sequence[int] | None = None,
-        model: str = "",
-        request_id: str = "",
-        add_generation_prompt: bool = True,
-        timeout: float | None = _UNSET,
-        **options: Unpack[GenerateOptions],
-    ) -> Completion:
+    async def complete(self, prompt: str | None = None, **keywords: Unpack[GenerateKeywords]) -> Completion:
         """Like generate(), but wait for the end and return the whole Completion."""
         builder = CompletionBuilder()
-        chunks = self.generate(
-            prompt,
-            messages=messages,
-            token_ids=token_ids,
-            model=model,
-            request_id=request_id,
-            add_generation_prompt=add_generation_prompt,
-            timeout=timeout,
-            **options,
-        )
-        async for chunk in chunks:
+        async for chunk in self.generate(prompt, **keywords):
             builder.add(chunk)
         return builder.build()
 
@@ -130,11 +69,11 @@ class AsyncWeirClient:
         normalize: bool = True,
         dimensions: int | None = None,
         truncate: bool = False,
-        timeout: float | None = _UNSET,
+        timeout: float | None = UNSET,
     ) -> Embeddings:
         """One vector per text (or token id sequence); `pooling` is None (model default), mean, cls or last."""
-        request = proto.embed_request(texts, token_ids, model, pooling, normalize, dimensions, truncate)
-        return proto.embeddings(await self._unary(self._stub.Embed, request, timeout))
+        call = self._embed_call(texts, token_ids, model, pooling, normalize, dimensions, truncate)
+        return await self._unary(call, timeout)
 
     async def tokenize(
         self,
@@ -143,16 +82,10 @@ class AsyncWeirClient:
         model: str = "",
         add_special_tokens: bool = True,
         return_offsets: bool = False,
-        timeout: float | None = _UNSET,
+        timeout: float | None = UNSET,
     ) -> list[Tokenization]:
         """Tokenize each text with the model's tokenizer (default: the generation model's)."""
-        request = pb.TokenizeRequest(
-            model=model,
-            texts=proto.texts_list(texts),
-            add_special_tokens=add_special_tokens,
-            return_offsets=return_offsets,
-        )
-        return proto.tokenizations(await self._unary(self._stub.Tokenize, request, timeout), return_offsets)
+        return await self._unary(self._tokenize_call(texts, model, add_special_tokens, return_offsets), timeout)
 
     async def detokenize(
         self,
@@ -160,45 +93,45 @@ class AsyncWeirClient:
         *,
         model: str = "",
         skip_special_tokens: bool = True,
-        timeout: float | None = _UNSET,
+        timeout: float | None = UNSET,
     ) -> list[str]:
         """The text of each token id sequence."""
-        request = pb.DetokenizeRequest(
-            model=model, sequences=proto.token_ids_messages(sequences), skip_special_tokens=skip_special_tokens
-        )
-        return list((await self._unary(self._stub.Detokenize, request, timeout)).texts)
+        return await self._unary(self._detokenize_call(sequences, model, skip_special_tokens), timeout)
 
-    async def list_models(self, *, timeout: float | None = _UNSET) -> list[ModelInfo]:
+    async def list_models(self, *, timeout: float | None = UNSET) -> list[ModelInfo]:
         """The models the server has loaded."""
-        response = await self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
-        return [proto.model_info(m) for m in response.models]
+        return await self._unary(self._list_models_call(), timeout)
 
-    async def health(self, service: str = "", *, timeout: float | None = _UNSET) -> str:
+    async def health(self, service: str = "", *, timeout: float | None = UNSET) -> str:
         """The grpc.health.v1 status name: SERVING, NOT_SERVING, UNKNOWN or SERVICE_UNKNOWN."""
-        response = await self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return await self._unary(self._health_call(service), timeout)
 
     async def wait_until_ready(self, timeout: float = 300.0, interval: float = 0.25) -> None:
         """Wait until health is SERVING; raise WeirClientError(DEADLINE_EXCEEDED) after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
+        poll = ReadinessPoll(self.target, timeout)
+        for probe_timeout in poll.probes():
             try:
-                last = await self.health(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-                if last == "SERVING":
-                    return
+                status: str | WeirClientError = await self.health(timeout=probe_timeout)
             except WeirClientError as e:
-                last = e.code.name
+                status = e
+            if poll.serving(status):
+                return
             await asyncio.sleep(interval)
-        raise WeirClientError(
-            grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.target} not SERVING after {timeout:.0f}s (last: {last})"
-        )
+        raise poll.expired()
 
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is _UNSET else timeout
-
-    async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+    async def _unary(self, call: UnaryCall[T], timeout: float | None) -> T:
         try:
-            return await method(request, timeout=self._timeout(timeout), metadata=self.metadata)
+            reply = await call.method(call.request, timeout=self._deadline(timeout), metadata=self.metadata)
         except grpc.RpcError as e:
             raise error_from_rpc(e) from None
+        return call.read(reply)
+
+
+async def _chunks(call: Any) -> AsyncIterator[GenerationChunk]:
+    try:
+        async for message in call:
+            yield proto.generation_chunk(message)
+    except grpc.RpcError as e:
+        raise error_from_rpc(e) from None
+    finally:
+        call.cancel()  # a no-op once the stream has ended

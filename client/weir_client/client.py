@@ -3,31 +3,28 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Unpack
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar, Unpack
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from weir.v1 import inference_pb2 as pb
-from weir.v1 import inference_pb2_grpc
 from weir_client import _protocol as proto
+from weir_client._base import UNSET, BaseClient, ReadinessPoll, UnaryCall
 from weir_client.errors import WeirClientError, error_from_rpc
-from weir_client.security import TlsOptions, channel_security, with_auth
 from weir_client.types import (
     Completion,
     Embeddings,
-    GenerateOptions,
+    GenerateKeywords,
     GenerationChunk,
     ModelInfo,
     Tokenization,
     collect,
 )
 
-_UNSET: Any = object()
+T = TypeVar("T")
 
 
-class WeirClient:
+class WeirClient(BaseClient):
     """Blocking client. `timeout` (seconds) is the default deadline of every call; each method takes its own.
 
     Idempotent calls (embed, tokenize, detokenize, list_models, health) are retried on UNAVAILABLE up to
@@ -37,29 +34,14 @@ class WeirClient:
     connects over TLS / mutual TLS; `api_key` is sent as `authorization: Bearer KEY` to servers run with `--api-key`.
     """
 
-    def __init__(
-        self,
-        target: str = "localhost:50051",
-        *,
-        timeout: float | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        max_attempts: int = 4,
-        load_balancing: str | None = None,
-        tls: TlsOptions | bool | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        credentials, tls_options = channel_security(tls, credentials)
-        options = proto.channel_options(max_attempts, load_balancing) + tls_options
+    def _open_channel(
+        self, target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
+    ) -> grpc.Channel:
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self.target = target
-        self.timeout = timeout
-        self.metadata = with_auth(metadata, api_key)
+        return self._channel
 
     def __enter__(self) -> WeirClient:
         return self
@@ -70,63 +52,18 @@ class WeirClient:
     def close(self) -> None:
         self._channel.close()
 
-    def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[Mapping[str, Any]] | None = None,
-        token_ids: Sequence[int] | None = None,
-        model: str = "",
-        request_id: str = "",
-        add_generation_prompt: bool = True,
-        timeout: float | None = _UNSET,
-        **options: Unpack[GenerateOptions],
-    ) -> Iterator[GenerationChunk]:
+    def generate(self, prompt: str | None = None, **keywords: Unpack[GenerateKeywords]) -> Iterator[GenerationChunk]:
         """Stream the completion of one input (a prompt, chat `messages` or `token_ids`) as chunks.
 
         `messages` and the keywords take OpenAI's shapes: sampling (SamplingOptions, with `logit_bias`), then
         `tools`, `tool_choice`, `chat_template_kwargs` and at most one constraint of `json_schema`, `json_object`,
         `regex`, `choice`, `grammar` (OutputOptions). Leaving the loop early cancels the request on the server.
         """
-        request = proto.generate_request(prompt, messages, token_ids, model, request_id, add_generation_prompt, options)
-        call = self._stub.Generate(request, timeout=self._timeout(timeout), metadata=self.metadata)
-        return self._chunks(call)
+        return _chunks(self._start_generate(prompt, keywords))
 
-    @staticmethod
-    def _chunks(call: Any) -> Iterator[GenerationChunk]:
-        try:
-            for message in call:
-                yield proto.generation_chunk(message)
-        except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
-        finally:
-            call.cancel()  # a no-op once the stream has ended
-
-    def complete(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: Sequence[Mapping[str, Any]] | None = None,
-        token_ids: Sequence[int] | None = None,
-        model: str = "",
-        request_id: str = "",
-        add_generation_prompt: bool = True,
-        timeout: float | None = _UNSET,
-        **options: Unpack[GenerateOptions],
-    ) -> Completion:
+    def complete(self, prompt: str | None = None, **keywords: Unpack[GenerateKeywords]) -> Completion:
         """Like generate(), but wait for the end and return the whole Completion."""
-        return collect(
-            self.generate(
-                prompt,
-                messages=messages,
-                token_ids=token_ids,
-                model=model,
-                request_id=request_id,
-                add_generation_prompt=add_generation_prompt,
-                timeout=timeout,
-                **options,
-            )
-        )
+        return collect(self.generate(prompt, **keywords))
 
     def embed(
         self,
@@ -138,11 +75,10 @@ class WeirClient:
         normalize: bool = True,
         dimensions: int | None = None,
         truncate: bool = False,
-        timeout: float | None = _UNSET,
+        timeout: float | None = UNSET,
     ) -> Embeddings:
         """One vector per text (or token id sequence); `pooling` is None (model default), mean, cls or last."""
-        request = proto.embed_request(texts, token_ids, model, pooling, normalize, dimensions, truncate)
-        return proto.embeddings(self._unary(self._stub.Embed, request, timeout))
+        return self._unary(self._embed_call(texts, token_ids, model, pooling, normalize, dimensions, truncate), timeout)
 
     def tokenize(
         self,
@@ -151,16 +87,10 @@ class WeirClient:
         model: str = "",
         add_special_tokens: bool = True,
         return_offsets: bool = False,
-        timeout: float | None = _UNSET,
+        timeout: float | None = UNSET,
     ) -> list[Tokenization]:
         """Tokenize each text with the model's tokenizer (default: the generation model's)."""
-        request = pb.TokenizeRequest(
-            model=model,
-            texts=proto.texts_list(texts),
-            add_special_tokens=add_special_tokens,
-            return_offsets=return_offsets,
-        )
-        return proto.tokenizations(self._unary(self._stub.Tokenize, request, timeout), return_offsets)
+        return self._unary(self._tokenize_call(texts, model, add_special_tokens, return_offsets), timeout)
 
     def detokenize(
         self,
@@ -168,45 +98,45 @@ class WeirClient:
         *,
         model: str = "",
         skip_special_tokens: bool = True,
-        timeout: float | None = _UNSET,
+        timeout: float | None = UNSET,
     ) -> list[str]:
         """The text of each token id sequence."""
-        request = pb.DetokenizeRequest(
-            model=model, sequences=proto.token_ids_messages(sequences), skip_special_tokens=skip_special_tokens
-        )
-        return list(self._unary(self._stub.Detokenize, request, timeout).texts)
+        return self._unary(self._detokenize_call(sequences, model, skip_special_tokens), timeout)
 
-    def list_models(self, *, timeout: float | None = _UNSET) -> list[ModelInfo]:
+    def list_models(self, *, timeout: float | None = UNSET) -> list[ModelInfo]:
         """The models the server has loaded."""
-        response = self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout)
-        return [proto.model_info(m) for m in response.models]
+        return self._unary(self._list_models_call(), timeout)
 
-    def health(self, service: str = "", *, timeout: float | None = _UNSET) -> str:
+    def health(self, service: str = "", *, timeout: float | None = UNSET) -> str:
         """The grpc.health.v1 status name: SERVING, NOT_SERVING, UNKNOWN or SERVICE_UNKNOWN."""
-        response = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return self._unary(self._health_call(service), timeout)
 
     def wait_until_ready(self, timeout: float = 300.0, interval: float = 0.25) -> None:
         """Block until health is SERVING; raise WeirClientError(DEADLINE_EXCEEDED) after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
+        poll = ReadinessPoll(self.target, timeout)
+        for probe_timeout in poll.probes():
             try:
-                last = self.health(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-                if last == "SERVING":
-                    return
+                status: str | WeirClientError = self.health(timeout=probe_timeout)
             except WeirClientError as e:
-                last = e.code.name
+                status = e
+            if poll.serving(status):
+                return
             time.sleep(interval)
-        raise WeirClientError(
-            grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.target} not SERVING after {timeout:.0f}s (last: {last})"
-        )
+        raise poll.expired()
 
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is _UNSET else timeout
-
-    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _unary(self, call: UnaryCall[T], timeout: float | None) -> T:
         try:
-            return method(request, timeout=self._timeout(timeout), metadata=self.metadata)
+            reply = call.method(call.request, timeout=self._deadline(timeout), metadata=self.metadata)
         except grpc.RpcError as e:
             raise error_from_rpc(e) from None
+        return call.read(reply)
+
+
+def _chunks(call: Any) -> Iterator[GenerationChunk]:
+    try:
+        for message in call:
+            yield proto.generation_chunk(message)
+    except grpc.RpcError as e:
+        raise error_from_rpc(e) from None
+    finally:
+        call.cancel()  # a no-op once the stream has ended

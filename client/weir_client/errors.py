@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 _DETAILS_KEY = "grpc-status-details-bin"
 _RETRY_AFTER_KEY = "retry-after"
+
+logger = logging.getLogger(__name__)
 
 
 class WeirClientError(Exception):
@@ -41,13 +46,24 @@ def error_from_rpc(error: grpc.RpcError) -> WeirClientError:
     code = call.code() if hasattr(call, "code") else grpc.StatusCode.UNKNOWN
     message = (call.details() if hasattr(call, "details") else None) or str(error)
     metadata = (call.trailing_metadata() if hasattr(call, "trailing_metadata") else None) or ()
-    field = None
-    retry_after = None
+    field, retry_after = status_details(metadata)
+    return WeirClientError(code, message, field=field, retry_after=retry_after)
+
+
+def status_details(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[str | None, float | None]:
+    """The request field at fault and the retry delay (seconds) in a failed call's trailing metadata: the rich
+    google.rpc.Status (BadRequest, RetryInfo) and a plain `retry-after` entry. Also used by the gateway."""
+    field: str | None = None
+    retry_after: float | None = None
     for key, value in metadata:
         if key == _RETRY_AFTER_KEY:
             retry_after = _float_or_none(value)
         elif key == _DETAILS_KEY and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
+            try:
+                status = status_pb2.Status.FromString(value)
+            except DecodeError:  # a malformed trailer must not hide the real error
+                logger.warning("unparseable %s in a failed call's trailers", _DETAILS_KEY)
+                continue
             for detail in status.details:
                 if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                     bad_request = error_details_pb2.BadRequest()
@@ -58,7 +74,7 @@ def error_from_rpc(error: grpc.RpcError) -> WeirClientError:
                     info = error_details_pb2.RetryInfo()
                     detail.Unpack(info)
                     retry_after = info.retry_delay.ToTimedelta().total_seconds()
-    return WeirClientError(code, message, field=field, retry_after=retry_after)
+    return field, retry_after
 
 
 def _float_or_none(value: str | bytes) -> float | None:

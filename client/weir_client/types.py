@@ -50,6 +50,18 @@ class GenerateOptions(SamplingOptions, OutputOptions, total=False):
     """Every keyword of `generate()` and `complete()` after the input and its routing: sampling, tools, format."""
 
 
+class GenerateKeywords(GenerateOptions, total=False):
+    """Every keyword of `generate()` and `complete()`: the input when it is not a prompt (`messages` or `token_ids`),
+    its routing and deadline (absent: the client's default; None: none), then the GenerateOptions."""
+
+    messages: Sequence[Mapping[str, Any]] | None
+    token_ids: Sequence[int] | None
+    model: str
+    request_id: str
+    add_generation_prompt: bool  # with messages (default True)
+    timeout: float | None
+
+
 @dataclass(frozen=True)
 class TopLogprob:
     """One candidate token at a position."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
 
 from weir_gateway.backends import BackendPool
 from weir_gateway.chat import create_chat_completion
@@ -75,7 +76,7 @@ def error_response(error: ApiError, headers: dict[str, str] | None = None) -> we
 
 
 @web.middleware
-async def request_id_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Honour the client's X-Request-Id when it is safe to forward, else assign one."""
     given = request.headers.get(REQUEST_ID_HEADER, "")
     request[REQUEST_ID] = given if VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
@@ -83,7 +84,7 @@ async def request_id_middleware(request: web.Request, handler: web.Handler) -> w
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as OpenAI error JSON with the right status."""
     try:
         return await handler(request)
@@ -109,7 +110,7 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
 
 
 @web.middleware
-async def cors_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Answer CORS preflights for allowed origins (other responses get their headers in `_on_prepare`)."""
     origin = request.headers.get(hdrs.ORIGIN)
     if request.method == hdrs.METH_OPTIONS and origin and _origin_allowed(request, origin):
@@ -127,7 +128,7 @@ async def cors_middleware(request: web.Request, handler: web.Handler) -> web.Str
 
 
 @web.middleware
-async def auth_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Require `Authorization: Bearer KEY` with one of the configured keys (compared in constant time)."""
     keys = request.app[CONFIG].api_keys
     if keys and request.path not in OPEN_PATHS:

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -49,7 +49,7 @@ class Backend:
     address: str
     channel: grpc.aio.Channel
     stub: inference_pb2_grpc.InferenceServiceStub
-    health: health_pb2_grpc.HealthStub
+    health: Any  # a grpc_health HealthStub (typeshed's declares none of its methods)
     serving: bool = False
     models: tuple[inference_pb2.ModelInfo, ...] = ()
     outstanding: int = 0
@@ -81,7 +81,7 @@ class BackendPool:
     async def start(self) -> None:
         """Open a channel per backend and start watching their health."""
         limit = self.config.max_message_bytes
-        options = [
+        options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
             # Pings notice a backend host that vanished without closing its connections (Weir servers accept

@@ -109,7 +109,7 @@ def _reasoning(text: str) -> dict[str, str]:
     return {"reasoning_content": text, "reasoning": text}
 
 
-class ChatRenderer(Renderer):
+class ChatRenderer(Renderer[_Choice]):
     """Chat JSON: `chat.completion` objects and `chat.completion.chunk`s."""
 
     object_name = "chat.completion"
@@ -118,9 +118,8 @@ class ChatRenderer(Renderer):
     def __init__(self, *args: Any, logprobs: bool, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.want_logprobs = logprobs
-        self.choices: dict[int, _Choice] = {}
 
-    def _update(
+    def update(
         self, prompt_index: int, message: pb.GenerateResponse
     ) -> tuple[int, str | None, dict[str, Any], list[Any]]:
         """Record a message; return its choice's index, finish reason, stream delta and logprob entries."""
@@ -155,7 +154,7 @@ class ChatRenderer(Renderer):
         ]
 
     def chunks(self, prompt_index: int, message: pb.GenerateResponse) -> list[dict[str, Any]]:
-        index, reason, delta, entries = self._update(prompt_index, message)
+        index, reason, delta, entries = self.update(prompt_index, message)
         if not delta and reason is None and not entries:
             return []
         logprobs = {"content": entries} if self.want_logprobs else None
@@ -171,21 +170,8 @@ class ChatRenderer(Renderer):
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
         return self.envelope(self.chunk_object_name) | {"choices": [choice]}
 
-    def add(self, prompt_index: int, message: pb.GenerateResponse) -> None:
-        self._update(prompt_index, message)
-
-    def body(self) -> dict[str, Any]:
-        choices = [
-            {
-                "index": index,
-                "message": choice.message(),
-                "logprobs": {"content": choice.logprobs} if self.want_logprobs else None,
-                "finish_reason": choice.finish_reason,
-                "stop_reason": choice.stop_reason,
-            }
-            for index, choice in sorted(self.choices.items())
-        ]
-        return self.envelope(self.object_name) | {"choices": choices, "usage": self.usage.as_json()}
+    def choice_fields(self, choice: _Choice) -> dict[str, Any]:
+        return {"message": choice.message(), "logprobs": {"content": choice.logprobs} if self.want_logprobs else None}
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:

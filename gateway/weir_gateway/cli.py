@@ -20,41 +20,116 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     """The gateway's arguments (on `parser` when a caller embeds them in its own command)."""
     defaults = GatewayConfig()
     p = parser or argparse.ArgumentParser(prog="weir gateway", description="OpenAI-compatible HTTP API over Weir")
-    p.add_argument("--backend", action="append", metavar="HOST:PORT",
-                   help=f"a Weir gRPC server; repeat for several (default {DEFAULT_BACKEND})")
+    p.add_argument(
+        "--backend",
+        action="append",
+        metavar="HOST:PORT",
+        help=f"a Weir gRPC server; repeat for several (default {DEFAULT_BACKEND})",
+    )
     p.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=defaults.port, help="port to listen on (default %(default)s)")
-    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="require `Authorization: Bearer KEY`; repeat for several keys")
-    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="allow browser requests from ORIGIN ('*' for any); CORS is off by default")
-    p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require `Authorization: Bearer KEY`; repeat for several keys",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser requests from ORIGIN ('*' for any); CORS is off by default",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=defaults.max_body_bytes,
+        help="largest request body; larger is a 413 (default %(default)s)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=defaults.header_timeout_s,
+        metavar="SECONDS",
+        help="a connection must send a whole request head within this long of opening or of its previous "
+        "answer, else it is closed (slow heads, idle keep-alive); behind a load balancer that reuses "
+        "connections set it above the balancer's idle timeout (default %(default)s)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=defaults.body_timeout_s,
+        metavar="SECONDS",
+        help="the whole request body must arrive within this long of its head, else 408 (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=defaults.max_header_bytes,
+        help="longest request line, and longest header (name and value together); longer is a 400 "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--max-headers",
+        type=int,
+        default=defaults.max_headers,
+        help="most headers in one request; more is a 400 (default %(default)s)",
+    )
     p.add_argument("--max-n", type=int, default=defaults.max_n, help="most choices per prompt")
     p.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="most tokens per choice")
-    p.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
-                   help="seconds before a backend call is abandoned (its gRPC deadline)")
-    p.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout_s,
-                   help="seconds running requests may finish after SIGTERM (default %(default)s)")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=defaults.request_timeout_s,
+        help="seconds before a backend call is abandoned (its gRPC deadline)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=defaults.drain_timeout_s,
+        help="seconds running requests may finish after SIGTERM (default %(default)s)",
+    )
     p.add_argument("--backend-tls", action="store_true", help="connect to the backends over TLS (system roots)")
     p.add_argument("--backend-tls-ca", metavar="PEM", help="TLS: verify backends against this CA instead")
     p.add_argument("--backend-tls-cert", metavar="PEM", help="mutual TLS: the gateway's client certificate")
     p.add_argument("--backend-tls-key", metavar="PEM", help="mutual TLS: the key of --backend-tls-cert")
-    p.add_argument("--backend-tls-server-name", metavar="NAME",
-                   help="TLS: the name the backend certificates must carry")
-    p.add_argument("--backend-api-key", metavar="KEY",
-                   help="API key of backends run with --api-key (default: $WEIR_BACKEND_API_KEY)")
-    p.add_argument("--response-store-size", type=int, default=defaults.response_store_size,
-                   help="most /v1/responses objects kept for GET and previous_response_id, per gateway process "
-                   "(0 keeps none; default %(default)s)")
-    p.add_argument("--response-store-ttl", type=float, default=defaults.response_store_ttl_s,
-                   help="seconds a stored response stays readable (default %(default)s)")
-    p.add_argument("--strict", action="store_true",
-                   help="refuse (400) request fields the gateway would accept and ignore (store, metadata, user, "
-                   "service_tier, ...) and unknown fields; see docs/openai.md")
+    p.add_argument(
+        "--backend-tls-server-name", metavar="NAME", help="TLS: the name the backend certificates must carry"
+    )
+    p.add_argument(
+        "--backend-api-key",
+        metavar="KEY",
+        help="API key of backends run with --api-key (default: $WEIR_BACKEND_API_KEY)",
+    )
+    p.add_argument(
+        "--response-store-size",
+        type=int,
+        default=defaults.response_store_size,
+        help="most /v1/responses objects kept for GET and previous_response_id, per gateway process "
+        "(0 keeps none; default %(default)s)",
+    )
+    p.add_argument(
+        "--response-store-ttl",
+        type=float,
+        default=defaults.response_store_ttl_s,
+        help="seconds a stored response stays readable (default %(default)s)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse (400) request fields the gateway would accept and ignore (store, metadata, user, "
+        "service_tier, ...) and unknown fields; see docs/openai.md",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
-                   help="json: one object per line with request and trace ids; either way one access line per "
-                   "request (tracing is on when OTEL_EXPORTER_OTLP_ENDPOINT names an OTLP/gRPC collector)")
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="json: one object per line with request and trace ids; either way one access line per "
+        "request (tracing is on when OTEL_EXPORTER_OTLP_ENDPOINT names an OTLP/gRPC collector)",
+    )
     return p  # fmt: skip
 
 
@@ -66,16 +141,24 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         api_keys=tuple(args.api_key),
         cors_origins=tuple(args.cors_origin),
         max_body_bytes=args.max_body_bytes,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        max_header_bytes=args.max_header_bytes,
+        max_headers=args.max_headers,
         max_n=args.max_n,
         max_tokens=args.max_tokens,
         request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout,
         backend_tls=_backend_tls(args),
-        backend_api_key=args.backend_api_key or os.environ.get("WEIR_BACKEND_API_KEY") or None,
+        backend_api_key=_backend_api_key(args),
         strict=args.strict,
         response_store_size=args.response_store_size,
         response_store_ttl_s=args.response_store_ttl,
     )
+
+
+def _backend_api_key(args: argparse.Namespace) -> str | None:
+    return args.backend_api_key or os.environ.get("WEIR_BACKEND_API_KEY") or None
 
 
 def _backend_tls(args: argparse.Namespace) -> TlsOptions | None:
@@ -88,7 +171,7 @@ def _backend_tls(args: argparse.Namespace) -> TlsOptions | None:
 def main(argv: list[str] | None = None) -> int:
     """Run the gateway; returns the process exit status."""
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level, args.log_format)
+    configure_logging(args.log_level, args.log_format, secrets=(*args.api_key, _backend_api_key(args) or ""))
     try:
         config = config_from_args(args)
     except ValueError as e:

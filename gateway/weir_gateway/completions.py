@@ -84,7 +84,7 @@ class _Choice:
     echoed: bool = False
 
 
-class CompletionRenderer(Renderer):
+class CompletionRenderer(Renderer[_Choice]):
     """Completions JSON: `text_completion` objects and chunks."""
 
     object_name = chunk_object_name = "text_completion"
@@ -93,9 +93,8 @@ class CompletionRenderer(Renderer):
         super().__init__(*args, **kwargs)
         self.echo_texts = echo_texts
         self.want_logprobs = logprobs
-        self.choices: dict[int, _Choice] = {}
 
-    def _update(self, prompt_index: int, message: pb.GenerateResponse) -> dict[str, Any]:
+    def update(self, prompt_index: int, message: pb.GenerateResponse) -> dict[str, Any]:
         """Record a message; return its choice as a stream chunk shows it (echo and logprobs included)."""
         index, reason = self.observe(prompt_index, message)
         choice = self.choices.setdefault(index, _Choice())
@@ -121,26 +120,13 @@ class CompletionRenderer(Renderer):
         }
 
     def chunks(self, prompt_index: int, message: pb.GenerateResponse) -> list[dict[str, Any]]:
-        choice = self._update(prompt_index, message)
+        choice = self.update(prompt_index, message)
         if not choice["text"] and choice["finish_reason"] is None and not message.logprobs:
             return []
         return [self.envelope(self.chunk_object_name) | {"choices": [choice]}]
 
-    def add(self, prompt_index: int, message: pb.GenerateResponse) -> None:
-        self._update(prompt_index, message)
-
-    def body(self) -> dict[str, Any]:
-        choices = [
-            {
-                "index": index,
-                "text": "".join(choice.text),
-                "logprobs": choice.logprobs.total if self.want_logprobs else None,
-                "finish_reason": choice.finish_reason,
-                "stop_reason": choice.stop_reason,
-            }
-            for index, choice in sorted(self.choices.items())
-        ]
-        return self.envelope(self.object_name) | {"choices": choices, "usage": self.usage.as_json()}
+    def choice_fields(self, choice: _Choice) -> dict[str, Any]:
+        return {"text": "".join(choice.text), "logprobs": choice.logprobs.total if self.want_logprobs else None}
 
 
 async def create_completion(request: web.Request) -> web.StreamResponse:

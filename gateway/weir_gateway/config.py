@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from weir_client.security import TlsOptions
 
@@ -16,9 +16,15 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     backends: tuple[str, ...] = (DEFAULT_BACKEND,)  # HOST:PORT of each Weir gRPC server
-    api_keys: tuple[str, ...] = ()  # bearer keys; empty = no auth
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # bearer keys; empty = no auth
     cors_origins: tuple[str, ...] = ()  # allowed Origins ("*" for any); empty = CORS off
     max_body_bytes: int = 8 * 1024 * 1024
+    # A connection must send a whole request head within this long of opening or of its previous answer (a head
+    # sent slowly is cut off); an idle keep-alive connection is closed after it too.
+    header_timeout_s: float = 15.0
+    body_timeout_s: float = 60.0  # the whole body must arrive within this long of its head, else 408
+    max_header_bytes: int = 8190  # the request line, and each header (name and value together); else 400
+    max_headers: int = 128  # headers in one request; else 400
     max_n: int = 16  # most choices per prompt
     max_tokens: int = 32768  # most tokens a request may ask for per choice
     max_prompts: int = 256  # most prompts in one completions request
@@ -28,7 +34,8 @@ class GatewayConfig:
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC message size limit, both ways
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running requests may finish
     backend_tls: TlsOptions | None = None  # None = plaintext gRPC to the backends
-    backend_api_key: str | None = None  # sent as `authorization: Bearer KEY` to backends run with --api-key
+    # Sent as `authorization: Bearer KEY` to backends run with --api-key. Keys stay out of the repr (and logs).
+    backend_api_key: str | None = field(default=None, repr=False)
     strict: bool = False  # refuse (400) the OpenAI fields the gateway accepts and ignores, and unknown fields
     response_store_size: int = 1024  # most stored /v1/responses objects (per gateway process); 0 stores none
     response_store_ttl_s: float = 3600.0  # how long a stored response can be read or continued
@@ -36,11 +43,21 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if not self.backends:
             raise ValueError("at least one backend is required")
-        for name in ("max_body_bytes", "max_n", "max_tokens", "max_prompts", "max_embedding_inputs"):
+        limits = (
+            "max_body_bytes",
+            "max_header_bytes",
+            "max_headers",
+            "max_n",
+            "max_tokens",
+            "max_prompts",
+            "max_embedding_inputs",
+        )
+        for name in limits:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.request_timeout_s <= 0:
-            raise ValueError("request_timeout_s must be positive")
+        for name in ("request_timeout_s", "header_timeout_s", "body_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
         if self.response_store_size < 0:

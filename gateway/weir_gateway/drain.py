@@ -9,9 +9,11 @@ import signal
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from weir_gateway.config import GatewayConfig
 from weir_gateway.errors import ApiError
+from weir_gateway.http_limits import server_options
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ def install_drain(app: web.Application) -> None:
 
 
 @web.middleware
-async def drain_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def drain_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count running requests; while draining answer 503 (health included, so balancers move away)."""
     state = request.app[DRAIN]
     if state.draining:
@@ -52,11 +54,7 @@ async def drain_middleware(request: web.Request, handler: web.Handler) -> web.St
 
 async def serve(app: web.Application, config: GatewayConfig) -> None:
     """Serve `app` until SIGTERM or SIGINT, then drain and stop."""
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,  # a client that disconnects cancels its gRPC call at once
-        shutdown_timeout=config.drain_timeout_s,
-    )
+    runner = web.AppRunner(app, shutdown_timeout=config.drain_timeout_s, **server_options(config))
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)

@@ -93,5 +93,5 @@ async def create_embeddings(request: web.Request) -> web.Response:
         for e in reply.embeddings
     ]
     usage = {"prompt_tokens": reply.usage.prompt_tokens, "total_tokens": reply.usage.prompt_tokens}
-    body = {"object": "list", "data": data, "model": reply.model or model, "usage": usage}
-    return web.json_response(body, dumps=dumps)
+    answer = {"object": "list", "data": data, "model": reply.model or model, "usage": usage}
+    return web.json_response(answer, dumps=dumps)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
-logger = logging.getLogger(__name__)
+from weir_client.errors import status_details
 
 # gRPC status -> (HTTP status, OpenAI error type). The only place this mapping lives.
 GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -85,7 +83,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ApiError:
     """Convert a failed gRPC call into the ApiError the client sees, keeping field names and retry hints."""
     status, _ = GRPC_TO_HTTP.get(error.code(), (500, "server_error"))
     message = error.details() or error.code().name.lower()
-    param, retry_after = _status_details(error)
+    param, retry_after = status_details(error.trailing_metadata() or ())
     if param is None and error.code() == grpc.StatusCode.INVALID_ARGUMENT:
         param = _param_from_message(message)
     code = None
@@ -97,31 +95,6 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ApiError:
     if param and openai_param != param and message.startswith(f"{param}:"):
         message = f"{openai_param}{message[len(param) :]}"  # name the body's field, as the param does
     return ApiError(status, message, param=openai_param, code=code, retry_after_s=retry_after)
-
-
-def _status_details(error: grpc.aio.AioRpcError) -> tuple[str | None, float | None]:
-    """Field violation and retry delay from the rich status (google.rpc.Status) when the server sent one."""
-    blob = next((v for k, v in (error.trailing_metadata() or ()) if k == "grpc-status-details-bin"), None)
-    if not isinstance(blob, bytes):
-        return None, None
-    param: str | None = None
-    retry_after: float | None = None
-    try:
-        rich = status_pb2.Status.FromString(blob)
-    except Exception:  # a malformed trailer must not hide the real error
-        logger.warning("unparseable grpc-status-details-bin from backend", exc_info=True)
-        return None, None
-    for detail in rich.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            if bad.field_violations:
-                param = bad.field_violations[0].field
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            retry_after = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
-    return param, retry_after
 
 
 def _param_from_message(message: str) -> str | None:

@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from aiohttp import web
@@ -52,7 +52,7 @@ async def stream_generate(
     ctx: CallContext,
     *,
     renamed_params: ParamRenames | None = None,
-) -> AsyncIterator[Item]:
+) -> AsyncGenerator[Item, None]:
     """Yield the messages of one Generate call per request, merged; a backend found unreachable before
     any output is routed around and the request tried on another. `renamed_params` maps request fields
     the server may name in an error (e.g. `json_schema`) to the body field the client set."""
@@ -83,7 +83,7 @@ def rename_param(error: ApiError, param: str) -> ApiError:
 
 async def _stream_generate(
     pool: BackendPool, model: str, requests: Sequence[pb.GenerateRequest], ctx: CallContext
-) -> AsyncIterator[Item]:
+) -> AsyncGenerator[Item, None]:
     tried: set[Backend] = set()
     while True:
         backend = pool.choose(model, pb.MODEL_TASK_GENERATE, frozenset(tried))
@@ -102,7 +102,9 @@ async def _stream_generate(
                 tried.add(backend)
 
 
-async def _merged_calls(stub: Any, requests: Sequence[pb.GenerateRequest], ctx: CallContext) -> AsyncIterator[Item]:
+async def _merged_calls(
+    stub: Any, requests: Sequence[pb.GenerateRequest], ctx: CallContext
+) -> AsyncGenerator[Item, None]:
     """All calls' messages as they arrive; closing this cancels every call still running."""
     calls = [stub.Generate(r, metadata=ctx.metadata, timeout=ctx.timeout_s) for r in requests]
     if len(calls) == 1:
@@ -176,8 +178,19 @@ class UsageTally:
         }
 
 
-class Renderer:
-    """Turns stream messages into one endpoint's OpenAI JSON; chat and completions subclass it."""
+class ChoiceState(Protocol):
+    """What a renderer keeps of each choice, at least."""
+
+    finish_reason: str | None
+    stop_reason: str | None
+
+
+C = TypeVar("C", bound=ChoiceState)
+
+
+class Renderer(Generic[C]):
+    """Turns stream messages into one endpoint's OpenAI JSON; chat and completions subclass it, keeping a `C` per
+    choice."""
 
     object_name = ""
     chunk_object_name = ""
@@ -190,6 +203,7 @@ class Renderer:
         self.fingerprint = fingerprint
         self.created = int(time.time())
         self.usage = UsageTally()
+        self.choices: dict[int, C] = {}
 
     def envelope(self, obj: str) -> dict[str, Any]:
         return {
@@ -212,15 +226,27 @@ class Renderer:
         """Chunks sent before the first delta (chat's role chunks)."""
         return []
 
-    def chunks(self, prompt_index: int, message: pb.GenerateResponse) -> list[dict[str, Any]]:
-        """The stream chunks a message makes (none when it carries nothing to tell)."""
+    def update(self, prompt_index: int, message: pb.GenerateResponse) -> object:
+        """Record a message in its choice (what it returns is the subclass's, for its `chunks`)."""
         raise NotImplementedError
 
-    def add(self, prompt_index: int, message: pb.GenerateResponse) -> None:
+    def chunks(self, prompt_index: int, message: pb.GenerateResponse) -> list[dict[str, Any]]:
+        """Record a message; the stream chunks it makes (none when it carries nothing to tell)."""
+        raise NotImplementedError
+
+    def choice_fields(self, choice: C) -> dict[str, Any]:
+        """A whole choice's output fields in the body (chat's message, completions' text) and its logprobs."""
         raise NotImplementedError
 
     def body(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The answer sent whole: every choice in index order, and the usage."""
+        choices = [
+            {"index": index}
+            | self.choice_fields(choice)
+            | {"finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
+            for index, choice in sorted(self.choices.items())
+        ]
+        return self.envelope(self.object_name) | {"choices": choices, "usage": self.usage.as_json()}
 
     def with_usage_field(self, chunk: dict[str, Any]) -> dict[str, Any]:
         """With include_usage, every chunk carries `usage` (null until the last), as OpenAI sends it."""
@@ -232,8 +258,8 @@ class Renderer:
 
 async def respond(
     request: web.Request,
-    stream: AsyncIterator[Item],
-    renderer: Renderer,
+    stream: AsyncGenerator[Item, None],
+    renderer: Renderer[Any],
     *,
     streaming: bool,
     total_choices: int,
@@ -243,7 +269,7 @@ async def respond(
     async with contextlib.aclosing(stream):
         if not streaming:
             async for prompt_index, message in stream:
-                renderer.add(prompt_index, message)
+                renderer.update(prompt_index, message)
             return web.json_response(renderer.body(), dumps=sse.dumps)
         try:
             first = await anext(stream)
@@ -269,6 +295,6 @@ async def respond(
         return response
 
 
-async def _send_chunk(response: web.StreamResponse, renderer: Renderer, item: Item) -> None:
+async def _send_chunk(response: web.StreamResponse, renderer: Renderer[Any], item: Item) -> None:
     for chunk in renderer.chunks(*item):
         await sse.send_event(response, renderer.with_usage_field(chunk))

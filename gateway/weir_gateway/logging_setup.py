@@ -3,31 +3,28 @@ request carrying its request id."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from weir_client import log_format as shared
 from weir_client.log_format import LOG_FORMATS, JsonFormatter, RequestIdFilter, request_id_var
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+from weir_gateway.outcome import handle_and_record
 
 __all__ = ["LOG_FORMATS", "JsonFormatter", "RequestIdFilter", "access_log_middleware", "configure_logging",
            "request_id_var"]  # fmt: skip
 
-CLIENT_CLOSED = 499  # the status access logs use for a client that went away before the answer
-
 access_logger = logging.getLogger("weir_gateway.access")
 
 
-def configure_logging(level: str = "info", log_format: str = "text") -> None:
-    """Route every log record to stderr in `log_format` ("text" or "json") at `level`."""
-    shared.configure_logging(level, log_format)
+def configure_logging(level: str = "info", log_format: str = "text", secrets: Iterable[str] = ()) -> None:
+    """Route every log record to stderr in `log_format` ("text" or "json") at `level`, `secrets` (the API keys)
+    masked."""
+    shared.configure_logging(level, log_format, secrets)
     # Our access line (with request id, route and duration) replaces aiohttp's.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
@@ -41,18 +38,8 @@ def access_log_middleware(request_id_key: Any) -> Middleware:
         request_id = request.get(request_id_key)
         request_id_var.set(request_id)
         started = time.perf_counter()
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as e:
-            status = e.status
-            raise
-        except asyncio.CancelledError:
-            status = CLIENT_CLOSED
-            raise
-        finally:
+
+        def record(status: int) -> None:
             duration_ms = round((time.perf_counter() - started) * 1000, 1)
             access_logger.info(
                 '%s "%s %s" %d %.1fms', request.remote, request.method, request.path_qs, status, duration_ms,
@@ -60,5 +47,7 @@ def access_log_middleware(request_id_key: Any) -> Middleware:
                        "duration_ms": duration_ms, "remote": request.remote,
                        "user_agent": request.headers.get("User-Agent")},
             )  # fmt: skip
+
+        return await handle_and_record(request, handler, record)
 
     return access_log

@@ -95,10 +95,7 @@ def _read_messages(fields: Fields, name: str, *, strict: bool) -> list[pb.ChatMe
         raise fields.error(name, "must be a non-empty array of messages")
     call_ids: set[str] = set()  # the calls made so far, which a tool turn may answer
     turns = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise fields.error(f"{name}[{i}]", "expected an object with `role` and `content`")
-        raw = Fields(item, prefix=f"{fields.param(name)}[{i}].")
+    for raw in fields.objects(name, items, "an object with `role` and `content`"):
         role = raw.string("role")
         if role == "function":
             raise raw.error("role", "the legacy 'function' role is not supported; send a 'tool' turn with tool_call_id")
@@ -114,7 +111,8 @@ def _turn(message: Body, role: str, call_ids: set[str]) -> pb.ChatMessage:
     if calls:
         if role != "assistant":
             raise message.error("tool_calls", "only assistant turns make tool calls")
-        turn.tool_calls.extend(_tool_call(message, j, call) for j, call in enumerate(calls))
+        raws = message.objects("tool_calls", calls, "a tool call object")
+        turn.tool_calls.extend(_tool_call(raw, j) for j, raw in enumerate(raws))
         call_ids.update(call.id for call in turn.tool_calls)
     call_id = message.value("tool_call_id")
     if role == "tool":
@@ -135,11 +133,8 @@ def _turn(message: Body, role: str, call_ids: set[str]) -> pb.ChatMessage:
     return turn
 
 
-def _tool_call(message: Body, index: int, call: Any) -> pb.ToolCall:
-    where = f"tool_calls[{index}]"
-    if not isinstance(call, dict):
-        raise message.error(where, "expected a tool call object")
-    body = TOOL_CALL_SCHEMA.read(Fields(call, prefix=f"{message.param(where)}."))
+def _tool_call(raw: Fields, index: int) -> pb.ToolCall:
+    body = TOOL_CALL_SCHEMA.read(raw)
     function = body.value("function")
     return pb.ToolCall(
         id=body.value("id"), name=function.value("name"), arguments=function.value("arguments"), index=index
@@ -151,11 +146,7 @@ def _parts(message: Body, content: Any) -> list[pb.ContentPart]:
     if not isinstance(content, list):
         raise message.error("content", "expected a string or an array of content parts")
     parts = []
-    for j, part in enumerate(content):
-        where = f"content[{j}]"
-        if not isinstance(part, dict):
-            raise message.error(where, "expected a content part object")
-        raw = Fields(part, prefix=f"{message.param(where)}.")
+    for raw in message.objects("content", content, "a content part object"):
         kind = raw.string("type")
         if kind != "text":
             raise raw.error("type", f"unsupported modality: only 'text' content parts are supported, got {kind!r}")

@@ -8,10 +8,9 @@ from typing import Any
 from aiohttp import web
 
 from weir.v1 import inference_pb2 as pb
+from weir_client.tasks import task_name
 from weir_gateway.errors import ApiError, no_backend
 from weir_gateway.state import POOL
-
-TASKS = {pb.MODEL_TASK_GENERATE: "generate", pb.MODEL_TASK_EMBED: "embed"}
 
 
 def model_card(info: pb.ModelInfo, created: int) -> dict[str, Any]:
@@ -24,7 +23,7 @@ def model_card(info: pb.ModelInfo, created: int) -> dict[str, Any]:
         "root": info.id,
         "parent": None,
         "max_model_len": info.max_context_length,
-        "task": TASKS.get(info.task, "unknown"),
+        "task": task_name(info.task),
     }
 
 

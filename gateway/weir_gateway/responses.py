@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import grpc
@@ -115,7 +115,7 @@ def _previous_response(body: Body, store: ResponseStore) -> StoredResponse | Non
 
 async def _answer(
     request: web.Request,
-    stream: AsyncIterator[Item],
+    stream: AsyncGenerator[Item, None],
     builder: ResponseBuilder,
     save: Callable[[], None],
     *,

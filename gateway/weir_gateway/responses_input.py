@@ -110,10 +110,8 @@ def parse_input(body: Body, call_names: Mapping[str, str], strict: bool) -> list
     if isinstance(value, str):
         return [pb.ChatMessage(role="user", content=value)]
     reader = _InputReader(dict(call_names), item_schemas(strict))
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise body.error(f"input[{i}]", "expected an input item object")
-        reader.read(Fields(item, prefix=f"{body.param('input')}[{i}]."))
+    for raw in body.objects("input", value, "an input item object"):
+        reader.read(raw)
     return reader.turns
 
 
@@ -181,10 +179,7 @@ def _text(item: Body, name: str) -> str:
     if not isinstance(value, list):
         raise item.error(name, "expected a string or an array of content parts")
     texts = []
-    for j, part in enumerate(value):
-        if not isinstance(part, dict):
-            raise item.error(f"{name}[{j}]", "expected a content part object")
-        raw = Fields(part, prefix=f"{item.param(name)}[{j}].")
+    for raw in item.objects(name, value, "a content part object"):
         kind = raw.string("type")
         if kind in UNSUPPORTED_PARTS:
             raise raw.error("type", f"unsupported modality: {UNSUPPORTED_PARTS[kind]}")

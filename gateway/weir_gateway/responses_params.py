@@ -33,10 +33,7 @@ def _read_tools(fields: Fields, name: str) -> list[FunctionTool]:
     if len(items) > MAX_TOOLS:
         raise fields.error(name, f"at most {MAX_TOOLS} tools, got {len(items)}")
     tools: list[FunctionTool] = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise fields.error(f"{name}[{i}]", "expected a tool object")
-        raw = Fields(item, prefix=f"{fields.param(name)}[{i}].")
+    for raw in fields.objects(name, items, "a tool object"):
         kind = raw.string("type")
         if kind != "function":  # checked first: a built-in tool's other fields are beside the point
             raise raw.error("type", f"only 'function' tools are supported (Weir runs no built-in tools), got {kind!r}")

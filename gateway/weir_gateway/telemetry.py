@@ -7,19 +7,18 @@ warning, when the opentelemetry packages are missing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from weir_gateway.outcome import handle_and_record
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 TRACER_PROVIDER = web.AppKey("tracer_provider", object)  # an opentelemetry TracerProvider, or None
 UNTRACED_PATHS = frozenset({"/health", "/metrics", "/version"})  # probes and scrapes would bury the requests
-CLIENT_CLOSED = 499
 UNTRACED_GRPC_SERVICES = ("grpc.health.v1.",)  # the backend health watches last for ever
 
 
@@ -66,18 +65,13 @@ def tracing_middlewares(provider: Any | None) -> list[Middleware]:
             kind=trace.SpanKind.SERVER,
             attributes=attributes,
         ) as span:
-            status = CLIENT_CLOSED  # unless an answer or an HTTP error says otherwise
-            try:
-                response = await handler(request)
-                status = response.status
-                return response
-            except web.HTTPException as e:
-                status = e.status
-                raise
-            finally:
+
+            def record(status: int) -> None:
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:
                     span.set_status(Status(StatusCode.ERROR))
+
+            return await handle_and_record(request, handler, record)
 
     return [tracing]
 
@@ -90,4 +84,6 @@ def client_interceptors(provider: Any | None) -> list[grpc.aio.ClientInterceptor
     from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters
 
     skip = filters.any_of(*(filters.service_prefix(s) for s in UNTRACED_GRPC_SERVICES))
-    return list(aio_client_interceptors(tracer_provider=provider, filter_=filters.negate(skip)))
+    # opentelemetry-instrumentation-grpc leaves aio_client_interceptors unannotated.
+    interceptors = aio_client_interceptors(tracer_provider=provider, filter_=filters.negate(skip))  # type: ignore[no-untyped-call]
+    return list(interceptors)

@@ -72,10 +72,8 @@ def _read_tools(fields: Fields, name: str) -> list[pb.Tool]:
     if len(items) > MAX_TOOLS:
         raise fields.error(name, f"at most {MAX_TOOLS} tools, got {len(items)}")
     tools = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise fields.error(f"{name}[{i}]", "expected a tool object")
-        function = TOOL_SCHEMA.read(Fields(item, prefix=f"{fields.param(name)}[{i}].")).value("function")
+    for raw in fields.objects(name, items, "a tool object"):
+        function = TOOL_SCHEMA.read(raw).value("function")
         tools.append(
             pb.Tool(
                 name=function.value("name"),

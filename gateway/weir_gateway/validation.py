@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from aiohttp import web
 
 from weir_gateway.errors import ApiError, bad_request
+from weir_gateway.http_limits import read_body
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -22,7 +23,7 @@ def _reject_constant(name: str) -> Any:
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object; invalid UTF-8, invalid JSON, NaN or a non-object is a 400."""
-    raw = await request.read()  # aiohttp raises 413 past client_max_size
+    raw = await read_body(request)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -149,6 +150,14 @@ class Fields:
         if not isinstance(value, dict):
             raise self.error(name, f"expected an object, got {_kind(value)}")
         return Fields(value, prefix=f"{self.param(name)}.")
+
+    def objects(self, name: str, items: Iterable[Any], what: str) -> Iterator[Fields]:
+        """Each element of the array `items` (field `name`'s value) as Fields named `name[i].`; an element that is
+        not an object is a 400 saying it should be `what` ("a tool object")."""
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise self.error(f"{name}[{i}]", f"expected {what}")
+            yield Fields(item, prefix=f"{self.param(name)}[{i}].")
 
     def array(self, name: str) -> list[Any] | None:
         value = self.body.get(name)

@@ -25,8 +25,18 @@ def _weir(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 def test_generate_prints_the_completion(weir_target: str) -> None:
-    result = _weir("generate", "What is the capital of France?", "--chat", "--temperature", "0",
-                   "--max-tokens", "24", "--target", weir_target, "-v")
+    result = _weir(
+        "generate",
+        "What is the capital of France?",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "--target",
+        weir_target,
+        "-v",
+    )
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
     assert "prompt" in result.stderr and "completion" in result.stderr
@@ -50,7 +60,9 @@ def test_tokenize_prints_ids_tokens_and_offsets(weir_target: str) -> None:
     result = _weir("tokenize", "hello world", "--offsets", "--target", weir_target)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {
-        "token_ids": [28120, 905], "tokens": ["hello", " world"], "offsets": [[0, 5], [5, 11]],
+        "token_ids": [28120, 905],
+        "tokens": ["hello", " world"],
+        "offsets": [[0, 5], [5, 11]],
     }
 
 
@@ -81,8 +93,22 @@ def _wait_for_port(port: int, timeout: float) -> bool:
 def test_up_starts_server_and_gateway_and_stops_both_on_sigterm() -> None:
     with_gateway = importlib.util.find_spec("weir_gateway.cli") is not None
     grpc_port, http_port = _free_port(), _free_port()
-    command = [sys.executable, "-m", "weir_client.cli", "up", "--port", str(grpc_port),
-               "--gateway-port", str(http_port), "--model", "none", "--embed-model", "none", "--drain-timeout", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "weir_client.cli",
+        "up",
+        "--port",
+        str(grpc_port),
+        "--gateway-port",
+        str(http_port),
+        "--model",
+        "none",
+        "--embed-model",
+        "none",
+        "--drain-timeout",
+        "1",
+    ]
     if not with_gateway:
         command.append("--no-gateway")
     process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)

@@ -13,6 +13,7 @@ from aiohttp import web
 from weir_gateway.app import create_app
 from weir_gateway.backends import BackendPool
 from weir_gateway.config import GatewayConfig
+from weir_gateway.http_limits import server_options
 from weir_gateway.state import POOL
 
 
@@ -31,7 +32,7 @@ class RunningGateway:
 
 async def start_gateway(config: GatewayConfig, wait_serving: bool = True) -> RunningGateway:
     app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, access_log=None, **server_options(config))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -64,5 +65,3 @@ def http(method: str, url: str, body: bytes | dict[str, Any] | None = None, head
             return HttpReply(reply.status, dict(reply.headers), reply.read())
     except urllib.error.HTTPError as e:
         return HttpReply(e.code, dict(e.headers), e.read())
-
-

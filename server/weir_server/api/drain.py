@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from weir_server.api.handlers import around, method_service, refusal
+from weir_server.api.interceptors import around, method_service, refusal
 
 DRAINING_MESSAGE = "the server is shutting down; retry on another server"
 

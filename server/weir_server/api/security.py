@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from weir_server.api.handlers import metadata_value, method_service, refusal
+from weir_server.api.interceptors import metadata_value, method_service, refusal
 from weir_server.config import TlsConfig
 
 logger = logging.getLogger(__name__)
