@@ -45,6 +45,18 @@ TEST_MAX_MODEL_LEN = 1024
 T = TypeVar("T")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run where CUDA is available (the GPU machine) and are skipped everywhere else."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch  # only when gpu tests were collected: gateway and client runs need no torch
+
+    if not torch.cuda.is_available():
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason="gpu: needs a CUDA device"))
+
+
 @dataclass(frozen=True)
 class PackagedModels:
     """Where the packaged default models live on disk."""

@@ -1,9 +1,11 @@
-"""`weir bench`: run the same closed-loop load against each target and print one table."""
+"""`weir bench`: run the same closed-loop load against each target and print one table; its subcommands
+(`weir bench gpu|tp|kernels|host-profile|structured ...`) are the other harnesses."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -26,6 +28,15 @@ from weir_bench.report import (
 from weir_bench.targets import TARGETS, VocabBound, plan_targets
 
 logger = logging.getLogger("weir_bench")
+# The other harnesses, each a module with `main(argv) -> int` (imported on use: most need torch and a GPU).
+SUBCOMMANDS = {
+    "gpu": ("weir_bench.gpu_cli", "GPU: Weir in-process and over gRPC vs Hugging Face transformers; greedy check"),
+    "tp": ("weir_bench.tp", "GPUs of one host: tensor parallelism, greedy equality and decode speed"),
+    "kernels": ("weir_bench.kernels", "GPU: the Triton kernels vs the torch paths they replace"),
+    "host-profile": ("weir_bench.host_profile", "CPU: host time per engine step at a large decode batch"),
+    "structured": ("weir_bench.structured", "JSON-schema-constrained streams beside free-text ones, over gRPC"),
+}
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -50,36 +61,65 @@ def build_parser(prog: str = "weir bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Closed-loop load on Weir (gRPC or in-process) and OpenAI-compatible peers; prints one table.",
+        epilog="other harnesses (see `weir bench COMMAND --help`):\n"
+        + "\n".join(f"  {name:<13} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t = p.add_argument_group("targets")
-    t.add_argument("--target", type=_targets, help="comma list of grpc, inprocess, openai, llama-server "
-                   "(default: grpc, plus openai when --openai-url is given); measured in this order")
+    t.add_argument(
+        "--target",
+        type=_targets,
+        help="comma list of grpc, inprocess, openai, llama-server "
+        "(default: grpc, plus openai when --openai-url is given); measured in this order",
+    )
     t.add_argument("--address", default="127.0.0.1:50051", help="Weir gRPC server HOST:PORT (default %(default)s)")
     t.add_argument("--model", default="", help="model id sent to Weir (default: the server's default)")
     t.add_argument("--server-pid", type=int, help="pid of the Weir server, for its peak RSS")
     t.add_argument("--start-server", action="store_true", help="start `weir serve` on a free port for the run")
-    t.add_argument("--server-args", default="", help="extra `weir serve` options, also used by the in-process "
-                   "target (e.g. \"--kv-cache-memory-gb 2\"); --embed-model none is added unless given")
+    t.add_argument(
+        "--server-args",
+        default="",
+        help="extra `weir serve` options, also used by the in-process "
+        'target (e.g. "--kv-cache-memory-gb 2"); --embed-model none is added unless given',
+    )
     t.add_argument("--server-timeout", type=float, default=600.0, help="seconds a started server may take to load")
-    t.add_argument("--wait", type=float, default=60.0, help="seconds to wait for an already running server "
-                   "(--address, --openai-url) to answer; it may still be loading (default %(default)s)")
+    t.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait for an already running server "
+        "(--address, --openai-url) to answer; it may still be loading (default %(default)s)",
+    )
     t.add_argument("--openai-url", help="base URL of an OpenAI-compatible server (e.g. http://127.0.0.1:8000)")
     t.add_argument("--openai-model", help="model name to send (default: the first one /v1/models lists)")
     t.add_argument("--openai-pid", type=int, help="pid of the --openai-url server, for its peak RSS")
     t.add_argument("--api-key", help="bearer key for --openai-url")
-    t.add_argument("--peer", choices=("llama-server",), action="append", default=[],
-                   help="also start this peer on the same GGUF and load it the same way (adds it to --target)")
+    t.add_argument(
+        "--peer",
+        choices=("llama-server",),
+        action="append",
+        default=[],
+        help="also start this peer on the same GGUF and load it the same way (adds it to --target)",
+    )
     t.add_argument("--llama-server-bin", default="llama-server", help="llama-server executable (default: on PATH)")
     t.add_argument("--gguf", type=Path, help="GGUF file for llama-server (default: the packaged SmolLM2)")
     t.add_argument("--llama-server-args", default="", help="extra llama-server options")
-    t.add_argument("--threads", type=int, default=cpu_cores(), help="llama-server threads (default: %(default)s, "
-                   "this machine's cores)")
+    t.add_argument(
+        "--threads",
+        type=int,
+        default=cpu_cores(),
+        help="llama-server threads (default: %(default)s, this machine's cores)",
+    )
     t.add_argument("--ctx", type=int, help="llama-server context per slot (default: what the requests need)")
 
     w = p.add_argument_group("load")
     w.add_argument("--scenario", choices=("throughput", "prefix"), default="throughput")
-    w.add_argument("--concurrency", type=_int_list, default=[1, 8, 32], help="streams in flight; a comma list "
-                   "runs each level in turn (default 1,8,32)")
+    w.add_argument(
+        "--concurrency",
+        type=_int_list,
+        default=[1, 8, 32],
+        help="streams in flight; a comma list runs each level in turn (default 1,8,32)",
+    )
     w.add_argument("--requests", type=int, help="measured requests per level (default: max(16, 4 x concurrency))")
     w.add_argument("--warmup", type=int, help="unmeasured requests before each level (default: the concurrency)")
     w.add_argument("--prompt-tokens", type=int, default=128, help="random token ids per prompt (default 128)")
@@ -121,25 +161,36 @@ async def _measure_level(driver: Driver, args: argparse.Namespace, vocab: VocabB
     spec = LoadSpec(concurrency, requests, args.prompt_tokens, args.output_tokens, warmup)
     # One prompt set per (seed, level), shared by every target; levels never repeat a prompt, so a prefix
     # cache cannot serve one level from the previous one.
-    prompts = make_prompts(warmup + requests, args.prompt_tokens, await vocab.resolve(driver),
-                           seed=args.seed * 1_000_003 + concurrency)
+    prompts = make_prompts(
+        warmup + requests, args.prompt_tokens, await vocab.resolve(driver), seed=args.seed * 1_000_003 + concurrency
+    )
     logger.info("%s: concurrency %d, %d requests (+%d warm-up)", driver.name, concurrency, requests, warmup)
     result = await run_closed_loop(driver, spec, prompts)
     return summarize(driver.name, result, peak_rss_bytes(driver.peak_rss_pid()))
 
 
 async def _measure_prefix(
-    driver: Driver, args: argparse.Namespace, vocab: VocabBound, spec: PrefixSpec, pairs: list[PromptPair] | None,
+    driver: Driver,
+    args: argparse.Namespace,
+    vocab: VocabBound,
+    spec: PrefixSpec,
+    pairs: list[PromptPair] | None,
 ) -> tuple[PrefixRow, list[PromptPair]]:
     """Run the prefix pairs (made on first use: fresh each run, so a long-lived server has none cached)."""
     bound = await vocab.resolve(driver)
     pairs = pairs or make_pairs(spec, bound)
     warmup = make_prompts(1, args.prompt_tokens, bound, seed=args.seed)[0]
-    logger.info("%s: prefix scenario, %d pairs of %d + %d tokens", driver.name, spec.repeats,
-                spec.prefix_tokens, spec.suffix_tokens)
+    logger.info(
+        "%s: prefix scenario, %d pairs of %d + %d tokens",
+        driver.name,
+        spec.repeats,
+        spec.prefix_tokens,
+        spec.suffix_tokens,
+    )
     timings = await run_prefix_pairs(driver, spec, pairs, warmup)
-    row = summarize_prefix(driver.name, timings, spec.prefix_tokens, spec.suffix_tokens,
-                           peak_rss_bytes(driver.peak_rss_pid()))
+    row = summarize_prefix(
+        driver.name, timings, spec.prefix_tokens, spec.suffix_tokens, peak_rss_bytes(driver.peak_rss_pid())
+    )
     return row, pairs
 
 
@@ -178,11 +229,15 @@ def _round_up(value: int, multiple: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `weir bench`; returns 0 when every request succeeded, 1 when some failed, 2 when a target failed."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        subcommand: int = importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:])
+        return subcommand
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate(parser, args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     try:
         rows = asyncio.run(run(args))
     except (TargetError, ValueError) as exc:
@@ -197,8 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_table(rows))
         for row in rows:
             if isinstance(row, Row) and row.short_outputs:
-                print(f"note: {row.target} at concurrency {row.concurrency} returned fewer than "
-                      f"{row.output_tokens} tokens for {row.short_outputs} requests (it does not honour ignore_eos)")
+                print(
+                    f"note: {row.target} at concurrency {row.concurrency} returned fewer than "
+                    f"{row.output_tokens} tokens for {row.short_outputs} requests (it does not honour ignore_eos)"
+                )
     return 1 if any(row.errors for row in rows) else 0
 
 

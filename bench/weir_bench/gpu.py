@@ -71,6 +71,13 @@ def write_model_dir(shape: Shape, tokenizer_dir: Path, out: Path) -> Path:
     return out
 
 
+def cuda_missing(command: str) -> str | None:
+    """Why `command` cannot run here (no CUDA device), or None when it can."""
+    import torch
+
+    return None if torch.cuda.is_available() else f"{command} needs a CUDA device; none is visible here"
+
+
 # ---- GPU memory ---------------------------------------------------------------------------------------------
 
 
@@ -183,5 +190,12 @@ def greedy_agreement(want: dict[str, list[int]], got: dict[str, list[int]]) -> d
     return {"prompts": len(want), "identical": len(want) - len(mismatches), "first_difference": mismatches}
 
 
-def save_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
+def save_report(out_dir: Path | None, stem: str, markdown: str, rows: list[dict[str, Any]] | None = None) -> None:
+    """Write OUT_DIR/STEM.md (and the rows as STEM.json, NaN as null) when an output folder was asked for."""
+    if out_dir is None:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.md").write_text(markdown + "\n")
+    if rows is not None:
+        clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
+        (out_dir / f"{stem}.json").write_text(json.dumps(clean, indent=1))

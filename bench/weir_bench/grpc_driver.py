@@ -34,8 +34,15 @@ async def grpc_ready(address: str) -> bool:
 class GrpcDriver:
     """Streams Generate calls over one shared channel (HTTP/2 multiplexes the concurrent streams)."""
 
-    def __init__(self, address: str, name: str = "weir-grpc", model: str = "", pid: int | None = None,
-                 temperature: float = 0.0, timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        name: str = "weir-grpc",
+        model: str = "",
+        pid: int | None = None,
+        temperature: float = 0.0,
+        timeout_s: float = 600.0,
+    ) -> None:
         self.name = name
         self.address = address
         self.model = model
@@ -63,7 +70,10 @@ class GrpcDriver:
             model=self.model,
             token_ids=inference_pb2.TokenIds(ids=prompt),
             sampling_params=inference_pb2.SamplingParams(
-                max_tokens=output_tokens, min_tokens=output_tokens, ignore_eos=True, temperature=self.temperature,
+                max_tokens=output_tokens,
+                min_tokens=output_tokens,
+                ignore_eos=True,
+                temperature=self.temperature,
             ),
         )
 

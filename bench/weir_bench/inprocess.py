@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from weir_bench.engines import async_engine
 from weir_bench.load import RequestTiming
 from weir_bench.peers import TargetError
 
@@ -33,13 +34,12 @@ class InProcessDriver:
     def __init__(self, engine: Any, temperature: float = 0.0, name: str = "weir-inprocess") -> None:
         self.name = name
         self.temperature = temperature
-        self._engine = engine
+        self.engine = engine  # the AsyncEngine (weir_bench.engines.core_of reaches its core)
         self._ids = itertools.count()
 
     @classmethod
     async def start(cls, server_args: Sequence[str] = (), temperature: float = 0.0) -> InProcessDriver:
         """Load the model `server_args` name (default: the packaged SmolLM2) and start its engine."""
-        from weir_server.engine.async_engine import AsyncEngine
         from weir_server.errors import WeirError
         from weir_server.models.loader import load_model
         from weir_server.process_lifetime import freeze_startup_objects
@@ -48,7 +48,7 @@ class InProcessDriver:
         logger.info("loading %s in-process", config.model.model)
         try:
             loaded = await asyncio.to_thread(load_model, config.model, "generate")
-            engine = AsyncEngine(loaded, config)
+            engine = async_engine(loaded, config)
             await engine.start()
         except WeirError as exc:
             raise TargetError(f"in-process engine: {exc}") from exc
@@ -59,19 +59,20 @@ class InProcessDriver:
         return os.getpid()  # the engine lives here, so this process's peak is the engine's (plus the harness)
 
     async def vocab_size(self) -> int | None:
-        return int(self._engine.vocab_size)
+        return int(self.engine.vocab_size)
 
     async def generate(self, prompt: list[int], output_tokens: int) -> RequestTiming:
         from weir_server.engine.types import FinishReason, GenerationRequest, SamplingParams
         from weir_server.errors import WeirError
 
-        params = SamplingParams(max_tokens=output_tokens, min_tokens=output_tokens, ignore_eos=True,
-                                temperature=self.temperature)
+        params = SamplingParams(
+            max_tokens=output_tokens, min_tokens=output_tokens, ignore_eos=True, temperature=self.temperature
+        )
         request = GenerationRequest(f"bench-{next(self._ids)}", list(prompt), params, arrival_time=time.monotonic())
         timing = RequestTiming.begin()
         server_count: int | None = None
         try:
-            async for output in self._engine.generate(request):
+            async for output in self.engine.generate(request):
                 timing.record(len(output.token_ids))
                 if output.finish_reason is FinishReason.ERROR:
                     return timing.finish(error=output.error or "engine error")
@@ -83,5 +84,5 @@ class InProcessDriver:
         return timing.finish(server_count)
 
     async def close(self) -> None:
-        await self._engine.shutdown()
+        await self.engine.shutdown()
         gc.unfreeze()  # the engine's objects become collectable again

@@ -112,9 +112,9 @@ def make_prompts(count: int, length: int, vocab_size: int, seed: int) -> list[li
     return [[rng.randrange(low, vocab_size) for _ in range(length)] for _ in range(count)]
 
 
-async def _run_requests(driver: Driver, prompts: list[list[int]], output_tokens: int, concurrency: int) -> list[
-    RequestTiming
-]:
+async def _run_requests(
+    driver: Driver, prompts: list[list[int]], output_tokens: int, concurrency: int
+) -> list[RequestTiming]:
     """Send every prompt, keeping at most `concurrency` in flight; a worker sends its next as soon as one ends."""
     pending = iter(prompts)
     timings: list[RequestTiming] = []
@@ -147,5 +147,9 @@ def _log_failures(target: str, phase: str, timings: list[RequestTiming]) -> None
     if failed:
         logger.warning(
             "%s, %s: %d of %d requests failed; first error: %s",
-            target, phase, len(failed), len(timings), failed[0].error or "no tokens were returned",
+            target,
+            phase,
+            len(failed),
+            len(timings),
+            failed[0].error or "no tokens were returned",
         )

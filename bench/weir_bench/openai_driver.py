@@ -26,8 +26,16 @@ class OpenAIDriver:
     the server sends it. A server that merges several tokens into one chunk therefore shows longer gaps.
     """
 
-    def __init__(self, url: str, name: str = "openai", model: str | None = None, pid: int | None = None,
-                 temperature: float = 0.0, timeout_s: float = 600.0, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        name: str = "openai",
+        model: str | None = None,
+        pid: int | None = None,
+        temperature: float = 0.0,
+        timeout_s: float = 600.0,
+        api_key: str | None = None,
+    ) -> None:
         self.name = name
         self.base = api_base(url)
         self.model = model

@@ -110,8 +110,9 @@ class ManagedProcess:
         self._log = tempfile.NamedTemporaryFile(prefix=f"weir-bench-{name}-", suffix=".log", delete=False)
         logger.info("starting %s: %s (log: %s)", name, " ".join(self.argv), self._log.name)
         try:
-            self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         except OSError as exc:
             self._log.close()
             raise TargetError(f"cannot start {name} ({self.argv[0]}): {exc}") from exc
@@ -132,8 +133,10 @@ class ManagedProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise TargetError(f"{self.name} exited with code {self.proc.returncode} before it was ready; "
-                                  f"last output:\n{self.log_tail()}")
+                raise TargetError(
+                    f"{self.name} exited with code {self.proc.returncode} before it was ready; "
+                    f"last output:\n{self.log_tail()}"
+                )
             if await probe():
                 logger.info("%s is ready (pid %d)", self.name, self.pid)
                 return
@@ -169,7 +172,12 @@ async def _http_ok(url: str) -> bool:
 
 
 async def start_llama_server(
-    binary: str, gguf: Path, slots: int, ctx_per_slot: int, threads: int, extra_args: Sequence[str] = (),
+    binary: str,
+    gguf: Path,
+    slots: int,
+    ctx_per_slot: int,
+    threads: int,
+    extra_args: Sequence[str] = (),
     timeout_s: float = 120.0,
 ) -> tuple[ManagedProcess, str]:
     """Start llama-server with `slots` parallel sequences of `ctx_per_slot` tokens each; return it and its URL.
@@ -182,8 +190,7 @@ async def start_llama_server(
         raise TargetError(f"llama-server binary not found: {binary}")
     if not gguf.is_file():
         raise TargetError(f"GGUF file not found: {gguf}")
-    argv = [path, "-m", str(gguf), "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(threads),
-            *extra_args]
+    argv = [path, "-m", str(gguf), "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(threads), *extra_args]
     try:
         return await _start_llama_once(argv, timeout_s)
     except _CrashedWhileLoading as crash:
@@ -226,13 +233,16 @@ def weir_serve_command() -> list[str]:
 
 
 async def start_weir_server(
-    server_args: Sequence[str], ready: Callable[[str], Awaitable[bool]], timeout_s: float = 300.0,
+    server_args: Sequence[str],
+    ready: Callable[[str], Awaitable[bool]],
+    timeout_s: float = 300.0,
 ) -> tuple[ManagedProcess, str]:
     """Start `weir serve` on a free loopback port; `ready(address)` says when it serves. Return it and HOST:PORT."""
     port = free_port()
     address = f"127.0.0.1:{port}"
-    proc = ManagedProcess("weir-serve", [*weir_serve_command(), "--host", "127.0.0.1", "--port", str(port),
-                                         *server_args])
+    proc = ManagedProcess(
+        "weir-serve", [*weir_serve_command(), "--host", "127.0.0.1", "--port", str(port), *server_args]
+    )
     try:
         await proc.wait_ready(lambda: ready(address), timeout_s)
     except BaseException:

@@ -28,14 +28,19 @@ def make_pairs(spec: PrefixSpec, vocab_size: int, seed: int | None = None) -> li
     rng = random.Random(seed)
     pairs = []
     for _ in range(spec.repeats):
-        prefix, tail_a, tail_b = (make_prompts(1, n, vocab_size, rng.getrandbits(63))[0]
-                                  for n in (spec.prefix_tokens, spec.suffix_tokens, spec.suffix_tokens))
+        prefix, tail_a, tail_b = (
+            make_prompts(1, n, vocab_size, rng.getrandbits(63))[0]
+            for n in (spec.prefix_tokens, spec.suffix_tokens, spec.suffix_tokens)
+        )
         pairs.append((prefix + tail_a, prefix + tail_b))
     return pairs
 
 
 async def run_prefix_pairs(
-    driver: Driver, spec: PrefixSpec, pairs: list[PromptPair], warmup_prompt: list[int],
+    driver: Driver,
+    spec: PrefixSpec,
+    pairs: list[PromptPair],
+    warmup_prompt: list[int],
 ) -> list[tuple[RequestTiming, RequestTiming]]:
     """One warm-up request, then each pair in turn, alone on the server: the cold prompt, then the cached one."""
     await driver.generate(warmup_prompt, spec.output_tokens)

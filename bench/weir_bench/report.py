@@ -97,7 +97,10 @@ class PrefixRow:
 
 
 def summarize_prefix(
-    target: str, pairs: Sequence[tuple[RequestTiming, RequestTiming]], prefix_tokens: int, suffix_tokens: int,
+    target: str,
+    pairs: Sequence[tuple[RequestTiming, RequestTiming]],
+    prefix_tokens: int,
+    suffix_tokens: int,
     peak_rss_bytes: int | None = None,
 ) -> PrefixRow:
     """Aggregate (cold, warm) request pairs into a row; a pair with a failed request counts as an error."""
@@ -167,8 +170,13 @@ def format_table(rows: Sequence[Row | PrefixRow]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
 
     def line(values: Sequence[str]) -> str:
-        return "| " + " | ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(
-            zip(values, widths, strict=True))) + " |"
+        return (
+            "| "
+            + " | ".join(
+                v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))
+            )
+            + " |"
+        )
 
     separator = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
     return "\n".join([line(headers), separator, *(line(r) for r in cells)])
@@ -185,8 +193,9 @@ def machine_info() -> dict[str, Any]:
     model = platform.processor() or platform.machine()
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True, timeout=10).stdout
-        model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines()
-                      if line.startswith("Model name:")), model)
+        model = next(
+            (line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name:")), model
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         # Not fatal: the header then shows what the platform module knows.
         logger.info("lscpu unavailable (%s); using platform.processor()", exc)
@@ -214,8 +223,11 @@ def to_json(rows: Sequence[Row | PrefixRow], argv: Sequence[str], machine: dict[
 
     def clean(row: Row | PrefixRow) -> dict[str, Any]:
         data = asdict(row)
-        return {f.name: None if isinstance(data[f.name], float) and math.isnan(data[f.name]) else data[f.name]
-                for f in fields(row)}
+        return {
+            f.name: None if isinstance(data[f.name], float) and math.isnan(data[f.name]) else data[f.name]
+            for f in fields(row)
+        }
 
-    return json.dumps({"command": ["weir", "bench", *argv], "machine": machine, "rows": [clean(r) for r in rows]},
-                      indent=2)
+    return json.dumps(
+        {"command": ["weir", "bench", *argv], "machine": machine, "rows": [clean(r) for r in rows]}, indent=2
+    )

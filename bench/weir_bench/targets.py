@@ -49,8 +49,10 @@ def plan_targets(args: argparse.Namespace, ctx_per_slot: int) -> list[Target]:
             proc, address = await start_weir_server(weir_server_args(args), grpc_ready, args.server_timeout)
             pid = proc.pid
         elif not await _wait_for(lambda: grpc_ready(address), args.wait, f"Weir server at {address}"):
-            raise TargetError(f"no Weir server with a generation model answered at {address} within "
-                              f"{args.wait:.0f}s (or use --start-server)")
+            raise TargetError(
+                f"no Weir server with a generation model answered at {address} within "
+                f"{args.wait:.0f}s (or use --start-server)"
+            )
         driver = GrpcDriver(address, model=args.model, pid=pid, temperature=args.temperature, timeout_s=args.timeout)
         try:
             yield driver
@@ -73,8 +75,14 @@ def plan_targets(args: argparse.Namespace, ctx_per_slot: int) -> list[Target]:
     async def openai_target(_: int) -> AsyncIterator[Driver]:
         from weir_bench.openai_driver import OpenAIDriver
 
-        driver = OpenAIDriver(args.openai_url, model=args.openai_model, pid=args.openai_pid,
-                              temperature=args.temperature, timeout_s=args.timeout, api_key=args.api_key)
+        driver = OpenAIDriver(
+            args.openai_url,
+            model=args.openai_model,
+            pid=args.openai_pid,
+            temperature=args.temperature,
+            timeout_s=args.timeout,
+            api_key=args.api_key,
+        )
         try:
             if not await _wait_for(driver.ready, args.wait, f"server at {args.openai_url}"):
                 raise TargetError(f"GET {driver.base}/v1/models did not succeed within {args.wait:.0f}s")
@@ -90,12 +98,14 @@ def plan_targets(args: argparse.Namespace, ctx_per_slot: int) -> list[Target]:
         from weir_bench.openai_driver import OpenAIDriver
 
         gguf = args.gguf or default_gguf()
-        proc, url = await start_llama_server(args.llama_server_bin, gguf, slots, ctx_per_slot, args.threads,
-                                             llama_args, args.server_timeout)
+        proc, url = await start_llama_server(
+            args.llama_server_bin, gguf, slots, ctx_per_slot, args.threads, llama_args, args.server_timeout
+        )
         if "--no-repack" in proc.argv and "--no-repack" not in llama_args:
             llama_args.append("--no-repack")  # it had to be retried; start the next levels that way at once
-        driver = OpenAIDriver(url, name="llama-server", pid=proc.pid, temperature=args.temperature,
-                              timeout_s=args.timeout)
+        driver = OpenAIDriver(
+            url, name="llama-server", pid=proc.pid, temperature=args.temperature, timeout_s=args.timeout
+        )
         try:
             await driver.resolve_model()
             yield driver
@@ -136,10 +146,17 @@ class VocabBound:
         reported = None if self._given else await driver.vocab_size()
         if self.value is None:
             if not reported:
-                raise TargetError(f"{driver.name} does not report its vocabulary size; pass --vocab-size "
-                                  "(or list a target that reports it, such as grpc, first)")
+                raise TargetError(
+                    f"{driver.name} does not report its vocabulary size; pass --vocab-size "
+                    "(or list a target that reports it, such as grpc, first)"
+                )
             self.value = reported
         elif reported and reported != self.value:
-            logger.warning("%s has a vocabulary of %d but this run's prompts are drawn below %d (the first "
-                           "target's); are they serving the same model?", driver.name, reported, self.value)
+            logger.warning(
+                "%s has a vocabulary of %d but this run's prompts are drawn below %d (the first "
+                "target's); are they serving the same model?",
+                driver.name,
+                reported,
+                self.value,
+            )
         return self.value

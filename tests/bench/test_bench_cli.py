@@ -32,14 +32,17 @@ def test_explicit_target_list_is_kept_in_order_without_duplicates():
     assert parse(["--target", "inprocess,grpc,inprocess"]).target == ["inprocess", "grpc"]
 
 
-@pytest.mark.parametrize("argv", [
-    ["--target", "openai"],  # no --openai-url
-    ["--target", "nope"],
-    ["--concurrency", "0"],
-    ["--concurrency", "1,x"],
-    ["--output-tokens", "0"],
-    ["--target", "inprocess", "--start-server"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--target", "openai"],  # no --openai-url
+        ["--target", "nope"],
+        ["--concurrency", "0"],
+        ["--concurrency", "1,x"],
+        ["--output-tokens", "0"],
+        ["--target", "inprocess", "--start-server"],
+    ],
+)
 def test_bad_options_exit_with_a_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         parse(argv)

@@ -18,9 +18,25 @@ def _run_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
 
 
 def test_throughput_run_against_the_grpc_server_gives_one_row_per_level(weir_target, capsys):
-    doc = _run_json(capsys, ["--address", weir_target, "--server-pid", str(os.getpid()),
-                             "--concurrency", "1,2", "--requests", "3", "--warmup", "1",
-                             "--prompt-tokens", "8", "--output-tokens", "4"])
+    doc = _run_json(
+        capsys,
+        [
+            "--address",
+            weir_target,
+            "--server-pid",
+            str(os.getpid()),
+            "--concurrency",
+            "1,2",
+            "--requests",
+            "3",
+            "--warmup",
+            "1",
+            "--prompt-tokens",
+            "8",
+            "--output-tokens",
+            "4",
+        ],
+    )
     rows = doc["rows"]
     assert [(r["target"], r["concurrency"]) for r in rows] == [("weir-grpc", 1), ("weir-grpc", 2)]
     for row in rows:
@@ -32,8 +48,23 @@ def test_throughput_run_against_the_grpc_server_gives_one_row_per_level(weir_tar
 
 
 def test_prefix_scenario_reports_cold_and_cached_ttft(weir_target, capsys):
-    doc = _run_json(capsys, ["--address", weir_target, "--scenario", "prefix", "--prefix-tokens", "96",
-                             "--suffix-tokens", "4", "--output-tokens", "2", "--repeats", "1"])
+    doc = _run_json(
+        capsys,
+        [
+            "--address",
+            weir_target,
+            "--scenario",
+            "prefix",
+            "--prefix-tokens",
+            "96",
+            "--suffix-tokens",
+            "4",
+            "--output-tokens",
+            "2",
+            "--repeats",
+            "1",
+        ],
+    )
     (row,) = doc["rows"]
     assert row["target"] == "weir-grpc" and row["repeats"] == 1 and row["errors"] == 0
     assert row["cold_ttft_ms"] > 0 and row["warm_ttft_ms"] > 0 and row["speedup"] > 0

@@ -19,8 +19,9 @@ from weir_bench.report import (
 )
 
 
-def timing(start: float, arrivals: list[tuple[float, int]], error: str | None = None,
-           output_tokens: int | None = None) -> RequestTiming:
+def timing(
+    start: float, arrivals: list[tuple[float, int]], error: str | None = None, output_tokens: int | None = None
+) -> RequestTiming:
     t = RequestTiming(start=start, events=list(arrivals), end=arrivals[-1][0] if arrivals else start)
     t.error = error
     t.output_tokens = output_tokens
@@ -86,9 +87,11 @@ def test_summarize_with_every_request_failed_gives_empty_latencies():
 
 
 def test_prefix_summary_reports_cold_over_cached_ttft():
-    pairs = [(timing(0.0, [(0.4, 1)]), timing(0.0, [(0.1, 1)])),
-             (timing(0.0, [(0.6, 1)]), timing(0.0, [(0.1, 1)])),
-             (timing(0.0, []), timing(0.0, [(0.1, 1)]))]
+    pairs = [
+        (timing(0.0, [(0.4, 1)]), timing(0.0, [(0.1, 1)])),
+        (timing(0.0, [(0.6, 1)]), timing(0.0, [(0.1, 1)])),
+        (timing(0.0, []), timing(0.0, [(0.1, 1)])),
+    ]
     row = summarize_prefix("t", pairs, prefix_tokens=1000, suffix_tokens=8)
     assert (row.repeats, row.errors) == (2, 1)
     assert row.cold_ttft_ms == pytest.approx(500.0)
@@ -103,7 +106,11 @@ def _row(target: str, concurrency: int) -> Row:
 def test_rows_are_grouped_by_concurrency_keeping_target_order():
     rows = [_row("weir", 1), _row("weir", 8), _row("llama", 1), _row("llama", 8)]
     assert [(r.target, r.concurrency) for r in sort_side_by_side(rows)] == [
-        ("weir", 1), ("llama", 1), ("weir", 8), ("llama", 8)]
+        ("weir", 1),
+        ("llama", 1),
+        ("weir", 8),
+        ("llama", 8),
+    ]
 
 
 def test_table_is_markdown_with_one_line_per_row():

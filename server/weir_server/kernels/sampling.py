@@ -32,7 +32,9 @@ def gumbel_noise(seeds: torch.Tensor, vocab_size: int) -> torch.Tensor:
     key = _hash32((seeds & _MASK32) ^ _hash32(((seeds >> 32) & _MASK32) ^ _SEED_SALT))
     index = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     bits = _hash32(key[:, None] ^ _hash32(index[None, :] ^ _INDEX_SALT))
-    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0 or 1
+    # 23 bits: (2**23 - 0.5) / 2**23 is exact in float32, while 24 bits round the top value up to 1.0 (noise +inf,
+    # and -inf + inf = NaN on a filtered token, which argmax would pick).
+    uniform = ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))  # in (0, 1), never 0 or 1
     return -torch.log(-torch.log(uniform))
 
 
@@ -144,7 +146,7 @@ if HAS_TRITON:
             mask = cols < vocab
             x = tl.load(logits_ptr + row.to(tl.int64) * stride_row + cols, mask=mask, other=float("-inf"))
             bits = _hash32_tl(key ^ _hash32_tl(cols.to(tl.int64) ^ 0x85EBCA6B))
-            uniform = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            uniform = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # 23 bits, as gumbel_noise
             gumbel = -tl.log(-tl.log(uniform))
             score = tl.where(mask, x + tl.where(noisy, gumbel, 0.0), float("-inf"))
             chunk_best = tl.max(score, 0)

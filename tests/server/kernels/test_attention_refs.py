@@ -59,8 +59,14 @@ def test_prefill_ref_matches_naive_loop_for_mixed_chunks(num_heads, num_kv_heads
     batch = random_paged_batch([9, 33, 20, 1], [9, 5, 1, 1], num_heads, num_kv_heads, 8, block_size=8, seed=3)
     scale = 1 / math.sqrt(8)
     got = paged_prefill_attention_ref(
-        batch.q, batch.kv_cache, batch.block_tables, batch.context_lens, batch.query_start_loc,
-        batch.max_query_len, scale, sliding_window,
+        batch.q,
+        batch.kv_cache,
+        batch.block_tables,
+        batch.context_lens,
+        batch.query_start_loc,
+        batch.max_query_len,
+        scale,
+        sliding_window,
     )
     torch.testing.assert_close(got, naive_attention(batch, scale, sliding_window), rtol=1e-10, atol=1e-10)
 
@@ -76,8 +82,13 @@ def test_prefill_ref_equals_decode_ref_for_one_token_queries():
 def test_refs_never_read_the_poisoned_padding_block():
     batch = random_paged_batch([5, 12], [5, 2], 4, 2, 16, block_size=8, seed=1)
     out = paged_prefill_attention_ref(
-        batch.q, batch.kv_cache, batch.block_tables, batch.context_lens, batch.query_start_loc,
-        batch.max_query_len, 0.25,
+        batch.q,
+        batch.kv_cache,
+        batch.block_tables,
+        batch.context_lens,
+        batch.query_start_loc,
+        batch.max_query_len,
+        0.25,
     )
     assert out.abs().max() < 10  # values are N(0, 1); one poisoned value would dominate
 

@@ -28,7 +28,9 @@ def naive_keep(logits: list[float], top_k: int, top_p: float, min_p: float) -> s
 def params(rows: list[tuple[float, int, float, float]]) -> tuple[torch.Tensor, ...]:
     t, k, p, m = zip(*rows, strict=True)
     return (
-        torch.tensor(t, dtype=torch.float32), torch.tensor(k), torch.tensor(p, dtype=torch.float32),
+        torch.tensor(t, dtype=torch.float32),
+        torch.tensor(k),
+        torch.tensor(p, dtype=torch.float32),
         torch.tensor(m, dtype=torch.float32),
     )
 
@@ -78,6 +80,17 @@ def test_samples_stay_inside_each_rows_filtered_set():
         tokens = top_k_top_p_min_p_sample_ref(logits, temperatures, top_k, top_p, min_p, seeds)
         for row, (_, k, p, m) in enumerate(ROWS):
             assert tokens[row].item() in naive_keep(scaled[row].tolist(), k, p, m)
+
+
+OVERFLOWING_SEED, OVERFLOWING_TOKEN = 3072118707688577666, 15525  # its 24 hash bits are all ones
+
+
+def test_top_k_one_samples_the_greedy_token_even_where_the_noise_overflows():
+    logits = torch.randn(1, 32000, generator=torch.Generator().manual_seed(0))
+    temperatures, top_k, top_p, min_p = params([(1.0, 1, 1.0, 0.0)])
+    seeds = torch.tensor([OVERFLOWING_SEED])
+    token = top_k_top_p_min_p_sample_ref(logits, temperatures, top_k, top_p, min_p, seeds)
+    assert token.item() == logits.argmax().item() != OVERFLOWING_TOKEN
 
 
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.6, 0.9)])

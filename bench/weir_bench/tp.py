@@ -1,71 +1,41 @@
-"""Tensor parallelism on the GPUs of one host: greedy tokens of tp=2 against tp=1, then decode speed of each.
-
-    python scripts/tp_bench.py [--out FILE]
+"""`weir bench tp`: tensor parallelism on the GPUs of one host: greedy tokens of tp=2 against tp=1, then decode
+speed of each.
 
 1. Llama-3.2-1B shape, float32, dummy weights (seed 0): the greedy tokens with --tensor-parallel-size 2 must
    equal those of one GPU (exit code 1 otherwise).
 2. Llama-3.2-1B and Llama-3-8B shapes, bfloat16, dummy weights: output tokens/s and inter-token latency for
    batches of 1 and 32 (128-token prompts, 128 new tokens each), one GPU against two; the table is printed
-   and written to --out. bf16 greedy agreement is reported too (sums in another order may flip near-ties).
+   (and written to --out-dir). bf16 greedy agreement is reported too (sums in another order may flip near-ties).
 
 Runs the scheduler, the model runner (with its CUDA graphs) and greedy argmax; imports no gRPC code.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
+import gc
+import json
+import logging
 import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
-# NVLink multicast stays off in this process and, by inheritance, in the workers it starts.
-os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+from weir_bench.gpu import save_report
 
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from dataclasses import dataclass, replace  # noqa: E402
-from pathlib import Path  # noqa: E402
+if TYPE_CHECKING:
+    from weir_server.config import EngineConfig
+    from weir_server.executor.model_runner import ModelRunner
 
-
-def _import_path() -> None:
-    """Make `weir_server` importable from a plain checkout (the folder is `server/`)."""
-    try:
-        import weir_server  # noqa: F401
-    except ImportError:
-        shim = Path(tempfile.gettempdir()) / "weir-import-shim"
-        shim.mkdir(exist_ok=True)
-        link = shim / "weir_server"
-        if not link.exists():
-            link.symlink_to(Path(__file__).resolve().parent.parent / "server" / "weir_server")
-        sys.path.insert(0, str(shim))
-
-
-_import_path()
-
-import torch  # noqa: E402
-from tokenizers import Tokenizer, models  # noqa: E402
-from transformers import LlamaConfig, PreTrainedTokenizerFast  # noqa: E402
-
-from weir_server.config import (  # noqa: E402
-    CacheConfig,
-    EngineConfig,
-    ExecutorConfig,
-    ModelConfig,
-    ParallelConfig,
-    SchedulerConfig,
-)
-from weir_server.engine.block_manager import BlockManager  # noqa: E402
-from weir_server.engine.scheduler import Scheduler  # noqa: E402
-from weir_server.engine.sequence import Sequence  # noqa: E402
-from weir_server.engine.types import FinishReason, SamplingParams  # noqa: E402
-from weir_server.executor.model_runner import ModelRunner  # noqa: E402
-from weir_server.executor.tp_executor import launch  # noqa: E402
-from weir_server.models.loader import load_model  # noqa: E402
-
+# NVLink multicast stays off in this process and, by inheritance, in the workers it starts: a program that uses
+# it can put a shared host's GPUs out of service.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 SHAPES = {
     "llama-3.2-1b": dict(
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -78,10 +48,14 @@ SHAPES = {
 }  # fmt: skip
 BATCHES = (1, 32)
 PROMPT_LEN, OUTPUT_LEN = 128, 128
+T = TypeVar("T")
 
 
 def write_model_dir(root: Path, name: str) -> Path:
     """config.json of the shape and a small tokenizer (dummy weights need no tokenizer of the full vocabulary)."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
     directory = root / name
     directory.mkdir(parents=True, exist_ok=True)
     LlamaConfig(
@@ -94,6 +68,15 @@ def write_model_dir(root: Path, name: str) -> Path:
 
 
 def engine_config(directory: Path, dtype: str, tp: int, num_blocks: int | None, eager: bool) -> EngineConfig:
+    from weir_server.config import (
+        CacheConfig,
+        EngineConfig,
+        ExecutorConfig,
+        ModelConfig,
+        ParallelConfig,
+        SchedulerConfig,
+    )
+
     return EngineConfig(
         model=ModelConfig(str(directory), load_format="dummy", dtype=dtype, device="cuda", seed=0),
         cache=CacheConfig(block_size=16, num_blocks=num_blocks, gpu_memory_utilization=0.5),
@@ -112,10 +95,16 @@ class Run:
 
 def generate(runner: ModelRunner, prompts: list[list[int]], max_tokens: int) -> Run:
     """Greedy decoding through the scheduler and the model runner, as the engine steps them."""
+    from weir_server.config import SchedulerConfig
+    from weir_server.engine.block_manager import BlockManager
+    from weir_server.engine.scheduler import Scheduler
+    from weir_server.engine.sequence import Sequence as Seq
+    from weir_server.engine.types import FinishReason, SamplingParams
+
     block_manager = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching=False)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=8192), block_manager)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    seqs = [Sequence(f"r{i}", 0, prompt, params) for i, prompt in enumerate(prompts)]
+    seqs = [Seq(f"r{i}", 0, prompt, params) for i, prompt in enumerate(prompts)]
     stamps: dict[int, list[float]] = {seq.seq_id: [] for seq in seqs}
     started = time.perf_counter()
     scheduler.add(seqs)
@@ -140,6 +129,8 @@ def generate(runner: ModelRunner, prompts: list[list[int]], max_tokens: int) -> 
 
 
 def random_prompts(count: int, length: int, seed: int) -> list[list[int]]:
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(2, 128000, (length,), generator=generator).tolist() for _ in range(count)]
 
@@ -148,10 +139,13 @@ class Group:
     """One model at one tensor-parallel size: workers started, rank 0's shard loaded, its runner built."""
 
     def __init__(self, config: EngineConfig) -> None:
-        global _exit_on_worker_death
+        from weir_server.executor.model_runner import ModelRunner
+        from weir_server.executor.tp_executor import launch
+        from weir_server.models.loader import load_model
+
         started = time.perf_counter()
-        _exit_on_worker_death = False
-        self.executor = launch(config, on_worker_death=_worker_died)
+        self.exit_on_worker_death = False  # off while setting up, so a failed CUDA-graph capture can be retried
+        self.executor = launch(config, on_worker_death=self._worker_died)
         try:
             self.loaded = load_model(config.model, "generate")
             self.runner = ModelRunner(self.loaded, config)
@@ -161,10 +155,17 @@ class Group:
             if self.executor is not None:
                 self.executor.shutdown()
             raise
-        _exit_on_worker_death = True
+        self.exit_on_worker_death = True
         self.setup_s = time.perf_counter() - started
 
+    def _worker_died(self, message: str) -> None:
+        print(f"!! {message}", flush=True)
+        if self.exit_on_worker_death:
+            os._exit(3)  # rank 0 may wait forever in a collective with the dead worker
+
     def close(self) -> None:
+        import torch
+
         del self.runner, self.loaded  # graphs and weights go before the group they were captured with
         gc.collect()
         torch.cuda.empty_cache()
@@ -172,16 +173,7 @@ class Group:
             self.executor.shutdown()
 
 
-_exit_on_worker_death = True  # off while a group is set up, so a failed CUDA-graph capture can be retried
-
-
-def _worker_died(message: str) -> None:
-    print(f"!! {message}", flush=True)
-    if _exit_on_worker_death:
-        os._exit(3)  # rank 0 may wait forever in a collective with the dead worker
-
-
-def with_group(config: EngineConfig, work):  # type: ignore[no-untyped-def]
+def with_group(config: EngineConfig, work: Callable[[Group], T]) -> T:
     """Run `work(group)`; if CUDA-graph capture fails under tensor parallelism, say so and retry eagerly."""
     try:
         group = Group(config)
@@ -204,8 +196,9 @@ def with_group(config: EngineConfig, work):  # type: ignore[no-untyped-def]
 
 
 def check_equality(root: Path) -> bool:
+    """The 1B shape in float32: tp=2's greedy tokens equal tp=1's."""
     directory = write_model_dir(root, "llama-3.2-1b")
-    prompts = [p[: n] for p, n in zip(random_prompts(4, 250, seed=1), (7, 33, 100, 250), strict=True)]
+    prompts = [p[:n] for p, n in zip(random_prompts(4, 250, seed=1), (7, 33, 100, 250), strict=True)]
     outputs = {}
     for tp in (1, 2):
         config = engine_config(directory, "float32", tp, num_blocks=None, eager=False)
@@ -218,7 +211,7 @@ def check_equality(root: Path) -> bool:
     return equal
 
 
-def measure(group: Group, name: str, tp: int, rows: list[dict[str, object]]) -> list[list[int]]:
+def measure(group: Group, name: str, tp: int, rows: list[dict[str, Any]]) -> list[list[int]]:
     """Time each batch size; returns the greedy tokens of the largest batch."""
     tokens: list[list[int]] = []
     for batch in BATCHES:
@@ -234,7 +227,8 @@ def measure(group: Group, name: str, tp: int, rows: list[dict[str, object]]) -> 
     return tokens
 
 
-def bench(root: Path, rows: list[dict[str, object]]) -> None:
+def bench(root: Path, rows: list[dict[str, Any]]) -> None:
+    """Every shape at tp 1 and 2, in bf16; appends the timing rows and each shape's greedy agreement."""
     for name in SHAPES:
         directory = write_model_dir(root, name)
         tokens = {
@@ -257,7 +251,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def table(rows: list[dict[str, object]], device: str) -> str:
+def table(rows: list[dict[str, Any]], device: str) -> str:
+    """The speed table of bench/RESULTS.md's tensor-parallel section, and the bf16 agreement under it."""
     lines = [
         f"Device: {device}. Dummy weights (seed 0), bf16, {PROMPT_LEN}-token prompts, {OUTPUT_LEN} new tokens "
         "per sequence, greedy; the batch starts together, prefill included in tokens/s; ITL = mean gap between "
@@ -283,19 +278,30 @@ def table(rows: list[dict[str, object]], device: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "tp_bench.md"))
+def build_parser(prog: str = "weir bench tp") -> argparse.ArgumentParser:
+    """The options of `weir bench tp`."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--skip-bench", action="store_true", help="only the equality check")
-    args = parser.parse_args()
+    parser.add_argument("--out-dir", type=Path, help="also write the table to OUT_DIR/tp.md and the rows to tp.json")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `weir bench tp`: 0 when tp=2 gives tp=1's float32 greedy tokens, 1 when not, 2 without two GPUs."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.update(NO_MULTICAST)  # before any collective starts, and inherited by the workers
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
     if torch.cuda.device_count() < 2:
-        print(f"needs 2 GPUs, found {torch.cuda.device_count()}")
+        print(f"weir bench tp needs 2 GPUs, found {torch.cuda.device_count()}", file=sys.stderr)
         return 2
     device = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     print(device, flush=True)
     started = time.perf_counter()
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         equal = check_equality(root)
@@ -308,11 +314,6 @@ def main() -> int:
                 verdict = "equal" if equal else "NOT equal"
                 report += f"\n\nGreedy tokens, 1B shape in float32, tp=2 vs tp=1: {verdict}.\n"
                 print(report, flush=True)
-                Path(args.out).write_text(report)
-                Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+                save_report(args.out_dir, "tp", report, rows)
     print(f"done in {time.perf_counter() - started:.0f}s", flush=True)
     return 0 if equal else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
