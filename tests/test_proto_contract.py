@@ -6,7 +6,13 @@ from weir.v1 import inference_pb2, inference_pb2_grpc
 def test_inference_service_has_every_rpc() -> None:
     service = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
     assert {m.name for m in service.methods} == {
-        "Generate", "Embed", "EmbedStream", "Tokenize", "Detokenize", "TokenizeStream", "ListModels",
+        "Generate",
+        "Embed",
+        "EmbedStream",
+        "Tokenize",
+        "Detokenize",
+        "TokenizeStream",
+        "ListModels",
     }
     assert hasattr(inference_pb2_grpc, "InferenceServiceStub")
 

@@ -11,23 +11,25 @@ from collections.abc import Callable
 from typing import Any
 
 
-def engine_core(loaded: Any, config: Any) -> Any:
-    """The synchronous engine core (schedule, launch, read back, outputs) over a loaded model, no loop, no thread."""
-    from weir_server.engine.llm_engine import LLMEngine
+def engine_core(loaded: Any, config: Any, detokenize_all: bool = True) -> Any:
+    """The synchronous engine core (schedule, launch, read back, outputs) over a loaded model, no loop, no thread.
+    `detokenize_all=False`: it makes only the text of choices with stop strings, as in a core process."""
+    from weir_server.engine.core import EngineCore
 
-    return LLMEngine(loaded, config)
+    return EngineCore(loaded, config, detokenize_all=detokenize_all)
 
 
 def async_engine(loaded: Any, config: Any) -> Any:
     """The asyncio front end with the core stepping on a thread of this process (started by `await .start()`)."""
-    from weir_server.engine.async_engine import AsyncEngine
+    from weir_server.engine.core import EngineCore
+    from weir_server.engine.factory import thread_engine
 
-    return AsyncEngine(loaded, config)
+    return thread_engine(EngineCore(loaded, config))
 
 
 def core_of(engine: Any) -> Any:
     """The engine core an `async_engine` steps; usable synchronously once that engine is shut down."""
-    return engine.engine
+    return engine.client.core
 
 
 def run_to_completion(

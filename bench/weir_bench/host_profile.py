@@ -49,14 +49,13 @@ def build_core(model_dir: Path, args: argparse.Namespace) -> Any:
         SchedulerConfig(max_num_seqs=args.seqs, max_num_batched_tokens=8192, max_waiting=args.seqs),
         ExecutorConfig(),
     )
-    core = engine_core(load_model(model, "generate"), config)
+    core = engine_core(load_model(model, "generate"), config, detokenize_all=not args.no_detokenize)
     runner = core.runner
     graphs = DecodeGraphs(runner._graph_forward, runner.device, args.seqs, runner.block_size, 1024)
     # No graphs on a CPU: the prepared static inputs run eagerly instead of a replay.
     graphs.replay = lambda d: graphs.run_eager(d.padded)[: d.num_seqs]  # type: ignore[method-assign,assignment]
     runner.graphs = graphs
     core.overlap_outputs = True
-    core.detokenize_all = not args.no_detokenize
     core.run_ahead = args.run_ahead
     return core
 

@@ -148,7 +148,7 @@ class Group:
         self.executor = launch(config, on_worker_death=self._worker_died)
         try:
             self.loaded = load_model(config.model, "generate")
-            self.runner = ModelRunner(self.loaded, config)
+            self.runner = ModelRunner(self.loaded, config, self.executor)  # rank 0 sends each batch to the workers
             if self.executor is not None and self.executor.failure:
                 raise RuntimeError(self.executor.failure)
         except BaseException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ from weir_server.config import (
     ChatConfig,
     EngineConfig,
     ExecutorConfig,
+    LimitsConfig,
     ModelConfig,
     ObservabilityConfig,
     ParallelConfig,
@@ -29,6 +31,7 @@ from weir_server.logging_setup import LOG_FORMATS, configure_logging
 _CACHE = CacheConfig()
 _SCHEDULER = SchedulerConfig()
 _SERVER = ServerConfig()
+_LIMITS = LimitsConfig()
 
 
 def build_parser(prog: str = "weir serve") -> argparse.ArgumentParser:
@@ -37,15 +40,19 @@ def build_parser(prog: str = "weir serve") -> argparse.ArgumentParser:
     p.add_argument("--host", default=_SERVER.host, help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=_SERVER.port, help="port to listen on; 0 picks a free one")
     p.add_argument(
-        "--model", default=DEFAULT_GENERATE_MODEL, help="generation model: packaged short name, directory, "
-        ".gguf file or hub id; 'none' disables generation (default %(default)s)"
+        "--model",
+        default=DEFAULT_GENERATE_MODEL,
+        help="generation model: packaged short name, directory, "
+        ".gguf file or hub id; 'none' disables generation (default %(default)s)",
     )
     p.add_argument(
         "--embed-model", default=DEFAULT_EMBED_MODEL, help="embedding model; 'none' disables (default %(default)s)"
     )
     p.add_argument("--served-model-name", help="id clients pass as `model` for the generation model")
     p.add_argument(
-        "--load-format", default="auto", choices=("auto", "safetensors", "gguf", "dummy"),
+        "--load-format",
+        default="auto",
+        choices=("auto", "safetensors", "gguf", "dummy"),
         help="weights format of the generation model; dummy = random weights (default %(default)s)",
     )
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
@@ -55,7 +62,9 @@ def build_parser(prog: str = "weir serve") -> argparse.ArgumentParser:
     p.add_argument("--num-kv-blocks", type=int, help="KV blocks to allocate (default: sized from memory)")
     p.add_argument("--kv-cache-memory-gb", type=float, default=_CACHE.kv_cache_memory_gb, help="CPU: KV cache RAM")
     p.add_argument(
-        "--gpu-memory-utilization", type=float, default=_CACHE.gpu_memory_utilization,
+        "--gpu-memory-utilization",
+        type=float,
+        default=_CACHE.gpu_memory_utilization,
         help="GPU: fraction of memory Weir may use",
     )
     p.add_argument("--max-num-seqs", type=int, default=_SCHEDULER.max_num_seqs, help="sequences per step")
@@ -65,11 +74,15 @@ def build_parser(prog: str = "weir serve") -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=_SCHEDULER.max_waiting, help="queued requests before refusing")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     p.add_argument(
-        "--no-run-ahead", dest="run_ahead", action="store_false",
+        "--no-run-ahead",
+        dest="run_ahead",
+        action="store_false",
         help="on CUDA, read each step's sampled tokens back before launching the next (default: run ahead)",
     )
     p.add_argument(
-        "--engine-core", default="auto", choices=ENGINE_CORES,
+        "--engine-core",
+        default="auto",
+        choices=ENGINE_CORES,
         help="run the generation engine on a thread of the server or in its own process (auto: a process on "
         "CUDA, a thread on CPU) (default %(default)s)",
     )
@@ -77,22 +90,29 @@ def build_parser(prog: str = "weir serve") -> argparse.ArgumentParser:
         "--num-threads", type=int, metavar="N", help="torch threads for the model on CPU (default: every core)"
     )
     p.add_argument(
-        "--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        metavar="N",
         help="split the generation model over N GPUs of this host (one worker process per extra GPU; "
         "with --device cpu, N processes over gloo) (default %(default)s)",
     )
     p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     p.add_argument(
-        "--drain-timeout", type=float, default=_SERVER.drain_timeout_s,
+        "--drain-timeout",
+        type=float,
+        default=_SERVER.drain_timeout_s,
         help="seconds running calls may finish after SIGTERM (default %(default)s)",
     )
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain) file")
     p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--tls-client-ca", metavar="PEM", help="mutual TLS: require client certificates signed by this CA")
     p.add_argument(
-        "--tls-client-ca", metavar="PEM", help="mutual TLS: require client certificates signed by this CA"
-    )
-    p.add_argument(
-        "--api-key", action="append", default=[], metavar="KEY",
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
         help="require `authorization: Bearer KEY` metadata on InferenceService calls; repeat for several keys "
         "(health and reflection stay open)",
     )
@@ -100,28 +120,128 @@ def build_parser(prog: str = "weir serve") -> argparse.ArgumentParser:
         "--api-key-file", metavar="PATH", help="read API keys from a file, one per line (keeps them out of `ps`)"
     )
     p.add_argument(
-        "--chat-template", metavar="FILE_OR_STRING",
+        "--chat-template",
+        metavar="FILE_OR_STRING",
         help="a Jinja chat template (a file, or the template itself) used instead of the model's own",
     )
     p.add_argument(
-        "--tool-call-parser", default=TOOL_CALL_PARSER_AUTO, metavar="NAME",
+        "--tool-call-parser",
+        default=TOOL_CALL_PARSER_AUTO,
+        metavar="NAME",
         help="the model's tool-call format: hermes, llama3_json, mistral, pythonic, json, or auto (the one its "
         "chat template uses; hermes where the template knows no tools) (default %(default)s)",
     )
     p.add_argument(
-        "--reasoning-parser", metavar="NAME",
+        "--reasoning-parser",
+        metavar="NAME",
         help="split reasoning from the answer: deepseek_r1 or qwen3 (<think>...</think>) (default: off)",
     )
+    p.add_argument(
+        "--parse-special-tokens",
+        action="store_true",
+        help="read special-token strings (<|im_start|>...) in a raw prompt and in Tokenize and Embed texts as the "
+        "special tokens they spell, for clients that send prompts they rendered themselves (default: they are "
+        "text; chat message content is always text)",
+    )
+    _add_limit_options(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument(
-        "--log-format", default="text", choices=LOG_FORMATS, help="json: one object per line with request and "
-        "trace ids (default %(default)s)"
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="json: one object per line with request and trace ids (default %(default)s)",
     )
     p.add_argument(
-        "--metrics-port", type=int, help="serve Prometheus /metrics over HTTP on this port of --host (0 picks a "
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics over HTTP on this port of --host (0 picks a "
         "free one; default: off). Tracing is on when OTEL_EXPORTER_OTLP_ENDPOINT names an OTLP/gRPC collector",
     )
     return p
+
+
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    """What one request may ask of the server (docs/limits.md). Structured-output limits get a group of their own
+    beside this one, read by a function beside _limits()."""
+    group = p.add_argument_group("request limits", "a request over one is refused INVALID_ARGUMENT before its work")
+    group.add_argument(
+        "--max-text-bytes",
+        type=int,
+        default=_LIMITS.max_text_bytes,
+        metavar="N",
+        help="UTF-8 bytes of text one request may give to tokenize or embed: a prompt, a conversation, Tokenize or "
+        "Embed texts together (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-chat-messages",
+        type=int,
+        default=_LIMITS.max_chat_messages,
+        metavar="N",
+        help="turns of a conversation, its content parts and tool calls counted together (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-chat-template-kwargs-bytes",
+        type=int,
+        default=_LIMITS.max_chat_template_kwargs_bytes,
+        metavar="N",
+        help="bytes of a request's chat_template_kwargs (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-tools", type=int, default=_LIMITS.max_tools, metavar="N", help="tools per request (default %(default)s)"
+    )
+    group.add_argument(
+        "--max-tools-bytes",
+        type=int,
+        default=_LIMITS.max_tools_bytes,
+        metavar="N",
+        help="bytes of a request's tool definitions together (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-inputs",
+        type=int,
+        default=_LIMITS.max_inputs,
+        metavar="N",
+        help="texts or sequences of one Tokenize, Detokenize or Embed request (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-detokenize-ids",
+        type=int,
+        default=_LIMITS.max_detokenize_ids,
+        metavar="N",
+        help="token ids of one Detokenize request, its sequences together (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=_LIMITS.max_message_bytes,
+        metavar="N",
+        help="one gRPC message, request or reply (default %(default)s)",
+    )
+    group.add_argument(
+        "--frontend-threads",
+        type=int,
+        metavar="N",
+        help="threads that tokenize, render chat templates and detokenize off the event loop (default: CPU "
+        "cores, at most 4)",
+    )
+
+
+def _limits(args: argparse.Namespace) -> LimitsConfig:
+    limits = LimitsConfig(
+        max_text_bytes=args.max_text_bytes,
+        max_chat_messages=args.max_chat_messages,
+        max_chat_template_kwargs_bytes=args.max_chat_template_kwargs_bytes,
+        max_tools=args.max_tools,
+        max_tools_bytes=args.max_tools_bytes,
+        max_inputs=args.max_inputs,
+        max_detokenize_ids=args.max_detokenize_ids,
+        max_message_bytes=args.max_message_bytes,
+        frontend_threads=args.frontend_threads,
+    )
+    for name, value in dataclasses.asdict(limits).items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return limits
 
 
 def _tls(args: argparse.Namespace) -> TlsConfig | None:
@@ -193,7 +313,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         if args.num_threads is not None and args.num_threads < 1:
             raise ValueError(f"--num-threads must be at least 1, got {args.num_threads}")
         executor = ExecutorConfig(
-            enforce_eager=args.enforce_eager, num_threads=args.num_threads, engine_core=args.engine_core,
+            enforce_eager=args.enforce_eager,
+            num_threads=args.num_threads,
+            engine_core=args.engine_core,
             run_ahead=args.run_ahead,
         )
         generate = EngineConfig(model, cache, scheduler, executor, parallel)
@@ -209,6 +331,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls=_tls(args),
         api_keys=_api_keys(args),
         chat=_chat(args),
+        limits=_limits(args),
+        parse_special_tokens=args.parse_special_tokens,
         observability=ObservabilityConfig(
             metrics_port=args.metrics_port,
             otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
@@ -227,14 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("weir_server").error("invalid configuration: %s", e)
         return 2
     from weir_server.api.server import serve  # imports torch; after parsing so --help stays fast
-    from weir_server.engine.engine_core import runs_in_own_process
-    from weir_server.executor.tp_executor import launch
 
     try:
-        if config.generate is not None and not runs_in_own_process(config.generate):
-            # Tensor-parallel workers start before the model loads (an engine-core process starts its own).
-            launch(config.generate)
-        serve(config)
+        serve(config)  # tensor-parallel workers start with the engine's core (`EngineCore.from_config`)
     except ModelLoadError as e:
         logging.getLogger("weir_server").error("could not load a model: %s", e)
         return 1

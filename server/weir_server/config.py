@@ -58,7 +58,7 @@ class ExecutorConfig:
     cuda_graph_max_batch: int = 512
     num_threads: int | None = None  # torch intra-op threads on CPU; None = all cores
     # Where the generation engine steps: "thread" of the server process, its own "process" (frees the server's
-    # GIL for streaming), or "auto": a process on CUDA, a thread on CPU (see engine/engine_core.py for why).
+    # GIL for streaming), or "auto": a process on CUDA, a thread on CPU (see engine/core_process.py for why).
     engine_core: str = "auto"
 
 
@@ -113,19 +113,50 @@ class ChatConfig:
     reasoning_parser: str | None = None  # e.g. deepseek_r1, qwen3; None = reasoning text stays in the answer
 
 
+KIB = 1024
+MIB = 1024 * KIB
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """What one request may ask of the server. Every input that buys CPU or memory is checked against these before
+    its work starts, and a request over one is refused INVALID_ARGUMENT naming the field and the limit
+    (docs/limits.md has the table)."""
+
+    # UTF-8 text one request gives to tokenize or embed: a prompt, a conversation, Tokenize or Embed texts.
+    max_text_bytes: int = 1 * MIB
+    max_chat_messages: int = 4096  # a conversation's turns, content parts and tool calls, counted together
+    max_chat_template_kwargs_bytes: int = 64 * KIB
+    max_tools: int = 128  # OpenAI's limit
+    max_tools_bytes: int = 512 * KIB  # names, descriptions and parameter schemas of a request's tools
+    max_inputs: int = 2048  # texts or sequences of one Tokenize, Detokenize or Embed request (OpenAI's for embed)
+    max_detokenize_ids: int = 1024 * 1024  # token ids of one Detokenize request, its sequences together
+    max_message_bytes: int = 64 * MIB  # one gRPC message, request or reply
+    # Threads that tokenize, render chat templates and detokenize off the event loop; None = min(4, CPU cores).
+    frontend_threads: int | None = None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The gRPC server and the models it serves."""
 
     host: str = "127.0.0.1"
     port: int = 50051
-    generate: EngineConfig | None = field(
-        default_factory=lambda: EngineConfig(ModelConfig(DEFAULT_GENERATE_MODEL))
-    )
+    generate: EngineConfig | None = field(default_factory=lambda: EngineConfig(ModelConfig(DEFAULT_GENERATE_MODEL)))
     embed: ModelConfig | None = field(default_factory=lambda: ModelConfig(DEFAULT_EMBED_MODEL))
-    max_message_bytes: int = 64 * 1024 * 1024
     drain_timeout_s: float = 30.0
     tls: TlsConfig | None = None  # None = plaintext (fine on loopback, the default host)
     api_keys: tuple[str, ...] = ()  # non-empty = InferenceService calls need `authorization: Bearer KEY`
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # Special-token strings (`<|im_start|>`) in a raw prompt, Tokenize texts or Embed texts are text unless this is
+    # set (the old behaviour, for clients that send prompts they rendered themselves). Chat content is always text.
+    parse_special_tokens: bool = False
+    # Structured-output limits (constraint bytes and depth, compile time, cache memory) join here as their own
+    # frozen dataclass, built by cli.py beside _limits().
+
+    @property
+    def max_message_bytes(self) -> int:
+        """gRPC's message size limit, both ways (limits.max_message_bytes)."""
+        return self.limits.max_message_bytes

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from weir_server.api.models import ModelRegistry
+    from weir_server.api.model_registry import ServedModels
     from weir_server.api.observer import GenerationRecord
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def prometheus_available() -> bool:
 class ServerMetrics:
     """One registry per server (so several servers can share a process in tests) holding every Weir metric."""
 
-    def __init__(self, models: ModelRegistry) -> None:
+    def __init__(self, models: ServedModels) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry()
@@ -102,7 +102,7 @@ class ServerMetrics:
 class _EngineCollector:
     """Reads every generation engine's stats and every model's load time at scrape time."""
 
-    def __init__(self, models: ModelRegistry) -> None:
+    def __init__(self, models: ServedModels) -> None:
         self.models = models
 
     def collect(self) -> Iterator[Any]:
@@ -162,7 +162,7 @@ class MetricsHttpServer:
         self._thread.join(timeout=5)
 
 
-def create_metrics(models: ModelRegistry) -> ServerMetrics | None:
+def create_metrics(models: ServedModels) -> ServerMetrics | None:
     """Metrics for a server, or None (with one warning) when prometheus-client is not installed."""
     if not prometheus_available():
         logger.warning("prometheus-client is not installed; metrics are off")
@@ -171,4 +171,3 @@ def create_metrics(models: ModelRegistry) -> ServerMetrics | None:
 
     disable_created_metrics()  # the `_created` series only double the scrape size
     return ServerMetrics(models)
-

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
 def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 

@@ -86,8 +86,10 @@ BAD_GENERATE = [
     (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, -5])), "token_ids"),
     (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 49152])), "token_ids"),
     (pb.GenerateRequest(messages=pb.ChatMessages()), "messages"),
-    (pb.GenerateRequest(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="robot", content="x")])),
-     "messages[0].role"),
+    (
+        pb.GenerateRequest(messages=pb.ChatMessages(messages=[pb.ChatMessage(role="robot", content="x")])),
+        "messages[0].role",
+    ),
     (pb.GenerateRequest(prompt="Hi", model="all-minilm-l6-v2"), "model"),
 ]
 

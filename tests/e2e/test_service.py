@@ -64,6 +64,7 @@ def test_grpcurl_calls_generate_with_json_and_no_protos(weir_target: str) -> Non
     assert last.get("finish_reason", last.get("finishReason")) == "FINISH_REASON_LENGTH", output
     assert sum(len(m.get("token_ids", m.get("tokenIds", []))) for m in messages) == 3
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,8 +73,20 @@ def _free_port() -> int:
 
 def test_weir_serve_starts_reports_serving_and_drains_on_sigterm() -> None:
     port = _free_port()
-    command = [sys.executable, "-m", "weir_client.cli", "serve", "--port", str(port), "--model", "none",
-               "--embed-model", "none", "--drain-timeout", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "weir_client.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--model",
+        "none",
+        "--embed-model",
+        "none",
+        "--drain-timeout",
+        "2",
+    ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         with WeirClient(f"127.0.0.1:{port}") as client:
@@ -91,8 +104,18 @@ def test_weir_serve_starts_reports_serving_and_drains_on_sigterm() -> None:
 
 
 def test_weir_serve_refuses_an_unknown_model_with_a_clear_message() -> None:
-    command = [sys.executable, "-m", "weir_client.cli", "serve", "--port", str(_free_port()),
-               "--model", "/no/such/model.gguf", "--embed-model", "none"]
+    command = [
+        sys.executable,
+        "-m",
+        "weir_client.cli",
+        "serve",
+        "--port",
+        str(_free_port()),
+        "--model",
+        "/no/such/model.gguf",
+        "--embed-model",
+        "none",
+    ]
     start = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1

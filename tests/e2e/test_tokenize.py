@@ -10,6 +10,7 @@ from weir_client import WeirClient
 
 pytestmark = pytest.mark.slow
 
+SMOLLM2_IM_START = 1
 TEXTS = ["Hello, world!", "Weir serves models over gRPC: héllo 日本 😀"]
 
 
@@ -40,7 +41,7 @@ def test_embedding_model_adds_its_special_tokens_unless_told_not_to(weir_client:
 
 
 def test_detokenize_keeps_special_tokens_when_asked(weir_client: WeirClient) -> None:
-    ids = weir_client.tokenize("<|im_start|>hi")[0].token_ids
+    ids = [SMOLLM2_IM_START, *weir_client.tokenize("hi")[0].token_ids]  # typed "<|im_start|>" would be text
     assert weir_client.detokenize([ids], skip_special_tokens=False) == ["<|im_start|>hi"]
     assert weir_client.detokenize([ids]) == ["hi"]
 

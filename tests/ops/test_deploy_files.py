@@ -25,7 +25,12 @@ def _tool(name: str) -> str:
 
 
 CLIENT_NEEDS = {
-    "weir-proto", "grpcio", "grpcio-health-checking", "grpcio-status", "protobuf", "googleapis-common-protos"
+    "weir-proto",
+    "grpcio",
+    "grpcio-health-checking",
+    "grpcio-status",
+    "protobuf",
+    "googleapis-common-protos",
 }
 
 

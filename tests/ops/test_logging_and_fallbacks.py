@@ -14,7 +14,7 @@ from ops_support import ServerProcess, running_gateway
 from weir_gateway import logging_setup as gateway_logging
 from weir_gateway.telemetry import client_interceptors, create_tracer_provider, tracing_middlewares
 from weir_server import logging_setup as server_logging
-from weir_server.api.models import ModelRegistry
+from weir_server.api.model_registry import ServedModels
 from weir_server.config import ObservabilityConfig
 
 
@@ -71,5 +71,5 @@ def test_metrics_turn_off_with_a_warning_when_prometheus_client_is_missing(monke
     from weir_server import metrics
 
     monkeypatch.setattr(metrics, "prometheus_available", lambda: False)
-    assert metrics.create_metrics(ModelRegistry()) is None
+    assert metrics.create_metrics(ServedModels()) is None
     assert "metrics are off" in caplog.text

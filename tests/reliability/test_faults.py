@@ -106,7 +106,7 @@ def test_engine_step_fault_fails_only_that_steps_requests_and_the_engine_keeps_s
     engine_idle: InProcessServer,
 ) -> None:
     tally = Tally("step-fault")
-    runner = engine_idle.engine.engine.runner
+    runner = engine_idle.engine.client.core.runner
     real_execute = runner.execute
     calls = {"n": 0}
 

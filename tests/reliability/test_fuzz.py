@@ -244,6 +244,7 @@ def test_malformed_protobuf_bytes_do_not_hurt_the_server(small_server: InProcess
 
 # ---- the gateway's OpenAPI description, fuzzed with schemathesis ----------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def openapi_gateway(small_server: InProcessServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     launcher = Launcher(Path(tmp_path_factory.mktemp("openapi")))
@@ -271,7 +272,6 @@ def test_gateway_honours_the_openapi_description_it_serves(openapi_gateway: str,
     for operation in operations:
         if mode is GenerationMode.NEGATIVE and operation.method.upper() != "POST":
             continue  # nothing to get wrong in a GET without parameters
-
 
         @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(case=operation.as_strategy(generation_mode=mode))

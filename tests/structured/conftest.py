@@ -1,7 +1,9 @@
-"""Structured-output fixtures: the packaged SmolLM2 tokenizer and one constraint compiler over it (session-wide)."""
+"""Structured-output fixtures: the packaged SmolLM2 tokenizer and one constraint compiler over it (session-wide,
+its worker processes killed at the end)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,7 +20,9 @@ def smollm2_tokenizer(packaged_model_paths: Any) -> Any:
 
 
 @pytest.fixture(scope="session")
-def compiler(smollm2_tokenizer: Any) -> Any:
+def compiler(smollm2_tokenizer: Any) -> Iterator[Any]:
     from weir_server.engine.structured import ConstraintCompiler
 
-    return ConstraintCompiler(smollm2_tokenizer, SMOLLM2_VOCAB_SIZE, (SMOLLM2_EOS,))
+    compiler = ConstraintCompiler(smollm2_tokenizer, SMOLLM2_VOCAB_SIZE, (SMOLLM2_EOS,))
+    yield compiler
+    compiler.shutdown()

@@ -1,7 +1,9 @@
-"""Shared data for the structured-output tests: SmolLM2 facts, 20 schemas with prompts, an arithmetic grammar."""
+"""Shared data for the structured-output tests: SmolLM2 facts, 20 schemas with prompts, an arithmetic grammar, and
+constraints that are costly to compile."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -180,3 +182,18 @@ def is_arithmetic(text: str) -> bool:
         return repeat(term, "+-", 2)
 
     return expr() and pos == len(text)
+
+
+def costly_regex(units: int, salt: int = 0) -> str:
+    """A regex of 13 bytes a unit that xgrammar compiles for 0.2-0.5 s and about 3 MB a unit (SmolLM2, xgrammar
+    0.2.9): small enough for every admission limit, so only the compile budget stops it. `salt` makes it new."""
+    letters = "abcdefghijklmnopqrst"
+    return "".join(f"[{letters[i % 20]}-z]{{1,{5000 + 1000 * salt + i}}}" for i in range(units))
+
+
+def nested_schema(levels: int) -> str:
+    """A JSON schema whose objects nest `levels` deep (each level two levels of JSON: the schema, its properties)."""
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return json.dumps(schema)

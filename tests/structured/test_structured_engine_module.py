@@ -9,6 +9,7 @@ import pytest
 import torch
 from structured_support import SMOLLM2_EOS, SMOLLM2_VOCAB_SIZE
 
+from weir_server.engine import grammar_compiler
 from weir_server.engine.structured import GrammarState, StructuredOutputs, allowed_row, choice_grammar, fill_mask
 from weir_server.engine.types import Constraint
 from weir_server.errors import InvalidRequestError
@@ -147,13 +148,13 @@ def test_concurrent_requests_for_a_new_constraint_compile_it_once(
     compiler: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[Constraint] = []
-    compile_once = compiler._compile
+    compile_once = grammar_compiler.compile_constraint
 
-    def counting(constraint: Constraint) -> Any:
+    def counting(xgr_compiler: Any, constraint: Constraint) -> Any:
         calls.append(constraint)
-        return compile_once(constraint)
+        return compile_once(xgr_compiler, constraint)
 
-    monkeypatch.setattr(compiler, "_compile", counting)
+    monkeypatch.setattr(grammar_compiler, "compile_constraint", counting)
     constraint = Constraint(
         "json_schema", '{"type": "object", "properties": {"q": {"type": "string", "maxLength": 9}}}'
     )

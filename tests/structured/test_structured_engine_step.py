@@ -1,4 +1,4 @@
-"""LLMEngine with constraints: a tiny random Llama over SmolLM2's vocabulary, so only the grammar shapes the text."""
+"""EngineCore with constraints: a tiny random Llama over SmolLM2's vocabulary, so only the grammar shapes the text."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from structured_support import SMOLLM2_EOS, SMOLLM2_VOCAB_SIZE
 from transformers import LlamaConfig
 
 from weir_server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from weir_server.engine.llm_engine import LLMEngine
+from weir_server.engine.core import EngineCore
 from weir_server.engine.types import Constraint, FinishReason, GenerationOutput, GenerationRequest, SamplingParams
 from weir_server.errors import InvalidRequestError
 from weir_server.models.llama import LlamaForCausalLM
@@ -40,13 +40,13 @@ def tiny_smollm_vocab(smollm2_tokenizer: Any) -> LoadedModel:
     )  # fmt: skip
 
 
-def make_engine(loaded: LoadedModel, num_blocks: int = 64) -> LLMEngine:
+def make_engine(loaded: LoadedModel, num_blocks: int = 64) -> EngineCore:
     config = EngineConfig(
         model=ModelConfig("tiny", device="cpu"),
         cache=CacheConfig(block_size=4, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256),
     )
-    return LLMEngine(loaded, config)
+    return EngineCore(loaded, config)
 
 
 def request(request_id: str, constraint: Constraint | None, max_tokens: int = 40, **params: Any) -> GenerationRequest:
@@ -58,7 +58,7 @@ def request(request_id: str, constraint: Constraint | None, max_tokens: int = 40
     )
 
 
-def run(engine: LLMEngine, *requests: GenerationRequest) -> dict[tuple[str, int], list[GenerationOutput]]:
+def run(engine: EngineCore, *requests: GenerationRequest) -> dict[tuple[str, int], list[GenerationOutput]]:
     for r in requests:
         engine.add_request(engine.validate(r))
     outputs: dict[tuple[str, int], list[GenerationOutput]] = {}

@@ -35,6 +35,14 @@ class UnimplementedError(WeirError):
     """The request asks for a feature this server does not offer yet."""
 
 
+class DeadlineExceededError(WeirError):
+    """The call's deadline passed before its work was done; the work stopped."""
+
+
+class CallCancelledError(WeirError):
+    """The caller went away before its work was done; the work stopped."""
+
+
 def to_grpc_status(error: Exception) -> grpc.Status:
     """The gRPC status (code, message, rich details in trailing metadata) an exception is answered with."""
     details: list[Any] = []
@@ -55,6 +63,10 @@ def to_grpc_status(error: Exception) -> grpc.Status:
         code, message = code_pb2.UNAVAILABLE, str(error)
     elif isinstance(error, UnimplementedError):
         code, message = code_pb2.UNIMPLEMENTED, str(error)
+    elif isinstance(error, DeadlineExceededError):
+        code, message = code_pb2.DEADLINE_EXCEEDED, str(error)
+    elif isinstance(error, CallCancelledError):
+        code, message = code_pb2.CANCELLED, str(error)
     elif isinstance(error, EngineStepError):
         code, message = code_pb2.INTERNAL, f"the engine failed while running this request: {error}"
     else:

@@ -11,8 +11,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from weir.v1 import inference_pb2, inference_pb2_grpc
+from weir_server.api.decoding import DecodeErrorInterceptor
 from weir_server.api.drain import Drain
-from weir_server.api.models import ModelRegistry
+from weir_server.api.model_registry import ServedModels
 from weir_server.api.observer import Observability
 from weir_server.api.security import ApiKeyInterceptor, server_credentials
 from weir_server.api.servicer import InferenceServicer
@@ -34,7 +35,7 @@ class WeirServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.registry = ModelRegistry()
+        self.registry = ServedModels()
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         options = [
@@ -47,7 +48,7 @@ class WeirServer:
         ]
         self.drain = Drain(frozenset({SERVICE_NAME}))
         self.engine_failure: asyncio.Future[str] | None = None  # set when a generation engine dies for good
-        interceptors: list[grpc.aio.ServerInterceptor] = [self.drain]
+        interceptors: list[grpc.aio.ServerInterceptor] = [self.drain, DecodeErrorInterceptor()]
         if config.api_keys:
             interceptors.insert(0, ApiKeyInterceptor(config.api_keys))  # an unauthenticated call is not counted
         observe = config.observability
@@ -56,12 +57,10 @@ class WeirServer:
         self.metrics_server: MetricsHttpServer | None = None
         interceptors[:0] = self.observability.interceptors()  # outermost: refused calls are counted too
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
-        servicer = InferenceServicer(self.registry, self.observability)
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, self.server)
+        self.servicer = InferenceServicer(self.registry, self.observability, config.limits, config.parse_special_tokens)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
 
     @property
     def address(self) -> str:
@@ -124,6 +123,7 @@ class WeirServer:
         if not idle:
             logger.warning("drain ended with %d calls still running; they end with UNAVAILABLE", self.drain.in_flight)
         await self.registry.shutdown()
+        self.servicer.shutdown()
         await self.server.stop(_STATUS_FLUSH_S)  # lets the aborted calls send their status
         self._stop_observability()
         if self.port is not None:

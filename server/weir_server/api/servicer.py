@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -12,15 +13,19 @@ import grpc
 from weir.v1 import inference_pb2 as pb
 from weir.v1 import inference_pb2_grpc
 from weir_server.api import convert
+from weir_server.api.admission import Admission, check_context
 from weir_server.api.errors import map_errors
-from weir_server.api.models import ModelRegistry, ServedModel
+from weir_server.api.model_registry import ServedModel, ServedModels
 from weir_server.api.observer import Observability
+from weir_server.api.workers import WorkerPool
 from weir_server.chat.frontend import ChatPrompt
 from weir_server.chat.output import ChoiceDelta, ChoiceParser
 from weir_server.chat.template import template_kwargs
+from weir_server.config import LimitsConfig
 from weir_server.engine.types import Constraint, GenerationOutput, GenerationRequest
 from weir_server.errors import EngineStepError, EngineUnavailableError, InvalidRequestError
 from weir_server.parsers.tool_parser import ToolCall
+from weir_server.tokenization import Checkpoint
 
 REQUEST_ID_KEY = "x-request-id"
 VALID_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # what gRPC metadata and log lines carry safely
@@ -28,11 +33,27 @@ _MODEL_TASKS = {"generate": pb.MODEL_TASK_GENERATE, "embed": pb.MODEL_TASK_EMBED
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    """Every RPC of weir.v1.InferenceService over the registry's engines."""
+    """Every RPC of weir.v1.InferenceService over the registry's engines. Requests are checked against the limits
+    on the event loop; their tokenizing, rendering and detokenizing run on worker threads, within their deadline.
+    `parse_special_tokens`: special-token strings in a raw prompt or Tokenize/Embed texts are special tokens."""
 
-    def __init__(self, registry: ModelRegistry, observability: Observability | None = None) -> None:
+    def __init__(
+        self,
+        registry: ServedModels,
+        observability: Observability | None = None,
+        limits: LimitsConfig | None = None,
+        parse_special_tokens: bool = False,
+    ) -> None:
         self.registry = registry
         self.observability = observability or Observability()
+        self.limits = limits or LimitsConfig()
+        self.admission = Admission(self.limits)
+        self.workers = WorkerPool(self.limits.frontend_threads)
+        self.parse_special_tokens = parse_special_tokens
+
+    def shutdown(self) -> None:
+        """The server is stopping: calls waiting on tokenizing work end now (UNAVAILABLE)."""
+        self.workers.shutdown()
 
     @map_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
@@ -40,12 +61,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         engine = model.generator
         if engine is None:
             raise EngineUnavailableError(f"model {model.id!r} has no generation engine")
-        answer = convert.constraint(request)
-        prompt_ids, chat = self._prompt(request, model, answer)
-        params = convert.sampling_params(request.sampling_params)  # the engine validates them
+        self.admission.generate(request, model)
         caller_id = request.request_id or _metadata_request_id(context)
         if caller_id and not VALID_REQUEST_ID.fullmatch(caller_id):
             raise InvalidRequestError("request_id", "must be 1 to 128 printable ASCII characters without spaces")
+        answer = convert.constraint(request)
+        prepare = functools.partial(self._prompt, request, model, answer)
+        prompt_ids, chat = await self.workers.run(prepare, context.time_remaining())
+        params = convert.sampling_params(request.sampling_params)  # the engine validates them
         constraint = chat.constraint if chat is not None else answer
         if answer is not None and constraint is not answer:
             await engine.prepare_constraint(answer)  # its own errors name its own field
@@ -91,9 +114,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             observer.finish()
 
     def _prompt(
-        self, request: pb.GenerateRequest, model: ServedModel, answer: Constraint | None
+        self, request: pb.GenerateRequest, model: ServedModel, answer: Constraint | None, checkpoint: Checkpoint
     ) -> tuple[list[int], ChatPrompt | None]:
-        """The prompt's token ids, and for a chat its rendering (constraint and output parsers included)."""
+        """Worker thread: the prompt's token ids, and for a chat its rendering (constraint and output parsers
+        included). Admission has checked the sizes."""
         kind = request.WhichOneof("input")
         tokenizer = model.tokenizer
         chat = None
@@ -102,8 +126,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if kind == "prompt":
             if not request.prompt:
                 raise InvalidRequestError("prompt", "must not be empty")
-            tokenizer.check_text_length(request.prompt, "prompt", model.loaded.max_model_len)
-            ids = tokenizer.encode(request.prompt)
+            ids = tokenizer.encode(request.prompt, parse_special=self.parse_special_tokens)
         elif kind == "token_ids":
             ids = list(request.token_ids.ids)
             if not ids:
@@ -111,115 +134,146 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             tokenizer.check_ids(ids, "token_ids", limit=model.loaded.vocab_size)
         elif kind == "messages":
             messages = request.messages
-            size = sum(_message_chars(m) for m in messages.messages) + sum(
-                len(t.description) + len(t.parameters) for t in request.tools
-            )
-            tokenizer.check_chars(size, "messages", model.loaded.max_model_len)
             add_generation_prompt = (
                 messages.add_generation_prompt if messages.HasField("add_generation_prompt") else True
             )
             if model.chat is None:
                 raise InvalidRequestError("messages", "this model has no tokenizer to render a chat with")
+            kwargs = template_kwargs(request.chat_template_kwargs, self.limits.max_chat_template_kwargs_bytes)
             chat = model.chat.render(
                 convert.chat_messages(messages),
                 convert.tools(request),
                 add_generation_prompt,
-                template_kwargs(request.chat_template_kwargs),
+                kwargs,
                 answer,
+                checkpoint=checkpoint,
             )
-            ids = tokenizer.encode(chat.text, add_special_tokens=False)  # the template holds the special tokens
+            ids = chat.token_ids
         else:
             raise InvalidRequestError("input", "set exactly one of prompt, token_ids or messages")
         if not ids:
             raise InvalidRequestError(kind, "tokenizes to no tokens")
-        limit = model.loaded.max_model_len
-        if len(ids) >= limit:
-            raise InvalidRequestError(
-                kind, f"is {len(ids)} tokens long; this model's context is {limit} tokens including the output"
-            )
+        check_context(kind, len(ids), model.loaded.max_model_len)
         return ids, chat
 
     @map_errors
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
-        return await self._embed(request)
+        return await self._embed(request, context)
 
     @map_errors
     async def EmbedStream(self, requests: AsyncIterator[pb.EmbedStreamRequest], context: Any) -> None:
         async for message in requests:
-            response = await self._embed(message.request)
+            response = await self._embed(message.request, context)
             await context.write(pb.EmbedStreamResponse(response=response))
 
-    async def _embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
+    async def _embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         model = self.registry.get(request.model, "embed")
         if model.embedder is None:
             raise EngineUnavailableError(f"model {model.id!r} has no embedding engine")
-        field, inputs = self._embed_inputs(request, model)
+        self.admission.embed(request, model)
+        field, inputs = await self.workers.run(
+            functools.partial(self._embed_inputs, request, model), context.time_remaining()
+        )
         pooling = convert.POOLINGS.get(request.pooling)
         normalize = request.normalize if request.HasField("normalize") else True
         dimensions = request.dimensions or None
         vectors = await model.embedder.embed(inputs, pooling, normalize, dimensions, input_field=field)
-        return pb.EmbedResponse(
-            model=model.id,
-            embeddings=[pb.Embedding(index=i, values=v) for i, v in enumerate(vectors)],
-            usage=pb.Usage(prompt_tokens=sum(map(len, inputs)), total_tokens=sum(map(len, inputs))),
-        )
+        tokens = sum(map(len, inputs))
 
-    def _embed_inputs(self, request: pb.EmbedRequest, model: ServedModel) -> tuple[str, list[list[int]]]:
-        """The request's input field and its token ids (the engine checks lengths and id ranges)."""
+        def reply(checkpoint: Checkpoint) -> pb.EmbedResponse:
+            response = pb.EmbedResponse(
+                model=model.id,
+                embeddings=[pb.Embedding(index=i, values=v) for i, v in enumerate(vectors)],
+                usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens),
+            )
+            self.admission.reply(response, field)
+            return response
+
+        return await self.workers.run(reply, context.time_remaining())
+
+    def _embed_inputs(
+        self, request: pb.EmbedRequest, model: ServedModel, checkpoint: Checkpoint
+    ) -> tuple[str, list[list[int]]]:
+        """Worker thread: the request's input field and its token ids (the engine checks lengths and id ranges)."""
         if request.texts and request.token_ids:
             raise InvalidRequestError("token_ids", "set texts or token_ids, not both")
         if not request.texts and not request.token_ids:
             raise InvalidRequestError("texts", "set at least one text (or token_ids)")
-        max_length = model.loaded.max_model_len if request.truncate else None
-        if request.texts:
+        context = model.loaded.max_model_len
+        max_length = context if request.truncate else None
+        if not request.texts:
+            return "token_ids", [list(t.ids[:max_length]) for t in request.token_ids]
+        inputs = []
+        for i, text in enumerate(request.texts):
+            checkpoint()
             if max_length is None:
-                for i, text in enumerate(request.texts):
-                    model.tokenizer.check_text_length(text, f"texts[{i}]", model.loaded.max_model_len)
-            return "texts", [model.tokenizer.encode(text, max_length=max_length) for text in request.texts]
-        return "token_ids", [list(t.ids)[:max_length] for t in request.token_ids]
+                model.tokenizer.check_text_length(text, f"texts[{i}]", context)
+            inputs.append(model.tokenizer.encode(text, max_length=max_length, parse_special=self.parse_special_tokens))
+        return "texts", inputs
 
     @map_errors
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        return self._tokenize(request)
+        return await self._tokenize(request, context)
 
     @map_errors
     async def Detokenize(
         self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DetokenizeResponse:
-        return self._detokenize(request)
+        return await self._detokenize(request, context)
 
     @map_errors
     async def TokenizeStream(self, requests: AsyncIterator[pb.TokenizeStreamRequest], context: Any) -> None:
         async for message in requests:
             kind = message.WhichOneof("request")
             if kind == "tokenize":
-                response = pb.TokenizeStreamResponse(tokenize=self._tokenize(message.tokenize))
+                response = pb.TokenizeStreamResponse(tokenize=await self._tokenize(message.tokenize, context))
             elif kind == "detokenize":
-                response = pb.TokenizeStreamResponse(detokenize=self._detokenize(message.detokenize))
+                response = pb.TokenizeStreamResponse(detokenize=await self._detokenize(message.detokenize, context))
             else:
                 raise InvalidRequestError("request", "set tokenize or detokenize")
             await context.write(response)
 
-    def _tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+    async def _tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         model = self.registry.get(request.model, None)
+        self.admission.tokenize(request)
         add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        results = []
-        for text in request.texts:
-            tokens = model.tokenizer.tokenize(text, add_special, request.return_offsets)
-            result = pb.Tokenization(token_ids=tokens.token_ids, tokens=tokens.tokens)
-            for start, end in tokens.offsets or ():
-                result.offsets.add(start=start, end=end)
-            results.append(result)
-        return pb.TokenizeResponse(model=model.id, results=results, max_model_len=model.loaded.max_model_len)
 
-    def _detokenize(self, request: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
+        def tokenize(checkpoint: Checkpoint) -> pb.TokenizeResponse:
+            results = []
+            for text in request.texts:
+                checkpoint()
+                tokens = model.tokenizer.tokenize(
+                    text, add_special, request.return_offsets, self.parse_special_tokens, checkpoint
+                )
+                result = pb.Tokenization(token_ids=tokens.token_ids, tokens=tokens.tokens)
+                for start, end in tokens.offsets or ():
+                    result.offsets.add(start=start, end=end)
+                results.append(result)
+            response = pb.TokenizeResponse(model=model.id, results=results, max_model_len=model.loaded.max_model_len)
+            self.admission.reply(response, "texts")
+            return response
+
+        return await self.workers.run(tokenize, context.time_remaining())
+
+    async def _detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetokenizeResponse:
         model = self.registry.get(request.model, None)
+        self.admission.detokenize(request)
         skip_special = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        texts = []
-        for i, sequence in enumerate(request.sequences):
-            model.tokenizer.check_ids(sequence.ids, f"sequences[{i}]")
-            texts.append(model.tokenizer.decode(sequence.ids, skip_special))
-        return pb.DetokenizeResponse(model=model.id, texts=texts)
+
+        def detokenize(checkpoint: Checkpoint) -> pb.DetokenizeResponse:
+            texts = []
+            for i, sequence in enumerate(request.sequences):
+                checkpoint()
+                ids = list(sequence.ids)
+                model.tokenizer.check_ids(ids, f"sequences[{i}]")
+                texts.append(model.tokenizer.decode(ids, skip_special))
+            response = pb.DetokenizeResponse(model=model.id, texts=texts)
+            self.admission.reply(response, "sequences")
+            return response
+
+        return await self.workers.run(detokenize, context.time_remaining())
 
     @map_errors
     async def ListModels(
@@ -242,13 +296,6 @@ def _model_info(model: ServedModel) -> pb.ModelInfo:
         device=str(loaded.device),
         is_default=model.is_default,
     )
-
-
-def _message_chars(message: pb.ChatMessage) -> int:
-    """The characters a turn adds to the prompt, before the template's own."""
-    parts = sum(len(p.text) for p in message.content_parts)
-    calls = sum(len(c.name) + len(c.arguments) for c in message.tool_calls)
-    return len(message.content) + parts + calls
 
 
 async def _prepare_constraint(engine: Any, constraint: Constraint) -> None:

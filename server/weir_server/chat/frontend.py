@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from weir_server.chat.encoding import ChatEncoder
 from weir_server.chat.messages import ChatMessage
 from weir_server.chat.output import ChoiceParser
 from weir_server.chat.template import ChatTemplate
@@ -21,6 +22,7 @@ from weir_server.errors import InvalidRequestError
 from weir_server.parsers import structural
 from weir_server.parsers.reasoning_parser import ReasoningParser, get_reasoning_parser
 from weir_server.parsers.tool_parser import ToolParser, detect_tool_parser, get_tool_parser
+from weir_server.tokenization import Checkpoint, keep_going
 
 logger = logging.getLogger(__name__)
 GENERIC_TOOL_PARSER = "hermes"  # the format generic_tools.py asks for
@@ -29,9 +31,11 @@ FALLBACK_TOOL_PARSER = "json"  # a template that knows tools in a format no pars
 
 @dataclass(frozen=True)
 class ChatPrompt:
-    """A rendered chat request: its prompt text, the constraint its tools put on the output, and what parses it."""
+    """A rendered chat request: its prompt text and token ids, the constraint its tools put on the output, and what
+    parses it."""
 
     text: str
+    token_ids: list[int]
     constraint: Constraint | None
     tools: ToolRequest | None
     tool_parser: type[ToolParser] | None
@@ -53,6 +57,7 @@ class ChatFrontend:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, config: ChatConfig) -> None:
         self.template = ChatTemplate(tokenizer, config.chat_template)
+        self.encoder = ChatEncoder(tokenizer, self.template.source)
         self.tool_parser = get_tool_parser(self._tool_parser_name(config))
         self.reasoning_parser = (
             get_reasoning_parser(config.reasoning_parser) if config.reasoning_parser is not None else None
@@ -83,11 +88,17 @@ class ChatFrontend:
         add_generation_prompt: bool = True,
         kwargs: Mapping[str, Any] | None = None,
         answer: Constraint | None = None,
+        checkpoint: Checkpoint = keep_going,
     ) -> ChatPrompt:
         """The prompt and output constraint of a chat request; raises InvalidRequestError naming the field.
         `answer` constrains the text: alone without calls, as the alternative to calls in auto mode, and not at
-        all when a call is required."""
-        text = self.template.render(messages, tools.tools if tools else (), add_generation_prompt, kwargs)
+        all when a call is required. Control tokens in the request's strings are encoded as text (chat/encoding.py);
+        `checkpoint` is called between the steps, to stop a request whose caller is gone."""
+        specs = tools.tools if tools else ()
+        marked = self.template.render(messages, specs, add_generation_prompt, kwargs, mark=self.encoder.mark)
+        checkpoint()
+        text, token_ids = self.encoder.encode(marked, checkpoint)
+        checkpoint()
         reasoning = self.reasoning_parser(text) if self.reasoning_parser is not None else None
         constraint = answer
         if tools is not None and tools.calls_allowed:
@@ -95,7 +106,7 @@ class ChatFrontend:
             tag = self._tool_tag(tools, prefix, answer)
             if tag is not None:
                 constraint = Constraint("structural_tag", json.dumps(tag, ensure_ascii=False))
-        return ChatPrompt(text, constraint, tools, self.tool_parser, self.reasoning_parser)
+        return ChatPrompt(text, token_ids, constraint, tools, self.tool_parser, self.reasoning_parser)
 
     def _tool_tag(
         self, tools: ToolRequest, prefix: dict[str, Any] | None, answer: Constraint | None

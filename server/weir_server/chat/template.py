@@ -14,8 +14,9 @@ import jinja2.sandbox
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
+from weir_server.chat.encoding import Marker
 from weir_server.chat.generic_tools import render_generically
-from weir_server.chat.messages import ChatMessage, check_conversation, parsed_arguments
+from weir_server.chat.messages import ChatMessage, ToolCallRef, check_conversation, parsed_arguments
 from weir_server.errors import InvalidRequestError
 from weir_server.parsers.tool_parser import ToolSpec
 
@@ -31,12 +32,13 @@ RESERVED_KWARGS = frozenset(
 MAX_KWARGS_BYTES = 64 * 1024
 
 
-def template_kwargs(text: str) -> dict[str, Any]:
+def template_kwargs(text: str, max_bytes: int = MAX_KWARGS_BYTES) -> dict[str, Any]:
     """`chat_template_kwargs` (JSON text of an object) as template variables; raises InvalidRequestError."""
     if not text:
         return {}
-    if len(text) > MAX_KWARGS_BYTES:
-        raise InvalidRequestError("chat_template_kwargs", f"at most {MAX_KWARGS_BYTES} bytes")
+    size = len(text.encode())
+    if size > max_bytes:
+        raise InvalidRequestError("chat_template_kwargs", f"is {size} bytes; the limit is {max_bytes} bytes")
     try:
         value = json.loads(text)
     except (ValueError, RecursionError) as e:
@@ -81,11 +83,17 @@ class ChatTemplate:
         tools: Sequence[ToolSpec] = (),
         add_generation_prompt: bool = True,
         kwargs: Mapping[str, Any] | None = None,
+        mark: Marker | None = None,
     ) -> str:
-        """The prompt text of a conversation; raises InvalidRequestError for a conversation the template refuses."""
+        """The prompt text of a conversation; raises InvalidRequestError for a conversation the template refuses.
+        `mark` is applied to every string the request gave (see chat/encoding.py) once the conversation is checked."""
         check_conversation(messages)
         if self.source is None:
             raise InvalidRequestError("messages", "this model has no chat template; send a prompt instead")
+        if mark is not None:
+            messages = [_marked_message(m, mark) for m in messages]
+            tools = [ToolSpec(t.name, mark(t.description), mark(t.parameters)) for t in tools]
+            kwargs = mark(dict(kwargs or {}))
         has_tool_turns = any(m.tool_calls or m.role == "tool" for m in messages)
         if (tools or has_tool_turns) and not self.knows_tools:
             conversation = render_generically(messages, tools)
@@ -111,6 +119,11 @@ class ChatTemplate:
         if not isinstance(rendered, str):
             raise TypeError(f"apply_chat_template returned {type(rendered).__name__}, expected str")
         return rendered
+
+
+def _marked_message(message: ChatMessage, mark: Marker) -> ChatMessage:
+    calls = tuple(ToolCallRef(mark(c.id), mark(c.name), mark(c.arguments)) for c in message.tool_calls)
+    return ChatMessage(message.role, mark(message.content), calls, mark(message.tool_call_id), mark(message.name))
 
 
 def _hf_message(message: ChatMessage) -> dict[str, Any]:

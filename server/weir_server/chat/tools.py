@@ -12,7 +12,6 @@ from weir_server.errors import InvalidRequestError
 from weir_server.parsers.tool_parser import ToolSpec
 
 TOOL_CHOICE_MODES = ("auto", "none", "required")
-MAX_TOOLS = 128
 _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # OpenAI's rule, with dots as vLLM allows
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 _OBJECT_KEYWORDS = ("properties", "required", "additionalProperties", "patternProperties", "$ref", "allOf", "anyOf")
@@ -45,13 +44,12 @@ class ToolRequest:
 def tool_request(
     tools: Sequence[RawTool], mode: str | None, forced: str | None, parallel: bool = True
 ) -> ToolRequest | None:
-    """Check the request's tools and choice; None when it has no tools. Raises InvalidRequestError naming the field."""
+    """Check the request's tools and choice; None when it has no tools. Raises InvalidRequestError naming the field.
+    How many tools and how large is admission's to check (api/admission.py), before this work."""
     if not tools:
         if forced or mode == "required":
             raise InvalidRequestError("tool_choice", "asks for a tool call, but the request gives no tools")
         return None
-    if len(tools) > MAX_TOOLS:
-        raise InvalidRequestError("tools", f"at most {MAX_TOOLS} tools, got {len(tools)}")
     specs = tuple(_tool_spec(i, tool) for i, tool in enumerate(tools))
     names = [spec.name for spec in specs]
     duplicate = next((n for n in names if names.count(n) > 1), None)

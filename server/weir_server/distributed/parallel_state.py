@@ -11,13 +11,9 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-
-if TYPE_CHECKING:
-    from weir_server.distributed.communication import StepPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +26,6 @@ class ParallelState:
     world_size: int = 1
     device: torch.device | None = None
     group: dist.ProcessGroup | None = None  # None for a group of one
-    publisher: StepPublisher | None = None  # rank 0 of a real group: hands each step's inputs to the workers
 
     @property
     def is_parallel(self) -> bool:
@@ -81,12 +76,6 @@ def initialize(rank: int, world_size: int, init_method: str, device: torch.devic
     _state = ParallelState(rank, world_size, device, group)
     logger.info("tensor-parallel rank %d of %d on %s (%s)", rank, world_size, device, backend)
     return _state
-
-
-def set_publisher(publisher: StepPublisher | None) -> None:
-    """Rank 0 registers the channel that sends each step's inputs to the other ranks."""
-    global _state
-    _state = ParallelState(_state.rank, _state.world_size, _state.device, _state.group, publisher)
 
 
 def destroy(timeout_s: float = 10.0) -> None:

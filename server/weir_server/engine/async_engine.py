@@ -1,28 +1,29 @@
-"""AsyncEngine: the engine's steps run on their own thread; each request reads its outputs as an async stream."""
+"""AsyncEngine: what the API layer calls. Admits requests from asyncio and streams each one's outputs back, over a
+CoreClient that reaches the EngineCore (on a thread here, or in a process of its own)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from weir_server.config import EngineConfig
-from weir_server.engine.engine_loop import EngineLoop
-from weir_server.engine.llm_engine import LLMEngine
+from weir_server.engine.core_client import CoreClient
+from weir_server.engine.output import OutputText
 from weir_server.engine.stats import EngineStats
+from weir_server.engine.structured import StructuredOutputs
 from weir_server.engine.types import Constraint, GenerationOutput, GenerationRequest
+from weir_server.engine.validation import RequestValidator
 from weir_server.errors import EngineUnavailableError, InvalidRequestError
 
 if TYPE_CHECKING:
     from weir_server.models.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
-
 
 
 def merge_into(queued: GenerationOutput, later: GenerationOutput) -> None:
@@ -91,95 +92,121 @@ class RequestStream:
         return self._queue.popleft()
 
 
-class StreamingEngine:
-    """What the API layer calls: admits requests from asyncio and streams each one's outputs back.
+class AsyncEngine:
+    """Validates and admits requests, hands them to its core, and streams each one's outputs back.
 
-    Subclasses say where the engine runs (`_admit`, `_abort`, `start`, `shutdown`); the streams are shared.
+    `structured` compiles the constraints requests are checked against (the core's own where it runs here, so
+    `generate` finds them compiled); `text` makes the text of the outputs whose core leaves it to the server
+    process (None: the core makes all text).
     """
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        client: CoreClient,
+        structured: StructuredOutputs,
+        text: OutputText | None = None,
+    ) -> None:
         self.loaded = loaded
         self.config = config
+        self.client = client
+        self.structured = structured
         self.model_id = loaded.model_id
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
         self.vocab_size = loaded.vocab_size
+        self._text = text
+        self._validator: RequestValidator | None = None  # once started: the core's context limit is known
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Called (from any thread) with the reason when the engine ends on its own and will not come back.
+        self._stopping = False
+        # Called (from any thread) with the reason when the core ends on its own and will not come back.
         self.on_death: Callable[[str], None] | None = None
 
     @property
     def is_running(self) -> bool:
-        raise NotImplementedError
+        return self.client.is_running
 
     async def start(self) -> None:
-        raise NotImplementedError
+        """Start the core (idempotent); raises ModelLoadError if it cannot start."""
+        if self.is_running:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        info = await self.client.start(self._deliver, self._core_exited)
+        self._validator = RequestValidator(self.vocab_size, self.max_model_len, info.max_seq_len, self.structured)
 
     async def shutdown(self) -> None:
-        raise NotImplementedError
+        """Stop the core; every open stream fails with EngineUnavailableError."""
+        self._stopping = True
+        await self.client.stop()
+        if self.structured is not None:
+            self.structured.shutdown()  # after the core stopped: a step may still be filling a mask until then
+        self._fail_streams(EngineUnavailableError("the engine is shutting down"))
 
     async def prepare_constraint(self, constraint: Constraint) -> None:
-        raise NotImplementedError
+        """Check and compile an output constraint off the event loop (a schema may take a while); `generate`
+        then finds it compiled. Raises InvalidRequestError naming the constraint's field."""
+        # Compiled in a worker process that a cancelled call (deadline passed, client gone) kills.
+        await self.structured.prepare(constraint)
 
     def stats(self) -> EngineStats:
-        raise NotImplementedError
-
-    def _validate(self, request: GenerationRequest) -> GenerationRequest:
-        raise NotImplementedError
-
-    def _admit(self, request: GenerationRequest) -> None:
-        """Hand a validated request to the engine; raises QueueFullError when it can take no more."""
-        raise NotImplementedError
-
-    def _abort(self, request_id: str) -> None:
-        raise NotImplementedError
-
-    def _is_stopping(self) -> bool:
-        raise NotImplementedError
+        """The core's counters as of its last step."""
+        return self.client.stats()
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Validate and queue a request; raises InvalidRequestError / QueueFullError before yielding anything."""
-        if not self.is_running or self._is_stopping():
+        if not self.is_running or self._stopping or self._validator is None:
             raise EngineUnavailableError("the engine is not running")
         if request.request_id in self._streams:
             raise InvalidRequestError("request_id", f"request {request.request_id!r} is already running")
-        request = self._validate(request)
+        request = self._validator.validate(request)
         if not request.arrival_time:
             request = dataclasses.replace(request, arrival_time=time.time())
-        # Registered before the engine sees the request, so its first outputs always find the stream.
+        # Registered before the core sees the request, so its first outputs always find the stream.
         stream = RequestStream(request.request_id, request.params.n, _running_loop() or self._loop)
         self._streams[request.request_id] = stream
+        if self._text is not None:
+            self._text.add_request(request)
         try:
-            self._admit(request)
+            self.client.add(request, num_open=len(self._streams) - 1)  # this request's own stream excluded
         except BaseException:
             del self._streams[request.request_id]
+            if self._text is not None:
+                self._text.forget(request.request_id)
             raise
         return self._iterate(stream)
 
     async def _iterate(self, stream: RequestStream) -> AsyncIterator[GenerationOutput]:
+        text = self._text
         try:
             while (output := await stream.get()) is not None:
-                self._complete(output)
+                if text is not None:
+                    # Made as the consumer reads it: outputs merged while it was behind are decoded together.
+                    text.fill(output)
                 yield output
         finally:
-            # Closed early (client gone, cancelled) or done: either way the engine forgets the request.
+            # Closed early (client gone, cancelled) or done: either way the core forgets the request.
             if self._streams.pop(stream.request_id, None) is not None and not stream.finished:
-                self._abort(stream.request_id)
-            self._forget(stream.request_id)
-
-    def _complete(self, output: GenerationOutput) -> None:
-        """Finish an output as its consumer reads it (after queued deltas were merged)."""
-
-    def _forget(self, request_id: str) -> None:
-        """Drop what this side keeps of a request once its stream has ended."""
+                self.client.abort(stream.request_id)
+            if text is not None:
+                text.forget(stream.request_id)
 
     def _fail_streams(self, error: BaseException) -> None:
         for stream in list(self._streams.values()):
             stream.fail(error)
         self._streams.clear()
 
-    def _deliver(self, outputs: list[GenerationOutput], stats: EngineStats | None = None) -> None:
+    def _core_exited(self, reason: str) -> None:
+        """The core ended on its own (called on a client thread): fail every stream, then tell `on_death`."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._fail_streams, EngineUnavailableError(reason))
+        if self.on_death is not None:
+            self.on_death(reason)
+
+    def _deliver(self, outputs: list[GenerationOutput]) -> None:
         """Hand outputs to the event loop(s) of their consumers, from any thread; never blocks."""
         by_loop: dict[asyncio.AbstractEventLoop, list[GenerationOutput]] = {}
         for output in outputs:
@@ -197,55 +224,3 @@ class StreamingEngine:
             stream = self._streams.get(output.request_id)
             if stream is not None:
                 stream.put(output)
-
-
-class AsyncEngine(StreamingEngine):
-    """Runs `LLMEngine.step()` on a worker thread of this process."""
-
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
-        super().__init__(loaded, config)
-        self.engine = LLMEngine(loaded, config)
-        self.core = EngineLoop(self.engine, self._deliver)
-        self._thread: threading.Thread | None = None
-
-    @property
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    async def start(self) -> None:
-        """Start the engine thread (idempotent)."""
-        if self.is_running:
-            return
-        self._loop = asyncio.get_running_loop()
-        self.core = EngineLoop(self.engine, self._deliver)
-        self._thread = threading.Thread(target=self.core.run, name="weir-engine", daemon=True)
-        self._thread.start()
-
-    async def shutdown(self) -> None:
-        """Stop the engine thread; every open stream fails with EngineUnavailableError."""
-        self.core.stop()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-        self._fail_streams(EngineUnavailableError("the engine is shutting down"))
-
-    async def prepare_constraint(self, constraint: Constraint) -> None:
-        """Check and compile an output constraint off the event loop (a schema may take a while); `generate`
-        then finds it compiled. Raises InvalidRequestError naming the constraint's field."""
-        await asyncio.to_thread(self.engine.structured.validate, constraint)
-
-    def stats(self) -> EngineStats:
-        """The engine's counters as of its last step."""
-        return self.core.last_stats
-
-    def _is_stopping(self) -> bool:
-        return self.core.stopping
-
-    def _validate(self, request: GenerationRequest) -> GenerationRequest:
-        return self.engine.validate(request)
-
-    def _admit(self, request: GenerationRequest) -> None:
-        self.core.add(request)
-
-    def _abort(self, request_id: str) -> None:
-        self.core.abort(request_id)

@@ -144,11 +144,3 @@ class BlockManager:
         seq.block_table.clear()
         seq.num_computed_tokens = 0
         seq.num_committed_blocks = 0
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached block that no sequence holds."""
-        for block_id in self.free_blocks:
-            block = self.blocks[block_id]
-            if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
-                del self.hash_to_block[block.hash]
-            block.hash, block.token_ids = None, ()

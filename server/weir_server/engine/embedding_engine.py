@@ -12,12 +12,14 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
-from weir_server.errors import EngineStepError, InvalidRequestError
+from weir_server.errors import EngineStepError, EngineUnavailableError, InvalidRequestError
 from weir_server.models.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
 
 POOLING_MODES = ("mean", "cls", "last")
+CPU_BATCH_TOKENS = 1024
+GPU_BATCH_TOKENS = 16384
 T = TypeVar("T")
 
 
@@ -35,7 +37,7 @@ class _EmbedCall:
 class EmbeddingEngine:
     """Embeds token sequences with an encoder model; calls that arrive while a batch runs join the next one."""
 
-    def __init__(self, loaded: LoadedModel, max_batch_tokens: int = 16384) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch_tokens: int | None = None) -> None:
         if loaded.task != "embed":
             raise ValueError(f"{loaded.model_id} is a {loaded.task} model, not an embedding model")
         self.loaded = loaded
@@ -43,7 +45,11 @@ class EmbeddingEngine:
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
         self.hidden_size = int(loaded.hf_config.hidden_size)
-        self.max_batch_tokens = max_batch_tokens
+        # A forward is the step a cancelled call cannot stop: on CPU a small one (a fraction of a second), so the
+        # worker soon moves on; on a GPU big ones cost little time and use it well.
+        on_cpu = torch.device(loaded.device).type == "cpu"
+        self.max_batch_tokens = max_batch_tokens or (CPU_BATCH_TOKENS if on_cpu else GPU_BATCH_TOKENS)
+        self._closing = False
         self._pad_id = int(getattr(loaded.hf_config, "pad_token_id", None) or 0)
         self._pending: list[_EmbedCall] = []
         self._worker: asyncio.Task[None] | None = None
@@ -69,7 +75,13 @@ class EmbeddingEngine:
         return await call.future
 
     async def shutdown(self) -> None:
-        """Finish queued calls, then release the worker thread."""
+        """Fail the calls not done yet (EngineUnavailableError) once the running forward ends; release the thread."""
+        self._closing = True
+        closing = EngineUnavailableError("the server is shutting down")
+        for call in self._pending:
+            if not call.future.done():
+                call.future.set_exception(closing)
+        self._pending = []
         if self._worker is not None:
             await self._worker
         self._executor.shutdown(wait=True)
@@ -103,6 +115,11 @@ class EmbeddingEngine:
                 continue
             try:
                 results = await loop.run_in_executor(self._executor, self._run, calls)
+            except EngineUnavailableError as error:
+                for call in calls:
+                    if not call.future.done():
+                        call.future.set_exception(error)
+                continue
             except Exception as error:  # noqa: BLE001 - fail this batch's callers, keep serving
                 logger.exception("Embedding batch of %d calls failed", len(calls))
                 for call in calls:
@@ -110,21 +127,30 @@ class EmbeddingEngine:
                         call.future.set_exception(EngineStepError(f"embedding failed: {error}"))
                 continue
             for call, result in zip(calls, results, strict=True):
-                if not call.future.done():
+                if result is not None and not call.future.done():
                     call.future.set_result(result)
 
-    def _run(self, calls: list[_EmbedCall]) -> list[list[list[float]]]:
-        """Worker thread: embed every input of every call, longest-first batches bounded by max_batch_tokens."""
+    def _run(self, calls: list[_EmbedCall]) -> list[list[list[float]] | None]:
+        """Worker thread: embed every input of every call, longest-first batches bounded by max_batch_tokens.
+        A call whose caller went away (its future is done) is skipped from the next batch on; its result is None."""
         inputs = [(c, i) for c, call in enumerate(calls) for i in range(len(call.token_ids))]
         inputs.sort(key=lambda ci: -len(calls[ci[0]].token_ids[ci[1]]))
         vectors: dict[tuple[int, int], torch.Tensor] = {}
         for batch in _batches(inputs, lambda ci: len(calls[ci[0]].token_ids[ci[1]]), self.max_batch_tokens):
+            if self._closing:
+                raise EngineUnavailableError("the server is shutting down")
+            batch = [(c, i) for c, i in batch if not calls[c].future.done()]  # done() only reads a flag
+            if not batch:
+                continue
             sequences = [calls[c].token_ids[i] for c, i in batch]
             modes = [calls[c].pooling for c, _ in batch]
             for key, vector in zip(batch, self._embed_batch(sequences, modes), strict=True):
                 vectors[key] = vector
-        results = []
+        results: list[list[list[float]] | None] = []
         for c, call in enumerate(calls):
+            if call.future.done():
+                results.append(None)
+                continue
             stacked = torch.stack([vectors[(c, i)] for i in range(len(call.token_ids))])
             if call.dimensions is not None:
                 stacked = stacked[:, : call.dimensions]
@@ -143,8 +169,10 @@ class EmbeddingEngine:
             input_ids[row, : len(ids)] = torch.tensor(ids)
         input_ids = input_ids.to(device)
         mask = torch.arange(width, device=device).unsqueeze(0) < lengths.unsqueeze(1)
+        model = self.loaded.model
+        assert model is not None, "an embedding engine needs its model's weights"
         with torch.inference_mode():
-            states = self.loaded.model(input_ids, mask.long(), torch.zeros_like(input_ids)).float()
+            states = model(input_ids, mask.long(), torch.zeros_like(input_ids)).float()
             return pool(states, mask, lengths, modes).cpu()
 
 

@@ -12,33 +12,14 @@ from weir_server.engine.block_manager import BlockManager
 from weir_server.engine.sequence import Sequence, SequenceStatus
 from weir_server.engine.types import FinishReason
 from weir_server.errors import QueueFullError
-
-
-class ScheduledSeq:
-    """A sequence and the slice of its uncomputed tokens that runs this step (fixed when scheduled)."""
-
-    __slots__ = ("seq", "num_new_tokens", "start", "do_sample")
-
-    def __init__(self, seq: Sequence, num_new_tokens: int, start: int = -1) -> None:
-        self.seq = seq
-        self.num_new_tokens = num_new_tokens
-        self.start = seq.num_computed_tokens if start < 0 else start  # position of the first token computed
-        # The step reaches the sequence's last token, so its next token is sampled.
-        self.do_sample = self.start + num_new_tokens == len(seq.token_ids)
-
-    def __repr__(self) -> str:
-        return f"ScheduledSeq({self.seq!r}, {self.num_new_tokens}, start={self.start})"
+from weir_server.executor.batch import ScheduledSeq
 
 
 @dataclass
 class SchedulerOutput:
     """Who runs this step, in batch order."""
 
-    scheduled: list[ScheduledSeq]
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+    scheduled: list[ScheduledSeq[Sequence]]
 
     @property
     def is_empty(self) -> bool:
@@ -102,7 +83,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's batch: running decodes, then running prefill chunks, then new admissions."""
         budget = self.config.max_num_batched_tokens
-        scheduled: dict[int, ScheduledSeq] = {}
+        scheduled: dict[int, ScheduledSeq[Sequence]] = {}
         preempted = False
         bs = self.block_manager.block_size
         decodes: list[Sequence] = []
@@ -121,7 +102,7 @@ class Scheduler:
                     break
                 # The common case, kept lean: a decode whose last block still has a free slot.
                 if group is decodes and len(seq.block_table) * bs > seq.num_computed_tokens:
-                    scheduled[seq.seq_id] = ScheduledSeq(seq, 1)
+                    scheduled[seq.seq_id] = ScheduledSeq(seq, 1, seq.num_computed_tokens)
                     budget -= 1
                     continue
                 num_new = min(seq.num_uncomputed_tokens, budget)
@@ -136,13 +117,13 @@ class Scheduler:
                         break
                 if seq.status is running:
                     self.block_manager.allocate(seq, num_new)
-                    scheduled[seq.seq_id] = ScheduledSeq(seq, num_new)
+                    scheduled[seq.seq_id] = ScheduledSeq(seq, num_new, seq.num_computed_tokens)
                     budget -= num_new
         if not preempted:  # memory is tight when we just preempted: admit nobody this step
             budget = self._admit(scheduled, budget)
         return SchedulerOutput(list(scheduled.values()))
 
-    def _admit(self, scheduled: dict[int, ScheduledSeq], budget: int) -> int:
+    def _admit(self, scheduled: dict[int, ScheduledSeq[Sequence]], budget: int) -> int:
         """Move waiting sequences to running in FIFO order while budget, seats and blocks last."""
         bm = self.block_manager
         deferred: list[Sequence] = []
@@ -169,7 +150,7 @@ class Scheduler:
             bm.allocate(seq, num_new)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.seq_id)
-            scheduled[seq.seq_id] = ScheduledSeq(seq, num_new)
+            scheduled[seq.seq_id] = ScheduledSeq(seq, num_new, seq.num_computed_tokens)
             budget -= num_new
         for seq in reversed(deferred):
             self._push_waiting(seq, front=True)

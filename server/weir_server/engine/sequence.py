@@ -5,9 +5,11 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from weir_server.engine.types import FinishReason, SamplingParams, TokenLogprob
+from weir_server.executor.batch import PLACEHOLDER
 
 if TYPE_CHECKING:
     import torch
@@ -16,10 +18,6 @@ if TYPE_CHECKING:
     from weir_server.engine.structured import GrammarState
 
 _seq_ids = itertools.count()
-
-# A sampled token still on the device: its slot in `token_ids` is taken when the step is launched, so the next
-# step can be scheduled before the value is read back (`LLMEngine` running ahead); the value replaces it later.
-PLACEHOLDER = -1
 
 
 class SequenceStatus(enum.Enum):
@@ -31,7 +29,11 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    """One choice of a request. `token_ids` is prompt + output; the first `num_computed_tokens` have KV."""
+    """One choice of a request. `token_ids` is prompt + output; the first `num_computed_tokens` have KV.
+
+    A sampled token still on the device holds its slot as a PLACEHOLDER (the core running ahead); its value
+    replaces it once read back (`set_token`).
+    """
 
     def __init__(
         self,
@@ -41,6 +43,7 @@ class Sequence:
         params: SamplingParams,
         arrival_time: float = 0.0,
         leader: Sequence | None = None,
+        eos_token_ids: Collection[int] = (),
     ) -> None:
         self.seq_id = next(_seq_ids)
         self.request_id = request_id
@@ -74,6 +77,9 @@ class Sequence:
         # Tokens it may reach (prompt + max_tokens, capped by the engine's context): a step running ahead does not
         # schedule a sequence whose token in flight is its last.
         self.length_limit = self.num_prompt_tokens + params.max_tokens
+        # The token ids that end it (once min_tokens are out): its own stop ids, and EOS unless ignored.
+        eos = () if params.ignore_eos else eos_token_ids
+        self.stop_token_ids = frozenset((*params.stop_token_ids, *eos))
 
     def __repr__(self) -> str:
         return (

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -124,6 +126,30 @@ class SamplingParams:
 
 # structural_tag (an xgrammar structural tag as JSON text) is built by the server for tool calls, never by clients.
 CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
+# Admission limits on constraints: past them xgrammar can spend minutes and gigabytes compiling one (issue 23).
+MAX_CONSTRAINT_BYTES = 128 * 1024  # UTF-8 bytes of a schema, regex, grammar, tool-call tag, or all choices together
+MAX_CONSTRAINT_DEPTH = 64  # nesting of JSON objects and arrays in a schema (about 32 levels of properties)
+MAX_CONSTRAINT_BYTES_FLAG = "--max-constraint-bytes"
+MAX_CONSTRAINT_DEPTH_FLAG = "--max-constraint-depth"
+# A tool-call tag wraps each tool's schema in about eight levels of its own.
+STRUCTURAL_TAG_EXTRA_DEPTH = 16
+# A JSON string (escapes included) or one bracket: strings are skipped so brackets inside them do not count.
+_JSON_NESTING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+@dataclass(frozen=True)
+class ConstraintLimits:
+    """What one constraint may hold before it is compiled; beyond either limit it is refused."""
+
+    max_bytes: int = MAX_CONSTRAINT_BYTES
+    max_depth: int = MAX_CONSTRAINT_DEPTH
+
+
+def json_depth(text: str) -> int:
+    """How deeply objects and arrays nest in JSON text (0 for a scalar), counted without parsing it, so that
+    text too deep for a recursive parser is measured, not parsed."""
+    steps = (1 if token in "[{" else -1 for token in _JSON_NESTING.findall(text) if len(token) == 1)
+    return max(itertools.accumulate(steps, initial=0))
 
 
 @dataclass(frozen=True)
@@ -134,8 +160,9 @@ class Constraint:
     kind: str
     value: str | tuple[str, ...] = ""
 
-    def validate(self) -> None:
-        """Check the shape (the engine compiles it to check the content); raise InvalidRequestError."""
+    def validate(self, limits: ConstraintLimits = ConstraintLimits()) -> None:
+        """Check the shape and size (the engine compiles it to check the content); raise InvalidRequestError naming
+        the kind and the limit."""
         if self.kind not in CONSTRAINT_KINDS:
             raise InvalidRequestError("constraint", f"must be one of {', '.join(CONSTRAINT_KINDS)}, got {self.kind!r}")
         if self.kind == "choice":
@@ -143,6 +170,28 @@ class Constraint:
                 raise InvalidRequestError("choice", "must hold at least one string")
         elif self.kind != "json_object" and (not isinstance(self.value, str) or not self.value):
             raise InvalidRequestError(self.kind, "must not be empty")
+        self._check_size(limits)
+
+    def _check_size(self, limits: ConstraintLimits) -> None:
+        texts = self.value if isinstance(self.value, tuple) else (self.value,)
+        # Characters first (a character is 1-4 bytes): a 20 MB value is refused without encoding it.
+        size, unit = sum(map(len, texts)), "characters"
+        if size <= 4 * limits.max_bytes:
+            size, unit = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts), "bytes"
+        if size > limits.max_bytes:
+            whose = "the choices together have" if self.kind == "choice" else "has"
+            allowed = f"{limits.max_bytes} bytes ({MAX_CONSTRAINT_BYTES_FLAG})"
+            raise InvalidRequestError(self.kind, f"{whose} {size} {unit}; the limit is {allowed}")
+        if self.kind in ("json_schema", "structural_tag"):
+            assert isinstance(self.value, str)
+            depth, limit = json_depth(self.value), limits.max_depth
+            flag = MAX_CONSTRAINT_DEPTH_FLAG
+            if self.kind == "structural_tag":  # built by the server around the tools' schemas
+                limit += STRUCTURAL_TAG_EXTRA_DEPTH
+                flag += f", and {STRUCTURAL_TAG_EXTRA_DEPTH} for the tool-call tag around the schemas"
+            if depth > limit:
+                message = f"nests objects and arrays {depth} deep; the limit is {limit} ({flag})"
+                raise InvalidRequestError(self.kind, message)
 
 
 @dataclass(frozen=True)

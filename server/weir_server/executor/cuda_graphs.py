@@ -11,13 +11,13 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from weir_server.engine.scheduler import ScheduledSeq
+from weir_server.executor.batch import S, ScheduledSeq
 from weir_server.layers.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def padded_size(sizes: list[int], n: int) -> int | None:
     return None
 
 
-def is_graphable_decode(batch: list[ScheduledSeq]) -> bool:
+def is_graphable_decode(batch: Sequence[ScheduledSeq[S]]) -> bool:
     """Every sequence runs exactly one token: the shape a decode graph was captured for."""
     return all(s.num_new_tokens == 1 for s in batch)
 
@@ -138,7 +138,7 @@ class DecodeGraphs:
 
     # ---- one step ---------------------------------------------------------------------------------------
 
-    def prepare(self, batch: list[ScheduledSeq]) -> DecodeInput | None:
+    def prepare(self, batch: Sequence[ScheduledSeq[S]]) -> DecodeInput | None:
         """Lay a decode batch into the static buffers (async copies); None when no graph fits it."""
         n = len(batch)
         bs = padded_size(self.sizes, n)

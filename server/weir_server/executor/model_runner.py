@@ -6,19 +6,17 @@ import itertools
 import logging
 import mmap
 import os
-from collections.abc import Sequence as Sequence_
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic
 
 import torch
 
 from weir_server.config import EngineConfig
-from weir_server.distributed import parallel_state
 from weir_server.distributed.communication import min_across_ranks
-from weir_server.engine.scheduler import ScheduledSeq
-from weir_server.engine.sequence import PLACEHOLDER, Sequence
-from weir_server.engine.types import SamplingParams
+from weir_server.distributed.parallel_state import kv_heads_per_rank
+from weir_server.executor.batch import PLACEHOLDER, S, ScheduledSeq, StepPublisher, StepSeq, TokenWindow
 from weir_server.executor.cuda_graphs import DecodeGraphs
 from weir_server.executor.transfer import to_device
 from weir_server.layers.attention_metadata import AttentionMetadata
@@ -55,20 +53,20 @@ class TokenFeed:
 
 
 @dataclass
-class ModelOutput:
+class ModelOutput(Generic[S]):
     """Logits of the rows a step needs: the sampled positions, and prompt positions when prompt logprobs are asked."""
 
     sample_logits: torch.Tensor  # [S, vocab] float32, one row per sampled sequence in batch order
-    sample_seqs: list[ScheduledSeq]
-    prompt_logits: list[tuple[ScheduledSeq, torch.Tensor]]  # [L, vocab]: positions start..start+L-1
+    sample_seqs: list[ScheduledSeq[S]]
+    prompt_logits: list[tuple[ScheduledSeq[S], torch.Tensor]]  # [L, vocab]: positions start..start+L-1
 
 
-def kv_cache_shape(hf_config: Any, num_blocks: int, block_size: int) -> tuple[int, ...]:
-    """[2, num_blocks, block_size, num_kv_heads, head_dim] for one layer; under tensor parallelism the KV heads
-    are this rank's."""
+def kv_cache_shape(hf_config: Any, num_blocks: int, block_size: int, tp_size: int = 1) -> tuple[int, ...]:
+    """[2, num_blocks, block_size, num_kv_heads, head_dim] for one layer; under tensor parallelism (`tp_size`
+    ranks) the KV heads are this rank's."""
     heads = int(hf_config.num_attention_heads)
     kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or heads)
-    kv_heads = parallel_state.kv_heads_per_rank(kv_heads, parallel_state.tp_size())
+    kv_heads = kv_heads_per_rank(kv_heads, tp_size)
     head_dim = int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads)
     return (2, num_blocks, block_size, kv_heads, head_dim)
 
@@ -76,14 +74,15 @@ def kv_cache_shape(hf_config: Any, num_blocks: int, block_size: int) -> tuple[in
 class ModelRunner:
     """Runs one step of the model for a batch of sequences; never decides who runs."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, publisher: StepPublisher | None = None) -> None:
         self.model = loaded.model
         self.hf_config = loaded.hf_config
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.config = config
         # Rank 0 of a tensor-parallel group sends each batch to the workers, which run the same `execute`.
-        self.publisher = parallel_state.get().publisher
+        self.publisher = publisher
+        self.tp_size = config.parallel.tensor_parallel_size
         self.block_size = config.cache.block_size
         self.max_model_len = loaded.max_model_len
         self.num_layers = int(self.hf_config.num_hidden_layers)
@@ -113,7 +112,10 @@ class ModelRunner:
         packed = pack_linear_layers(self.model) if self.dtype == torch.bfloat16 else 0
         logger.info(
             "CPU: %d torch threads (%d for steps of <= %d tokens), %d linear layers packed for oneDNN",
-            threads, self._cpu_threads[0], SMALL_STEP_TOKENS, packed,
+            threads,
+            self._cpu_threads[0],
+            SMALL_STEP_TOKENS,
+            packed,
         )
 
     def _set_cpu_threads(self, num_tokens: int) -> None:
@@ -142,11 +144,11 @@ class ModelRunner:
     # ---- KV cache -------------------------------------------------------------------------------------
 
     def _bytes_per_block(self) -> int:
-        shape = kv_cache_shape(self.hf_config, 1, self.block_size)
+        shape = kv_cache_shape(self.hf_config, 1, self.block_size, self.tp_size)
         return self.num_layers * torch.Size(shape).numel() * torch.empty((), dtype=self.dtype).element_size()
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[torch.Tensor]:
-        shape = kv_cache_shape(self.hf_config, num_blocks, self.block_size)
+        shape = kv_cache_shape(self.hf_config, num_blocks, self.block_size, self.tp_size)
         if self.device.type == "cpu":
             return [_lazily_zeroed(shape, self.dtype) for _ in range(self.num_layers)]
         return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
@@ -175,9 +177,8 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         caches = self._allocate_kv_cache(num_blocks)
-        seq = Sequence("profile", 0, [0] * num_tokens, SamplingParams())
-        seq.block_table = list(range(num_blocks))
-        batch = [ScheduledSeq(seq, num_tokens)]
+        seq = StepSeq(-1, TokenWindow(0, [0] * num_tokens), list(range(num_blocks)), num_tokens)
+        batch = [ScheduledSeq(seq, num_tokens, 0)]
         model_input = self.prepare(batch)
         rows = model_input.input_ids.new_zeros(min(num_tokens, self.config.scheduler.max_num_seqs))
         with torch.inference_mode():
@@ -193,7 +194,7 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------------------
 
-    def prepare(self, batch: list[ScheduledSeq]) -> ModelInput:
+    def prepare(self, batch: Sequence[ScheduledSeq[S]]) -> ModelInput:
         """Flatten the batch: token ids, positions, cache slots, block tables and the logits rows to compute."""
         bs = self.block_size
         starts = [s.start for s in batch]
@@ -240,7 +241,7 @@ class ModelRunner:
             sample_rows=sample_rows,
         )
 
-    def execute(self, batch: list[ScheduledSeq], feed: TokenFeed | None = None) -> ModelOutput:
+    def execute(self, batch: list[ScheduledSeq[S]], feed: TokenFeed | None = None) -> ModelOutput[S]:
         """Run the model over the batch (writing its K/V) and return the logits the step needs. Placeholder
         input tokens are taken from `feed` on the device, without waiting for them."""
         if self.publisher is not None:
@@ -280,7 +281,7 @@ class ModelRunner:
 
 
 def _feed_placeholders(
-    input_ids: torch.Tensor, batch: list[ScheduledSeq], first_rows: Sequence_[int], feed: TokenFeed | None
+    input_ids: torch.Tensor, batch: Sequence[ScheduledSeq[S]], first_rows: Sequence[int], feed: TokenFeed | None
 ) -> None:
     """Write the previous step's sampled tokens (on the device) into the input rows that hold placeholders."""
     dst: list[int] = []
@@ -319,7 +320,7 @@ def physical_cores() -> int:
 
 
 def _logit_rows(
-    batch: list[ScheduledSeq], first_rows: Sequence_[int]
+    batch: Sequence[ScheduledSeq[S]], first_rows: Sequence[int]
 ) -> tuple[list[tuple[int, int, int]], list[int]]:
     """(batch index, first token row, count) of each prompt-logprobs slice, and the batch indices sampled.
 

@@ -19,16 +19,17 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 import torch
 
 from weir_server.config import EngineConfig
 from weir_server.distributed import parallel_state
-from weir_server.engine.scheduler import ScheduledSeq
 from weir_server.errors import EngineUnavailableError
+from weir_server.executor.batch import ScheduledSeq, StepSeq, TokenWindow
 
 logger = logging.getLogger(__name__)
 
@@ -45,50 +46,17 @@ class WorkerDiedError(EngineUnavailableError):
 # ---- a batch on the wire --------------------------------------------------------------------------------
 
 
-class TokenWindow:
-    """The tokens a step computes, indexed by absolute position like `Sequence.token_ids`."""
-
-    def __init__(self, start: int, tokens: list[int]) -> None:
-        self.start = start
-        self.tokens = tokens
-
-    def __len__(self) -> int:
-        return self.start + len(self.tokens)
-
-    def __getitem__(self, key: int | slice) -> int | list[int]:
-        if isinstance(key, slice):
-            lo = (key.start or 0) - self.start
-            hi = len(self.tokens) if key.stop is None else key.stop - self.start
-            if lo < 0 or key.step not in (None, 1):
-                raise IndexError(f"tokens {key} reach outside this step's window at {self.start}")
-            return self.tokens[lo:hi]
-        if not self.start <= key < len(self):
-            raise IndexError(f"token {key} is outside this step's window at {self.start}")
-        return self.tokens[key - self.start]
-
-
-@dataclass
-class StepSeq:
-    """What the model runner reads of a sequence, rebuilt on a worker from the wire."""
-
-    token_ids: TokenWindow
-    block_table: list[int]
-    num_prompt_tokens: int
-    num_tokens: int
-    wants_prompt_logprobs: bool
-
-
-def encode_batch(batch: list[ScheduledSeq]) -> bytes:
+def encode_batch(batch: list[ScheduledSeq[Any]]) -> bytes:
     """The fields of a scheduled batch that running the model needs: this step's tokens, not the history."""
     rows = [
         (
             s.start,
             s.num_new_tokens,
             s.do_sample,
+            s.seq.seq_id,
             s.seq.token_ids[s.start : s.start + s.num_new_tokens],
             s.seq.block_table,
             s.seq.num_prompt_tokens,
-            s.seq.num_tokens,
             s.seq.wants_prompt_logprobs,
         )
         for s in batch
@@ -96,12 +64,11 @@ def encode_batch(batch: list[ScheduledSeq]) -> bytes:
     return pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def decode_batch(data: bytes) -> list[ScheduledSeq]:
+def decode_batch(data: bytes) -> list[ScheduledSeq[StepSeq]]:
     """The batch `encode_batch` sent, over stand-in sequences."""
     batch = []
-    for start, n, do_sample, tokens, table, num_prompt, num_tokens, wants_prompt in pickle.loads(data):  # noqa: S301 - rank 0 of our own group, private pipe
-        seq = StepSeq(TokenWindow(start, tokens), table, num_prompt, num_tokens, wants_prompt)
-        scheduled = ScheduledSeq(seq, n, start)  # type: ignore[arg-type]
+    for start, n, do_sample, seq_id, tokens, table, num_prompt, wants_prompt in pickle.loads(data):  # noqa: S301 - rank 0 of our own group, private pipe
+        scheduled = ScheduledSeq(StepSeq(seq_id, TokenWindow(start, tokens), table, num_prompt, wants_prompt), n, start)
         scheduled.do_sample = do_sample
         batch.append(scheduled)
     return batch
@@ -158,7 +125,7 @@ class TensorParallelExecutor:
         return self._failure
 
     def start(self) -> None:
-        """Start the workers, join the group as rank 0 and register as this process's step publisher."""
+        """Start the workers and join the group as rank 0."""
         from weir_server.distributed.worker import run_worker  # the spawned processes import it by name
 
         os.environ.update(NO_MULTICAST_ENV)  # inherited by the workers
@@ -184,9 +151,8 @@ class TensorParallelExecutor:
         logger.info("started %d tensor-parallel workers; joining the group", self.world_size - 1)
         timeout = self.config.parallel.collective_timeout_s
         parallel_state.initialize(0, self.world_size, init_method, self.devices[0], timeout)
-        parallel_state.set_publisher(self)
 
-    def publish(self, batch: list[ScheduledSeq]) -> None:
+    def publish(self, batch: list[ScheduledSeq[Any]]) -> None:
         """Send the step's batch to every worker; raises WorkerDiedError once any worker is gone."""
         self._check_workers()
         data = encode_batch(batch)
@@ -263,7 +229,8 @@ def launch(
     config: EngineConfig, on_worker_death: Callable[[str], None] = _exit_process
 ) -> TensorParallelExecutor | None:
     """Make this process rank 0 of `config`'s tensor-parallel group (None at size 1); call before loading the
-    model, so it is built as rank 0's shard and its runner sends each batch to the workers."""
+    model, so it is built as rank 0's shard, and give the result to its model runner, which then sends each batch
+    to the workers (`StepPublisher`)."""
     size = config.parallel.tensor_parallel_size
     if size < 1:
         raise ValueError(f"--tensor-parallel-size must be at least 1, got {size}")

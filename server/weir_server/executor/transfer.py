@@ -7,8 +7,11 @@ from collections.abc import Sequence
 import torch
 
 
-def to_device(values: torch.Tensor | Sequence[int] | Sequence[float] | Sequence[bool], device: torch.device,
-              dtype: torch.dtype | None = None) -> torch.Tensor:
+def to_device(
+    values: torch.Tensor | Sequence[int] | Sequence[float] | Sequence[bool] | Sequence[Sequence[int]],
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """A copy of host `values` on `device`. On CUDA it goes through pinned memory, asynchronously: a copy from
     pageable memory first waits for everything already queued on the stream, so the engine, which launches a step
     before the previous one has finished, would wait for that step instead of preparing the next."""

@@ -83,17 +83,35 @@ def _launch(q, k, v, positions, cos_sin_cache, kv_cache_layer, slot_mapping) -> 
     dummy = k.new_empty(1, dtype=torch.int64)
     num_heads = q.shape[1] if rotate else 1
     _cache_kernel[(num_tokens,)](
-        q if rotate else k, k, v, positions if rotate else dummy, cos_sin_cache if rotate else dummy,
-        cache[0], cache[1], slot_mapping if write else dummy,
-        q.stride(0) if rotate else 0, q.stride(1) if rotate else 0,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q if rotate else k,
+        k,
+        v,
+        positions if rotate else dummy,
+        cos_sin_cache if rotate else dummy,
+        cache[0],
+        cache[1],
+        slot_mapping if write else dummy,
+        q.stride(0) if rotate else 0,
+        q.stride(1) if rotate else 0,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
         cos_sin_cache.stride(0) if rotate else 0,
-        cache.stride(1), cache.stride(2), cache.stride(3),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
+        cache.stride(1),
+        cache.stride(2),
+        cache.stride(3),
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
         HEADS_PAD=next_power_of_2(max(num_heads, num_kv_heads)),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=next_power_of_2(head_dim), BLOCK_SIZE=cache.shape[2],
-        HALF_ROT=rot // 2, HALF_ROT_PAD=next_power_of_2(rot // 2), TAIL_PAD=next_power_of_2(head_dim - rot),
-        ROTATE=rotate, WRITE=write,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=next_power_of_2(head_dim),
+        BLOCK_SIZE=cache.shape[2],
+        HALF_ROT=rot // 2,
+        HALF_ROT_PAD=next_power_of_2(rot // 2),
+        TAIL_PAD=next_power_of_2(head_dim - rot),
+        ROTATE=rotate,
+        WRITE=write,
         num_warps=4,
     )
 
@@ -102,8 +120,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _rotate_heads(
-        x_ptr, stride_h, num_heads, cos, sin, dst_ptr, dst_stride_h, write_dst,
-        HEADS_PAD: tl.constexpr, HALF_ROT: tl.constexpr, HALF_ROT_PAD: tl.constexpr, HAS_DST: tl.constexpr,
+        x_ptr,
+        stride_h,
+        num_heads,
+        cos,
+        sin,
+        dst_ptr,
+        dst_stride_h,
+        write_dst,
+        HEADS_PAD: tl.constexpr,
+        HALF_ROT: tl.constexpr,
+        HALF_ROT_PAD: tl.constexpr,
+        HAS_DST: tl.constexpr,
     ):
         # Rotate the first 2*HALF_ROT dims of each head in place; also store them at dst when write_dst.
         heads = tl.arange(0, HEADS_PAD)[:, None]
@@ -123,8 +151,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _copy_heads(
-        src_ptr, src_stride_h, dst_ptr, dst_stride_h, first_dim, write_dst,
-        NUM_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIMS_PAD: tl.constexpr,
+        src_ptr,
+        src_stride_h,
+        dst_ptr,
+        dst_stride_h,
+        first_dim,
+        write_dst,
+        NUM_HEADS: tl.constexpr,
+        HEADS_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        DIMS_PAD: tl.constexpr,
     ):
         heads = tl.arange(0, HEADS_PAD)[:, None]
         dims = first_dim + tl.arange(0, DIMS_PAD)[None, :]
@@ -134,13 +170,35 @@ if HAS_TRITON:
 
     @triton.jit
     def _cache_kernel(
-        q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
-        stride_cb, stride_ct, stride_ch,
-        NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
-        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        HALF_ROT: tl.constexpr, HALF_ROT_PAD: tl.constexpr, TAIL_PAD: tl.constexpr,
-        ROTATE: tl.constexpr, WRITE: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        positions_ptr,
+        cos_sin_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        slot_mapping_ptr,
+        stride_qt,
+        stride_qh,
+        stride_kt,
+        stride_kh,
+        stride_vt,
+        stride_vh,
+        stride_cs,
+        stride_cb,
+        stride_ct,
+        stride_ch,
+        NUM_HEADS: tl.constexpr,
+        NUM_KV_HEADS: tl.constexpr,
+        HEADS_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        HALF_ROT: tl.constexpr,
+        HALF_ROT_PAD: tl.constexpr,
+        TAIL_PAD: tl.constexpr,
+        ROTATE: tl.constexpr,
+        WRITE: tl.constexpr,
     ):
         # One program per token. Rotated k goes to the cache from registers, so nothing is re-read.
         token = tl.program_id(0).to(tl.int64)
@@ -159,13 +217,46 @@ if HAS_TRITON:
             sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF_ROT + half, mask=half < HALF_ROT, other=0.0)
             sin = sin.to(tl.float32)
             q_src = q_ptr + token * stride_qt
-            _rotate_heads(q_src, stride_qh, NUM_HEADS, cos, sin, q_src, stride_qh, write,
-                          HEADS_PAD, HALF_ROT, HALF_ROT_PAD, False)
-            _rotate_heads(k_src, stride_kh, NUM_KV_HEADS, cos, sin, k_cache_ptr + cache_off, stride_ch, write,
-                          HEADS_PAD, HALF_ROT, HALF_ROT_PAD, WRITE)
+            _rotate_heads(
+                q_src, stride_qh, NUM_HEADS, cos, sin, q_src, stride_qh, write, HEADS_PAD, HALF_ROT, HALF_ROT_PAD, False
+            )
+            _rotate_heads(
+                k_src,
+                stride_kh,
+                NUM_KV_HEADS,
+                cos,
+                sin,
+                k_cache_ptr + cache_off,
+                stride_ch,
+                write,
+                HEADS_PAD,
+                HALF_ROT,
+                HALF_ROT_PAD,
+                WRITE,
+            )
         # The dims rotary leaves alone (all of them without rotary), and all of v.
         if WRITE:
-            _copy_heads(k_src, stride_kh, k_cache_ptr + cache_off, stride_ch, 2 * HALF_ROT, write,
-                        NUM_KV_HEADS, HEADS_PAD, HEAD_DIM, TAIL_PAD)
-            _copy_heads(v_ptr + token * stride_vt, stride_vh, v_cache_ptr + cache_off, stride_ch, 0, write,
-                        NUM_KV_HEADS, HEADS_PAD, HEAD_DIM, HEAD_DIM_PAD)
+            _copy_heads(
+                k_src,
+                stride_kh,
+                k_cache_ptr + cache_off,
+                stride_ch,
+                2 * HALF_ROT,
+                write,
+                NUM_KV_HEADS,
+                HEADS_PAD,
+                HEAD_DIM,
+                TAIL_PAD,
+            )
+            _copy_heads(
+                v_ptr + token * stride_vt,
+                stride_vh,
+                v_cache_ptr + cache_off,
+                stride_ch,
+                0,
+                write,
+                NUM_KV_HEADS,
+                HEADS_PAD,
+                HEAD_DIM,
+                HEAD_DIM_PAD,
+            )

@@ -59,7 +59,13 @@ def paged_decode_attention(
     never syncs with the device, which CUDA graph capture needs.
     """
     return decode_attention(
-        q, kv_cache_layer[0], kv_cache_layer[1], block_tables, context_lens, scale, sliding_window,
+        q,
+        kv_cache_layer[0],
+        kv_cache_layer[1],
+        block_tables,
+        context_lens,
+        scale,
+        sliding_window,
         max_context_len,
     )
 
@@ -119,25 +125,52 @@ def decode_attention(
     stats = torch.empty((2, batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     head_dim_pad = next_power_of_2(head_dim)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, key_cache, value_cache, block_tables, context_lens, out, partial, stats,
+        q,
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        out,
+        partial,
+        stats,
         scale * LOG2E,
         sliding_window if sliding_window is not None else NO_WINDOW,
-        partition_size, num_splits,
-        q.stride(0), q.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        partition_size,
+        num_splits,
+        q.stride(0),
+        q.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        value_cache.stride(0),
+        value_cache.stride(1),
+        value_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(next_power_of_2(group), 16), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=2,
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=max(next_power_of_2(group), 16),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps,
+        num_stages=2,
     )
     if num_splits > 1:
         _reduce_kernel[(batch, num_heads)](
-            partial, stats, context_lens, out,
-            partition_size, num_splits,
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=next_power_of_2(num_splits),
+            partial,
+            stats,
+            context_lens,
+            out,
+            partition_size,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad,
+            SPLITS_PAD=next_power_of_2(num_splits),
             num_warps=4,
         )
     return out
@@ -147,15 +180,36 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, partial_ptr, stats_ptr,
-        qk_scale, window, partition_size, num_splits,
-        stride_qb, stride_qh,
-        stride_kb, stride_kt, stride_kh,
-        stride_vb, stride_vt, stride_vh,
+        q_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        block_tables_ptr,
+        context_lens_ptr,
+        out_ptr,
+        partial_ptr,
+        stats_ptr,
+        qk_scale,
+        window,
+        partition_size,
+        num_splits,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        stride_vb,
+        stride_vt,
+        stride_vh,
         stride_bt,
-        stride_ob, stride_oh,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        stride_ob,
+        stride_oh,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         # One program: one sequence, one KV head with its GROUP query heads, one partition of the context.
         seq = tl.program_id(0)
@@ -178,7 +232,8 @@ if HAS_TRITON:
         dim_ok = dims < HEAD_DIM
         q = tl.load(
             q_ptr + seq.to(tl.int64) * stride_qb + head[:, None] * stride_qh + dims[None, :],
-            mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+            mask=row_ok[:, None] & dim_ok[None, :],
+            other=0.0,
         )
         # A finite start: exp2(-inf - start) is 0 where exp2(-inf - -inf) would be NaN.
         m_i = tl.full([GROUP_PAD], -1.0e30, tl.float32)
@@ -193,11 +248,13 @@ if HAS_TRITON:
             load_mask = key_ok[:, None] & dim_ok[None, :]
             k = tl.load(
                 k_cache_ptr + slot * stride_kb + in_block * stride_kt + kv_head * stride_kh + dims[None, :],
-                mask=load_mask, other=0.0,
+                mask=load_mask,
+                other=0.0,
             )
             v = tl.load(
                 v_cache_ptr + slot * stride_vb + in_block * stride_vt + kv_head * stride_vh + dims[None, :],
-                mask=load_mask, other=0.0,
+                mask=load_mask,
+                other=0.0,
             )
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             qk = tl.where(key_ok[None, :], qk, float("-inf"))
@@ -223,10 +280,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _reduce_kernel(
-        partial_ptr, stats_ptr, context_lens_ptr, out_ptr,
-        partition_size, num_splits,
-        stride_ob, stride_oh,
-        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        partial_ptr,
+        stats_ptr,
+        context_lens_ptr,
+        out_ptr,
+        partition_size,
+        num_splits,
+        stride_ob,
+        stride_oh,
+        HEAD_DIM: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr,
+        SPLITS_PAD: tl.constexpr,
     ):
         # Merge one (sequence, head)'s partition softmaxes: rescale each by exp2(m_s - max m).
         seq = tl.program_id(0)

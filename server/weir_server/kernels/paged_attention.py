@@ -26,10 +26,23 @@ def paged_attention(
     """
     if attn.is_decode_only:
         return decode_attention(
-            query, key_cache, value_cache, attn.block_tables, attn.context_lens, scale, sliding_window,
+            query,
+            key_cache,
+            value_cache,
+            attn.block_tables,
+            attn.context_lens,
+            scale,
+            sliding_window,
             attn.max_context_len,
         )
     return prefill_attention(
-        query, key_cache, value_cache, attn.block_tables, attn.context_lens, attn.query_start_loc,
-        attn.max_query_len, scale, sliding_window,
+        query,
+        key_cache,
+        value_cache,
+        attn.block_tables,
+        attn.context_lens,
+        attn.query_start_loc,
+        attn.max_query_len,
+        scale,
+        sliding_window,
     )

@@ -89,8 +89,15 @@ def paged_prefill_attention(
 ) -> torch.Tensor:
     """Triton kernel: q [T, H, D] -> [T, H, D] in q's dtype; also right for decode rows (query_len 1)."""
     return prefill_attention(
-        q, kv_cache_layer[0], kv_cache_layer[1], block_tables, context_lens, query_start_loc,
-        max_query_len, scale, sliding_window,
+        q,
+        kv_cache_layer[0],
+        kv_cache_layer[1],
+        block_tables,
+        context_lens,
+        query_start_loc,
+        max_query_len,
+        scale,
+        sliding_window,
     )
 
 
@@ -127,18 +134,36 @@ def prefill_attention(
         num_warps = 8 if block_m >= 128 else 4
     grid = (triton.cdiv(max_query_len, block_q), context_lens.shape[0], num_kv_heads)
     _prefill_kernel[grid](
-        q, key_cache, value_cache, block_tables, context_lens, query_start_loc, out,
+        q,
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        query_start_loc,
+        out,
         scale * LOG2E,
         sliding_window if sliding_window is not None else NO_WINDOW,
-        q.stride(0), q.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        q.stride(0),
+        q.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        value_cache.stride(0),
+        value_cache.stride(1),
+        value_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=block_n,
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 
@@ -175,11 +200,31 @@ if HAS_TRITON:
 
     @triton.jit
     def _attend_keys(
-        q, acc, m_i, l_i, key_lo, key_hi, pos, window, qk_scale,
-        k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
-        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
+        q,
+        acc,
+        m_i,
+        l_i,
+        key_lo,
+        key_hi,
+        pos,
+        window,
+        qk_scale,
+        k_cache_ptr,
+        v_cache_ptr,
+        block_table_ptr,
+        kv_head,
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        stride_vb,
+        stride_vt,
+        stride_vh,
+        HEAD_DIM: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        MASKED: tl.constexpr,
     ):
         # Online softmax over keys [key_lo, key_hi); unmasked calls get whole chunks every row may see.
         dims = tl.arange(0, HEAD_DIM_PAD)
@@ -193,7 +238,8 @@ if HAS_TRITON:
             load_mask = key_ok[:, None] & dim_ok[None, :]
             k = tl.load(
                 k_cache_ptr + slot * stride_kb + in_block * stride_kt + kv_head * stride_kh + dims[None, :],
-                mask=load_mask, other=0.0,
+                mask=load_mask,
+                other=0.0,
             )
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             if MASKED:
@@ -205,7 +251,8 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(
                 v_cache_ptr + slot * stride_vb + in_block * stride_vt + kv_head * stride_vh + dims[None, :],
-                mask=load_mask, other=0.0,
+                mask=load_mask,
+                other=0.0,
             )
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
@@ -213,15 +260,34 @@ if HAS_TRITON:
 
     @triton.jit
     def _prefill_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr, out_ptr,
-        qk_scale, window,
-        stride_qt, stride_qh,
-        stride_kb, stride_kt, stride_kh,
-        stride_vb, stride_vt, stride_vh,
+        q_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        block_tables_ptr,
+        context_lens_ptr,
+        query_start_loc_ptr,
+        out_ptr,
+        qk_scale,
+        window,
+        stride_qt,
+        stride_qh,
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        stride_vb,
+        stride_vt,
+        stride_vh,
         stride_bt,
-        stride_ot, stride_oh,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        stride_ot,
+        stride_oh,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):
         # One program: BLOCK_Q query tokens x all GROUP query heads of one KV head, as BLOCK_Q*GROUP_PAD rows.
         # Later query blocks see more keys, so they are launched first.
@@ -259,19 +325,85 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
         table = block_tables_ptr + seq * stride_bt
         acc, m_i, l_i = _attend_keys(
-            q, acc, m_i, l_i, lo, full_lo, pos, window, qk_scale, k_cache_ptr, v_cache_ptr, table, kv_head,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, True,
+            q,
+            acc,
+            m_i,
+            l_i,
+            lo,
+            full_lo,
+            pos,
+            window,
+            qk_scale,
+            k_cache_ptr,
+            v_cache_ptr,
+            table,
+            kv_head,
+            stride_kb,
+            stride_kt,
+            stride_kh,
+            stride_vb,
+            stride_vt,
+            stride_vh,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            BLOCK_SIZE,
+            BLOCK_N,
+            DOT_PRECISION,
+            True,
         )
         acc, m_i, l_i = _attend_keys(
-            q, acc, m_i, l_i, full_lo, full_hi, pos, window, qk_scale, k_cache_ptr, v_cache_ptr, table, kv_head,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, False,
+            q,
+            acc,
+            m_i,
+            l_i,
+            full_lo,
+            full_hi,
+            pos,
+            window,
+            qk_scale,
+            k_cache_ptr,
+            v_cache_ptr,
+            table,
+            kv_head,
+            stride_kb,
+            stride_kt,
+            stride_kh,
+            stride_vb,
+            stride_vt,
+            stride_vh,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            BLOCK_SIZE,
+            BLOCK_N,
+            DOT_PRECISION,
+            False,
         )
         acc, m_i, l_i = _attend_keys(
-            q, acc, m_i, l_i, full_hi, hi, pos, window, qk_scale, k_cache_ptr, v_cache_ptr, table, kv_head,
-            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, True,
+            q,
+            acc,
+            m_i,
+            l_i,
+            full_hi,
+            hi,
+            pos,
+            window,
+            qk_scale,
+            k_cache_ptr,
+            v_cache_ptr,
+            table,
+            kv_head,
+            stride_kb,
+            stride_kt,
+            stride_kh,
+            stride_vb,
+            stride_vt,
+            stride_vh,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            BLOCK_SIZE,
+            BLOCK_N,
+            DOT_PRECISION,
+            True,
         )
 
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]

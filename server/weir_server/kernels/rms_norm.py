@@ -49,8 +49,14 @@ def _launch(x, residual, weight, eps, out) -> None:
         raise ValueError("rms_norm needs contiguous tensors")
     block = next_power_of_2(hidden)
     _rms_norm_kernel[(rows,)](
-        x, residual if residual is not None else x, weight, out, hidden, eps,
-        BLOCK=block, HAS_RESIDUAL=residual is not None,
+        x,
+        residual if residual is not None else x,
+        weight,
+        out,
+        hidden,
+        eps,
+        BLOCK=block,
+        HAS_RESIDUAL=residual is not None,
         num_warps=min(max(block // 256, 1), 16),
     )
 
@@ -59,15 +65,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_norm_kernel(
-        x_ptr, residual_ptr, weight_ptr, out_ptr, hidden, eps,
-        BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        x_ptr,
+        residual_ptr,
+        weight_ptr,
+        out_ptr,
+        hidden,
+        eps,
+        BLOCK: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64) * hidden
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
         x = tl.load(x_ptr + row + cols, mask=mask, other=0.0)
         if HAS_RESIDUAL:
-            x = (x.to(tl.float32) + tl.load(residual_ptr + row + cols, mask=mask, other=0.0).to(tl.float32))
+            x = x.to(tl.float32) + tl.load(residual_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
             x = x.to(residual_ptr.dtype.element_ty)
             tl.store(residual_ptr + row + cols, x, mask=mask)
         x = x.to(tl.float32)

@@ -117,8 +117,14 @@ def gumbel_argmax(logits: torch.Tensor, seeds: torch.Tensor, greedy: torch.Tenso
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     if batch:
         _gumbel_argmax_kernel[(batch,)](
-            logits, seeds.long().contiguous(), greedy.contiguous(), out, vocab, logits.stride(0),
-            BLOCK=_ARGMAX_BLOCK, num_warps=8,
+            logits,
+            seeds.long().contiguous(),
+            greedy.contiguous(),
+            out,
+            vocab,
+            logits.stride(0),
+            BLOCK=_ARGMAX_BLOCK,
+            num_warps=8,
         )
     return out
 

@@ -18,7 +18,7 @@ from tp_helpers import save_tiny_llama
 
 from weir_server.config import CacheConfig, EngineConfig, ExecutorConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from weir_server.distributed import parallel_state
-from weir_server.engine.llm_engine import LLMEngine
+from weir_server.engine.core import EngineCore
 from weir_server.engine.types import GenerationRequest, SamplingParams
 from weir_server.executor.tp_executor import TensorParallelExecutor, launch
 from weir_server.models.loader import load_model
@@ -44,7 +44,7 @@ def engine_config(directory: Path, tensor_parallel_size: int) -> EngineConfig:
     )
 
 
-def greedy(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, tuple[list[int], list[float]]]:
+def greedy(engine: EngineCore, prompts: list[list[int]]) -> dict[str, tuple[list[int], list[float]]]:
     """Each request's greedy tokens and their logprobs, stepping the engine until all finish."""
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=0)
     for i, prompt in enumerate(prompts):
@@ -62,18 +62,18 @@ def greedy(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, tuple[list[
 @pytest.fixture(scope="module")
 def single_rank(model_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     config = engine_config(model_dir, 1)
-    return greedy(LLMEngine(load_model(config.model), config), PROMPTS)
+    return greedy(EngineCore(load_model(config.model), config), PROMPTS)
 
 
 @pytest.fixture(scope="module")
-def two_ranks(model_dir: Path) -> Iterator[tuple[TensorParallelExecutor, LLMEngine, list[str]]]:
+def two_ranks(model_dir: Path) -> Iterator[tuple[TensorParallelExecutor, EngineCore, list[str]]]:
     """Rank 0 here, rank 1 in a worker process; worker deaths are recorded instead of exiting pytest."""
     config = engine_config(model_dir, 2)
     deaths: list[str] = []
     executor = launch(config, on_worker_death=deaths.append)
     assert executor is not None
     try:
-        yield executor, LLMEngine(load_model(config.model), config), deaths
+        yield executor, EngineCore(load_model(config.model), config, publisher=executor), deaths
     finally:
         executor.shutdown()
         assert not parallel_state.get().is_parallel

@@ -1,12 +1,16 @@
-"""Test helpers for the engine: a tiny random Llama served by LLMEngine, and drivers that run it to completion."""
+"""Test helpers for the engine: a tiny random Llama served by EngineCore, and drivers that run it to completion."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from transformers import LlamaConfig
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM as HFLlamaForCausalLM
 
 from weir_server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from weir_server.engine.llm_engine import LLMEngine
+from weir_server.engine.core import EngineCore
 from weir_server.engine.types import GenerationOutput, GenerationRequest, SamplingParams
 from weir_server.models.llama import LlamaForCausalLM
 from weir_server.models.loader import LoadedModel
@@ -62,7 +66,7 @@ def make_engine(
     max_num_seqs: int = 64,
     max_waiting: int = 1024,
     enable_prefix_caching: bool = True,
-) -> LLMEngine:
+) -> EngineCore:
     config = EngineConfig(
         model=ModelConfig("tiny-llama", device="cpu"),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching),
@@ -70,7 +74,7 @@ def make_engine(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting
         ),
     )
-    return LLMEngine(loaded, config)
+    return EngineCore(loaded, config)
 
 
 def prompt(seed: int, length: int, vocab: int = TINY_VOCAB) -> list[int]:
@@ -84,7 +88,7 @@ def greedy(max_tokens: int, **kwargs) -> SamplingParams:
 
 
 def run(
-    engine: LLMEngine, arrivals: dict[int, list[GenerationRequest]], max_steps: int = 10_000
+    engine: EngineCore, arrivals: dict[int, list[GenerationRequest]], max_steps: int = 10_000
 ) -> dict[tuple[str, int], list[GenerationOutput]]:
     """Add requests at the given step numbers, step until all finish; outputs per (request_id, index)."""
     outputs: dict[tuple[str, int], list[GenerationOutput]] = {}
@@ -109,3 +113,28 @@ def run_alone(loaded: LoadedModel, request: GenerationRequest, **engine_kwargs) 
     engine = make_engine(loaded, **engine_kwargs)
     result = run(engine, {0: [request]})
     return tokens_of(result[(request.request_id, 0)])
+
+
+def save_tiny_llama(directory: Path, vocab_size: int) -> Path:
+    """A random tiny Llama saved by transformers with a word-level tokenizer over made-up words ("w3", "w4", ...),
+    for a core process to load; the same checkpoint as tests/server/distributed/tp_helpers.py makes (test folders
+    cannot import each other's helpers)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        eos_token_id=2,
+    )
+    HFLlamaForCausalLM(config).save_pretrained(directory)
+    vocab = {"[PAD]": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", eos_token="</s>").save_pretrained(directory)
+    return directory

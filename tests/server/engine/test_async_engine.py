@@ -1,4 +1,5 @@
-"""AsyncEngine: concurrent streams, n choices, aborts, step failures, validation before the first output."""
+"""AsyncEngine over a core on a thread: concurrent streams, n choices, aborts, step failures, validation before the
+first output."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from engine_helpers import greedy, prompt, run_alone
 
 from weir_server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from weir_server.engine.async_engine import AsyncEngine, RequestStream
+from weir_server.engine.factory import create_engine
 from weir_server.engine.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
 from weir_server.errors import InvalidRequestError, QueueFullError
 
@@ -25,7 +27,7 @@ def _config(num_blocks: int = 128, max_waiting: int = 1024, max_num_seqs: int = 
 
 @pytest.fixture
 async def engine(tiny_loaded):
-    engine = AsyncEngine(tiny_loaded, _config())
+    engine = create_engine(tiny_loaded, _config())
     await engine.start()
     yield engine
     await engine.shutdown()
@@ -97,10 +99,10 @@ async def test_invalid_request_raises_before_anything_is_yielded(engine):
 
 
 async def test_full_waiting_queue_raises_queue_full(tiny_loaded):
-    engine = AsyncEngine(tiny_loaded, _config(max_waiting=1, max_num_seqs=1))
+    engine = create_engine(tiny_loaded, _config(max_waiting=1, max_num_seqs=1))
     await engine.start()
     try:
-        with engine.core._wakeup:  # hold the engine thread so the requests are still queued
+        with engine.client.busy_loop._wakeup:  # hold the engine thread so the requests are still queued
             first = engine.generate(GenerationRequest("q1", prompt(1, 4), greedy(2)))
             second = engine.generate(GenerationRequest("q2", prompt(2, 4), greedy(2)))  # one slot + one waiting
             with pytest.raises(QueueFullError):
@@ -113,14 +115,14 @@ async def test_full_waiting_queue_raises_queue_full(tiny_loaded):
 
 
 async def test_step_exception_fails_only_that_steps_requests_and_engine_keeps_running(engine, monkeypatch):
-    original = engine.engine.runner.execute
+    original = engine.client.core.runner.execute
 
     def flaky(batch, *rest):
         if any(s.seq.request_id == "bad" for s in batch):
             raise RuntimeError("injected failure")
         return original(batch, *rest)
 
-    monkeypatch.setattr(engine.engine.runner, "execute", flaky)
+    monkeypatch.setattr(engine.client.core.runner, "execute", flaky)
     bad = await _collect(engine, GenerationRequest("bad", prompt(4, 6), greedy(3)))
     assert bad[-1].finish_reason is FinishReason.ERROR and "injected failure" in (bad[-1].error or "")
     good = await _collect(engine, GenerationRequest("good", prompt(5, 6), greedy(3)))
@@ -168,7 +170,7 @@ def test_request_stream_merges_queued_outputs_of_the_same_choice():
 async def test_shutdown_fails_open_streams_and_refuses_new_requests(tiny_loaded):
     from weir_server.errors import EngineUnavailableError
 
-    engine = AsyncEngine(tiny_loaded, _config())
+    engine = create_engine(tiny_loaded, _config())
     await engine.start()
     stream = engine.generate(GenerationRequest("s", prompt(8, 5), greedy(200)))
     await anext(stream)

@@ -9,8 +9,8 @@ import torch
 from transformers import LlamaConfig
 
 from weir_server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from weir_server.engine.async_engine import AsyncEngine
-from weir_server.engine.llm_engine import LLMEngine
+from weir_server.engine.core import EngineCore
+from weir_server.engine.factory import thread_engine
 from weir_server.engine.types import GenerationRequest, SamplingParams
 from weir_server.models.llama import LlamaForCausalLM
 from weir_server.models.loader import LoadedModel
@@ -65,7 +65,7 @@ def _requests() -> list[GenerationRequest]:
     ]
 
 
-def _run(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[str, list[int]]:
+def _run(engine: EngineCore, requests: list[GenerationRequest]) -> dict[str, list[int]]:
     for request in requests:
         engine.add_request(engine.validate(request))
     tokens: dict[str, list[int]] = {}
@@ -76,7 +76,7 @@ def _run(engine: LLMEngine, requests: list[GenerationRequest]) -> dict[str, list
 
 
 def test_cuda_kv_cache_is_sized_by_profiling(loaded):
-    engine = LLMEngine(loaded, _config(None))
+    engine = EngineCore(loaded, _config(None))
     free, total = torch.cuda.mem_get_info()
     assert engine.block_manager.num_total_blocks > 1000
     assert free > total * 0.4  # the cache stays within gpu_memory_utilization
@@ -84,13 +84,13 @@ def test_cuda_kv_cache_is_sized_by_profiling(loaded):
 
 def test_cuda_batching_preemption_and_async_match_running_alone(loaded):
     requests = _requests()
-    alone = {r.request_id: _run(LLMEngine(loaded, _config(64)), [r])[r.request_id] for r in requests}
-    assert _run(LLMEngine(loaded, _config(64)), requests) == alone
-    tight = LLMEngine(loaded, _config(12))
+    alone = {r.request_id: _run(EngineCore(loaded, _config(64)), [r])[r.request_id] for r in requests}
+    assert _run(EngineCore(loaded, _config(64)), requests) == alone
+    tight = EngineCore(loaded, _config(12))
     assert _run(tight, requests) == alone and tight.scheduler.num_preemptions > 0
 
     async def streamed() -> list[list[int]]:
-        engine = AsyncEngine(loaded, _config(64))
+        engine = thread_engine(EngineCore(loaded, _config(64)))
         await engine.start()
         try:
 

@@ -9,9 +9,9 @@ from transformers import LlamaForCausalLM as HFLlama
 
 from weir_server.config import CacheConfig, EngineConfig, ModelConfig
 from weir_server.engine.block_manager import BlockManager
-from weir_server.engine.scheduler import ScheduledSeq
 from weir_server.engine.sequence import Sequence
 from weir_server.engine.types import SamplingParams
+from weir_server.executor.batch import ScheduledSeq
 from weir_server.executor.model_runner import ModelRunner, kv_cache_shape
 from weir_server.models.llama import LlamaForCausalLM
 from weir_server.models.loader import LoadedModel
@@ -36,7 +36,7 @@ def models():
     return config, ours.eval(), reference
 
 
-def _runner(config, model, **cache) -> ModelRunner:
+def _runner(config, model, publisher=None, **cache) -> ModelRunner:
     loaded = LoadedModel(
         model=model,
         hf_config=config,
@@ -51,7 +51,7 @@ def _runner(config, model, **cache) -> ModelRunner:
         eos_token_ids=(),
         pooling="last",
     )
-    return ModelRunner(loaded, EngineConfig(ModelConfig("tiny"), cache=CacheConfig(block_size=4, **cache)))
+    return ModelRunner(loaded, EngineConfig(ModelConfig("tiny"), cache=CacheConfig(block_size=4, **cache)), publisher)
 
 
 def test_kv_cache_is_sized_from_memory_budget_on_cpu(models):
@@ -71,7 +71,7 @@ def test_prepare_flattens_mixed_prefill_chunks_and_decodes(models):
     decode = Sequence("d", 0, [5, 6, 7, 8, 9], SamplingParams())
     decode.block_table = [2, 4]
     decode.num_computed_tokens = 4
-    batch = [ScheduledSeq(prefill, 6), ScheduledSeq(decode, 1)]
+    batch = [ScheduledSeq(prefill, 6, prefill.num_computed_tokens), ScheduledSeq(decode, 1, decode.num_computed_tokens)]
     model_input = runner.prepare(batch)
     assert model_input.input_ids.tolist() == [10, 11, 12, 13, 14, 15, 9]
     assert model_input.positions.tolist() == [0, 1, 2, 3, 4, 5, 4]
@@ -86,7 +86,11 @@ def _run_to_end(runner: ModelRunner, bm: BlockManager, seqs: list[Sequence], chu
     """Prefill every sequence in chunks of `chunk` tokens, all in one batch per step; last-token logits per seq."""
     last: dict[int, torch.Tensor] = {}
     while any(s.num_uncomputed_tokens for s in seqs):
-        batch = [ScheduledSeq(s, min(chunk, s.num_uncomputed_tokens)) for s in seqs if s.num_uncomputed_tokens]
+        batch = [
+            ScheduledSeq(s, min(chunk, s.num_uncomputed_tokens), s.num_computed_tokens)
+            for s in seqs
+            if s.num_uncomputed_tokens
+        ]
         for s in batch:
             bm.allocate(s.seq, s.num_new_tokens)
         out = runner.execute(batch)
@@ -116,10 +120,28 @@ def test_prompt_logits_cover_every_prompt_position_but_the_last(models):
     bm = BlockManager(16, 4)
     seq = Sequence("p", 0, torch.randint(0, 300, (9,)).tolist(), SamplingParams(prompt_logprobs=2))
     bm.allocate(seq, 9)
-    out = runner.execute([ScheduledSeq(seq, 9)])
+    out = runner.execute([ScheduledSeq(seq, 9, 0)])
     ((scheduled, logits),) = out.prompt_logits
     with torch.no_grad():
         expected = reference(torch.tensor([seq.token_ids])).logits[0]
     assert logits.shape == (8, 300)
     torch.testing.assert_close(logits, expected[:8], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.sample_logits[0], expected[8], atol=1e-4, rtol=1e-4)
+
+
+def test_the_runner_hands_each_batch_to_the_publisher_it_was_given_before_running_it(models):
+    config, model, _ = models
+    published: list[list[tuple[int, int]]] = []
+
+    class Recorder:
+        def publish(self, batch):
+            published.append([(s.start, s.num_new_tokens) for s in batch])
+
+    runner = _runner(config, model, publisher=Recorder(), num_blocks=16)
+    bm = BlockManager(16, 4)
+    seq = Sequence("p", 0, [5, 6, 7, 8, 9], SamplingParams())
+    bm.allocate(seq, 5)
+    runner.execute([ScheduledSeq(seq, 3, 0)])
+    seq.num_computed_tokens = 3
+    runner.execute([ScheduledSeq(seq, 2, 3)])
+    assert published == [[(0, 3)], [(3, 2)]]

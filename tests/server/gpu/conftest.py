@@ -41,7 +41,7 @@ def tiny_loaded(device: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
 
 def engine_core(loaded: LoadedModel, enforce_eager: bool, max_num_seqs: int = 32) -> Any:
     """The synchronous engine core (schedule, launch, read back, outputs) over `loaded`."""
-    from weir_server.engine.llm_engine import LLMEngine
+    from weir_server.engine.core import EngineCore
 
     config = EngineConfig(
         ModelConfig("tiny"),
@@ -49,7 +49,7 @@ def engine_core(loaded: LoadedModel, enforce_eager: bool, max_num_seqs: int = 32
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=512),
         ExecutorConfig(enforce_eager=enforce_eager),
     )
-    return LLMEngine(loaded, config)
+    return EngineCore(loaded, config)
 
 
 def run_requests(core: Any, requests: list[GenerationRequest]) -> dict[str, list[int]]:

@@ -32,8 +32,14 @@ needs_packing = pytest.mark.skipif(not packing_available(), reason="this torch b
 def tiny_llama(dtype: torch.dtype, tied: bool) -> LlamaForCausalLM:
     """A two-layer random Llama in `dtype`, the same weights for every dtype."""
     config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)

@@ -1,4 +1,5 @@
-"""The models a server serves: loading them off the event loop and resolving a request's `model` field."""
+"""The models a server serves (`ServedModels`): loading them off the event loop and resolving a request's `model`
+field. Not to be confused with `models/registry.py`, the architectures Weir can build."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from typing import Literal
 
 from weir_server.chat.frontend import ChatFrontend
 from weir_server.config import ServerConfig
-from weir_server.engine.async_engine import AsyncEngine, StreamingEngine
+from weir_server.engine.async_engine import AsyncEngine
 from weir_server.engine.embedding_engine import EmbeddingEngine
-from weir_server.engine.engine_core import EngineCoreClient, runs_in_own_process
+from weir_server.engine.factory import load_engine
 from weir_server.errors import EngineUnavailableError, InvalidRequestError, ModelNotFoundError
 from weir_server.models.loader import LoadedModel, load_model
 from weir_server.tokenization import Tokenizer
@@ -26,7 +27,7 @@ class ServedModel:
 
     loaded: LoadedModel
     tokenizer: Tokenizer
-    generator: StreamingEngine | None = None
+    generator: AsyncEngine | None = None
     embedder: EmbeddingEngine | None = None
     chat: ChatFrontend | None = None  # generation models: templates, tool calls, reasoning
     is_default: bool = False
@@ -41,7 +42,7 @@ class ServedModel:
         return self.loaded.task
 
 
-class ModelRegistry:
+class ServedModels:
     """Served models by id; the first model of each task is its default."""
 
     def __init__(self) -> None:
@@ -83,14 +84,9 @@ class ModelRegistry:
         if config.generate is not None:
             engine_config = config.generate
             started = time.perf_counter()
-            engine: StreamingEngine
-            if runs_in_own_process(engine_config):
-                loaded = await asyncio.to_thread(load_model, engine_config.model, "generate", False)
-                engine = EngineCoreClient(loaded, engine_config)
-            else:
-                loaded = await asyncio.to_thread(load_model, engine_config.model, "generate")
-                engine = await asyncio.to_thread(AsyncEngine, loaded, engine_config)
+            engine = await asyncio.to_thread(load_engine, engine_config)
             await engine.start()
+            loaded = engine.loaded
             took = time.perf_counter() - started
             chat = ChatFrontend(loaded.tokenizer, config.chat) if loaded.tokenizer is not None else None
             served = ServedModel(loaded, Tokenizer(loaded.tokenizer), generator=engine, chat=chat, load_duration_s=took)
@@ -111,4 +107,3 @@ class ModelRegistry:
                 await model.generator.shutdown()
             if model.embedder is not None:
                 await model.embedder.shutdown()
-

@@ -1,10 +1,12 @@
-"""LLMEngine with a tiny random Llama: batching, preemption, prefix caching and chunked prefill keep greedy output."""
+"""EngineCore with a tiny random Llama: batching, preemption, prefix caching and chunked prefill keep greedy output."""
 
 from __future__ import annotations
 
 import pytest
 from engine_helpers import greedy, make_engine, prompt, run, run_alone, tokens_of
 
+from weir_server.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
+from weir_server.engine.core import EngineCore
 from weir_server.engine.types import FinishReason, GenerationRequest, SamplingParams
 from weir_server.errors import InvalidRequestError, QueueFullError
 
@@ -232,3 +234,13 @@ def test_stop_string_ends_the_choice_and_is_not_in_the_text(tiny_loaded_with_tok
         got = "".join(o.text for o in outputs)
         assert got == (text[: cut + len(stop)] if include else text[:cut])
         assert outputs[-1].finish_reason is FinishReason.STOP_SEQUENCE and outputs[-1].stop_reason == stop
+
+
+def test_a_tensor_parallel_core_is_refused_without_its_workers_publisher(tiny_loaded):
+    config = EngineConfig(
+        model=ModelConfig("tiny-llama", device="cpu"),
+        cache=CacheConfig(block_size=4, num_blocks=64),
+        parallel=ParallelConfig(tensor_parallel_size=2),
+    )
+    with pytest.raises(ValueError, match="publisher"):
+        EngineCore(tiny_loaded, config)

@@ -1,6 +1,6 @@
-"""The engine core in its own process (`--engine-core process`): same outputs as the in-process engine thread,
-validation and queue limits on the server side, aborts reaching the core, and a dead core failing its streams.
-Also one real gRPC server with a process core, called by the Python client."""
+"""The core in its own process (`--engine-core process`, `ProcessClient`): same outputs as a core on a thread
+(`InProcessClient`), validation and queue limits on the server side, aborts reaching the core, and a dead core
+failing its streams. Also one real gRPC server with a process core, called by the Python client."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from tp_helpers import save_tiny_llama
+from engine_helpers import save_tiny_llama
 
 from weir_client import AsyncWeirClient
 from weir_server.config import (
@@ -24,8 +24,9 @@ from weir_server.config import (
     SchedulerConfig,
     ServerConfig,
 )
-from weir_server.engine.async_engine import AsyncEngine, StreamingEngine
-from weir_server.engine.engine_core import EngineCoreClient
+from weir_server.engine.async_engine import AsyncEngine
+from weir_server.engine.core_client import InProcessClient, ProcessClient
+from weir_server.engine.factory import create_engine
 from weir_server.engine.types import FinishReason, GenerationOutput, GenerationRequest, SamplingParams
 from weir_server.errors import EngineUnavailableError, InvalidRequestError, QueueFullError
 from weir_server.models.loader import load_model
@@ -41,6 +42,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-core"), VOCAB)
 
 
+THREAD = ExecutorConfig(num_threads=1, engine_core="thread")
+
+
 def engine_config(directory: Path, max_num_seqs: int = 8, max_waiting: int = 64) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(str(directory), dtype="float32", device="cpu"),
@@ -50,8 +54,9 @@ def engine_config(directory: Path, max_num_seqs: int = 8, max_waiting: int = 64)
     )
 
 
-async def started_core(config: EngineConfig) -> EngineCoreClient:
-    core = EngineCoreClient(load_model(config.model, "generate", weights=False), config)
+async def started_core(config: EngineConfig) -> AsyncEngine:
+    core = create_engine(load_model(config.model, "generate", weights=False), config)
+    assert isinstance(core.client, ProcessClient)
     await core.start()
     return core
 
@@ -65,7 +70,7 @@ async def collect(stream: AsyncIterator[GenerationOutput]) -> dict[int, tuple[li
     return choices
 
 
-async def run_all(engine: StreamingEngine) -> list[dict[int, tuple[list[int], str, str | None]]]:
+async def run_all(engine: AsyncEngine) -> list[dict[int, tuple[list[int], str, str | None]]]:
     params = [
         SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
         SamplingParams(max_tokens=9, temperature=0.8, seed=7, n=2, ignore_eos=True),
@@ -74,19 +79,21 @@ async def run_all(engine: StreamingEngine) -> list[dict[int, tuple[list[int], st
         SamplingParams(max_tokens=15, temperature=0.9, seed=3, stop=("w1",)),
         SamplingParams(max_tokens=15, temperature=0.9, seed=4, stop_token_ids=tuple(range(100, 199))),
         SamplingParams(
-            max_tokens=15, temperature=0.9, seed=4, stop_token_ids=tuple(range(100, 199)),
+            max_tokens=15,
+            temperature=0.9,
+            seed=4,
+            stop_token_ids=tuple(range(100, 199)),
             include_stop_str_in_output=True,
         ),
     ]
-    streams = [
-        engine.generate(GenerationRequest(f"r{i}", PROMPTS[i % len(PROMPTS)], p)) for i, p in enumerate(params)
-    ]
+    streams = [engine.generate(GenerationRequest(f"r{i}", PROMPTS[i % len(PROMPTS)], p)) for i, p in enumerate(params)]
     return list(await asyncio.gather(*(collect(s) for s in streams)))
 
 
 async def test_process_core_gives_the_thread_engines_outputs(model_dir: Path) -> None:
     config = engine_config(model_dir)
-    thread = AsyncEngine(load_model(config.model, "generate"), config)
+    thread = create_engine(load_model(config.model, "generate"), dataclasses.replace(config, executor=THREAD))
+    assert isinstance(thread.client, InProcessClient)
     await thread.start()
     try:
         expected = await run_all(thread)
@@ -139,8 +146,9 @@ async def test_a_dead_core_fails_its_streams_as_unavailable(model_dir: Path) -> 
     try:
         stream = core.generate(GenerationRequest("long", [5, 6, 7], SamplingParams(max_tokens=250, ignore_eos=True)))
         await anext(stream)
-        assert core._process is not None and core._process.pid is not None
-        os.kill(core._process.pid, signal.SIGKILL)
+        process = core.client._process
+        assert process is not None and process.pid is not None
+        os.kill(process.pid, signal.SIGKILL)
         with pytest.raises(EngineUnavailableError):
             async for _ in stream:
                 pass
@@ -158,7 +166,8 @@ async def test_grpc_server_with_a_process_core(model_dir: Path) -> None:
     await server.start()
     try:
         model = server.registry.default("generate")
-        assert model is not None and isinstance(model.generator, EngineCoreClient)
+        assert model is not None and model.generator is not None
+        assert isinstance(model.generator.client, ProcessClient)
         async with AsyncWeirClient(server.address, timeout=60) as client:
             result = await client.complete("w5 w6 w7", max_tokens=6, temperature=0.0, ignore_eos=True)
         assert len(result.choices[0].token_ids) == 6 and result.choices[0].finish_reason == "length"
@@ -175,8 +184,9 @@ async def test_a_dead_core_turns_the_server_not_serving_and_ends_it(model_dir: P
     await server.start()
     try:
         model = server.registry.default("generate")
-        assert model is not None and isinstance(model.generator, EngineCoreClient)
-        process = model.generator._process
+        assert model is not None and model.generator is not None
+        assert isinstance(model.generator.client, ProcessClient)
+        process = model.generator.client._process
         assert process is not None and process.pid is not None
         os.kill(process.pid, signal.SIGKILL)
         assert server.engine_failure is not None

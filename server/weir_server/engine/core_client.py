@@ -1,0 +1,230 @@
+"""CoreClient: how the AsyncEngine reaches its EngineCore, on a thread of this process or in a process of its own.
+
+Either way the core steps in a `CoreLoop`, and each step's outputs come back through `deliver`, called on a thread
+of the client's (never the event loop), which hands them to the streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing as mp
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Protocol
+
+from weir_server.config import EngineConfig
+from weir_server.engine.core import CoreLoop, EngineCore
+from weir_server.engine.core_process import run_core_process
+from weir_server.engine.scheduler import check_in_flight
+from weir_server.engine.stats import EngineStats
+from weir_server.engine.types import GenerationOutput, GenerationRequest
+from weir_server.engine.wire import (
+    AbortRequest,
+    AddRequest,
+    CoreFailed,
+    CoreInfo,
+    CoreOutputs,
+    CoreReady,
+    FromCore,
+    StopCore,
+    ToCore,
+    decode_outputs,
+)
+from weir_server.errors import EngineUnavailableError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 1800.0  # loading a large checkpoint and capturing CUDA graphs can take minutes
+
+Deliver = Callable[[list[GenerationOutput]], None]
+OnExit = Callable[[str], None]  # the core ended on its own and will not come back: why
+
+
+class CoreClient(Protocol):
+    """Start, stop, add, abort and stats of one EngineCore, wherever it runs."""
+
+    @property
+    def is_running(self) -> bool: ...
+
+    async def start(self, deliver: Deliver, on_exit: OnExit) -> CoreInfo:
+        """Start the core (loading its model where that is left to it); raises ModelLoadError if it can't."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop the core; the requests still in it are dropped."""
+        ...
+
+    def add(self, request: GenerationRequest, num_open: int) -> None:
+        """Hand a validated request to the core; raises QueueFullError when the core can take no more (a client
+        that cannot see the core's queue counts the `num_open` requests admitted before and not yet ended)."""
+        ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats:
+        """The core's counters as of its last step."""
+        ...
+
+
+class InProcessClient:
+    """The core's loop on a thread of this process; the core is built before (a model with weights)."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.busy_loop: CoreLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def start(self, deliver: Deliver, on_exit: OnExit) -> CoreInfo:
+        """Start the loop's thread. The thread never ends on its own (`on_exit` is not called)."""
+        self.busy_loop = CoreLoop(self.core, lambda outputs, _stats: deliver(outputs))
+        self._thread = threading.Thread(target=self.busy_loop.run, name="weir-engine", daemon=True)
+        self._thread.start()
+        return CoreInfo(self.core.max_seq_len, self.busy_loop.last_stats)
+
+    async def stop(self) -> None:
+        if self.busy_loop is not None:
+            self.busy_loop.stop()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def add(self, request: GenerationRequest, num_open: int) -> None:
+        self._loop().add(request)  # counts the core's own queue
+
+    def abort(self, request_id: str) -> None:
+        self._loop().abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self._loop().last_stats if self.busy_loop is not None else self.core.stats()
+
+    def _loop(self) -> CoreLoop:
+        if self.busy_loop is None:
+            raise EngineUnavailableError("the engine is not running")
+        return self.busy_loop
+
+
+class ProcessClient:
+    """The server side of a core process (`core_process.run_core_process`): one pipe, a reader thread."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._reader: threading.Thread | None = None
+        self._send_lock = threading.Lock()
+        self._stopping = False
+        self._stats = EngineStats(0, 0, 0, 0, config.cache.block_size, 0, 0, 0, 0, 0)
+
+    @property
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.is_alive() and self._reader is not None
+
+    async def start(self, deliver: Deliver, on_exit: OnExit) -> CoreInfo:
+        """Spawn the core and wait until its model is loaded; raises ModelLoadError if it can't start."""
+        self._stopping = False
+        ctx = mp.get_context("spawn")  # a fresh interpreter: CUDA cannot be forked
+        ours, theirs = ctx.Pipe(duplex=True)
+        # Not a daemon: the core may start tensor-parallel workers of its own. It exits when this process does.
+        process = ctx.Process(
+            target=run_core_process,
+            args=(self.config, theirs, logging.getLogger().getEffectiveLevel()),
+            name="weir-engine-core",
+        )
+        process.start()
+        theirs.close()
+        self._process, self._conn = process, ours
+        match await asyncio.to_thread(self._await_ready, process, ours):
+            case CoreReady(info):
+                pass
+            case CoreFailed(message):
+                process.join(timeout=10)
+                self._process = self._conn = None
+                raise ModelLoadError(f"the engine core failed to start: {message}")
+            case other:
+                raise ModelLoadError(f"the engine core sent {other!r} instead of being ready")
+        self._stats = info.stats
+        self._reader = threading.Thread(
+            target=self._read, args=(ours, deliver, on_exit), name="weir-core-read", daemon=True
+        )
+        self._reader.start()
+        logger.info("engine core process %d ready", process.pid)
+        return info
+
+    @staticmethod
+    def _await_ready(process: BaseProcess, conn: Connection) -> FromCore:
+        ready = wait([conn, process.sentinel], timeout=_START_TIMEOUT_S)
+        if conn in ready:
+            try:
+                message: FromCore = conn.recv()
+                return message
+            except EOFError:
+                pass
+        return CoreFailed(f"the process exited (code {process.exitcode})" if ready else "it timed out")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        process, conn = self._process, self._conn
+        if process is not None and conn is not None:
+            with contextlib.suppress(EngineUnavailableError):  # already gone
+                self._send(StopCore())
+            await asyncio.to_thread(process.join, 30)
+            if process.is_alive():
+                logger.warning("engine core did not stop in 30 s; killing it")
+                process.kill()
+                await asyncio.to_thread(process.join, 10)
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join, 10)
+        self._process = self._conn = self._reader = None
+
+    def add(self, request: GenerationRequest, num_open: int) -> None:
+        # The core's queue is not visible from here: the requests in flight are those admitted and not ended.
+        check_in_flight(self.config.scheduler, num_open)
+        self._send(AddRequest(request))
+
+    def abort(self, request_id: str) -> None:
+        self._send(AbortRequest(request_id))
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def _send(self, message: ToCore) -> None:
+        conn = self._conn
+        if conn is None:
+            raise EngineUnavailableError("the engine core is not running")
+        try:
+            with self._send_lock:
+                conn.send(message)
+        except (OSError, ValueError) as error:
+            raise EngineUnavailableError(f"the engine core is gone: {error}") from error
+
+    def _read(self, conn: Connection, deliver: Deliver, on_exit: OnExit) -> None:
+        """Reader thread: hand each step's outputs on until the core ends."""
+        try:
+            while True:
+                match conn.recv():
+                    case CoreOutputs(packed, stats):
+                        self._stats = stats
+                        deliver(decode_outputs(packed))
+                    case other:
+                        logger.error("unexpected message from the engine core: %r", other)
+        except (EOFError, OSError):
+            pass
+        if not self._stopping:
+            logger.error("the engine core process exited unexpectedly; failing every request in flight")
+            self._reader = None  # not running any more: health and new requests see it
+            on_exit(f"the engine core process exited (code {self._exit_code()})")
+
+    def _exit_code(self) -> int | None:
+        process = self._process
+        if process is None:
+            return None
+        process.join(timeout=2)
+        return process.exitcode

@@ -1,0 +1,97 @@
+"""The EngineCore in a process of its own: load the model, then step it, taking messages from the server's pipe.
+
+Why a process: on a GPU the engine's host work (schedule, prepare, sample, detokenize) and the gRPC event
+loop's per-message work both need the one GIL of a process. Measured on an H100 at 512 streams (bench/RESULTS.md),
+the engine thread alone stepped at 42-49k tokens/s while gRPC beside it on the same GIL reached 17-20k. In its own
+process the core steps at its own pace and the server process merges the outputs of streams that fall behind into
+fewer, larger messages. On a CPU the model's matmuls need every core and the GIL is mostly released, so there the
+core stays a thread (`--engine-core auto`). The server's side of the pipe is `core_client.ProcessClient`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from multiprocessing.connection import Connection
+
+from weir_server.config import EngineConfig
+from weir_server.engine.core import CoreLoop, EngineCore
+from weir_server.engine.stats import EngineStats
+from weir_server.engine.types import GenerationOutput
+from weir_server.engine.wire import (
+    AbortRequest,
+    AddRequest,
+    CoreFailed,
+    CoreInfo,
+    CoreOutputs,
+    CoreReady,
+    StopCore,
+    encode_outputs,
+)
+from weir_server.process_lifetime import exit_with_parent, freeze_startup_objects
+
+logger = logging.getLogger(__name__)
+
+
+def run_core_process(config: EngineConfig, conn: Connection, log_level: int) -> None:
+    """The core process's main: build the core, then step it until told to stop or the server process is gone."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [engine core] %(name)s: %(message)s")
+    exit_with_parent()
+    try:
+        core = EngineCore.from_config(config, detokenize_all=False)  # the server process makes most text (OutputText)
+    except Exception as error:
+        logger.exception("engine core failed to start")
+        conn.send(CoreFailed(f"{type(error).__name__}: {error}"))
+        os._exit(1)
+    # Outputs leave through a sender thread: pickling and a pipe write that blocks while the server is busy
+    # must not hold up the next step. The sender pickles while the loop waits for the GPU (GIL released).
+    # Steps that pile up while the server reads go out as one message.
+    outbox: queue.SimpleQueue[tuple[list[GenerationOutput], EngineStats] | None] = queue.SimpleQueue()
+    loop = CoreLoop(core, lambda outputs, stats: outbox.put((outputs, stats)))
+    freeze_startup_objects()
+    conn.send(CoreReady(CoreInfo(core.max_seq_len, core.stats())))
+    sender = threading.Thread(target=_send, args=(conn, outbox), name="weir-core-send", daemon=True)
+    sender.start()
+    threading.Thread(target=_receive, args=(conn, loop), name="weir-core-receive", daemon=True).start()
+    loop.run()
+    outbox.put(None)
+    sender.join(timeout=5)
+    logging.shutdown()
+    os._exit(0)  # teardown of CUDA graphs and helper threads can stall; nothing here needs it
+
+
+def _send(conn: Connection, outbox: queue.SimpleQueue[tuple[list[GenerationOutput], EngineStats] | None]) -> None:
+    """Sender thread: each step's outputs to the server, those of steps queued meanwhile merged into one message."""
+    done = False
+    try:
+        while not done and (item := outbox.get()) is not None:
+            outputs, stats = item
+            while not outbox.empty():
+                more = outbox.get_nowait()
+                if more is None:
+                    done = True
+                    break
+                outputs, stats = outputs + more[0], more[1]
+            conn.send(CoreOutputs(encode_outputs(outputs), stats))
+    except (OSError, ValueError):  # the server is gone; the parent watch ends this process
+        pass
+
+
+def _receive(conn: Connection, loop: CoreLoop) -> None:
+    """Receiver thread: the server's messages into the loop, until it says stop or is gone."""
+    try:
+        while True:
+            match conn.recv():
+                case AddRequest(request):
+                    loop.add(request, check_capacity=False)  # the server counts what it admits
+                case AbortRequest(request_id):
+                    loop.abort(request_id)
+                case StopCore():
+                    break
+                case other:
+                    logger.error("unexpected message from the server: %r", other)
+    except (EOFError, OSError):
+        pass
+    loop.stop()
