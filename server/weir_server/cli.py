@@ -25,6 +25,7 @@ from weir_server.config import (
     ServerConfig,
     TlsConfig,
 )
+from weir_server.engine.structured_config import MIB, StructuredOutputConfig
 from weir_server.errors import EngineUnavailableError, ModelLoadError
 from weir_server.logging_setup import LOG_FORMATS, configure_logging
 
@@ -144,6 +145,7 @@ def build_parser(prog: str = "weir serve") -> argparse.ArgumentParser:
         "text; chat message content is always text)",
     )
     _add_limit_options(p)
+    _add_constraint_options(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument(
         "--log-format",
@@ -223,6 +225,81 @@ def _add_limit_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="threads that tokenize, render chat templates and detokenize off the event loop (default: CPU "
         "cores, at most 4)",
+    )
+
+
+def _add_constraint_options(p: argparse.ArgumentParser) -> None:
+    """What one output constraint may cost (docs/limits.md, "Server: constraints")."""
+    d = StructuredOutputConfig()
+    group = p.add_argument_group("constraint limits", "schemas, regexes, grammars and tool-call grammars")
+    group.add_argument(
+        "--max-constraint-bytes",
+        type=int,
+        default=d.max_constraint_bytes,
+        metavar="N",
+        help="UTF-8 bytes of one constraint (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-constraint-depth",
+        type=int,
+        default=d.max_constraint_depth,
+        metavar="N",
+        help="nesting of objects and arrays in a JSON schema (default %(default)s)",
+    )
+    group.add_argument(
+        "--constraint-compile-timeout",
+        type=float,
+        default=d.compile_timeout_s,
+        metavar="S",
+        help="seconds one compile may take in a worker before it is killed (default %(default)s)",
+    )
+    group.add_argument(
+        "--constraint-compile-workers",
+        type=int,
+        default=d.compile_workers,
+        metavar="N",
+        help="worker processes that compile new constraints (default %(default)s)",
+    )
+    group.add_argument(
+        "--constraint-compile-queue",
+        type=int,
+        default=d.compile_queue,
+        metavar="N",
+        help="new constraints waiting for a worker before RESOURCE_EXHAUSTED (default %(default)s)",
+    )
+    group.add_argument(
+        "--constraint-cache-mb",
+        type=int,
+        default=d.cache_memory_bytes // MIB,
+        metavar="MB",
+        help="memory of the compiled-constraint cache (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-compiled-constraint-mb",
+        type=int,
+        default=d.max_compiled_bytes // MIB,
+        metavar="MB",
+        help="memory one compiled constraint may hold (default %(default)s)",
+    )
+    group.add_argument(
+        "--constraint-worker-memory-mb",
+        type=int,
+        default=d.worker_memory_bytes // MIB,
+        metavar="MB",
+        help="address space a compile may add in its worker (default %(default)s)",
+    )
+
+
+def _structured(args: argparse.Namespace) -> StructuredOutputConfig:
+    return StructuredOutputConfig(
+        max_constraint_bytes=args.max_constraint_bytes,
+        max_constraint_depth=args.max_constraint_depth,
+        compile_timeout_s=args.constraint_compile_timeout,
+        compile_workers=args.constraint_compile_workers,
+        compile_queue=args.constraint_compile_queue,
+        cache_memory_bytes=args.constraint_cache_mb * MIB,
+        max_compiled_bytes=args.max_compiled_constraint_mb * MIB,
+        worker_memory_bytes=args.constraint_worker_memory_mb * MIB,
     )
 
 
@@ -318,7 +395,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             engine_core=args.engine_core,
             run_ahead=args.run_ahead,
         )
-        generate = EngineConfig(model, cache, scheduler, executor, parallel)
+        generate = EngineConfig(model, cache, scheduler, executor, parallel, _structured(args))
     embed = None
     if not _disabled(args.embed_model):
         embed = ModelConfig(model=args.embed_model, dtype=args.dtype, device=args.device)

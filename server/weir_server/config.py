@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from weir_server.engine.structured_config import StructuredOutputConfig
+
 DEFAULT_GENERATE_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBED_MODEL = "all-minilm-l6-v2"
 
@@ -79,6 +81,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    structured: StructuredOutputConfig = field(default_factory=StructuredOutputConfig)  # what constraints may cost
 
 
 @dataclass(frozen=True)
@@ -153,8 +156,6 @@ class ServerConfig:
     # Special-token strings (`<|im_start|>`) in a raw prompt, Tokenize texts or Embed texts are text unless this is
     # set (the old behaviour, for clients that send prompts they rendered themselves). Chat content is always text.
     parse_special_tokens: bool = False
-    # Structured-output limits (constraint bytes and depth, compile time, cache memory) join here as their own
-    # frozen dataclass, built by cli.py beside _limits().
 
     @property
     def max_message_bytes(self) -> int:

@@ -37,3 +37,23 @@ def test_named_parsers_are_kept() -> None:
 def test_unknown_parsers_and_empty_templates_are_refused(flag: str, value: str) -> None:
     with pytest.raises(ValueError):
         config(flag, value)
+
+
+def test_constraint_limits_are_flags_of_the_generation_engine() -> None:
+    structured = config(
+        "--max-constraint-bytes",
+        "4096",
+        "--constraint-compile-timeout",
+        "2.5",
+        "--constraint-cache-mb",
+        "64",
+        "--max-compiled-constraint-mb",
+        "32",
+    ).generate.structured
+    assert (structured.max_constraint_bytes, structured.compile_timeout_s) == (4096, 2.5)
+    assert (structured.cache_memory_bytes, structured.max_compiled_bytes) == (64 << 20, 32 << 20)
+
+
+def test_a_compiled_constraint_larger_than_the_cache_is_refused() -> None:
+    with pytest.raises(ValueError):
+        config("--constraint-cache-mb", "16", "--max-compiled-constraint-mb", "32")

@@ -95,7 +95,9 @@ class EngineCore:
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler()
-        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids, self.runner.device)
+        self.structured = StructuredOutputs(
+            self.tokenizer, self.vocab_size, self.eos_token_ids, self.runner.device, config.structured
+        )
         # A sequence can never outgrow the whole KV pool, so that is a context limit too.
         self.max_seq_len = min(self.max_model_len, self.block_manager.num_total_blocks * config.cache.block_size)
         self.validator = RequestValidator(self.vocab_size, self.max_model_len, self.max_seq_len, self.structured)

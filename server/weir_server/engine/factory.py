@@ -28,7 +28,9 @@ def create_engine(loaded: LoadedModel, config: EngineConfig) -> AsyncEngine:
     choices with stop strings, the server process the rest (`loaded` then needs only its config and tokenizer)."""
     if runs_in_own_process(config):
         # Constraints compile here too (lazily) so a bad one is refused before it reaches the core.
-        structured = StructuredOutputs(loaded.tokenizer, loaded.vocab_size, loaded.eos_token_ids, torch.device("cpu"))
+        structured = StructuredOutputs(
+            loaded.tokenizer, loaded.vocab_size, loaded.eos_token_ids, torch.device("cpu"), config.structured
+        )
         return AsyncEngine(loaded, config, ProcessClient(config), structured, OutputText(loaded.tokenizer))
     return thread_engine(EngineCore(loaded, config))
 
