@@ -421,12 +421,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 def main(argv: list[str] | None = None) -> int:
     """Run `weir serve`; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level, args.log_format)
+    configure_logging(args.log_level, args.log_format, secrets=args.api_key)
     try:
         config = config_from_args(args)
     except (ValueError, OSError) as e:
         logging.getLogger("weir_server").error("invalid configuration: %s", e)
         return 2
+    # The keys of --api-key-file are known now: no log line or traceback may hold one.
+    configure_logging(args.log_level, args.log_format, secrets=config.api_keys)
     from weir_server.api.server import serve  # imports torch; after parsing so --help stays fast
 
     try:
