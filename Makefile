@@ -16,7 +16,7 @@ GATEWAY_ARGS ?=
 
 setup: $(STAMP)
 
-DISTRIBUTIONS := proto client server gateway bench
+DISTRIBUTIONS := client server gateway bench
 
 $(STAMP): pyproject.toml $(foreach d,$(DISTRIBUTIONS),$(d)/pyproject.toml)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,8 +36,8 @@ serve: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/buf lint
-	# Clients built against the last release keep working: its descriptor set is kept in proto/releases.
-	$(BIN)/buf breaking --against proto/releases/v0.1.0.binpb
+	# Clients built against the last release keep working: its descriptor set is kept in client/releases.
+	$(BIN)/buf breaking --against client/releases/v0.1.0.binpb
 	$(BIN)/python scripts/gen_proto.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -1,4 +1,4 @@
-"""Regenerate the Python stubs for proto/weir/v1 in place (`make proto`); `--check` fails if they are stale."""
+"""Regenerate the Python stubs for client/weir/v1 in place (`make proto`); `--check` fails if they are stale."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import tempfile
 from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PROTO_ROOT = ROOT / "proto"
+# The contract ships inside the client distribution: the import path weir/v1 is also the .proto path.
+PROTO_ROOT = ROOT / "client"
 PACKAGE = PROTO_ROOT / "weir" / "v1"
 
 

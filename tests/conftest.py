@@ -171,3 +171,24 @@ def weir_client(weir_target: str) -> Iterator[WeirClient]:
 def weir_stub(weir_target: str) -> Iterator[inference_pb2_grpc.InferenceServiceStub]:
     with grpc.insecure_channel(weir_target) as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def gateway_url(weir_server: Any) -> Iterator[str]:
+    """The base URL (".../v1") of a real gateway (weir_gateway.app, in process, on the server's own loop) over the
+    session's server: one for the whole session."""
+    from aiohttp import web
+
+    from weir_gateway.app import create_app
+    from weir_gateway.config import GatewayConfig
+
+    async def start() -> web.AppRunner:
+        runner = web.AppRunner(create_app(GatewayConfig(backends=(weir_server.target,))), handler_cancellation=True)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner
+
+    runner = weir_server.run(start())
+    host, port = runner.addresses[0][:2]
+    yield f"http://{host}:{port}/v1"
+    weir_server.run(runner.cleanup())

@@ -10,7 +10,7 @@ gRPC with N concurrent streams (a subprocess on loopback, `--load-format dummy`)
     weir bench gpu greedy --model FILE.gguf --reference ref.json
     weir bench gpu sampling --tokenizer DIR                  # sampled vs greedy decoding in the engine core
 
-On a machine where the packages are not installed: PYTHONPATH=proto:client:server:gateway:bench python -m
+On a machine where the packages are not installed: PYTHONPATH=client:server:gateway:bench python -m
 weir_bench gpu ... (bench/RESULTS.md, "Running the GPU benchmarks").
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from grpc import aio
 
@@ -64,6 +65,16 @@ class GrpcDriver:
         chosen = next((m for m in generators if m.id == self.model or (not self.model and m.is_default)), None)
         chosen = chosen or (generators[0] if generators and not self.model else None)
         return chosen.vocab_size if chosen is not None and chosen.vocab_size else None
+
+    async def tokenize(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+        """Token ids of `texts` from the served model's tokenizer (the Tokenize RPC)."""
+        request = inference_pb2.TokenizeRequest(model=self.model, texts=list(texts))
+        request.add_special_tokens = add_special_tokens
+        try:
+            reply = await self._stub.Tokenize(request, timeout=self.timeout_s)
+        except aio.AioRpcError as exc:
+            raise TargetError(f"{self.name}: Tokenize failed: {exc.code().name}: {exc.details()}") from exc
+        return [list(result.token_ids) for result in reply.results]
 
     def _request(self, prompt: list[int], output_tokens: int) -> inference_pb2.GenerateRequest:
         return inference_pb2.GenerateRequest(

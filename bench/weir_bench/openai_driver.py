@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 
 from weir_bench.load import RequestTiming
+from weir_bench.peers import TargetError
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,22 @@ class OpenAIDriver:
         entry = next((m for m in models if m.get("id") == self.model), models[0] if models else {})
         n_vocab = entry.get("vocab_size") or (entry.get("meta") or {}).get("n_vocab")
         return int(n_vocab) if n_vocab else None
+
+    async def tokenize(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+        """Token ids of `texts` through vLLM's POST /tokenize (Weir's gateway and vLLM serve it)."""
+        out = []
+        for text in texts:
+            body = {"model": await self.resolve_model(), "prompt": text, "add_special_tokens": add_special_tokens}
+            try:
+                async with self._client().post(f"{self.base}/tokenize", json=body) as resp:
+                    if resp.status != 200:
+                        raise TargetError(
+                            f"{self.name}: POST /tokenize: HTTP {resp.status}: {(await resp.text())[:300]}"
+                        )
+                    out.append([int(t) for t in (await resp.json())["tokens"]])
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+                raise TargetError(f"{self.name}: POST /tokenize failed: {exc!r}") from exc
+        return out
 
     def _body(self, prompt: list[int], output_tokens: int) -> dict[str, Any]:
         return {

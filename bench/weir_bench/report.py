@@ -35,7 +35,8 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 @dataclass(frozen=True)
 class Row:
-    """One target at one concurrency: throughput, latencies (milliseconds) and the server's peak memory."""
+    """One target at one load point (a concurrency, or a request rate in open loop): throughput, latencies
+    (milliseconds) and the server's peak memory."""
 
     target: str
     concurrency: int
@@ -52,31 +53,74 @@ class Row:
     itl_p99_ms: float
     short_outputs: int  # requests that returned fewer tokens than asked (the target stopped early)
     peak_rss_mib: float | None = None
+    mode: str = "closed"  # closed: `concurrency` streams; open: arrivals at `request_rate`, capped at `concurrency`
+    request_rate: float | None = None  # open loop: the mean arrival rate asked for (inf: all at once)
+    sent_per_s: float = math.nan  # requests actually sent per second, first to last send (open loop's achieved rate)
+    ttft_mean_ms: float = math.nan
+    ttft_p90_ms: float = math.nan
+    itl_mean_ms: float = math.nan
+    itl_p90_ms: float = math.nan
+    e2e_mean_ms: float = math.nan
+    e2e_p50_ms: float = math.nan
+    e2e_p90_ms: float = math.nan
+    e2e_p99_ms: float = math.nan
+    started_at: float = 0.0  # Unix seconds: the measured part's start and end
+    ended_at: float = 0.0
+
+    @property
+    def load(self) -> float:
+        """This point's place on the x axis: its request rate in open loop, else its concurrency."""
+        return self.request_rate if self.mode == "open" and self.request_rate is not None else self.concurrency
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _sent_per_s(timings: Sequence[RequestTiming]) -> float:
+    starts = sorted(t.start for t in timings)
+    span = starts[-1] - starts[0] if starts else 0.0
+    return (len(starts) - 1) / span if span > 0 else math.nan
 
 
 def summarize(target: str, result: LoadResult, peak_rss_bytes: int | None = None) -> Row:
-    """Aggregate one closed-loop run into a row; failed requests count only as errors."""
+    """Aggregate one run into a row; failed requests count only as errors."""
+    spec = result.spec
     ok = [t for t in result.timings if t.ok]
-    ttfts = [t.ttft for t in ok if t.ttft is not None]
-    itls = [gap for t in ok for gap in t.inter_token_latencies()]
+    ttfts = [t.ttft * 1e3 for t in ok if t.ttft is not None]
+    itls = [gap * 1e3 for t in ok for gap in t.inter_token_latencies()]
+    e2es = [t.e2e * 1e3 for t in ok]
     tokens = sum(t.num_output_tokens for t in ok)
     duration = result.duration_s
     return Row(
         target=target,
-        concurrency=result.spec.concurrency,
+        concurrency=spec.concurrency,
         requests=len(ok),
         errors=len(result.timings) - len(ok),
-        prompt_tokens=result.spec.prompt_tokens,
-        output_tokens=result.spec.output_tokens,
+        prompt_tokens=spec.prompt_tokens,
+        output_tokens=spec.output_tokens,
         duration_s=duration,
         output_tokens_per_s=tokens / duration if duration > 0 else math.nan,
         requests_per_s=len(ok) / duration if duration > 0 else math.nan,
-        ttft_p50_ms=percentile(ttfts, 50) * 1e3,
-        ttft_p99_ms=percentile(ttfts, 99) * 1e3,
-        itl_p50_ms=percentile(itls, 50) * 1e3,
-        itl_p99_ms=percentile(itls, 99) * 1e3,
-        short_outputs=sum(1 for t in ok if t.num_output_tokens < result.spec.output_tokens),
+        ttft_p50_ms=percentile(ttfts, 50),
+        ttft_p99_ms=percentile(ttfts, 99),
+        itl_p50_ms=percentile(itls, 50),
+        itl_p99_ms=percentile(itls, 99),
+        short_outputs=sum(1 for t in ok if t.num_output_tokens < (t.requested_tokens or spec.output_tokens)),
         peak_rss_mib=peak_rss_bytes / MIB if peak_rss_bytes is not None else None,
+        mode="open" if spec.open_loop else "closed",
+        request_rate=spec.request_rate,
+        sent_per_s=_sent_per_s(result.timings),
+        ttft_mean_ms=_mean(ttfts),
+        ttft_p90_ms=percentile(ttfts, 90),
+        itl_mean_ms=_mean(itls),
+        itl_p90_ms=percentile(itls, 90),
+        e2e_mean_ms=_mean(e2es),
+        e2e_p50_ms=percentile(e2es, 50),
+        e2e_p90_ms=percentile(e2es, 90),
+        e2e_p99_ms=percentile(e2es, 99),
+        started_at=result.started_at,
+        ended_at=result.ended_at,
     )
 
 
@@ -160,12 +204,34 @@ def _cell(value: Any, fmt: str) -> str:
     return fmt.format(value)
 
 
+# Open-loop rows show their rate, their cap and the rate they achieved where closed-loop rows show concurrency.
+OPEN_LOOP_COLUMNS = (
+    ("target", "target", "{}"),
+    ("request_rate", "rate req/s", "{:g}"),
+    ("concurrency", "max conc", "{}"),
+    ("sent_per_s", "sent req/s", "{:.2f}"),
+    *THROUGHPUT_COLUMNS[2:],
+)
+
+
+def _columns(rows: Sequence[Row | PrefixRow]) -> tuple[tuple[str, str, str], ...]:
+    if isinstance(rows[0], PrefixRow):
+        return PREFIX_COLUMNS
+    return OPEN_LOOP_COLUMNS if any(isinstance(r, Row) and r.mode == "open" for r in rows) else THROUGHPUT_COLUMNS
+
+
+def _value(row: Row | PrefixRow, name: str) -> Any:
+    if isinstance(row, Row) and name == "concurrency" and row.mode == "open" and not row.concurrency:
+        return None  # open loop without a cap
+    return getattr(row, name)
+
+
 def format_table(rows: Sequence[Row | PrefixRow]) -> str:
     """A Markdown table (readable in a terminal, pasteable into RESULTS.md); rows of one kind only."""
     if not rows:
         return "(no results)"
-    columns = PREFIX_COLUMNS if isinstance(rows[0], PrefixRow) else THROUGHPUT_COLUMNS
-    cells = [[_cell(getattr(row, name), fmt) for name, _, fmt in columns] for row in rows]
+    columns = _columns(rows)
+    cells = [[_cell(_value(row, name), fmt) for name, _, fmt in columns] for row in rows]
     headers = [header for _, header, _ in columns]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
 
@@ -183,9 +249,9 @@ def format_table(rows: Sequence[Row | PrefixRow]) -> str:
 
 
 def sort_side_by_side(rows: Sequence[Row]) -> list[Row]:
-    """Group rows by concurrency so each level's targets sit next to each other (target order kept)."""
+    """Group rows by load point so each point's targets sit next to each other (target order kept)."""
     order = {name: i for i, name in enumerate(dict.fromkeys(r.target for r in rows))}
-    return sorted(rows, key=lambda r: (r.concurrency, order[r.target]))
+    return sorted(rows, key=lambda r: (r.load, order[r.target]))
 
 
 def machine_info() -> dict[str, Any]:
@@ -218,16 +284,37 @@ def format_header(argv: Sequence[str], machine: dict[str, Any]) -> str:
     )
 
 
+def row_to_dict(row: Row | PrefixRow) -> dict[str, Any]:
+    """The row's fields as strict JSON values: NaN becomes null and an infinite rate the string "inf"."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, float) and math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+
+    data = asdict(row)
+    return {f.name: clean(data[f.name]) for f in fields(row)}
+
+
+def row_from_dict(data: dict[str, Any]) -> Row:
+    """The inverse of `row_to_dict` for throughput rows (unknown keys are ignored, missing ones take defaults)."""
+    known = {f.name: f for f in fields(Row)}
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in known:
+            continue
+        if value is None and name not in ("peak_rss_mib", "request_rate"):
+            value = math.nan
+        elif isinstance(value, str) and value in ("inf", "-inf"):
+            value = float(value)
+        values[name] = value
+    return Row(**values)
+
+
 def to_json(rows: Sequence[Row | PrefixRow], argv: Sequence[str], machine: dict[str, Any]) -> str:
     """The rows with the command and machine, as one JSON document (NaN becomes null)."""
-
-    def clean(row: Row | PrefixRow) -> dict[str, Any]:
-        data = asdict(row)
-        return {
-            f.name: None if isinstance(data[f.name], float) and math.isnan(data[f.name]) else data[f.name]
-            for f in fields(row)
-        }
-
     return json.dumps(
-        {"command": ["weir", "bench", *argv], "machine": machine, "rows": [clean(r) for r in rows]}, indent=2
+        {"command": ["weir", "bench", *argv], "machine": machine, "rows": [row_to_dict(r) for r in rows]}, indent=2
     )

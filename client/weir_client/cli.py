@@ -1,30 +1,54 @@
-"""The `weir` command: serve, gateway, up, bench, and small client commands (generate, embed, tokenize, models)."""
+"""The `weir` command: serve, gateway, up, bench, and client commands (generate, chat, embed, tokenize, models)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
-from collections.abc import Callable
-from types import FrameType
 
-from weir_client import cli_generate
+from weir_client import cli_chat, cli_generate, cli_up
 from weir_client.client import WeirClient
 from weir_client.errors import WeirClientError
 from weir_client.security import TlsOptions
 
 DEFAULT_TARGET = "localhost:50051"
 # Commands that belong to other packages: (module with `main(argv) -> int`, what to install when missing).
+_PIP = "`pip install {0}` (from a checkout: `pip install ./{1}`)"
 _DELEGATED = {
-    "serve": ("weir_server.cli", "weir[server]", "run the gRPC inference server (see `weir serve --help`)"),
-    "gateway": ("weir_gateway.cli", "weir[gateway]", "run the OpenAI-compatible HTTP gateway"),
-    "bench": ("weir_bench.cli", "the weir_bench package", "run benchmarks (see `weir bench --help`)"),
+    "serve": (
+        "weir_server.cli",
+        _PIP.format("weir-server", "server"),
+        "run the gRPC inference server (see `weir serve --help`)",
+    ),
+    "gateway": ("weir_gateway.cli", _PIP.format("weir-gateway", "gateway"), "run the OpenAI-compatible HTTP gateway"),
+    "bench": ("weir_bench.cli", _PIP.format("weir-bench", "bench"), "run benchmarks (see `weir bench --help`)"),
 }
+_DISTRIBUTIONS = ("weir-client", "weir-server", "weir-gateway", "weir-bench")
+
+
+def installed_versions() -> str:
+    """`weir-client 0.1.0` and one such line for each other Weir distribution installed beside it."""
+    lines = []
+    for distribution in _DISTRIBUTIONS:
+        try:
+            lines.append(f"{distribution} {importlib.metadata.version(distribution)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue  # an optional part that is not installed
+    return "\n".join(lines)
+
+
+class _PrintVersions(argparse.Action):
+    """`weir --version`: one line per installed distribution (argparse's own version action joins the lines)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(installed_versions())
+        parser.exit()
 
 
 def _delegate(command: str, argv: list[str]) -> int:
@@ -34,90 +58,10 @@ def _delegate(command: str, argv: list[str]) -> int:
     except ModuleNotFoundError as e:
         if e.name is None or not module_name.startswith(e.name.split(".")[0]):
             raise
-        print(f"weir {command} is not available: {module_name} is not installed (install {extra})", file=sys.stderr)
+        print(f"weir {command} is not available: {module_name} is not installed: run {extra}", file=sys.stderr)
         return 2
     result: int = module.main(argv)
     return result
-
-
-# ---- weir up -------------------------------------------------------------------------------------------------
-
-
-def _up(argv: list[str]) -> int:
-    """Start `weir serve` (extra options pass through), wait until it is SERVING, then start `weir gateway`."""
-    p = argparse.ArgumentParser(
-        prog="weir up", description="Run the server and the gateway together; other options go to `weir serve`."
-    )
-    p.add_argument("--host", default="127.0.0.1", help="gRPC server address (default %(default)s)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC server port (default %(default)s)")
-    p.add_argument("--gateway-host", default="127.0.0.1", help="HTTP gateway address (default %(default)s)")
-    p.add_argument("--gateway-port", type=int, default=8000, help="HTTP gateway port (default %(default)s)")
-    p.add_argument("--no-gateway", action="store_true", help="run only the gRPC server")
-    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the models to load")
-    args, serve_args = p.parse_known_args(argv)
-    connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    target = f"{connect_host}:{args.port}"
-
-    stop_requested = False
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    children: list[subprocess.Popen[bytes]] = []
-    try:
-        children.append(_spawn(["serve", "--host", args.host, "--port", str(args.port), *serve_args]))
-        if not args.no_gateway:
-            if not _wait_serving(target, children[0], args.ready_timeout, lambda: stop_requested):
-                return _stop_all(children, failed=not stop_requested)
-            gateway_args = ["--host", args.gateway_host, "--port", str(args.gateway_port), "--backend", target]
-            children.append(_spawn(["gateway", *gateway_args]))
-        while not stop_requested and all(c.poll() is None for c in children):
-            time.sleep(0.2)
-        return _stop_all(children, failed=not stop_requested)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "weir_client.cli", *argv])
-
-
-def _wait_serving(target: str, server: subprocess.Popen[bytes], timeout: float, stopping: Callable[[], bool]) -> bool:
-    """Poll the server's health until SERVING; False if it exits, a stop is requested, or time runs out."""
-    deadline = time.monotonic() + timeout
-    with WeirClient(target, max_attempts=1) as client:
-        while time.monotonic() < deadline and not stopping():
-            if server.poll() is not None:
-                print(f"weir up: the server exited with code {server.returncode}", file=sys.stderr)
-                return False
-            try:
-                if client.health(timeout=1.0) == "SERVING":
-                    return True
-            except WeirClientError:
-                pass  # not listening yet, or still loading
-            time.sleep(0.5)
-    if not stopping():
-        print(f"weir up: the server was not SERVING within {timeout:.0f}s", file=sys.stderr)
-    return False
-
-
-def _stop_all(children: list[subprocess.Popen[bytes]], failed: bool, grace: float = 40.0) -> int:
-    """SIGTERM every child still running, wait for them (SIGKILL after `grace`), return an exit code."""
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for child in children:
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-    codes = [c.returncode for c in children if c.returncode not in (0, -signal.SIGTERM)]
-    return codes[0] if failed and codes else (1 if failed else 0)
 
 
 # ---- client commands -----------------------------------------------------------------------------------------
@@ -126,6 +70,11 @@ def _stop_all(children: list[subprocess.Popen[bytes]], failed: bool, grace: floa
 def _generate(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         return cli_generate.run(client, args)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        return cli_chat.run(client, args)
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -175,7 +124,11 @@ def _client_parser(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
 ) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
-    p.add_argument("--target", default=DEFAULT_TARGET, help="gRPC server HOST:PORT (default %(default)s)")
+    p.add_argument(
+        "--target",
+        default=os.environ.get("WEIR_TARGET") or DEFAULT_TARGET,  # as the examples read it
+        help=f"gRPC server HOST:PORT (default: $WEIR_TARGET, else {DEFAULT_TARGET})",
+    )
     p.add_argument("--model", default="", help="model id (default: the server's default for the task)")
     p.add_argument("--timeout", type=float, help="deadline of the call in seconds")
     p.add_argument("--tls", action="store_true", help="connect over TLS (server verified against the system roots)")
@@ -190,6 +143,7 @@ def _client_parser(
 def build_parser() -> argparse.ArgumentParser:
     """The `weir` command line (serve, gateway and bench parse their own options)."""
     parser = argparse.ArgumentParser(prog="weir", description="Weir: gRPC inference for language models.")
+    parser.add_argument("-V", "--version", action=_PrintVersions, help="print the installed Weir versions and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, _, help) in _DELEGATED.items():
         sub.add_parser(name, help=help, add_help=False)
@@ -198,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _client_parser(sub, "generate", "stream a completion of a prompt")
     cli_generate.add_arguments(p)
     p.set_defaults(run=_generate)
+
+    p = _client_parser(sub, "chat", "chat with a model in the terminal (history, streaming, /reset, /system)")
+    cli_chat.add_arguments(p)
+    p.set_defaults(run=_chat)
 
     p = _client_parser(sub, "embed", "print one embedding (a JSON array) per text")
     p.add_argument("texts", nargs="+")
@@ -222,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in _DELEGATED:
         return _delegate(argv[0], argv[1:])
     if argv and argv[0] == "up":
-        return _up(argv[1:])
+        return cli_up.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         code: int = args.run(args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,3 +74,38 @@ def channel_security(
     if credentials is not None:
         raise ValueError("pass tls= or credentials=, not both")
     return options.credentials(), options.channel_options()
+
+
+def read_api_keys(path: str) -> tuple[str, ...]:
+    """The keys of an API-key file (`--api-key-file`): one per line; blank lines and `#` comments are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            keys = tuple(line.strip() for line in f if line.strip() and not line.lstrip().startswith("#"))
+    except OSError as e:
+        raise ValueError(f"cannot read the API key file {path}: {e.strerror}") from e
+    if not keys:
+        raise ValueError(f"{path} holds no API key")
+    return keys
+
+
+def server_ssl_context(certfile: str, keyfile: str, ca_certs: str | None = None) -> ssl.SSLContext:
+    """A server-side TLS context from PEM files, checked now (missing files, a key that is not the certificate's);
+    with `ca_certs` clients must present a certificate it signed. Serving HTTPS (the gateway) and `weir up`'s
+    start-up check share it."""
+    for what, path in (("certificate", certfile), ("key", keyfile), ("CA", ca_certs)):
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"the TLS {what} file {path} does not exist")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as e:
+        if "KEY_VALUES_MISMATCH" in str(e):
+            raise ValueError(f"the TLS key {keyfile} is not the key of the certificate {certfile}") from e
+        raise ValueError(f"cannot load the TLS certificate {certfile} with its key {keyfile}: {e.reason}") from e
+    if ca_certs is not None:
+        try:
+            context.load_verify_locations(cafile=ca_certs)
+        except ssl.SSLError as e:
+            raise ValueError(f"cannot load the TLS CA {ca_certs}: {e.reason}") from e
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

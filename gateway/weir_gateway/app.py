@@ -22,7 +22,7 @@ from weir_gateway.drain import drain_middleware, install_drain
 from weir_gateway.embeddings import create_embeddings
 from weir_gateway.errors import ApiError, from_rpc_error
 from weir_gateway.logging_setup import access_log_middleware
-from weir_gateway.metrics import install_metrics, metrics_middleware
+from weir_gateway.metrics import install_metrics, metrics_middleware, metrics_open
 from weir_gateway.models import list_models, retrieve_model
 from weir_gateway.openapi import openapi_json
 from weir_gateway.response_store import install_response_store
@@ -91,7 +91,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ApiError as e:
         return error_response(e)
     except grpc.aio.AioRpcError as e:
-        error = from_rpc_error(e)
+        error = from_rpc_error(e, request.path)
         logger.info("request %s: backend answered %s: %s", request[REQUEST_ID], e.code().name, error.message)
         return error_response(error)
     except web.HTTPException as e:
@@ -131,7 +131,7 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Require `Authorization: Bearer KEY` with one of the configured keys (compared in constant time)."""
     keys = request.app[CONFIG].api_keys
-    if keys and request.path not in OPEN_PATHS:
+    if keys and request.path not in OPEN_PATHS and not metrics_open(request):
         scheme, _, token = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
         matched = False
         for key in keys:  # compare against every key so timing says nothing about which one is close

@@ -6,11 +6,12 @@ import argparse
 import logging
 import os
 
-from weir_client.security import TlsOptions
+from weir_client.security import TlsOptions, read_api_keys
 from weir_gateway.app import create_app
-from weir_gateway.config import DEFAULT_BACKEND, GatewayConfig
+from weir_gateway.config import DEFAULT_BACKEND, GatewayConfig, SslConfig
 from weir_gateway.drain import run_app
 from weir_gateway.logging_setup import LOG_FORMATS, configure_logging
+from weir_gateway.security import https_context
 from weir_gateway.telemetry import create_tracer_provider
 
 logger = logging.getLogger("weir_gateway")
@@ -34,6 +35,19 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         default=[],
         metavar="KEY",
         help="require `Authorization: Bearer KEY`; repeat for several keys",
+    )
+    p.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="read API keys from a file, one per line, blank lines and # comments skipped (keeps them out of `ps`)",
+    )
+    p.add_argument("--ssl-certfile", "--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    p.add_argument("--ssl-keyfile", "--tls-key", metavar="PEM", help="the private key of --ssl-certfile")
+    p.add_argument(
+        "--ssl-ca-certs",
+        "--tls-client-ca",
+        metavar="PEM",
+        help="mutual TLS: require client certificates signed by this CA",
     )
     p.add_argument(
         "--cors-origin",
@@ -117,6 +131,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="seconds a stored response stays readable (default %(default)s)",
     )
     p.add_argument(
+        "--metrics-require-api-key",
+        action="store_true",
+        help="GET /metrics needs `Authorization: Bearer KEY` for an --api-key too (default: open to scrapers)",
+    )
+    p.add_argument(
         "--strict",
         action="store_true",
         help="refuse (400) request fields the gateway would accept and ignore (store, metadata, user, "
@@ -138,7 +157,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         host=args.host,
         port=args.port,
         backends=tuple(args.backend or (DEFAULT_BACKEND,)),
-        api_keys=tuple(args.api_key),
+        api_keys=_api_keys(args),
+        ssl=_ssl(args),
         cors_origins=tuple(args.cors_origin),
         max_body_bytes=args.max_body_bytes,
         header_timeout_s=args.header_timeout,
@@ -154,7 +174,25 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         strict=args.strict,
         response_store_size=args.response_store_size,
         response_store_ttl_s=args.response_store_ttl,
+        metrics_require_api_key=args.metrics_require_api_key,
     )
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    keys = [k.strip() for k in args.api_key]
+    if any(not k for k in keys):
+        raise ValueError("--api-key must not be empty")
+    if args.api_key_file:
+        keys += read_api_keys(args.api_key_file)
+    return tuple(dict.fromkeys(keys))
+
+
+def _ssl(args: argparse.Namespace) -> SslConfig | None:
+    if not (args.ssl_certfile or args.ssl_keyfile or args.ssl_ca_certs):
+        return None
+    if not (args.ssl_certfile and args.ssl_keyfile):
+        raise ValueError("--ssl-certfile and --ssl-keyfile go together (and --ssl-ca-certs needs both)")
+    return SslConfig(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs)
 
 
 def _backend_api_key(args: argparse.Namespace) -> str | None:
@@ -174,15 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format, secrets=(*args.api_key, _backend_api_key(args) or ""))
     try:
         config = config_from_args(args)
-    except ValueError as e:
+        ssl_context = https_context(config.ssl)  # a bad certificate or key fails here, before anything starts
+    except (ValueError, OSError) as e:
         logger.error("invalid configuration: %s", e)
         return 2
-    logger.info("gateway on http://%s:%d -> %s", config.host, config.port, ", ".join(config.backends))
+    # The keys of --api-key-file are known now: no log line may hold one.
+    configure_logging(args.log_level, args.log_format, secrets=(*config.api_keys, config.backend_api_key or ""))
+    scheme = "http" if ssl_context is None else "https"
+    logger.info("gateway on %s://%s:%d -> %s", scheme, config.host, config.port, ", ".join(config.backends))
     tracer_provider = create_tracer_provider(
         os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"), os.environ.get("OTEL_SERVICE_NAME") or "weir-gateway"
     )
     try:
-        run_app(create_app(config, tracer_provider), config)
+        run_app(create_app(config, tracer_provider), config, ssl_context)
     except OSError as e:
         logger.error("%s", e)
         return 1

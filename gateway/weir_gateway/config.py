@@ -10,6 +10,15 @@ DEFAULT_BACKEND = "127.0.0.1:50051"
 
 
 @dataclass(frozen=True)
+class SslConfig:
+    """HTTPS on the gateway's port: PEM files; with `ca_certs` clients must present a certificate it signed."""
+
+    certfile: str
+    keyfile: str
+    ca_certs: str | None = None  # set = mutual TLS
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Where to listen, which Weir servers to use, and the limits put on each request."""
 
@@ -17,6 +26,7 @@ class GatewayConfig:
     port: int = 8000
     backends: tuple[str, ...] = (DEFAULT_BACKEND,)  # HOST:PORT of each Weir gRPC server
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # bearer keys; empty = no auth
+    ssl: SslConfig | None = None  # None = plain HTTP
     cors_origins: tuple[str, ...] = ()  # allowed Origins ("*" for any); empty = CORS off
     max_body_bytes: int = 8 * 1024 * 1024
     # A connection must send a whole request head within this long of opening or of its previous answer (a head
@@ -39,10 +49,13 @@ class GatewayConfig:
     strict: bool = False  # refuse (400) the OpenAI fields the gateway accepts and ignores, and unknown fields
     response_store_size: int = 1024  # most stored /v1/responses objects (per gateway process); 0 stores none
     response_store_ttl_s: float = 3600.0  # how long a stored response can be read or continued
+    metrics_require_api_key: bool = False  # GET /metrics needs one of `api_keys` too; False = open to scrapers
 
     def __post_init__(self) -> None:
         if not self.backends:
             raise ValueError("at least one backend is required")
+        if self.metrics_require_api_key and not self.api_keys:
+            raise ValueError("--metrics-require-api-key needs an API key (--api-key or --api-key-file)")
         limits = (
             "max_body_bytes",
             "max_header_bytes",

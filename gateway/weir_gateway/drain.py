@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -52,12 +53,12 @@ async def drain_middleware(request: web.Request, handler: Handler) -> web.Stream
         state.in_flight -= 1
 
 
-async def serve(app: web.Application, config: GatewayConfig) -> None:
-    """Serve `app` until SIGTERM or SIGINT, then drain and stop."""
+async def serve(app: web.Application, config: GatewayConfig, ssl_context: ssl.SSLContext | None = None) -> None:
+    """Serve `app` (HTTPS with `ssl_context`) until SIGTERM or SIGINT, then drain and stop."""
     runner = web.AppRunner(app, shutdown_timeout=config.drain_timeout_s, **server_options(config))
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port)
+        site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
         await site.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -72,6 +73,6 @@ async def serve(app: web.Application, config: GatewayConfig) -> None:
     logger.info("stopped (%d requests refused while draining)", app[DRAIN].refused)
 
 
-def run_app(app: web.Application, config: GatewayConfig) -> None:
+def run_app(app: web.Application, config: GatewayConfig, ssl_context: ssl.SSLContext | None = None) -> None:
     """Blocking entry point of `weir gateway`."""
-    asyncio.run(serve(app, config))
+    asyncio.run(serve(app, config, ssl_context))

@@ -14,6 +14,7 @@ from weir_gateway.config import GatewayConfig
 from weir_gateway.schema import Field, ObjectSchema, Use, integer, string, texts_or_token_ids
 from weir_gateway.sse import dumps
 from weir_gateway.state import CONFIG, POOL, call_context
+from weir_gateway.telemetry import embeddings_span
 from weir_gateway.validation import UINT32_MAX, Fields, is_token_id, read_json
 
 
@@ -81,9 +82,11 @@ async def create_embeddings(request: web.Request) -> web.Response:
     message.dimensions = body.value("dimensions", 0)
 
     ctx = call_context(request)
-    reply = await request.app[POOL].unary(
-        model, pb.MODEL_TASK_EMBED, lambda stub: stub.Embed(message, metadata=ctx.metadata, timeout=ctx.timeout_s)
-    )
+    with embeddings_span(model) as traced:
+        reply = await request.app[POOL].unary(
+            model, pb.MODEL_TASK_EMBED, lambda stub: stub.Embed(message, metadata=ctx.metadata, timeout=ctx.timeout_s)
+        )
+        traced(reply)
     data = [
         {
             "object": "embedding",

@@ -79,8 +79,19 @@ def no_backend(message: str = "no Weir backend is serving") -> ApiError:
     return ApiError(503, message, code="backend_unavailable")
 
 
-def from_rpc_error(error: grpc.aio.AioRpcError) -> ApiError:
-    """Convert a failed gRPC call into the ApiError the client sees, keeping field names and retry hints."""
+# Routes whose body fields reach the server under other names: the server's field -> the body's. Tokenize and
+# Detokenize send the one body value as a list of one, so the server's index is dropped there.
+_BODY_FIELD_OF_ROUTE: dict[str, dict[str, str]] = {
+    "/v1/embeddings": {"texts": "input", "token_ids": "input"},
+    "/tokenize": {"texts": "prompt"},
+    "/detokenize": {"sequences": "tokens"},
+}
+_ONE_VALUE_ROUTES = frozenset({"/tokenize", "/detokenize"})
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError, path: str | None = None) -> ApiError:
+    """Convert a failed gRPC call into the ApiError the client sees, keeping field names and retry hints; with the
+    route's `path`, a field is named as that route's body names it."""
     status, _ = GRPC_TO_HTTP.get(error.code(), (500, "server_error"))
     message = error.details() or error.code().name.lower()
     param, retry_after = status_details(error.trailing_metadata() or ())
@@ -91,7 +102,7 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> ApiError:
         code = "model_not_found"
     elif status == 503:
         code = "backend_unavailable"
-    openai_param = _openai_param(param)
+    openai_param = _openai_param(param, path)
     if param and openai_param != param and message.startswith(f"{param}:"):
         message = f"{openai_param}{message[len(param) :]}"  # name the body's field, as the param does
     return ApiError(status, message, param=openai_param, code=code, retry_after_s=retry_after)
@@ -105,10 +116,14 @@ def _param_from_message(message: str) -> str | None:
     return None
 
 
-def _openai_param(param: str | None) -> str | None:
-    """Server field paths (sampling_params.top_p) become the OpenAI request field (top_p)."""
+def _openai_param(param: str | None, path: str | None = None) -> str | None:
+    """Server field paths (sampling_params.top_p, texts[2]) become the request body's field (top_p, input[2])."""
     if param is None:
         return None
+    head, bracket, index = param.partition("[")
+    renamed = _BODY_FIELD_OF_ROUTE.get(path or "", {}).get(head)
+    if renamed is not None:
+        return renamed if path in _ONE_VALUE_ROUTES else f"{renamed}{bracket}{index}"
     for prefix in ("sampling_params.", "request."):
         if param.startswith(prefix):
             return param[len(prefix) :]

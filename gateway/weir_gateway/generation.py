@@ -17,6 +17,7 @@ from weir.v1 import inference_pb2 as pb
 from weir_gateway import sse
 from weir_gateway.backends import Backend, BackendPool
 from weir_gateway.errors import ApiError, from_rpc_error
+from weir_gateway.telemetry import traced_generation
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ async def stream_generate(
     any output is routed around and the request tried on another. `renamed_params` maps request fields
     the server may name in an error (e.g. `json_schema`) to the body field the client set."""
     try:
-        async with contextlib.aclosing(_stream_generate(pool, model, requests, ctx)) as stream:
+        traced = traced_generation(_stream_generate(pool, model, requests, ctx), model, requests)
+        async with contextlib.aclosing(traced) as stream:
             async for item in stream:
                 yield item
     except grpc.aio.AioRpcError as e:

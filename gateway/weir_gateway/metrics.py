@@ -1,7 +1,9 @@
 """Prometheus metrics of the gateway on `GET /metrics`: HTTP requests by route and status, their latency, requests
-in flight, and each backend's health and outstanding calls (read from the pool at scrape time).
+in flight, each backend's health and outstanding calls (read from the pool at scrape time), and the process's own.
 
-Every name is in the `weir_gateway_` namespace with its unit. Without prometheus-client there is no /metrics.
+Every name of ours is in the `weir_gateway_` namespace with its unit; the process's are the usual `process_*` and
+`python_*`. /metrics is open to scrapers unless `metrics_require_api_key` puts it behind the API keys. Without
+prometheus-client there is no /metrics.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from aiohttp.typedefs import Handler
 
 from weir_gateway.backends import Backend
 from weir_gateway.outcome import handle_and_record
+from weir_gateway.state import CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +31,15 @@ class GatewayMetrics:
     """One registry per application (tests run several gateways in one process)."""
 
     def __init__(self, backends: Callable[[], list[Backend]]) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            GCCollector,
+            Histogram,
+            PlatformCollector,
+            ProcessCollector,
+        )
 
         self.registry = CollectorRegistry()
         r = self.registry
@@ -42,6 +53,10 @@ class GatewayMetrics:
         )  # fmt: skip
         self.in_flight = Gauge("weir_gateway_http_requests_in_flight", "HTTP requests being answered", registry=r)
         r.register(_BackendCollector(backends))
+        # What the default registry has, on ours: CPU, memory, open files (Linux), Python and its collector.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
@@ -77,6 +92,11 @@ class _BackendCollector:
 
 
 METRICS = web.AppKey("metrics", GatewayMetrics)
+
+
+def metrics_open(request: web.Request) -> bool:
+    """Whether this is a scrape of /metrics that needs no API key (the default)."""
+    return request.path == METRICS_PATH and not request.app[CONFIG].metrics_require_api_key
 
 
 def _route(request: web.Request) -> str:

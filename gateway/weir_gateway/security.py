@@ -1,12 +1,22 @@
-"""The gateway's API key towards its backends: added to every gRPC call by a channel interceptor."""
+"""The gateway's security: HTTPS towards its clients, and its API key towards its backends (added to every gRPC
+call by a channel interceptor)."""
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import grpc
 
-from weir_client.security import auth_metadata
+from weir_client.security import auth_metadata, server_ssl_context
+from weir_gateway.config import SslConfig
+
+
+def https_context(config: SslConfig | None) -> ssl.SSLContext | None:
+    """The TLS context of the gateway's port (files read and checked now); None = plain HTTP."""
+    if config is None:
+        return None
+    return server_ssl_context(config.certfile, config.keyfile, config.ca_certs)
 
 
 class _AuthMetadata:

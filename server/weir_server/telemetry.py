@@ -1,6 +1,9 @@
 """OpenTelemetry tracing of a Weir server: a server span per RPC continuing the caller's W3C trace context (from
 gRPC metadata), and queue / prefill / decode child spans built afterwards from a request's timestamps.
 
+Generate and Embed spans follow OpenTelemetry's GenAI semantic conventions: named `{operation} {model}` (`chat`,
+`text_completion`, `embeddings`), with `gen_ai.*` request, response and usage attributes beside the `rpc.*` ones.
+
 The engine never imports opentelemetry. Tracing is on only when an OTLP endpoint (or, in tests, an exporter)
 is given, and off, with one warning, when the opentelemetry packages are missing.
 """
@@ -17,8 +20,11 @@ if TYPE_CHECKING:
 
     from weir_server.api.observer import GenerationRecord
     from weir_server.config import ObservabilityConfig
+    from weir_server.engine.types import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+PROVIDER = "weir"  # gen_ai.provider.name
 
 
 def _ns(seconds: float) -> int:
@@ -68,12 +74,65 @@ class Tracing:
 
         return context.get_current()
 
+    @staticmethod
+    def describe_generation(parent: Any, operation: str, model: str, params: SamplingParams) -> None:
+        """Name the RPC span of a Generate call that reached the engine `{operation} {model}` and give it the
+        request's GenAI attributes (the sampling parameters it runs with, defaults included)."""
+        from opentelemetry import trace
+
+        span = trace.get_current_span(parent)
+        if not span.is_recording():
+            return
+        span.update_name(f"{operation} {model}")
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.provider.name": PROVIDER,
+            "gen_ai.request.model": model,
+            "gen_ai.request.max_tokens": params.max_tokens,
+            "gen_ai.request.temperature": params.temperature,
+            "gen_ai.request.top_p": params.top_p,
+            "gen_ai.request.frequency_penalty": params.frequency_penalty,
+            "gen_ai.request.presence_penalty": params.presence_penalty,
+        }
+        if params.top_k:
+            attributes["gen_ai.request.top_k"] = params.top_k
+        if params.seed is not None:
+            attributes["gen_ai.request.seed"] = params.seed
+        if params.stop:
+            attributes["gen_ai.request.stop_sequences"] = list(params.stop)
+        if params.n != 1:
+            attributes["gen_ai.request.choice.count"] = params.n
+        span.set_attributes(attributes)
+
+    @staticmethod
+    def describe_embedding(model: str, input_tokens: int, dimensions: int | None) -> None:
+        """Name the current (Embed RPC) span `embeddings {model}` and give it the GenAI attributes of its answer."""
+        from opentelemetry import trace
+
+        span = trace.get_current_span()
+        if not span.is_recording():
+            return
+        span.update_name(f"embeddings {model}")
+        attributes: dict[str, Any] = {
+            "gen_ai.operation.name": "embeddings",
+            "gen_ai.provider.name": PROVIDER,
+            "gen_ai.request.model": model,
+            "gen_ai.response.model": model,
+            "gen_ai.usage.input_tokens": input_tokens,
+        }
+        if dimensions:
+            attributes["gen_ai.embeddings.dimension.count"] = dimensions
+        span.set_attributes(attributes)
+
     def record_generation(self, record: GenerationRecord, parent: Any) -> None:
-        """Queue, prefill and decode spans of one Generate call under `parent`, plus token counts on the RPC span."""
+        """Queue, prefill and decode spans of one Generate call under `parent`, plus its response and token counts
+        on the RPC span."""
         from opentelemetry import trace
 
         attributes: dict[str, Any] = {
             "gen_ai.request.model": record.model,
+            "gen_ai.response.model": record.model,
+            "gen_ai.response.id": record.request_id,
             "gen_ai.usage.input_tokens": record.prompt_tokens,
             "gen_ai.usage.output_tokens": record.completion_tokens,
             "weir.cached_tokens": record.cached_tokens,
@@ -93,7 +152,10 @@ class Tracing:
             return
         prefill = {"weir.prompt_tokens": record.prompt_tokens, "weir.cached_tokens": record.cached_tokens}
         self._span("weir.prefill", parent, prefill_start, record.first_token, prefill)
-        decode = {"weir.completion_tokens": record.completion_tokens, "weir.choices": record.num_choices}
+        decode: dict[str, Any] = {
+            "weir.completion_tokens": record.completion_tokens,
+            "weir.choices": record.num_choices,
+        }
         if record.finish_reasons:
             decode["weir.finish_reasons"] = list(record.finish_reasons)
         self._span("weir.decode", parent, record.first_token, record.finished, decode)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from weir_bench.cli import _validate, build_parser
+from weir_bench.cli import LoadPoint, _validate, build_parser, load_points
 from weir_bench.peers import TargetError
 from weir_bench.targets import VocabBound
 
@@ -21,6 +21,13 @@ def test_defaults_measure_the_grpc_server_at_the_issue_levels():
     assert args.target == ["grpc"]
     assert args.concurrency == [1, 8, 32]
     assert (args.prompt_tokens, args.output_tokens) == (128, 64)
+
+
+def test_request_rates_sweep_open_loop_with_an_optional_cap():
+    args = parse(["--request-rate", "2,8,inf", "--max-concurrency", "16"])
+    assert args.request_rate == [2.0, 8.0, float("inf")] and args.concurrency is None
+    assert [(p.request_rate, p.concurrency) for p in load_points(args)] == [(2.0, 16), (8.0, 16), (float("inf"), 16)]
+    assert load_points(parse(["--concurrency", "1,4"])) == [LoadPoint(1), LoadPoint(4)]
 
 
 def test_openai_url_adds_the_openai_target_and_peer_adds_llama_server():
@@ -41,6 +48,12 @@ def test_explicit_target_list_is_kept_in_order_without_duplicates():
         ["--concurrency", "1,x"],
         ["--output-tokens", "0"],
         ["--target", "inprocess", "--start-server"],
+        ["--request-rate", "0"],
+        ["--request-rate", "x"],
+        ["--request-rate", "2", "--concurrency", "4"],  # open and closed loop at once
+        ["--max-concurrency", "4"],  # a cap without a rate
+        ["--request-rate", "2", "--burstiness", "0"],
+        ["--scenario", "prefix", "--request-rate", "2"],
     ],
 )
 def test_bad_options_exit_with_a_usage_error(argv, capsys):

@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ops_support import ServerProcess, make_tiny_model
+from ops_support import TINY_MODEL_NAME, ServerProcess, make_tiny_model
 
-SERVER_ARGS = ["--load-format", "dummy", "--embed-model", "none", "--max-model-len", "256", "--num-kv-blocks", "128",
+SERVER_ARGS = ["--load-format", "dummy", "--max-model-len", "256", "--num-kv-blocks", "128",
                "--metrics-port", "0", "--log-format", "json"]  # fmt: skip
+# The tiny model's tokenizer (MiniLM's) has no chat template: this one lets the tracing tests send chats.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 
 
 @pytest.fixture(scope="session")
@@ -32,9 +34,12 @@ def receiver() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def traced_server(tiny_model: Path, receiver: Any) -> Iterator[ServerProcess]:
-    """A server exporting spans to `receiver` (flushed every 50 ms) with /metrics on a free port."""
+def traced_server(tiny_model: Path, receiver: Any, packaged_model_paths) -> Iterator[ServerProcess]:
+    """A server exporting spans to `receiver` (flushed every 50 ms) with /metrics on a free port; it generates with
+    the tiny model (and a chat template) and embeds with the packaged MiniLM."""
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50"} if receiver else {}
-    server = ServerProcess(["--model", str(tiny_model), *SERVER_ARGS], env=env).start()
+    models = ["--model", str(tiny_model), "--served-model-name", TINY_MODEL_NAME, "--chat-template", CHAT_TEMPLATE,
+              "--embed-model", str(packaged_model_paths.minilm_dir)]  # fmt: skip
+    server = ServerProcess([*models, *SERVER_ARGS], env=env).start()
     yield server
     server.stop()

@@ -29,6 +29,7 @@ from weir_gateway.state import POOL
 READY = re.compile(r"Weir is ready on (\S+):(\d+)")
 METRICS = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
 REPO = Path(__file__).resolve().parents[2]
+TINY_MODEL_NAME = "tiny-llama"  # what the traced server calls its tiny model (--served-model-name)
 
 
 def make_tiny_model(directory: Path, tokenizer_dir: Path) -> Path:

@@ -1,9 +1,13 @@
 """Fixtures for the reliability tests: servers and gateways as real processes (to signal or kill them), an
-in-process server with a small admission budget (to read its engine's counters), and test certificates."""
+in-process server with a small admission budget (to read its engine's counters), and test certificates.
+
+Every process's log is kept, and every key a process is given is recorded (secret_scan.py); the session ends by
+searching all those logs, and this process's own warnings and tracebacks, for the keys."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -18,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from secret_scan import SCAN
 
 T = TypeVar("T")
 READY_LINE = "Weir is ready on"
@@ -66,7 +73,8 @@ class Process:
 
     def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.argv = argv
-        self.log_path = log_path
+        self.log_path = SCAN.log(log_path)
+        SCAN.record_command(argv, env)
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in close()
         self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
@@ -165,6 +173,24 @@ class Launcher:
     def close(self) -> None:
         for process in self.started:
             process.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the last reliability test (whichever tests ran, in whatever order): no log of a process they started,
+    nor a warning or traceback of this process (in-process servers), holds a recorded key or its first characters."""
+    own_log = SCAN.log(tmp_path_factory.mktemp("logs") / "pytest-process.log")
+    handler = logging.FileHandler(own_log, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    leaks = SCAN.leaks()
+    print(f"[secret-scan] {len(SCAN.secrets)} secrets, {len(set(SCAN.logs))} logs, {len(leaks)} leaks", flush=True)
+    assert not leaks, "a key leaked into a log:\n" + "\n".join(leaks)
 
 
 @pytest.fixture
@@ -289,6 +315,98 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     _issue(cwd, "client", "ca", "/CN=weir-client", "extendedKeyUsage=clientAuth")
     _issue(cwd, "rogue_client", "rogue_ca", "/CN=weir-client", "extendedKeyUsage=clientAuth")
     return Certs(cwd)
+
+
+class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer KEY` to every call of a channel (`grpc.intercept_channel`), raw calls included."""
+
+    def __init__(self, key: str) -> None:
+        self.metadata = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), self.metadata])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+
+def keyed_channel(target: str, key: str, options: list[tuple[str, Any]] | None = None) -> grpc.Channel:
+    """An insecure channel whose calls carry `key`; close it with `.close()` (or `with`)."""
+    return grpc.intercept_channel(grpc.insecure_channel(target, options=options), BearerKey(key))
+
+
+HEALTH_POLL_S = 0.05
+HEALTH_BOUND_S = 1.0  # the longest a health check may wait while hostile work runs (issue 23)
+
+
+@dataclass
+class HealthProbe:
+    """Polls grpc.health.v1 every 50 ms on its own channel and keeps the longest wait and every status seen; with
+    `pid`, also the largest resident set size of that process."""
+
+    target: str
+    pid: int | None = None
+    waits: list[float] = field(default_factory=list)
+    statuses: set[str] = field(default_factory=set)
+    max_rss: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread = threading.Thread(target=self._poll, name="health-probe", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _poll(self) -> None:
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            def check() -> str:
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+                except grpc.RpcError as e:
+                    return e.code().name
+
+            self._loop(check)
+
+    def _loop(self, check: Callable[[], str]) -> None:
+        """Run `check` (it returns a status) every HEALTH_POLL_S until stopped, timing each."""
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.statuses.add(check())
+            self.waits.append(time.monotonic() - started)
+            if self.pid is not None:
+                self.max_rss = max(self.max_rss, rss_bytes(self.pid))
+            self._stop.wait(HEALTH_POLL_S)
+
+    @property
+    def worst(self) -> float:
+        return max(self.waits, default=0.0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process now (0 once it has gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def terminate(process: Process, timeout: float = 120) -> int:

@@ -19,12 +19,13 @@ import grpc
 import pytest
 from conftest import GatewayProcess, Tally
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from secret_scan import secret
 
 from weir.v1 import inference_pb2 as pb
 from weir.v1 import inference_pb2_grpc
 
-GATEWAY_KEY = "sk-weir-gateway-" + secrets.token_hex(16)
-BACKEND_KEY = "sk-weir-backend-" + secrets.token_hex(16)
+GATEWAY_KEY = secret("sk-weir-gateway-" + secrets.token_hex(16))
+BACKEND_KEY = secret("sk-weir-backend-" + secrets.token_hex(16))
 HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 2.0
 MAX_HEADER_BYTES = 1024
@@ -229,9 +230,9 @@ def test_wrong_keys_get_401_the_right_one_200_and_the_backend_gets_its_own(
         "no key": None,
         "empty": "",
         "backend key": BACKEND_KEY,
-        "one character short": GATEWAY_KEY[:-1],
-        "one character more": GATEWAY_KEY + "0",
-        "other case": GATEWAY_KEY.upper(),
+        "one character short": secret(GATEWAY_KEY[:-1]),
+        "one character more": secret(GATEWAY_KEY + "0"),
+        "other case": secret(GATEWAY_KEY.upper()),
     }
     codes = {name: _models(gateway, key) for name, key in wrong.items()}
     assert codes == dict.fromkeys(wrong, 401)

@@ -14,14 +14,16 @@ import grpc
 import pytest
 from conftest import Certs, GatewayProcess, ServerProcess, Tally
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from secret_scan import random_key
 
 from weir.v1 import inference_pb2 as pb
 from weir.v1 import inference_pb2_grpc
 from weir_client import TlsOptions, WeirClient, WeirClientError
 
 NO_MODELS = ("--model", "none", "--embed-model", "none")
-KEY = "sk-test-7f3a9c1e"
-OTHER_KEY = "sk-test-other-55b2"
+KEY = random_key("sk-test")
+OTHER_KEY = random_key("sk-test-other")
+WRONG_KEY = random_key("sk-wrong")  # a client's wrong key may be its key elsewhere: never logged either
 
 
 def _code(call: Callable[[], object]) -> grpc.StatusCode:
@@ -100,7 +102,7 @@ def test_mutual_tls_refuses_missing_and_foreign_client_certificates(mtls_server:
 def test_api_key_guards_inference_but_not_health_or_reflection(mtls_server: ServerProcess, certs: Certs) -> None:
     tally = Tally("api-key")
     codes = {}
-    for name, key in {"right key": KEY, "second key": OTHER_KEY, "wrong key": "sk-nope", "no key": None}.items():
+    for name, key in {"right key": KEY, "second key": OTHER_KEY, "wrong key": WRONG_KEY, "no key": None}.items():
         with WeirClient(mtls_server.target, timeout=10, max_attempts=1, tls=_mtls(certs), api_key=key) as client:
             tally.sent += 2
             codes[name] = (_code(client.list_models), _code(lambda c=client: c.complete("Hi", max_tokens=2)))
@@ -120,7 +122,7 @@ def test_api_key_guards_inference_but_not_health_or_reflection(mtls_server: Serv
     assert "weir.v1.InferenceService" in services
     tally.report()
     assert KEY not in mtls_server.process.log and OTHER_KEY not in mtls_server.process.log
-    assert "sk-nope" not in mtls_server.process.log
+    assert WRONG_KEY not in mtls_server.process.log
 
 
 def test_weir_generate_cli_speaks_mutual_tls_with_an_api_key(mtls_server: ServerProcess, certs: Certs) -> None:
@@ -137,7 +139,7 @@ def test_weir_generate_cli_speaks_mutual_tls_with_an_api_key(mtls_server: Server
 def test_gateway_reaches_an_mtls_backend_with_its_api_key(
     mtls_server: ServerProcess, certs: Certs, spawn_gateway: Callable[..., GatewayProcess]
 ) -> None:
-    gateway_key = "gw-key-31d0"
+    gateway_key = random_key("gw-key")
     gateway = spawn_gateway(
         [mtls_server.target], "--backend-tls-ca", certs.pem("ca"), "--backend-tls-cert", certs.pem("client"),
         "--backend-tls-key", certs.key("client"), "--backend-api-key", KEY, "--api-key", gateway_key,

@@ -6,21 +6,18 @@ Tokenize, a million empty turns, hundreds of long Embed texts, megabyte prompts,
 
 from __future__ import annotations
 
-import os
 import random
 import string
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from conftest import Launcher, ServerProcess, Tally
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from conftest import HEALTH_BOUND_S, HealthProbe, Launcher, ServerProcess, Tally, cpu_seconds, keyed_channel
+from secret_scan import random_key
 
 from weir.v1 import inference_pb2 as pb
 from weir.v1.inference_pb2_grpc import InferenceServiceStub
@@ -29,52 +26,9 @@ MAX_TEXT_BYTES = 1 << 20  # the default
 DRAIN_TIMEOUT_S = 3.0
 SERVER_FLAGS = ("--frontend-threads", "2")  # the default limits
 MODELS = ("--load-format", "dummy", "--max-model-len", "2048", "--embed-model", "all-minilm-l6-v2")
-HEALTH_POLL_S = 0.05
-HEALTH_BOUND_S = 1.0  # the longest a health check may wait while hostile work runs
+KEY = random_key("hostile")  # every call carries it (health stays open): hostile input from a keyed client
 CONCURRENT = 4  # hostile calls at once: twice the server's worker threads
 BIG_MESSAGES = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-
-
-@dataclass
-class HealthProbe:
-    """Polls grpc.health.v1 every 50 ms on its own channel and keeps the longest wait and every status seen."""
-
-    target: str
-    waits: list[float] = field(default_factory=list)
-    statuses: set[str] = field(default_factory=set)
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def __enter__(self) -> HealthProbe:
-        self._thread = threading.Thread(target=self._poll, name="health-probe", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _poll(self) -> None:
-        with grpc.insecure_channel(self.target) as channel:
-            check = health_pb2_grpc.HealthStub(channel).Check
-            while not self._stop.is_set():
-                started = time.monotonic()
-                try:
-                    status = check(health_pb2.HealthCheckRequest(), timeout=10).status
-                    self.statuses.add(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
-                except grpc.RpcError as e:
-                    self.statuses.add(e.code().name)
-                self.waits.append(time.monotonic() - started)
-                self._stop.wait(HEALTH_POLL_S)
-
-    @property
-    def worst(self) -> float:
-        return max(self.waits, default=0.0)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +39,21 @@ def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
 
 
 @pytest.fixture(scope="module")
-def server(launcher: Launcher) -> ServerProcess:
-    return launcher.server(*SERVER_FLAGS, model_args=MODELS)
+def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The key in a file (--api-key-file), so the key-file path is covered by the session's search of the logs."""
+    path = tmp_path_factory.mktemp("keys") / "api-keys.txt"
+    path.write_text(f"# the hostile-input server's key\n{KEY}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(launcher: Launcher, key_file: Path) -> ServerProcess:
+    return launcher.server(*SERVER_FLAGS, "--api-key-file", str(key_file), model_args=MODELS)
 
 
 @pytest.fixture(scope="module")
 def stub(server: ServerProcess) -> Iterator[InferenceServiceStub]:
-    with grpc.insecure_channel(server.target, options=BIG_MESSAGES) as channel:
+    with keyed_channel(server.target, KEY, options=BIG_MESSAGES) as channel:
         yield InferenceServiceStub(channel)
 
 
@@ -254,10 +216,11 @@ def test_a_call_its_client_cancels_stops_using_cpu(server: ServerProcess, stub: 
     assert after < 0.15, f"{after:.2f} CPU-seconds spent after every call was cancelled"
 
 
-def test_sigterm_during_hostile_work_exits_within_the_drain_timeout(launcher: Launcher) -> None:
-    server = launcher.server(*SERVER_FLAGS, "--drain-timeout", str(DRAIN_TIMEOUT_S), model_args=MODELS)
+def test_sigterm_during_hostile_work_exits_within_the_drain_timeout(launcher: Launcher, key_file: Path) -> None:
+    flags = (*SERVER_FLAGS, "--drain-timeout", str(DRAIN_TIMEOUT_S), "--api-key-file", str(key_file))
+    server = launcher.server(*flags, model_args=MODELS)
     work = [*ADMITTED.values(), *LONG_WORK.values()]
-    with grpc.insecure_channel(server.target, options=BIG_MESSAGES) as channel:
+    with keyed_channel(server.target, KEY, options=BIG_MESSAGES) as channel:
         stub = InferenceServiceStub(channel)
         with ThreadPoolExecutor(len(work)) as pool:
             calls = [pool.submit(_call, stub, rpc, request) for rpc, request in work]

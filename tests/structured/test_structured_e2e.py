@@ -67,24 +67,10 @@ def bad_field(error: grpc.RpcError) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def openai_client(weir_server: Any) -> Iterator[openai.OpenAI]:
-    """The OpenAI SDK against a gateway (on the server's own loop) in front of the test server."""
-    from aiohttp import web
-
-    from weir_gateway.app import create_app
-    from weir_gateway.config import GatewayConfig
-
-    async def start() -> web.AppRunner:
-        runner = web.AppRunner(create_app(GatewayConfig(backends=(weir_server.target,))), handler_cancellation=True)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return runner
-
-    runner = weir_server.run(start())
-    host, port = runner.addresses[0][:2]
-    with openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="unused", timeout=300, max_retries=0) as client:
+def openai_client(gateway_url: str) -> Iterator[openai.OpenAI]:
+    """The OpenAI SDK against the real gateway in front of the test server."""
+    with openai.OpenAI(base_url=gateway_url, api_key="unused", timeout=300, max_retries=0) as client:
         yield client
-    weir_server.run(runner.cleanup())
 
 
 def assert_all_valid(outputs: list[tuple[str, Any]]) -> None:

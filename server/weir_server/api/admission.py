@@ -37,6 +37,11 @@ class Admission:
         if kwargs:
             size = len(kwargs.encode()) if len(kwargs) <= limits.max_chat_template_kwargs_bytes else len(kwargs)
             check_at_most("chat_template_kwargs", size, limits.max_chat_template_kwargs_bytes, "bytes", _KWARGS_FLAG)
+        params = request.sampling_params
+        for name in ("logprobs", "prompt_logprobs"):
+            if params.HasField(name):
+                value = getattr(params, name)
+                check_at_most(f"sampling_params.{name}", value, limits.max_logprobs, "alternatives", "--max-logprobs")
 
     def _conversation(self, messages: pb.ChatMessages) -> int:
         """The conversation's size in bytes, once its count of turns, parts and calls is checked."""

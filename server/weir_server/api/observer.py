@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from weir_server.engine.types import GenerationOutput
+from weir_server.engine.types import GenerationOutput, SamplingParams
 from weir_server.logging_setup import request_id_var
 from weir_server.metrics import ServerMetrics
 from weir_server.telemetry import Tracing
@@ -119,9 +119,20 @@ class Observability:
     metrics: ServerMetrics | None = None
     tracing: Tracing | None = None
 
-    def generation(self, model: str, request_id: str, num_choices: int) -> GenerationObserver:
-        parent = self.tracing.current_context() if self.tracing is not None else None
-        return GenerationObserver(self, model, request_id, num_choices, parent=parent)
+    def generation(
+        self, model: str, request_id: str, params: SamplingParams, operation: str = "text_completion"
+    ) -> GenerationObserver:
+        """The observer of one Generate call reaching the engine; `operation` is its GenAI operation name."""
+        parent = None
+        if self.tracing is not None:
+            parent = self.tracing.current_context()
+            self.tracing.describe_generation(parent, operation, model, params)
+        return GenerationObserver(self, model, request_id, params.n, parent=parent)
+
+    def embedding(self, model: str, input_tokens: int, dimensions: int | None) -> None:
+        """One Embed call answered (its span gets the GenAI attributes)."""
+        if self.tracing is not None:
+            self.tracing.describe_embedding(model, input_tokens, dimensions)
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [RpcInterceptor(self)]

@@ -19,7 +19,7 @@ from weir_server.api.security import ApiKeyInterceptor, server_credentials
 from weir_server.api.servicer import InferenceServicer
 from weir_server.config import ServerConfig
 from weir_server.errors import EngineUnavailableError
-from weir_server.metrics import MetricsHttpServer, create_metrics
+from weir_server.metrics import MetricsHttpServer, create_metrics, metrics_api_keys
 from weir_server.process_lifetime import freeze_startup_objects
 from weir_server.telemetry import create_tracing
 
@@ -84,7 +84,8 @@ class WeirServer:
         await self.server.start()
         if self.observability.metrics is not None:
             port = self.config.observability.metrics_port or 0
-            self.metrics_server = MetricsHttpServer(self.observability.metrics, self.config.host, port)
+            keys = metrics_api_keys(self.config)
+            self.metrics_server = MetricsHttpServer(self.observability.metrics, self.config.host, port, keys)
         scheme = "plaintext" if self.config.tls is None else "mutual TLS" if self.config.tls.client_ca_file else "TLS"
         logger.info("listening on %s (%s); loading models", self.address, scheme)
         self.engine_failure = asyncio.get_running_loop().create_future()

@@ -25,10 +25,23 @@ from weir_server.config import LimitsConfig
 from weir_server.engine.types import Constraint, GenerationOutput, GenerationRequest
 from weir_server.errors import EngineStepError, EngineUnavailableError, InvalidRequestError
 from weir_server.parsers.tool_parser import ToolCall
-from weir_server.tokenization import Checkpoint
+from weir_server.tokenization import Checkpoint, keep_going
 
 REQUEST_ID_KEY = "x-request-id"
 VALID_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # what gRPC metadata and log lines carry safely
+# Prompts this small are prepared on the event loop: a worker hop costs more than the work, and at hundreds of
+# requests arriving at once the hops spread their admission over many engine steps (on an H100, 512 streams from
+# four client processes ran at 23-64k tokens/s through the workers and 91k inline; bench/RESULTS.md, 2026-12-06).
+_INLINE_PROMPT_CHARS = 4096
+
+
+def _cheap_prompt(request: pb.GenerateRequest) -> bool:
+    """Whether preparing the prompt is bounded by a few hundred microseconds: token ids (a range check) or a short
+    text (one Rust tokenizer call). Chats (template rendering) and long texts go to the workers."""
+    kind = request.WhichOneof("input")
+    return kind == "token_ids" or (kind == "prompt" and len(request.prompt) <= _INLINE_PROMPT_CHARS)
+
+
 _MODEL_TASKS = {"generate": pb.MODEL_TASK_GENERATE, "embed": pb.MODEL_TASK_EMBED}
 
 
@@ -67,7 +80,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise InvalidRequestError("request_id", "must be 1 to 128 printable ASCII characters without spaces")
         answer = convert.constraint(request)
         prepare = functools.partial(self._prompt, request, model, answer)
-        prompt_ids, chat = await self.workers.run(prepare, context.time_remaining())
+        if _cheap_prompt(request):
+            prompt_ids, chat = prepare(keep_going)
+        else:
+            prompt_ids, chat = await self.workers.run(prepare, context.time_remaining())
         params = convert.sampling_params(request.sampling_params)  # the engine validates them
         constraint = chat.constraint if chat is not None else answer
         if answer is not None and constraint is not answer:
@@ -85,7 +101,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             params=params,
             constraint=constraint,
         )
-        observer = self.observability.generation(model.id, request_id, params.n)
+        operation = "chat" if chat is not None else "text_completion"
+        observer = self.observability.generation(model.id, request_id, params, operation)
         stream = engine.generate(engine_request)
         parsers: dict[int, ChoiceParser | None] = {}
         try:
@@ -116,8 +133,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def _prompt(
         self, request: pb.GenerateRequest, model: ServedModel, answer: Constraint | None, checkpoint: Checkpoint
     ) -> tuple[list[int], ChatPrompt | None]:
-        """Worker thread: the prompt's token ids, and for a chat its rendering (constraint and output parsers
-        included). Admission has checked the sizes."""
+        """On a worker thread (inline for a cheap prompt): the prompt's token ids, and for a chat its rendering
+        (constraint and output parsers included). Admission has checked the sizes."""
         kind = request.WhichOneof("input")
         tokenizer = model.tokenizer
         chat = None
@@ -158,7 +175,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @map_errors
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
-        return await self._embed(request, context)
+        response = await self._embed(request, context)
+        self.observability.embedding(response.model, response.usage.prompt_tokens, request.dimensions or None)
+        return response
 
     @map_errors
     async def EmbedStream(self, requests: AsyncIterator[pb.EmbedStreamRequest], context: Any) -> None:

@@ -94,7 +94,7 @@ class EngineCore:
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.sampler = Sampler()
+        self.sampler = Sampler(config.model.sampling_seed)
         self.structured = StructuredOutputs(
             self.tokenizer, self.vocab_size, self.eos_token_ids, self.runner.device, config.structured
         )

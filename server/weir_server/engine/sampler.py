@@ -70,8 +70,12 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: Seq
 class Sampler:
     """Chooses the next token of every row of a logits batch with tensor ops (no per-row vocab loops)."""
 
-    def __init__(self) -> None:
-        self._rng = random.Random()  # seeds of unseeded rows on the GPU sampler (seeded from the OS)
+    def __init__(self, seed: int | None = None) -> None:
+        """`seed` (`weir serve --seed`) makes the draws of requests without a seed of their own repeat across starts;
+        None draws them from the OS."""
+        self._rng = random.Random(seed)  # seeds of unseeded rows on the GPU sampler
+        if seed is not None:
+            torch.manual_seed(seed)  # unseeded rows of the torch path draw from torch's default generator
 
     def __call__(
         self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Seq[int], mask: TokenMask | None = None

@@ -19,6 +19,7 @@ import torch
 
 from weir_server.executor.batch import S, ScheduledSeq
 from weir_server.layers.attention_metadata import AttentionMetadata
+from weir_server.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for bs in reversed(self.sizes):
+            for bs in progress(self.sizes[::-1], "Capturing decode CUDA graphs", unit="graphs"):
                 self.run_eager(bs)  # warm-up: compiles the Triton kernels for this shape outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 from weir_server.config import ModelConfig
 from weir_server.errors import ModelLoadError
 from weir_server.models.registry import ModelSource, Task, architecture_of, lookup_architecture, resolve_source
+from weir_server.progress import progress, tqdm_compatible
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +50,12 @@ def load_model(config: ModelConfig, task: Task | None = None, weights: bool = Tr
     if config.load_format not in _LOAD_FORMATS:
         raise ModelLoadError(f"load_format {config.load_format!r} is not one of {', '.join(_LOAD_FORMATS)}")
     if config.trust_remote_code:
-        logger.warning("trust_remote_code is ignored: Weir runs only its own model code")
-    source = resolve_source(config.model, config.revision)
+        logger.warning(
+            "trust_remote_code: transformers may run code from the model's repo for its config and tokenizer"
+        )
+    source = resolve_source(config.model, config.revision, config.download_dir)
     logger.info("Loading model %r from %s", config.model, source.description)
-    hf_config = _load_hf_config(source)
+    hf_config = _load_hf_config(source, config.trust_remote_code)
     architecture = architecture_of(hf_config)
     entry = lookup_architecture(architecture, task)
     device = resolve_device(config.device)
@@ -60,7 +63,7 @@ def load_model(config: ModelConfig, task: Task | None = None, weights: bool = Tr
     logger.info("Architecture %s (%s), %s on %s", architecture, entry.task, dtype, device)
 
     model = _build_model(config, source, hf_config, entry.model_class, device, dtype) if weights else None
-    tokenizer = _load_tokenizer(source)
+    tokenizer = _load_tokenizer(source, config)
     loaded = LoadedModel(
         model=model,
         hf_config=hf_config,
@@ -145,19 +148,33 @@ def cpu_has_fast_bf16() -> bool:
     return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
 
 
-def _load_hf_config(source: ModelSource) -> PretrainedConfig:
+def _load_hf_config(source: ModelSource, trust_remote_code: bool = False) -> PretrainedConfig:
     try:
-        config = AutoConfig.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+        config = AutoConfig.from_pretrained(
+            str(source.directory), gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"model {source.spec!r}: cannot read its config: {error}") from error
     return config  # type: ignore[no-any-return]
 
 
-def _load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+def _load_tokenizer(source: ModelSource, config: ModelConfig) -> PreTrainedTokenizerBase:
+    """The model's own tokenizer, or the one `config.tokenizer` names (a directory or hub id)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+        if config.tokenizer is not None:
+            tokenizer = AutoTokenizer.from_pretrained(
+                config.tokenizer,
+                revision=config.tokenizer_revision,
+                cache_dir=config.download_dir,
+                trust_remote_code=config.trust_remote_code,
+            )
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(source.directory), gguf_file=source.gguf_file, trust_remote_code=config.trust_remote_code
+            )
     except (OSError, ValueError, KeyError) as error:
-        raise ModelLoadError(f"model {source.spec!r}: cannot load its tokenizer: {error}") from error
+        which = f"tokenizer {config.tokenizer!r}" if config.tokenizer is not None else "its tokenizer"
+        raise ModelLoadError(f"model {source.spec!r}: cannot load {which}: {error}") from error
     return tokenizer  # type: ignore[no-any-return]
 
 
@@ -191,11 +208,19 @@ def _iter_weights(
 def _iter_safetensors(files: list[Path], lazy: bool = False) -> Iterator[tuple[str, Any]]:
     from safetensors import safe_open
 
-    for path in files:
-        logger.info("Reading weights from %s", path.name)
+    def tensors() -> Iterator[tuple[str, Any]]:
+        for path in files:
+            logger.debug("Reading weights from %s", path.name)
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    yield name, f.get_slice(name) if lazy else f.get_tensor(name)
+
+    total = 0
+    for path in files:  # only the headers: the count the progress bar needs
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, f.get_slice(name) if lazy else f.get_tensor(name)
+            total += len(f.keys())
+    desc = f"Loading safetensors ({len(files)} shard{'s' if len(files) > 1 else ''})"
+    yield from progress(tensors(), desc, total, "tensors")
 
 
 def _iter_torch_bins(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -218,7 +243,16 @@ def _iter_gguf(source: ModelSource, hf_config: PretrainedConfig) -> Iterator[tup
     logger.info("Dequantizing GGUF tensors from %s", path.name)
     with torch.device("meta"):
         name_model = AutoModelForCausalLM.from_config(hf_config)
-    checkpoint = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=name_model)
+    # transformers draws its own tqdm bar here even into a log file; for this call it draws ours (a bar on a
+    # terminal, log lines elsewhere). Loads run one at a time, so patching the module global is safe.
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = tqdm_compatible("tensors")
+    try:
+        checkpoint = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=name_model)
+    finally:
+        gguf_utils.tqdm = bar
     yield from checkpoint["tensors"].items()
 
 

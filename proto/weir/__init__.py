@@ -1,1 +1,0 @@
-"""Weir protocol packages (generated from proto/)."""
