@@ -10,11 +10,11 @@ import torch
 
 from weir_server.kernels import HAS_TRITON, next_power_of_2, require_triton, tl, triton
 from weir_server.kernels.prefill_attention import (
-    LOG2E,
     NO_WINDOW,
     dot_precision,
     gather_context,
     grouped_attention_ref,
+    softcap_scales,
     visible_keys,
 )
 
@@ -30,6 +30,7 @@ def paged_decode_attention_ref(
     scale: float,
     sliding_window: int | None = None,
     max_context_len: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Reference in float64, the whole batch at once: q [B, H, D] at position context_len - 1 -> [B, H, D]."""
     batch, num_heads, head_dim = q.shape
@@ -41,7 +42,7 @@ def paged_decode_attention_ref(
     query_pos = (context_lens.long() - 1).view(batch, 1, 1, 1)
     mask = visible_keys(key_pos, query_pos, sliding_window)  # [B, 1, 1, L]
     grouped = q.double().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    return grouped_attention_ref(grouped, keys, values, mask, scale).reshape(batch, num_heads, head_dim)
+    return grouped_attention_ref(grouped, keys, values, mask, scale, logit_softcap).reshape(batch, num_heads, head_dim)
 
 
 def paged_decode_attention(
@@ -52,6 +53,7 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None = None,
     max_context_len: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Triton kernel: q [B, H, D] -> [B, H, D] in q's dtype.
 
@@ -67,6 +69,7 @@ def paged_decode_attention(
         scale,
         sliding_window,
         max_context_len,
+        logit_softcap=logit_softcap,
     )
 
 
@@ -104,6 +107,7 @@ def decode_attention(
     partition_size: int | None = None,
     block_n: int = 64,
     num_warps: int = 4,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """The launch on separate K and V caches [num_blocks, block_size, Hkv, D]; tuning knobs for benchmarks."""
     require_triton()
@@ -124,6 +128,7 @@ def decode_attention(
     partial = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     stats = torch.empty((2, batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     head_dim_pad = next_power_of_2(head_dim)
+    qk_scale, cap = softcap_scales(scale, logit_softcap)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q,
         key_cache,
@@ -133,7 +138,8 @@ def decode_attention(
         out,
         partial,
         stats,
-        scale * LOG2E,
+        qk_scale,
+        cap,
         sliding_window if sliding_window is not None else NO_WINDOW,
         partition_size,
         num_splits,
@@ -155,6 +161,7 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype),
+        SOFTCAP=logit_softcap is not None,
         num_warps=num_warps,
         num_stages=2,
     )
@@ -177,6 +184,7 @@ def decode_attention(
 
 
 if HAS_TRITON:
+    from weir_server.kernels.prefill_attention import tanh
 
     @triton.jit
     def _decode_kernel(
@@ -189,6 +197,7 @@ if HAS_TRITON:
         partial_ptr,
         stats_ptr,
         qk_scale,
+        cap,
         window,
         partition_size,
         num_splits,
@@ -210,6 +219,7 @@ if HAS_TRITON:
         BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):
         # One program: one sequence, one KV head with its GROUP query heads, one partition of the context.
         seq = tl.program_id(0)
@@ -257,6 +267,8 @@ if HAS_TRITON:
                 other=0.0,
             )
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            if SOFTCAP:
+                qk = cap * tanh(qk)
             qk = tl.where(key_ok[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp2(m_i - m_new)

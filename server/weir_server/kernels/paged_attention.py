@@ -17,6 +17,7 @@ def paged_attention(
     attn: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """query [T, H, D], caches [num_blocks, block_size, Hkv, D] -> [T, H, D]; needs Triton (see HAS_TRITON).
 
@@ -34,6 +35,7 @@ def paged_attention(
             scale,
             sliding_window,
             attn.max_context_len,
+            logit_softcap=logit_softcap,
         )
     return prefill_attention(
         query,
@@ -45,4 +47,5 @@ def paged_attention(
         attn.max_query_len,
         scale,
         sliding_window,
+        logit_softcap=logit_softcap,
     )

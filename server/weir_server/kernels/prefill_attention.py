@@ -1,7 +1,8 @@
 """Chunked-prefill attention over the paged KV cache: flash-attention style online softmax, causal, GQA.
 
 Query token j of sequence i sits at position context_lens[i] - query_len_i + j and sees key n when
-n <= position and, with a sliding window w, position - n < w (the same rule as layers/attention.py).
+n <= position and, with a sliding window w, position - n < w (the same rule as layers/attention.py). With a
+logit soft-cap c (Gemma 2) a score s becomes c * tanh(s / c) before the softmax.
 """
 
 import functools
@@ -17,6 +18,16 @@ LOG2E = 1.4426950408889634  # the kernels use exp2, so scores are scaled by log2
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs get exact products; Triton would otherwise use tf32 on the tensor cores."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def softcap_scales(scale: float, logit_softcap: float | None) -> tuple[float, float]:
+    """The kernels' (qk_scale, cap): scores are dot * qk_scale, then with a soft-cap cap * tanh(that), in log2 units.
+
+    Without a cap qk_scale carries log2(e); with one the tanh sees scale / softcap and cap carries softcap * log2(e).
+    """
+    if logit_softcap is None:
+        return scale * LOG2E, 0.0
+    return scale / logit_softcap, logit_softcap * LOG2E
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -41,9 +52,12 @@ def grouped_attention_ref(
     values: torch.Tensor,
     mask: torch.Tensor,  # broadcastable to [..., Hkv, G, L]
     scale: float,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention with grouped heads in float64; a query with no visible key gets zeros."""
     scores = torch.einsum("...kgd,...lkd->...kgl", q, keys) * scale
+    if logit_softcap is not None:
+        scores = torch.tanh(scores / logit_softcap) * logit_softcap
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with every key masked give NaN
     return torch.einsum("...kgl,...lkd->...kgd", probs, values)
@@ -58,6 +72,7 @@ def paged_prefill_attention_ref(
     max_query_len: int,
     scale: float,
     sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Reference in float64, one sequence at a time: q [T, H, D] -> [T, H, D] float64."""
     num_kv_heads, head_dim = kv_cache_layer.shape[-2:]
@@ -73,7 +88,7 @@ def paged_prefill_attention_ref(
         query_pos = torch.arange(ctx - (end - start), ctx, device=q.device).view(-1, 1, 1, 1)
         mask = visible_keys(torch.arange(ctx, device=q.device), query_pos, sliding_window)
         seq_q = q[start:end].double().view(end - start, num_kv_heads, group, head_dim)
-        out[start:end] = grouped_attention_ref(seq_q, keys, values, mask, scale).flatten(1, 2)
+        out[start:end] = grouped_attention_ref(seq_q, keys, values, mask, scale, logit_softcap).flatten(1, 2)
     return out
 
 
@@ -86,6 +101,7 @@ def paged_prefill_attention(
     max_query_len: int,
     scale: float,
     sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Triton kernel: q [T, H, D] -> [T, H, D] in q's dtype; also right for decode rows (query_len 1)."""
     return prefill_attention(
@@ -98,6 +114,7 @@ def paged_prefill_attention(
         max_query_len,
         scale,
         sliding_window,
+        logit_softcap=logit_softcap,
     )
 
 
@@ -115,6 +132,7 @@ def prefill_attention(
     block_n: int = 64,
     num_warps: int | None = None,
     num_stages: int = 2,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """The kernel launch on separate K and V caches [num_blocks, block_size, Hkv, D]; knobs for benchmarks."""
     require_triton()
@@ -133,6 +151,7 @@ def prefill_attention(
     if num_warps is None:
         num_warps = 8 if block_m >= 128 else 4
     grid = (triton.cdiv(max_query_len, block_q), context_lens.shape[0], num_kv_heads)
+    qk_scale, cap = softcap_scales(scale, logit_softcap)
     _prefill_kernel[grid](
         q,
         key_cache,
@@ -141,7 +160,8 @@ def prefill_attention(
         context_lens,
         query_start_loc,
         out,
-        scale * LOG2E,
+        qk_scale,
+        cap,
         sliding_window if sliding_window is not None else NO_WINDOW,
         q.stride(0),
         q.stride(1),
@@ -162,6 +182,7 @@ def prefill_attention(
         BLOCK_Q=block_q,
         BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype),
+        SOFTCAP=logit_softcap is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -199,6 +220,11 @@ def _shared_memory(device: torch.device) -> int:
 if HAS_TRITON:
 
     @triton.jit
+    def tanh(x):
+        # exp-based so that it needs no libdevice; saturates cleanly to +-1 in fp32.
+        return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+    @triton.jit
     def _attend_keys(
         q,
         acc,
@@ -209,6 +235,7 @@ if HAS_TRITON:
         pos,
         window,
         qk_scale,
+        cap,
         k_cache_ptr,
         v_cache_ptr,
         block_table_ptr,
@@ -224,6 +251,7 @@ if HAS_TRITON:
         BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        SOFTCAP: tl.constexpr,
         MASKED: tl.constexpr,
     ):
         # Online softmax over keys [key_lo, key_hi); unmasked calls get whole chunks every row may see.
@@ -242,6 +270,8 @@ if HAS_TRITON:
                 other=0.0,
             )
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            if SOFTCAP:
+                qk = cap * tanh(qk)
             if MASKED:
                 visible = (keys_n[None, :] <= pos[:, None]) & (pos[:, None] - keys_n[None, :] < window)
                 qk = tl.where(visible & key_ok[None, :], qk, float("-inf"))
@@ -268,6 +298,7 @@ if HAS_TRITON:
         query_start_loc_ptr,
         out_ptr,
         qk_scale,
+        cap,
         window,
         stride_qt,
         stride_qh,
@@ -288,6 +319,7 @@ if HAS_TRITON:
         BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):
         # One program: BLOCK_Q query tokens x all GROUP query heads of one KV head, as BLOCK_Q*GROUP_PAD rows.
         # Later query blocks see more keys, so they are launched first.
@@ -334,6 +366,7 @@ if HAS_TRITON:
             pos,
             window,
             qk_scale,
+            cap,
             k_cache_ptr,
             v_cache_ptr,
             table,
@@ -349,6 +382,7 @@ if HAS_TRITON:
             BLOCK_SIZE,
             BLOCK_N,
             DOT_PRECISION,
+            SOFTCAP,
             True,
         )
         acc, m_i, l_i = _attend_keys(
@@ -361,6 +395,7 @@ if HAS_TRITON:
             pos,
             window,
             qk_scale,
+            cap,
             k_cache_ptr,
             v_cache_ptr,
             table,
@@ -376,6 +411,7 @@ if HAS_TRITON:
             BLOCK_SIZE,
             BLOCK_N,
             DOT_PRECISION,
+            SOFTCAP,
             False,
         )
         acc, m_i, l_i = _attend_keys(
@@ -388,6 +424,7 @@ if HAS_TRITON:
             pos,
             window,
             qk_scale,
+            cap,
             k_cache_ptr,
             v_cache_ptr,
             table,
@@ -403,6 +440,7 @@ if HAS_TRITON:
             BLOCK_SIZE,
             BLOCK_N,
             DOT_PRECISION,
+            SOFTCAP,
             True,
         )
 

@@ -33,6 +33,7 @@ class PagedAttention(nn.Module):
         head_dim: int,
         scale: float | None = None,
         sliding_window: int | None = None,
+        logit_softcap: float | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads != 0:
@@ -42,6 +43,8 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
         self.sliding_window = sliding_window
+        # Gemma 2: scores become softcap * tanh(scores / softcap) before the softmax.
+        self.logit_softcap = logit_softcap
 
     def forward(
         self,
@@ -62,12 +65,14 @@ class PagedAttention(nn.Module):
             if rope is not None:
                 query, key = rope.rotate(query, key)
             write_kv_cache(key, value, kv_cache, attn.slot_mapping)
-        return paged_attention(query, kv_cache[0], kv_cache[1], attn, self.scale, self.sliding_window)
+        return paged_attention(
+            query, kv_cache[0], kv_cache[1], attn, self.scale, self.sliding_window, self.logit_softcap
+        )
 
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"sliding_window={self.sliding_window}"
+            f"sliding_window={self.sliding_window}, logit_softcap={self.logit_softcap}"
         )
 
 
@@ -91,11 +96,12 @@ def paged_attention(
     attn: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of every query token over its sequence's cached context; picks the backend for the device."""
     if query.is_cuda and (kernels := _triton_kernels()) is not None:
-        return kernels.paged_attention(query, key_cache, value_cache, attn, scale, sliding_window)
-    return paged_attention_torch(query, key_cache, value_cache, attn, scale, sliding_window)
+        return kernels.paged_attention(query, key_cache, value_cache, attn, scale, sliding_window, logit_softcap)
+    return paged_attention_torch(query, key_cache, value_cache, attn, scale, sliding_window, logit_softcap)
 
 
 @functools.cache
@@ -121,15 +127,16 @@ def paged_attention_torch(
     attn: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Batched torch path: decode rows in one SDPA call, prefill chunks padded into another."""
     if attn.is_decode_only:
-        return _decode_attention(query, key_cache, value_cache, attn, scale, sliding_window)
+        return _decode_attention(query, key_cache, value_cache, attn, scale, sliding_window, logit_softcap)
     query_lens = attn.query_lens_cpu
     decode_seqs = [i for i, n in enumerate(query_lens) if n == 1]
     prefill_seqs = [i for i, n in enumerate(query_lens) if n > 1]
     if not decode_seqs:
-        return _prefill_attention(query, key_cache, value_cache, attn, scale, sliding_window)
+        return _prefill_attention(query, key_cache, value_cache, attn, scale, sliding_window, logit_softcap)
     # Mixed batch: padding every decode row to the longest prefill chunk would waste
     # (num_decodes x chunk x context) scores, so each kind runs as its own batch.
     starts = list(itertools.accumulate(query_lens, initial=0))
@@ -141,7 +148,8 @@ def paged_attention_torch(
         (prefill_seqs, prefill_tokens, _prefill_attention),
     ):
         tokens = tokens.to(query.device)
-        out[tokens] = run(query[tokens], key_cache, value_cache, _select_seqs(attn, seqs), scale, sliding_window)
+        selected = _select_seqs(attn, seqs)
+        out[tokens] = run(query[tokens], key_cache, value_cache, selected, scale, sliding_window, logit_softcap)
     return out
 
 
@@ -179,8 +187,11 @@ def _sdpa(
     value: torch.Tensor,
     mask: torch.Tensor,  # [B, Q, L] bool, True = attend
     scale: float,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """SDPA with grouped-query heads; returns [B, Q, H, D]."""
+    if logit_softcap is not None:
+        return _softcapped_attention(query, key, value, mask, scale, logit_softcap)
     out = F.scaled_dot_product_attention(
         query.transpose(1, 2),
         key.transpose(1, 2).to(query.dtype),
@@ -190,6 +201,26 @@ def _sdpa(
         enable_gqa=query.shape[2] != key.shape[2],
     )
     return out.transpose(1, 2)
+
+
+def _softcapped_attention(
+    query: torch.Tensor,  # [B, Q, H, D]
+    key: torch.Tensor,  # [B, L, Hkv, D]
+    value: torch.Tensor,
+    mask: torch.Tensor,  # [B, Q, L] bool
+    scale: float,
+    logit_softcap: float,
+) -> torch.Tensor:
+    """Eager attention with tanh soft-capped scores (SDPA has no hook between the product and the softmax)."""
+    group = query.shape[2] // key.shape[2]
+    q = query.transpose(1, 2)  # [B, H, Q, D]
+    k = key.transpose(1, 2).to(query.dtype).repeat_interleave(group, dim=1)  # [B, H, L, D]
+    v = value.transpose(1, 2).to(query.dtype).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    scores = torch.tanh(scores / logit_softcap) * logit_softcap
+    scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(query.dtype)
+    return torch.matmul(probs, v).transpose(1, 2)
 
 
 def _key_mask(
@@ -213,6 +244,7 @@ def _decode_attention(
     attn: AttentionMetadata,
     scale: float,
     sliding_window: int | None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """One query token per sequence, at position context_len - 1."""
     keys = _gather_context(key_cache, attn)
@@ -220,7 +252,7 @@ def _decode_attention(
     key_positions = torch.arange(attn.max_context_len, device=query.device)
     query_positions = (attn.context_lens.to(query.device).long() - 1).unsqueeze(1)  # [B, 1]
     mask = _key_mask(key_positions, query_positions, sliding_window)
-    return _sdpa(query.unsqueeze(1), keys, values, mask, scale).squeeze(1)
+    return _sdpa(query.unsqueeze(1), keys, values, mask, scale, logit_softcap).squeeze(1)
 
 
 def _prefill_attention(
@@ -230,6 +262,7 @@ def _prefill_attention(
     attn: AttentionMetadata,
     scale: float,
     sliding_window: int | None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Queries padded per sequence to max_query_len; query j of a sequence sits at context_len - query_len + j."""
     device = query.device
@@ -255,5 +288,5 @@ def _prefill_attention(
     values = _gather_context(value_cache, attn)
     key_positions = torch.arange(attn.max_context_len, device=device)
     mask = _key_mask(key_positions, query_positions, sliding_window)
-    out = _sdpa(padded, keys, values, mask, scale)
+    out = _sdpa(padded, keys, values, mask, scale, logit_softcap)
     return out.reshape(batch * max_q, *query.shape[1:])[padded_index]

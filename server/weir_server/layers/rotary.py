@@ -31,9 +31,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> (cos, sin), each [T, 1, rotary_dim / 2] in `dtype`, computed in fp32."""
-        if self._inv_freq.device != positions.device:
-            self._inv_freq = self._inv_freq.to(positions.device)
-        freqs = (positions.float().unsqueeze(-1) * self._inv_freq).unsqueeze(1)
+        freqs = self._freqs(positions.float()).unsqueeze(1)
         cos = (freqs.cos() * self.attention_scaling).to(dtype)
         sin = (freqs.sin() * self.attention_scaling).to(dtype)
         return cos, sin
@@ -49,13 +47,49 @@ class RotaryEmbedding(nn.Module):
         """[max_positions, rotary_dim] fp32: cos in the first half of a row, sin in the second (built once)."""
         if self._cos_sin_cache is None or self._cos_sin_cache.device != device:
             positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
-            freqs = positions.unsqueeze(-1) * self._inv_freq.to(device)
+            freqs = self._freqs(positions)
             table = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * self.attention_scaling
             self._cos_sin_cache = table.contiguous()
         return self._cos_sin_cache
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, scaling={self.attention_scaling}"
+
+    def _freqs(self, positions: torch.Tensor) -> torch.Tensor:
+        """fp32 positions [T] -> rotation angles [T, rotary_dim / 2]."""
+        if self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq.to(positions.device)
+        return positions.unsqueeze(-1) * self._inv_freq
+
+
+class LongRopeRotaryEmbedding(RotaryEmbedding):
+    """LongRoPE (Phi-3, Phi-4-mini): each frequency divided by a factor, the short factors at positions below
+    the pretraining length and the long factors from it on.
+
+    transformers re-rotates the whole sequence with the long factors once it outgrows the pretraining length;
+    a KV cache cannot re-rotate keys it already holds, so the choice is made per position (as a key's rotation
+    must depend on its position alone). Up to the pretraining length both agree exactly.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        short_inv_freq: torch.Tensor,
+        long_inv_freq: torch.Tensor,
+        original_max_positions: int,
+        attention_scaling: float,
+        max_positions: int,
+    ) -> None:
+        super().__init__(head_dim, short_inv_freq, attention_scaling, max_positions)
+        self.original_max_positions = original_max_positions
+        self._long_inv_freq = long_inv_freq.detach().to("cpu", torch.float32)
+
+    def _freqs(self, positions: torch.Tensor) -> torch.Tensor:
+        short = super()._freqs(positions)
+        if self._long_inv_freq.device != positions.device:
+            self._long_inv_freq = self._long_inv_freq.to(positions.device)
+        long = positions.unsqueeze(-1) * self._long_inv_freq
+        return torch.where((positions >= self.original_max_positions).unsqueeze(-1), long, short)
 
 
 @dataclass
@@ -127,7 +161,8 @@ def rope_parameters(config: Any) -> dict[str, Any]:
 
 
 def get_rope(config: Any, head_dim: int) -> RotaryEmbedding:
-    """Build the rotary embedding a transformers config describes (default, linear, dynamic, llama3, yarn)."""
+    """Build the rotary embedding a transformers config describes (default, linear, dynamic, llama3, yarn,
+    longrope); `partial_rotary_factor` turns only the first part of each head."""
     params = rope_parameters(config)
     rope_type = params["rope_type"]
     rotary_dim = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
@@ -146,10 +181,44 @@ def get_rope(config: Any, head_dim: int) -> RotaryEmbedding:
         pass
     elif rope_type == "yarn":
         inv_freq, scaling = _transformers_inv_freq(config, rope_type)
+    elif rope_type == "longrope":
+        return _longrope(config, params, head_dim, inv_freq)
     else:
-        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, dynamic, llama3, yarn")
+        raise ValueError(
+            f"unsupported rope_type {rope_type!r}; supported: default, linear, dynamic, llama3, yarn, longrope"
+        )
     max_positions = int(getattr(config, "max_position_embeddings", None) or 2048)
     return RotaryEmbedding(head_dim, inv_freq, scaling, max_positions)
+
+
+def _longrope(config: Any, params: dict[str, Any], head_dim: int, inv_freq: torch.Tensor) -> LongRopeRotaryEmbedding:
+    """LongRoPE from `short_factor`, `long_factor`, `original_max_position_embeddings` and the attention factor
+    (given, or derived from the context extension as transformers does)."""
+    max_positions = int(getattr(config, "max_position_embeddings", None) or 2048)
+    original = params.get("original_max_position_embeddings") or getattr(
+        config, "original_max_position_embeddings", None
+    )
+    if original is None:
+        raise ValueError("rope_type 'longrope' needs original_max_position_embeddings")
+    original = int(original)
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        factor = torch.tensor(params[key], dtype=torch.float32, device="cpu")  # models are built on meta
+        if factor.shape != inv_freq.shape:
+            raise ValueError(f"rope {key} has {factor.numel()} entries; the rotary dims need {inv_freq.numel()}")
+        factors[key] = factor
+    scaling = params.get("attention_factor")
+    if scaling is None:
+        extension = params.get("factor") or max_positions / original
+        scaling = 1.0 if extension <= 1.0 else math.sqrt(1 + math.log(extension) / math.log(original))
+    return LongRopeRotaryEmbedding(
+        head_dim,
+        inv_freq / factors["short_factor"],
+        inv_freq / factors["long_factor"],
+        original,
+        float(scaling),
+        max_positions,
+    )
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:

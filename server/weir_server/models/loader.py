@@ -8,15 +8,25 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from weir_server.config import ModelConfig
 from weir_server.errors import ModelLoadError
-from weir_server.models.registry import ModelSource, Task, architecture_of, lookup_architecture, resolve_source
+from weir_server.models.checkpoint_checks import check_gguf_tensors, check_safetensors_file, open_gguf
+from weir_server.models.registry import (
+    ModelSource,
+    Task,
+    architecture_of,
+    gguf_model_types,
+    lookup_architecture,
+    resolve_source,
+)
 from weir_server.progress import progress, tqdm_compatible
 
 logger = logging.getLogger(__name__)
@@ -55,6 +65,8 @@ def load_model(config: ModelConfig, task: Task | None = None, weights: bool = Tr
         )
     source = resolve_source(config.model, config.revision, config.download_dir)
     logger.info("Loading model %r from %s", config.model, source.description)
+    if source.is_gguf:
+        open_gguf(source.directory / str(source.gguf_file))  # a cut file or unreadable type: before transformers
     hf_config = _load_hf_config(source, config.trust_remote_code)
     architecture = architecture_of(hf_config)
     entry = lookup_architecture(architecture, task)
@@ -97,6 +109,7 @@ def _build_model(
     device: torch.device,
     dtype: torch.dtype,
 ) -> nn.Module:
+    weights: _WeightStream | None = None
     try:
         model = _build_empty(model_class, hf_config, device, dtype)
         std = float(getattr(hf_config, "initializer_range", 0.02))
@@ -105,11 +118,37 @@ def _build_model(
         elif config.load_format == "dummy":
             _init_dummy_weights(model, config.seed, std)
         else:
-            weights = _iter_weights(source, config.load_format, hf_config, lazy=_shards_on_load(model))
+            weights = _WeightStream(_iter_weights(source, config.load_format, hf_config, lazy=_shards_on_load(model)))
             model.load_weights(weights)  # type: ignore[operator]
-    except (ValueError, OSError, RuntimeError) as error:  # bad shapes or names, unreadable files, out of memory
-        raise ModelLoadError(f"model {config.model!r}: {error}") from error
+    except (ValueError, OSError, RuntimeError, SafetensorError) as error:  # bad shapes or names, unreadable files
+        where = (weights.where(error) if weights is not None else "") or f"model {config.model!r}: "
+        message = " ".join(str(error).split())  # one line
+        raise ModelLoadError(f"{where}{message}") from error
     return model.eval()
+
+
+class _WeightStream:
+    """The (name, tensor) pairs a model's load_weights reads, remembering the file and name of the last one, so
+    that an error raised while loading it can name both."""
+
+    def __init__(self, tensors: Iterator[tuple[Path, str, Any]]) -> None:
+        self._tensors = tensors
+        self.file: Path | None = None
+        self.name = ""
+        self.finished = False
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        for file, name, tensor in self._tensors:
+            self.file, self.name = file, name
+            yield name, tensor
+        self.finished = True  # later errors (tensors missing) are the whole checkpoint's
+
+    def where(self, error: BaseException) -> str:
+        """`file: ` or `file, tensor 'name': ` (when the error does not name it) for an error while loading."""
+        if self.file is None or self.finished:
+            return ""
+        tensor = "" if self.name in str(error) else f", tensor {self.name!r}"
+        return f"{self.file}{tensor}: "
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,8 +193,26 @@ def _load_hf_config(source: ModelSource, trust_remote_code: bool = False) -> Pre
             str(source.directory), gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, KeyError) as error:
-        raise ModelLoadError(f"model {source.spec!r}: cannot read its config: {error}") from error
+        message = " ".join(str(error).split())  # transformers' messages run over several lines
+        if source.is_gguf:
+            readable = ", ".join(gguf_model_types())
+            raise ModelLoadError(
+                f"model {source.spec!r}: cannot read its GGUF config: {message} (Weir reads GGUF files of: {readable})"
+            ) from error
+        _refuse_unsupported_architecture(source)  # a model type transformers lacks fails it first; name ours
+        raise ModelLoadError(f"model {source.spec!r}: cannot read its config: {message}") from error
     return config  # type: ignore[no-any-return]
+
+
+def _refuse_unsupported_architecture(source: ModelSource) -> None:
+    """The registry's error naming every supported architecture, if config.json declares one we lack."""
+    try:
+        raw = json.loads((source.directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(raw, dict):
+        declared = SimpleNamespace(architectures=raw.get("architectures"), model_type=raw.get("model_type", ""))
+        lookup_architecture(architecture_of(declared))
 
 
 def _load_tokenizer(source: ModelSource, config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -185,8 +242,8 @@ def _shards_on_load(model: nn.Module) -> bool:
 
 def _iter_weights(
     source: ModelSource, load_format: str, hf_config: PretrainedConfig, lazy: bool = False
-) -> Iterator[tuple[str, Any]]:
-    """HF-named tensors from the source's GGUF file or safetensors (or legacy .bin) files; with `lazy`,
+) -> Iterator[tuple[Path, str, Any]]:
+    """(file, HF name, tensor) from the source's GGUF file or safetensors (or legacy .bin) files; with `lazy`,
     safetensors come as slices read on indexing, so a tensor-parallel rank reads only its part."""
     if load_format == "gguf" and not source.is_gguf:
         raise ModelLoadError(f"model {source.spec!r}: load_format 'gguf' but the source is not a .gguf file")
@@ -205,32 +262,37 @@ def _iter_weights(
     )
 
 
-def _iter_safetensors(files: list[Path], lazy: bool = False) -> Iterator[tuple[str, Any]]:
+def _iter_safetensors(files: list[Path], lazy: bool = False) -> Iterator[tuple[Path, str, Any]]:
     from safetensors import safe_open
 
-    def tensors() -> Iterator[tuple[str, Any]]:
+    def tensors() -> Iterator[tuple[Path, str, Any]]:
         for path in files:
             logger.debug("Reading weights from %s", path.name)
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    yield name, f.get_slice(name) if lazy else f.get_tensor(name)
+                    yield path, name, f.get_slice(name) if lazy else f.get_tensor(name)
 
     total = 0
-    for path in files:  # only the headers: the count the progress bar needs
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            total += len(f.keys())
+    for path in files:  # only the headers: the count the progress bar needs, and a truncated file caught early
+        check_safetensors_file(path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                total += len(f.keys())
+        except SafetensorError as error:
+            raise ModelLoadError(f"{path}: not a readable safetensors file: {error}") from error
     desc = f"Loading safetensors ({len(files)} shard{'s' if len(files) > 1 else ''})"
     yield from progress(tensors(), desc, total, "tensors")
 
 
-def _iter_torch_bins(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_torch_bins(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
     for path in files:
         logger.info("Reading weights from %s", path.name)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        yield from state.items()
+        for name, tensor in state.items():
+            yield path, name, tensor
 
 
-def _iter_gguf(source: ModelSource, hf_config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_gguf(source: ModelSource, hf_config: PretrainedConfig) -> Iterator[tuple[Path, str, torch.Tensor]]:
     """Dequantized GGUF tensors under HF names, via transformers' GGUF reader.
 
     transformers maps GGUF tensor names by walking a model's state dict, so it gets a weightless
@@ -243,6 +305,7 @@ def _iter_gguf(source: ModelSource, hf_config: PretrainedConfig) -> Iterator[tup
     logger.info("Dequantizing GGUF tensors from %s", path.name)
     with torch.device("meta"):
         name_model = AutoModelForCausalLM.from_config(hf_config)
+    check_gguf_tensors(open_gguf(path), path, name_model)  # transformers would drop unknown ones silently
     # transformers draws its own tqdm bar here even into a log file; for this call it draws ours (a bar on a
     # terminal, log lines elsewhere). Loads run one at a time, so patching the module global is safe.
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
@@ -253,7 +316,8 @@ def _iter_gguf(source: ModelSource, hf_config: PretrainedConfig) -> Iterator[tup
         checkpoint = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=name_model)
     finally:
         gguf_utils.tqdm = bar
-    yield from checkpoint["tensors"].items()
+    for name, tensor in checkpoint["tensors"].items():
+        yield path, name, tensor
 
 
 def _build_empty(

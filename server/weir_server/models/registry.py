@@ -13,7 +13,13 @@ from torch import nn
 from weir_server.config import PACKAGED_MODELS
 from weir_server.errors import ModelLoadError
 from weir_server.models.bert import BertModel
+from weir_server.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
+from weir_server.models.granite import GraniteForCausalLM
 from weir_server.models.llama import LlamaForCausalLM
+from weir_server.models.mixtral import MixtralForCausalLM
+from weir_server.models.olmo2 import Olmo2ForCausalLM
+from weir_server.models.phi3 import Phi3ForCausalLM
+from weir_server.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +40,17 @@ class ModelArchitecture:
 
 ARCHITECTURES: dict[str, ModelArchitecture] = {
     "LlamaForCausalLM": ModelArchitecture(LlamaForCausalLM, "generate"),
+    "Gemma2ForCausalLM": ModelArchitecture(Gemma2ForCausalLM, "generate"),
+    "Gemma3ForCausalLM": ModelArchitecture(Gemma3ForCausalLM, "generate"),
+    "Phi3ForCausalLM": ModelArchitecture(Phi3ForCausalLM, "generate"),
+    "GraniteForCausalLM": ModelArchitecture(GraniteForCausalLM, "generate"),
     "MistralForCausalLM": ModelArchitecture(LlamaForCausalLM, "generate"),
     "Qwen2ForCausalLM": ModelArchitecture(LlamaForCausalLM, "generate"),
     "Qwen3ForCausalLM": ModelArchitecture(LlamaForCausalLM, "generate"),
+    "MixtralForCausalLM": ModelArchitecture(MixtralForCausalLM, "generate"),
+    "Qwen2MoeForCausalLM": ModelArchitecture(Qwen2MoeForCausalLM, "generate"),
+    "Qwen3MoeForCausalLM": ModelArchitecture(Qwen3MoeForCausalLM, "generate"),
+    "Olmo2ForCausalLM": ModelArchitecture(Olmo2ForCausalLM, "generate"),
     "BertModel": ModelArchitecture(BertModel, "embed"),
     "BertForMaskedLM": ModelArchitecture(BertModel, "embed"),
     "BertForPreTraining": ModelArchitecture(BertModel, "embed"),
@@ -45,9 +59,17 @@ ARCHITECTURES: dict[str, ModelArchitecture] = {
 # For configs without `architectures` (GGUF metadata gives only the model type).
 _ARCHITECTURE_OF_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "granite": "GraniteForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
     "bert": "BertModel",
 }
 
@@ -92,6 +114,13 @@ def architecture_of(hf_config: Any) -> str:
         return str(architectures[0])
     model_type = getattr(hf_config, "model_type", "")
     return _ARCHITECTURE_OF_MODEL_TYPE.get(model_type, model_type or "unknown")
+
+
+def gguf_model_types() -> list[str]:
+    """The model types Weir serves that transformers can read from GGUF metadata."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return sorted(set(_ARCHITECTURE_OF_MODEL_TYPE) & set(GGUF_SUPPORTED_ARCHITECTURES))
 
 
 def lookup_architecture(architecture: str, task: Task | None = None) -> ModelArchitecture:

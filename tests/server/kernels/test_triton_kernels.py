@@ -216,3 +216,21 @@ def test_sampling_kernel_agrees_with_reference_and_stays_in_the_allowed_set(batc
     assert int((~allowed.gather(1, got[:, None])).sum()) == 0, "sampled a token the filters remove"
     agree = (got == sampling.top_k_top_p_min_p_sample_ref(*args)).double().mean().item()
     assert agree >= 0.97, f"agrees with the reference's draw on {agree:.1%} of rows"
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+@pytest.mark.parametrize("win", [None, 300])
+def test_soft_capped_decode_kernel_matches_reference(win, dtype):
+    batch = random_paged_batch(contexts(7, 3000, 21), [1] * 7, 8, 2, 128, 16, dtype, DEV, seed=21)
+    args = (batch.q * 4, batch.kv_cache, batch.block_tables, batch.context_lens, 128**-0.5, win)
+    got = paged_decode_attention(*args, max_context_len=3000, logit_softcap=5.0)
+    assert_matches(got, paged_decode_attention_ref(*args, logit_softcap=5.0), dtype)
+
+
+@gpu
+@pytest.mark.parametrize("case", ["7 chunks", "prompt, chunk and decode, window 1000"])
+def test_soft_capped_prefill_kernel_matches_reference(case):
+    (q, *rest), dtype = prefill_inputs(case)
+    args = (q * 4, *rest)
+    assert_matches(paged_prefill_attention(*args, logit_softcap=5.0), paged_prefill_attention_ref(*args, 5.0), dtype)

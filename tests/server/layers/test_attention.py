@@ -115,3 +115,20 @@ def test_bfloat16_inputs_stay_close_to_float32():
     half = paged_attention_torch(query.bfloat16(), half_cache[0], half_cache[1], attn, scale)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), full, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_soft_capped_torch_path_matches_the_kernels_float64_reference(case, sliding_window):
+    from weir_server.kernels.prefill_attention import paged_prefill_attention_ref
+
+    query_lens, context_lens = CASES[case]
+    query, k, v, kv_cache, attn, *_ = build_batch(query_lens, context_lens, 4, 64 + sum(context_lens), seed=3)
+    query = query * 4  # scores well past the cap, so capping changes the answer
+    layer = PagedAttention(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, sliding_window=sliding_window, logit_softcap=2.0)
+    out = layer(query, k, v, kv_cache, attn)
+    meta = (attn.block_tables, attn.context_lens, attn.query_start_loc, attn.max_query_len, layer.scale)
+    expected = paged_prefill_attention_ref(query, kv_cache, *meta, sliding_window, logit_softcap=2.0)
+    uncapped = paged_prefill_attention_ref(query, kv_cache, *meta, sliding_window)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    assert (expected - uncapped).abs().max() > 1e-2
