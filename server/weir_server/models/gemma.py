@@ -26,16 +26,12 @@ from weir_server.layers.linear import (
 )
 from weir_server.layers.norm import GemmaRMSNorm
 from weir_server.layers.rotary import RotaryEmbedding, StepRope, get_rope
-from weir_server.models.llama import LlamaForCausalLM
+from weir_server.models.llama import LlamaForCausalLM, head_dim_of
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 # transformers' activation names -> F.gelu's `approximate`.
 _GELU_APPROXIMATION = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
-
-
-def _head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def layer_types(config: Any) -> list[str]:
@@ -64,7 +60,7 @@ def _rope_settings(config: Any) -> dict[str, dict[str, Any]]:
 
 def _get_rope(config: Any, settings: dict[str, Any]) -> RotaryEmbedding:
     view = SimpleNamespace(rope_parameters=settings, max_position_embeddings=config.max_position_embeddings)
-    return get_rope(view, _head_dim(config))
+    return get_rope(view, head_dim_of(config))
 
 
 class GemmaAttention(nn.Module):
@@ -74,7 +70,7 @@ class GemmaAttention(nn.Module):
         super().__init__()
         total_heads = config.num_attention_heads
         total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
-        self.head_dim = _head_dim(config)
+        self.head_dim = head_dim_of(config)
         bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, total_heads, total_kv_heads, bias)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's

@@ -16,7 +16,7 @@ from weir_server.layers.attention_metadata import AttentionMetadata
 from weir_server.layers.linear import ParallelLMHead, VocabParallelEmbedding
 from weir_server.layers.norm import RMSNorm
 from weir_server.layers.rotary import StepRope, get_rope
-from weir_server.models.llama import LlamaDecoderLayer, LlamaForCausalLM, _head_dim
+from weir_server.models.llama import LlamaDecoderLayer, LlamaForCausalLM, head_dim_of
 
 
 class GraniteDecoderLayer(LlamaDecoderLayer):
@@ -56,7 +56,7 @@ class GraniteModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GraniteDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = get_rope(config, _head_dim(config))
+        self.rotary_emb = get_rope(config, head_dim_of(config))
 
     def forward(
         self,

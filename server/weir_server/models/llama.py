@@ -40,7 +40,8 @@ _STACKED = {
 Rope = StepRope  # this step's rotary inputs, shared by every layer
 
 
-def _head_dim(config: Any) -> int:
+def head_dim_of(config: Any) -> int:
+    """Each attention head's width: `head_dim` where the config sets it, else hidden_size / num_attention_heads."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
@@ -63,7 +64,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         total_heads = config.num_attention_heads
         total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
-        self.head_dim = _head_dim(config)
+        self.head_dim = head_dim_of(config)
         attention_bias = bool(getattr(config, "attention_bias", False))
         # Qwen2 has biases on q/k/v only and no `attention_bias` field.
         qkv_bias = attention_bias or config.model_type == "qwen2" or bool(getattr(config, "qkv_bias", False))
@@ -146,7 +147,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = get_rope(config, _head_dim(config))
+        self.rotary_emb = get_rope(config, head_dim_of(config))
 
     def forward(
         self,
@@ -203,7 +204,7 @@ class LlamaForCausalLM(nn.Module):
                 continue  # recomputed from the config
             if hf_name == "lm_head.weight" and self.tie_word_embeddings:
                 continue  # some tied checkpoints store the shared matrix twice
-            name, shard = _fused_name(hf_name)
+            name, shard = fused_name(hf_name)
             param = params.get(name)
             if param is None:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {type(self).__name__}")
@@ -214,12 +215,12 @@ class LlamaForCausalLM(nn.Module):
             else:
                 weight_loader(param, tensor, hf_name, shard)
             loaded.add(f"{name}:{shard}")
-        missing = [n for n in params for s in _shards_of(n) if f"{n}:{s}" not in loaded]
+        missing = [n for n in params for s in shards_of(n) if f"{n}:{s}" not in loaded]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
 
 
-def _shards_of(name: str) -> tuple[str | int | None, ...]:
+def shards_of(name: str) -> tuple[str | int | None, ...]:
     """The checkpoint tensors that fill one of our parameters."""
     if ".qkv_proj." in name:
         return ("q", "k", "v")
@@ -228,7 +229,7 @@ def _shards_of(name: str) -> tuple[str | int | None, ...]:
     return (None,)
 
 
-def _fused_name(hf_name: str) -> tuple[str, str | int | None]:
+def fused_name(hf_name: str) -> tuple[str, str | int | None]:
     """Map an HF parameter name to ours and the shard of the fused tensor it fills (None if unfused)."""
     for fragment, (fused, shard) in _STACKED.items():
         if fragment in hf_name:

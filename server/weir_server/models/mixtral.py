@@ -19,7 +19,7 @@ from weir_server.layers.fused_moe import FusedMoE
 from weir_server.layers.linear import ParallelLMHead, VocabParallelEmbedding, WeightSource, load_replicated
 from weir_server.layers.norm import RMSNorm
 from weir_server.layers.rotary import get_rope
-from weir_server.models.llama import LlamaAttention, Rope, _fused_name, _head_dim, _shards_of
+from weir_server.models.llama import LlamaAttention, Rope, fused_name, head_dim_of, shards_of
 
 # One expert's matrix in a checkpoint: Mixtral's w1/w3/w2 or Qwen-MoE's gate/up/down_proj.
 _EXPERT = re.compile(r"\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
@@ -83,7 +83,7 @@ class MoeModel(nn.Module):
             MoeDecoderLayer(config, i, make_mlp(config, i)) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = get_rope(config, _head_dim(config))
+        self.rotary_emb = get_rope(config, head_dim_of(config))
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], attn: AttentionMetadata
@@ -165,7 +165,7 @@ class MoeForCausalLM(nn.Module):
         owner = self.get_submodule(name.rpartition(".")[0])
         if isinstance(owner, FusedMoE):
             return list(owner.shards_of(name.rpartition(".")[2]))
-        return list(_shards_of(name))
+        return list(shards_of(name))
 
 
 def _param_of(hf_name: str) -> tuple[str, Any]:
@@ -180,7 +180,7 @@ def _param_of(hf_name: str) -> tuple[str, Any]:
         gate_up = stacked.group(1) == "gate_up_proj"
         param = "w13_weight" if gate_up else "w2_weight"
         return f"{hf_name[: stacked.start()]}.experts.{param}", (None, "gate_up" if gate_up else "down")
-    return _fused_name(hf_name)
+    return fused_name(hf_name)
 
 
 class MixtralForCausalLM(MoeForCausalLM):

@@ -27,7 +27,7 @@ from weir_server.layers.linear import (
 )
 from weir_server.layers.norm import RMSNorm
 from weir_server.layers.rotary import StepRope, get_rope
-from weir_server.models.llama import LlamaForCausalLM, LlamaMLP, _head_dim
+from weir_server.models.llama import LlamaForCausalLM, LlamaMLP, head_dim_of
 
 
 class ShardedRMSNorm(nn.Module):
@@ -68,7 +68,7 @@ class Olmo2Attention(nn.Module):
         super().__init__()
         total_heads = config.num_attention_heads
         total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
-        self.head_dim = _head_dim(config)
+        self.head_dim = head_dim_of(config)
         bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, total_heads, total_kv_heads, bias)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
@@ -116,7 +116,7 @@ class Olmo2Model(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Olmo2DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = get_rope(config, _head_dim(config))
+        self.rotary_emb = get_rope(config, head_dim_of(config))
 
     def forward(
         self,

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from weir_server.layers.linear import WeightSource, read_full, source_shape
-from weir_server.models.llama import LlamaForCausalLM, _head_dim
+from weir_server.models.llama import LlamaForCausalLM, head_dim_of
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
@@ -23,7 +23,7 @@ class Phi3ForCausalLM(LlamaForCausalLM):
 
     def _unfused(self, weights: Iterable[tuple[str, WeightSource]]) -> Iterator[tuple[str, WeightSource]]:
         config = self.config
-        head_dim = _head_dim(config)
+        head_dim = head_dim_of(config)
         q_size = config.num_attention_heads * head_dim
         kv_size = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
         parts = {

@@ -6,29 +6,23 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from paged_runner import PagedRunner, save_tiny_tokenizer
+from family_checks import (
+    PROMPTS,
+    TINY,
+    assert_chunked_prefill_and_decode_match,
+    assert_engine_greedy_matches,
+    models_fixture,
+)
+from paged_runner import PagedRunner
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
-from weir_server.config import CacheConfig, EngineConfig, ExecutorConfig, ModelConfig, SchedulerConfig
+from weir_server.config import ModelConfig
 from weir_server.distributed import parallel_state
-from weir_server.engine.types import GenerationRequest, SamplingParams
 from weir_server.layers.fused_moe import FusedMoE, fused_experts_torch, fused_moe, select_experts
 from weir_server.models.loader import load_model
 
-VOCAB = 160
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.1,
-    bos_token_id=1,
-    eos_token_id=2,
-    num_experts_per_tok=2,
-)
+COMMON = TINY | dict(num_experts_per_tok=2)
 
 CONFIGS = {
     "mixtral": lambda: MixtralConfig(**COMMON, intermediate_size=96, num_local_experts=8, tie_word_embeddings=False),
@@ -55,12 +49,6 @@ CONFIGS = {
         tie_word_embeddings=False,
     ),
 }
-
-PROMPTS = [
-    [5, 17, 33, 9, 100],
-    [40, 41, 42, 7, 8, 9, 120, 3, 77, 150, 11],
-    [12, 99, 23, 54, 65, 76, 87, 98, 109, 110, 121, 132, 143, 154, 4, 15, 26],
-]
 
 
 def naive_moe(hidden, w13, w2, router_logits, top_k: int, renormalize: bool) -> torch.Tensor:
@@ -133,21 +121,10 @@ def test_tensor_parallel_expert_shards_sum_to_the_whole(monkeypatch):
         partial_sums += fused_moe(hidden, layer.w13_weight, layer.w2_weight, logits, 2, True)  # before all-reduce
     torch.testing.assert_close(partial_sums, full, atol=1e-5, rtol=1e-5)
 
-
-@pytest.fixture(params=sorted(CONFIGS), scope="module")
-def models(request, tmp_path_factory):
-    """(transformers model, our LoadedModel) with the same random weights, via save_pretrained."""
-    torch.manual_seed(0)
-    hf_model = AutoModelForCausalLM.from_config(CONFIGS[request.param](), dtype=torch.float32).eval()
-    directory = tmp_path_factory.mktemp(request.param)
-    hf_model.save_pretrained(directory)  # per-expert tensors, as published checkpoints hold them
-    save_tiny_tokenizer(directory, VOCAB)
-    return hf_model, load_model(ModelConfig(str(directory), device="cpu", dtype="float32"))
+    # save_pretrained writes per-expert tensors, as published checkpoints hold them
 
 
-def hf_logits(hf_model, tokens: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(torch.tensor([tokens])).logits[0].float()
+models = models_fixture(CONFIGS)
 
 
 def test_loader_picks_the_family_class(models):
@@ -158,46 +135,15 @@ def test_loader_picks_the_family_class(models):
 
 def test_chunked_prefill_and_decode_logits_match_transformers(models):
     hf_model, loaded = models
-    runner = PagedRunner(loaded.model, loaded.hf_config, block_size=4)
-    seqs = [list(p) for p in PROMPTS]
-    steps = [
-        [(0, seqs[0]), (1, seqs[1]), (2, seqs[2][:7])],
-        [(0, [61]), (1, [62]), (2, seqs[2][7:])],
-        [(0, [63]), (1, [64]), (2, [65])],
-    ]
-    history: dict[int, list[int]] = {0: [], 1: [], 2: []}
-    for chunks in steps:
-        for (seq_id, tokens), logits in zip(chunks, runner.step(chunks), strict=True):
-            history[seq_id] += tokens
-            expected = hf_logits(hf_model, history[seq_id])[-len(tokens) :]
-            torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+    assert_chunked_prefill_and_decode_match(hf_model, loaded)
 
 
 def test_engine_greedy_tokens_match_transformers_generate(models):
-    from weir_server.engine.core import EngineCore
-
     hf_model, loaded = models
-    config = EngineConfig(
-        ModelConfig(loaded.model_id, device="cpu", dtype="float32"),
-        CacheConfig(block_size=4, num_blocks=128, enable_prefix_caching=True),
-        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
-        ExecutorConfig(enforce_eager=True),
-    )
-    core = EngineCore(loaded, config)
-    # The last prompt repeats the first's prefix, so its first blocks come from the prefix cache.
-    prompts = [*PROMPTS, PROMPTS[2][:12] + [7, 7]]
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        core.add_request(core.validate(GenerationRequest(f"r{i}", prompt, params)))
-    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
-    while core.has_unfinished():
-        for out in core.step():
-            tokens[out.request_id].extend(out.token_ids)
-    for i, prompt in enumerate(prompts):
-        with torch.no_grad():
-            out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)
-        expected = out[0, len(prompt) :].tolist()
-        assert tokens[f"r{i}"][: len(expected)] == expected
+    # The last prompt repeats the third's first 12 tokens (three blocks) and arrives after it has run, so its first
+    # blocks come from the prefix cache.
+    late = PROMPTS[2][:12] + [7, 7]
+    assert_engine_greedy_matches(hf_model, loaded, late)
 
 
 def test_dummy_weights_fill_the_stacked_experts(models):

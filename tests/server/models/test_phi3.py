@@ -5,9 +5,19 @@ from __future__ import annotations
 
 import gguf
 import numpy as np
-import pytest
 import torch
-from family_checks import engine_greedy, hf_greedy
+from family_checks import (
+    PROMPTS,
+    TINY,
+    VOCAB,
+    assert_chunked_prefill_and_decode_match,
+    assert_engine_greedy_matches,
+    assert_greedy_matches,
+    assert_loaded_as,
+    assert_two_tensor_parallel_ranks_match,
+    models_fixture,
+    random_causal_lm,
+)
 from paged_runner import PagedRunner, save_tiny_tokenizer
 from transformers import AutoModelForCausalLM, Phi3Config
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
@@ -17,21 +27,8 @@ from weir_server.layers.rotary import get_rope
 from weir_server.models.loader import load_model
 from weir_server.models.phi3 import Phi3ForCausalLM
 
-VOCAB = 160
 ORIGINAL_MAX = 32  # LongRoPE's pretraining length; the parity prompts stay below it
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.1,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+COMMON = TINY | dict(intermediate_size=96, pad_token_id=0)
 
 
 def longrope_config() -> Phi3Config:
@@ -54,63 +51,13 @@ CONFIGS = {
     "phi3-sliding-window": lambda: Phi3Config(**COMMON, sliding_window=6, tie_word_embeddings=False),
 }
 
-PROMPTS = [
-    [5, 17, 33, 9, 100],
-    [40, 41, 42, 7, 8, 9, 120, 3, 77, 150, 11],
-    [12, 99, 23, 54, 65, 76, 87, 98, 109, 110, 121, 132, 143, 154, 4, 15, 26],
-]
 
-
-def random_hf_model(hf_config: Phi3Config, seed: int = 0):
-    torch.manual_seed(seed)
-    hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
-    with torch.no_grad():  # norm scales start at 1; random ones show a scale applied to the wrong features
-        for name, param in hf_model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-    return hf_model
-
-
-@pytest.fixture(params=sorted(CONFIGS), scope="module")
-def models(request, tmp_path_factory):
-    """(transformers model, our LoadedModel) with the same random weights, via save_pretrained."""
-    hf_model = random_hf_model(CONFIGS[request.param]())
-    directory = tmp_path_factory.mktemp(request.param)
-    hf_model.save_pretrained(directory)
-    save_tiny_tokenizer(directory, VOCAB)
-    loaded = load_model(ModelConfig(str(directory), device="cpu", dtype="float32"))  # parity is checked in fp32
-    return hf_model, loaded
-
-
-def hf_logits(hf_model, tokens: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(torch.tensor([tokens])).logits[0].float()
-
-
-def assert_chunked_prefill_and_decode_match(hf_model, loaded) -> None:
-    runner = PagedRunner(loaded.model, loaded.hf_config, block_size=4)
-    seqs = [list(p) for p in PROMPTS]
-    steps = [
-        [(0, seqs[0]), (1, seqs[1]), (2, seqs[2][:7])],
-        [(0, [61]), (1, [62]), (2, seqs[2][7:])],
-        [(0, [63]), (1, [64]), (2, [65])],
-    ]
-    history: dict[int, list[int]] = {0: [], 1: [], 2: []}
-    for chunks in steps:
-        ours = runner.step(chunks)
-        for (seq_id, tokens), logits in zip(chunks, ours, strict=True):
-            history[seq_id] += tokens
-            expected = hf_logits(hf_model, history[seq_id])[-len(tokens) :]
-            torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-4)
+models = models_fixture(CONFIGS, norms="scale")
 
 
 def test_loader_builds_phi3_for_its_architecture(models):
     _, loaded = models
-    assert loaded.architecture == "Phi3ForCausalLM"
-    assert isinstance(loaded.model, Phi3ForCausalLM)
-    assert loaded.task == "generate"
-    assert loaded.vocab_size == VOCAB
-    assert 2 in loaded.eos_token_ids
+    assert_loaded_as(loaded, "Phi3ForCausalLM", Phi3ForCausalLM)
 
 
 def test_chunked_prefill_and_decode_logits_match_transformers(models):
@@ -122,10 +69,7 @@ def test_engine_greedy_tokens_match_transformers_with_prefix_caching(models):
     hf_model, loaded = models
     # The last prompt shares its first 8 tokens (two blocks) with the second and arrives after it has run.
     late = PROMPTS[1][:8] + [90, 91, 92]
-    ours = engine_greedy(loaded, {0: PROMPTS, 2: [late]}, max_tokens=8)
-    for prompt, tokens in zip([*PROMPTS, late], ours, strict=True):
-        expected = hf_greedy(hf_model, prompt, 8)
-        assert tokens[: len(expected)] == expected  # transformers stops early at EOS
+    assert_engine_greedy_matches(hf_model, loaded, late)
 
 
 def test_longrope_uses_short_factors_below_the_pretraining_length_and_long_ones_past_it():
@@ -190,7 +134,7 @@ def write_phi3_gguf(hf_model, path) -> None:
 
 
 def test_gguf_logits_and_greedy_tokens_match_transformers_loading_the_same_file(tmp_path):
-    hf_model = random_hf_model(Phi3Config(**COMMON, tie_word_embeddings=False), seed=1)
+    hf_model = random_causal_lm(Phi3Config(**COMMON, tie_word_embeddings=False), seed=1, norms="scale")
     write_phi3_gguf(hf_model, tmp_path / "tiny-phi3.gguf")
     tokenizer_dir = tmp_path / "tokenizer"
     save_tiny_tokenizer(tokenizer_dir, VOCAB)
@@ -201,44 +145,12 @@ def test_gguf_logits_and_greedy_tokens_match_transformers_loading_the_same_file(
     hf_gguf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny-phi3.gguf", dtype=torch.float32)
     assert_chunked_prefill_and_decode_match(hf_gguf.eval(), loaded)
     ours = PagedRunner(loaded.model, loaded.hf_config, block_size=4).greedy(PROMPTS, max_new_tokens=8)
-    for prompt, tokens in zip(PROMPTS, ours, strict=True):
-        expected = hf_greedy(hf_gguf, prompt, 8)
-        assert tokens[: len(expected)] == expected
+    assert_greedy_matches(hf_gguf, PROMPTS, ours, 8)
 
 
 def test_two_tensor_parallel_ranks_cut_the_fused_checkpoint_tensors_per_rank(tmp_path):
     """Each rank reads its own heads out of the fused q/k/v rows and its own columns out of the fused gate/up
     rows; with one KV head both ranks hold the same k and v."""
-    from weir_server.config import CacheConfig, EngineConfig, ExecutorConfig, ParallelConfig, SchedulerConfig
-    from weir_server.engine.core import EngineCore
-    from weir_server.engine.types import GenerationRequest, SamplingParams
-    from weir_server.executor.tp_executor import launch
-
     hf_config = longrope_config()
     hf_config.num_key_value_heads = 1
-    hf_model = random_hf_model(hf_config, seed=2)
-    hf_model.save_pretrained(tmp_path)
-    save_tiny_tokenizer(tmp_path, VOCAB)
-    config = EngineConfig(
-        model=ModelConfig(str(tmp_path), dtype="float32", device="cpu"),
-        cache=CacheConfig(block_size=4, num_blocks=64),
-        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16),
-        executor=ExecutorConfig(num_threads=1),
-        parallel=ParallelConfig(tensor_parallel_size=2, collective_timeout_s=60),
-    )
-    executor = launch(config, on_worker_death=lambda reason: None)
-    assert executor is not None
-    try:
-        engine = EngineCore(load_model(config.model), config, publisher=executor)
-        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-        for i, prompt in enumerate(PROMPTS):
-            engine.add_request(GenerationRequest(str(i), prompt, params))
-        tokens: dict[str, list[int]] = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                tokens.setdefault(out.request_id, []).extend(out.token_ids)
-    finally:
-        executor.shutdown()
-    for i, prompt in enumerate(PROMPTS):
-        expected = hf_greedy(hf_model, prompt, 6)
-        assert tokens[str(i)][: len(expected)] == expected
+    assert_two_tensor_parallel_ranks_match(random_causal_lm(hf_config, seed=2, norms="scale"), tmp_path)
