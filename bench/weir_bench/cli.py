@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from weir_bench import multitenant
 from weir_bench.dataset import DATASETS, DatasetError, DatasetPrompts, load_sharegpt, sample
 from weir_bench.load import Driver, LoadSpec, make_prompts, run_load
 from weir_bench.peers import TargetError, cpu_cores, peak_rss_bytes
@@ -133,7 +134,7 @@ def build_parser(prog: str = "weir bench") -> argparse.ArgumentParser:
     t.add_argument("--ctx", type=int, help="llama-server context per slot (default: what the requests need)")
 
     w = p.add_argument_group("load")
-    w.add_argument("--scenario", choices=("throughput", "prefix"), default="throughput")
+    w.add_argument("--scenario", choices=("throughput", "prefix", "multi-tenant"), default="throughput")
     w.add_argument(
         "--concurrency",
         type=_int_list,
@@ -189,6 +190,7 @@ def build_parser(prog: str = "weir bench") -> argparse.ArgumentParser:
         "--no-progress", action="store_true", help="no progress bar (it shows only when stderr is a terminal)"
     )
     o.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    multitenant.add_arguments(p)
     return p
 
 
@@ -381,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return subcommand
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.scenario == "multi-tenant":  # replicas behind a gateway: a harness of its own (weir_bench.multitenant)
+        return multitenant.main(parser, args)
     _validate(parser, args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

@@ -10,6 +10,7 @@ Results are plain dataclasses (`weir_client.types`); every failure raises `WeirC
 
 from weir_client.aio import AsyncWeirClient
 from weir_client.client import WeirClient
+from weir_client.control import ModelLoad, ServedModelInfo, ServerInfo, ServerLoad
 from weir_client.errors import WeirClientError
 from weir_client.security import TlsOptions
 from weir_client.types import (
@@ -40,8 +41,12 @@ __all__ = [
     "GenerateOptions",
     "GenerationChunk",
     "ModelInfo",
+    "ModelLoad",
     "OutputOptions",
     "SamplingOptions",
+    "ServedModelInfo",
+    "ServerInfo",
+    "ServerLoad",
     "TlsOptions",
     "Tokenization",
     "TokenLogprob",

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from weir.v1 import inference_pb2 as pb
 from weir.v1 import inference_pb2_grpc
 from weir_client import _protocol as proto
+from weir_client import control
 from weir_client.errors import WeirClientError
 from weir_client.security import TlsOptions, channel_security, with_auth
 from weir_client.types import Embeddings, GenerateKeywords, GenerateOptions, ModelInfo, Tokenization
@@ -54,6 +55,7 @@ class BaseClient:
             target, credentials, proto.channel_options(max_attempts, load_balancing) + tls_options
         )
         self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        self._control = inference_pb2_grpc.ControlServiceStub(channel)
         self._health: Any = health_pb2_grpc.HealthStub(channel)  # typeshed's HealthStub declares no methods
         self.target = target
         self.timeout = timeout
@@ -130,6 +132,23 @@ class BaseClient:
         return UnaryCall(
             self._stub.ListModels, pb.ListModelsRequest(), lambda reply: [proto.model_info(m) for m in reply.models]
         )
+
+    def _abort_call(self, request_ids: str | Sequence[str]) -> UnaryCall[list[str]]:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        return UnaryCall(
+            self._control.Abort, pb.AbortRequest(request_ids=ids), lambda reply: list(reply.aborted_request_ids)
+        )
+
+    def _get_load_call(self, model: str) -> UnaryCall[control.ServerLoad]:
+        return UnaryCall(self._control.GetLoad, pb.GetLoadRequest(model=model), control.server_load)
+
+    def _server_info_call(self) -> UnaryCall[control.ServerInfo]:
+        return UnaryCall(self._control.GetServerInfo, pb.GetServerInfoRequest(), control.server_info)
+
+    def _start_watch_kv_events(self, model: str, timeout: float | None) -> Any:
+        """Start the WatchKvEvents stream (blocking or asyncio, as the channel is); no deadline unless given."""
+        request = pb.WatchKvEventsRequest(model=model)
+        return self._control.WatchKvEvents(request, timeout=timeout, metadata=self.metadata)
 
     def _health_call(self, service: str) -> UnaryCall[str]:
         return UnaryCall(

@@ -8,6 +8,7 @@ from typing import Any, cast
 
 from weir.v1 import inference_pb2 as pb
 from weir_client import _chat as chat
+from weir_client.control import CONTROL_METHODS, CONTROL_SERVICE
 from weir_client.errors import WeirClientError
 from weir_client.tasks import task_name
 from weir_client.types import (
@@ -50,6 +51,7 @@ def channel_options(max_attempts: int = 4, load_balancing: str | None = None) ->
     if load_balancing is not None and load_balancing not in LOAD_BALANCING_POLICIES:
         raise ValueError(f"load_balancing must be one of {', '.join(LOAD_BALANCING_POLICIES)}, got {load_balancing!r}")
     names = [{"service": SERVICE, "method": m} for m in _IDEMPOTENT_METHODS]
+    names += [{"service": CONTROL_SERVICE, "method": m} for m in CONTROL_METHODS]
     names.append({"service": "grpc.health.v1.Health", "method": "Check"})
     config: dict[str, Any] = {
         "methodConfig": [

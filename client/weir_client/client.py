@@ -10,6 +10,7 @@ import grpc
 
 from weir_client import _protocol as proto
 from weir_client._base import UNSET, BaseClient, ReadinessPoll, UnaryCall
+from weir_client.control import KvEventBatch, ServerInfo, ServerLoad, kv_event_batch
 from weir_client.errors import WeirClientError, error_from_rpc
 from weir_client.types import (
     Completion,
@@ -106,6 +107,31 @@ class WeirClient(BaseClient):
     def list_models(self, *, timeout: float | None = UNSET) -> list[ModelInfo]:
         """The models the server has loaded."""
         return self._unary(self._list_models_call(), timeout)
+
+    def abort(self, request_ids: str | Sequence[str], *, timeout: float | None = UNSET) -> list[str]:
+        """Cancel requests by the ids their Generate calls carry (their streams end with CANCELLED); returns the
+        ids that were still running. Unknown or finished ids are not an error."""
+        return self._unary(self._abort_call(request_ids), timeout)
+
+    def get_load(self, model: str = "", *, timeout: float | None = UNSET) -> ServerLoad:
+        """Each generation model's running and waiting requests, KV blocks and recent rates (ControlService)."""
+        return self._unary(self._get_load_call(model), timeout)
+
+    def server_info(self, *, timeout: float | None = UNSET) -> ServerInfo:
+        """The server's version and how each model is served, with its tokenizer's digest."""
+        return self._unary(self._server_info_call(), timeout)
+
+    def watch_kv_events(self, model: str = "", *, timeout: float | None = None) -> Iterator[KvEventBatch]:
+        """Stream a generation model's prefix-cache events: a snapshot first, then one batch per step that changed
+        the cache. Runs until closed (or `timeout`); a subscriber that falls behind gets RESOURCE_EXHAUSTED."""
+        call = self._start_watch_kv_events(model, timeout)
+        try:
+            for message in call:
+                yield kv_event_batch(message)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+        finally:
+            call.cancel()
 
     def health(self, service: str = "", *, timeout: float | None = UNSET) -> str:
         """The grpc.health.v1 status name: SERVING, NOT_SERVING, UNKNOWN or SERVICE_UNKNOWN."""

@@ -25,6 +25,7 @@ from weir_gateway.logging_setup import access_log_middleware
 from weir_gateway.metrics import install_metrics, metrics_middleware, metrics_open
 from weir_gateway.models import list_models, retrieve_model
 from weir_gateway.openapi import openapi_json
+from weir_gateway.ratelimit import install_rate_limits, rate_limit_middleware
 from weir_gateway.response_store import install_response_store
 from weir_gateway.responses import create_response, delete_response, retrieve_response
 from weir_gateway.sse import dumps
@@ -176,7 +177,7 @@ def create_app(config: GatewayConfig, tracer_provider: Any = None) -> web.Applic
         middlewares=[
             *tracing_middlewares(tracer_provider),  # first: the request's span covers everything below
             drain_middleware, request_id_middleware, access_log_middleware(REQUEST_ID), metrics_middleware,
-            error_middleware, cors_middleware, auth_middleware,
+            error_middleware, cors_middleware, auth_middleware, rate_limit_middleware,
         ],
     )  # fmt: skip
     app[CONFIG] = config
@@ -184,6 +185,7 @@ def create_app(config: GatewayConfig, tracer_provider: Any = None) -> web.Applic
     install_metrics(app, lambda: app[POOL].backends if POOL in app else [])
     install_drain(app)
     install_response_store(app)
+    install_rate_limits(app, config)
     app.cleanup_ctx.append(_backend_pool)
     app.on_response_prepare.append(_on_prepare)
     app.add_routes(ROUTES)

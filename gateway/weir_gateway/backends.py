@@ -1,38 +1,43 @@
-"""The Weir servers behind the gateway: one gRPC channel each, health watching, least-outstanding choice."""
+"""The Weir servers behind the gateway: one gRPC channel each, health watching, the routing policy's choice,
+retries before the first byte, ejection of failing backends, and dns:/// names re-resolved as servers come and go."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from weir.v1 import inference_pb2, inference_pb2_grpc
 from weir_client.security import channel_security
+from weir_gateway.backend_health import readmit_when_serving, watch_health
 from weir_gateway.config import GatewayConfig
 from weir_gateway.errors import ApiError, bad_request, no_backend
+from weir_gateway.resolver import Resolver, dns_target, system_resolver
+from weir_gateway.routing import RoutingPolicy, create_policy
 from weir_gateway.security import auth_interceptors
+from weir_gateway.server_load import poll_load
 
 logger = logging.getLogger(__name__)
 
 ModelTask = int  # inference_pb2.ModelTask value
 T = TypeVar("T")
-HEALTH_SERVICE = ""  # the server's overall health, which goes NOT_SERVING while it loads or drains
-LIST_MODELS_TIMEOUT_S = 10.0
-MULTI_ADDRESS_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+MULTI_ADDRESS_SCHEMES = ("ipv4:", "ipv6:")  # dns: names are resolved by the pool itself, one Backend per address
+# Failures before any output that another backend may not share: the backend is gone, or its queue is full.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 def balancing_options(address: str) -> list[tuple[str, str]]:
-    """For a backend named as several servers (`dns:///headless-service:50051`, `ipv4:a:p,b:p`): calls spread
-    round-robin over those whose grpc.health.v1 status is SERVING. A plain HOST:PORT keeps one connection."""
+    """For a backend named as several servers (`ipv4:a:p,b:p`): calls spread round-robin over those whose
+    grpc.health.v1 status is SERVING. A plain HOST:PORT keeps one connection."""
     if not address.startswith(MULTI_ADDRESS_SCHEMES):
         return []
     config = {
@@ -50,14 +55,24 @@ class Backend:
     channel: grpc.aio.Channel
     stub: inference_pb2_grpc.InferenceServiceStub
     health: Any  # a grpc_health HealthStub (typeshed's declares none of its methods)
+    name: str = ""  # the --backend it came from (a dns:/// name stands for several backends)
     serving: bool = False
     models: tuple[inference_pb2.ModelInfo, ...] = ()
-    outstanding: int = 0
+    outstanding: int = 0  # calls this gateway has in flight on it
+    reported_load: int = 0  # requests running + waiting on the server, as its last GetLoad said (all gateways')
     down_until: float = 0.0  # set when a call found the backend unreachable before its health stream did
+    failures: int = 0  # consecutive calls that found it UNAVAILABLE
+    ejected: bool = False  # too many failures: no requests until a health probe after the cooldown says SERVING
+    draining: bool = False  # its address left the DNS answer: no new requests; in-flight ones finish
+
+    @property
+    def load(self) -> int:
+        """What routing weighs: the gateway's own calls, or the server's count when other gateways add to it."""
+        return max(self.outstanding, self.reported_load)
 
     @property
     def available(self) -> bool:
-        return self.serving and time.monotonic() >= self.down_until
+        return self.serving and not (self.ejected or self.draining) and time.monotonic() >= self.down_until
 
     def has_model(self, model: str, task: ModelTask) -> bool:
         """Whether this backend serves `model` ("" = its default for `task`); unknown model lists say yes."""
@@ -70,16 +85,39 @@ class Backend:
 
 @dataclass
 class BackendPool:
-    """All backends, chosen by least outstanding requests among those whose health is SERVING."""
+    """All backends, chosen by the routing policy among those whose health is SERVING."""
 
     config: GatewayConfig
     backends: list[Backend] = field(default_factory=list)
-    _watchers: list[asyncio.Task[None]] = field(default_factory=list)
-    _turn: Iterator[int] = field(default_factory=itertools.count)
     interceptors: Sequence[grpc.aio.ClientInterceptor] = ()  # e.g. tracing, outermost first
+    resolver: Resolver = system_resolver  # how dns:/// backends are resolved (tests pass their own)
+    policy: RoutingPolicy = field(init=False)
+    _watchers: dict[Backend, asyncio.Task[None]] = field(default_factory=dict)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)  # probes, retirements, the resolve loop
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.policy = create_policy(c.routing, c.routing_imbalance, c.routing_imbalance_requests)
 
     async def start(self) -> None:
-        """Open a channel per backend and start watching their health."""
+        """Open a channel per backend (per address of a dns:/// name) and start watching their health."""
+        for address in self.config.backends:
+            if dns_target(address) is None:
+                self._add(address, address)
+            else:
+                await self.resolve(address)
+        if any(dns_target(address) for address in self.config.backends):
+            self._spawn(self._resolve_forever(), "resolve")
+
+    async def close(self) -> None:
+        """Stop the watchers and close every channel (in-flight calls are cancelled)."""
+        tasks = [*self._watchers.values(), *self._tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(b.channel.close() for b in self.backends), return_exceptions=True)
+
+    def _add(self, address: str, name: str) -> Backend:
         limit = self.config.max_message_bytes
         options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", limit),
@@ -88,31 +126,44 @@ class BackendPool:
             # pings every 10 s or slower).
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
+            *balancing_options(address),
         ]
-        credentials, tls_options = channel_security(self.config.backend_tls, None)
+        tls = self.config.backend_tls
+        credentials, tls_options = channel_security(tls, None)
         options += tls_options
+        target = dns_target(name)
+        if tls is not None and target is not None and not tls.server_name:
+            options.append(("grpc.ssl_target_name_override", target[0]))  # certificates name the service, not IPs
         interceptors = [*self.interceptors, *(auth_interceptors(self.config.backend_api_key) or ())]
-        for address in self.config.backends:
-            options_for = [*options, *balancing_options(address)]
-            if credentials is None:
-                channel = grpc.aio.insecure_channel(address, options=options_for, interceptors=interceptors)
-            else:
-                channel = grpc.aio.secure_channel(address, credentials, options=options_for, interceptors=interceptors)
-            backend = Backend(
-                address,
-                channel,
-                inference_pb2_grpc.InferenceServiceStub(channel),
-                health_pb2_grpc.HealthStub(channel),
-            )
-            self.backends.append(backend)
-            self._watchers.append(asyncio.create_task(self._watch(backend), name=f"health:{address}"))
+        if credentials is None:
+            channel = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+        else:
+            channel = grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
+        backend = Backend(
+            address,
+            channel,
+            inference_pb2_grpc.InferenceServiceStub(channel),
+            health_pb2_grpc.HealthStub(channel),
+            name,
+        )
+        self.backends.append(backend)
+        watch = watch_health(backend, self.config.health_retry_s)
+        self._watchers[backend] = asyncio.create_task(watch, name=f"health:{address}")
+        if self.config.load_poll_s:
+            self._spawn(self._poll_load(backend), f"load:{address}")
+        return backend
 
-    async def close(self) -> None:
-        """Stop the watchers and close every channel (in-flight calls are cancelled)."""
-        for task in self._watchers:
-            task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
-        await asyncio.gather(*(b.channel.close() for b in self.backends), return_exceptions=True)
+    async def _poll_load(self, backend: Backend) -> None:
+        def report(load: int) -> None:
+            backend.reported_load = load
+
+        await poll_load(backend.channel, backend.address, self.config.load_poll_s, report)
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def wait_serving(self, timeout_s: float) -> bool:
         """Wait until at least one backend is SERVING (used at start-up and by tests)."""
@@ -123,8 +174,11 @@ class BackendPool:
             await asyncio.sleep(0.05)
         return True
 
-    def choose(self, model: str, task: ModelTask, exclude: frozenset[Backend] = frozenset()) -> Backend:
-        """The available backend serving `model` with the fewest requests in flight (ties rotate)."""
+    def choose(
+        self, model: str, task: ModelTask, exclude: frozenset[Backend] = frozenset(), key: bytes | None = None
+    ) -> Backend:
+        """The routing policy's pick among the available backends serving `model`; `key` is the prompt prefix's
+        hash (routing.prefix_key) when the request has one."""
         available = [b for b in self.backends if b.available and b not in exclude]
         if not available:
             raise no_backend()
@@ -136,9 +190,7 @@ class BackendPool:
             if model:
                 raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
             raise ApiError(404, "no backend has a default model for this endpoint; pass `model`", param="model")
-        start = next(self._turn) % len(candidates)
-        rotated = candidates[start:] + candidates[:start]
-        return min(rotated, key=lambda b: b.outstanding)
+        return self.policy.choose(candidates, key)
 
     @contextlib.contextmanager
     def lease(self, backend: Backend) -> Iterator[Backend]:
@@ -152,18 +204,44 @@ class BackendPool:
     async def unary(
         self, model: str, task: ModelTask, invoke: Callable[[inference_pb2_grpc.InferenceServiceStub], Awaitable[T]]
     ) -> T:
-        """Run one unary call on a chosen backend, moving to another if it turns out unreachable."""
+        """Run one unary call on a chosen backend, retried on another while it fails as `retry_elsewhere` allows."""
         tried: set[Backend] = set()
         while True:
             backend = self.choose(model, task, frozenset(tried))
             with self.lease(backend):
                 try:
-                    return await invoke(backend.stub)
+                    result = await invoke(backend.stub)
                 except grpc.aio.AioRpcError as e:
-                    if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    self.record_failure(backend, e)
+                    tried.add(backend)
+                    if not self.retry_elsewhere(e, model, task, tried):
                         raise
+                else:
+                    self.record_success(backend)
+                    return result
+            await self.backoff(len(tried))
+
+    def retry_elsewhere(self, error: grpc.aio.AioRpcError, model: str, task: ModelTask, tried: set[Backend]) -> bool:
+        """Whether a call that failed with `error` before any output goes to another backend: the failure is one
+        another backend may not share, attempts remain, and an untried backend serves the model."""
+        return (
+            error.code() in RETRYABLE
+            and len(tried) < self.config.max_attempts
+            and any(b.available and b not in tried and b.has_model(model, task) for b in self.backends)
+        )
+
+    async def backoff(self, retry: int) -> None:
+        """Wait before retry number `retry` (1, 2, ...): full jitter, so retries after a shared failure spread."""
+        await asyncio.sleep(random.uniform(0, self.config.retry_backoff_s * 2 ** (retry - 1)))
+
+    def record_success(self, backend: Backend) -> None:
+        backend.failures = 0
+
+    def record_failure(self, backend: Backend, error: grpc.aio.AioRpcError) -> None:
+        """A call on `backend` failed: UNAVAILABLE counts towards ejection (RESOURCE_EXHAUSTED is load, not a
+        fault, and other codes are the request's own)."""
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
             self.mark_unreachable(backend)
-            tried.add(backend)
 
     def context_length(self, model: str, task: ModelTask) -> int | None:
         """The context length of `model` ("" = the default for `task`) as the backends report it."""
@@ -173,9 +251,68 @@ class BackendPool:
         return None
 
     def mark_unreachable(self, backend: Backend) -> None:
-        """A call could not reach `backend`: skip it until its health is confirmed again or a pause passes."""
+        """A call could not reach `backend`: skip it until its health is confirmed again or a pause passes, and
+        after `eject_after` such calls in a row, eject it for `eject_s` (a circuit breaker)."""
         logger.warning("backend %s unreachable; routing around it", backend.address)
         backend.down_until = time.monotonic() + self.config.health_retry_s
+        backend.failures += 1
+        if self.config.eject_after and backend.failures >= self.config.eject_after and not backend.ejected:
+            logger.warning(
+                "backend %s ejected for %gs after %d failures", backend.address, self.config.eject_s, backend.failures
+            )
+            backend.ejected = True
+            self._spawn(
+                readmit_when_serving(backend, self.config.eject_s, self.config.health_retry_s),
+                f"probe:{backend.address}",
+            )
+
+    async def resolve(self, name: str) -> None:
+        """Resolve the dns:/// backend `name` now: open backends for new addresses, drain those that left (they
+        take no new requests and close once their in-flight ones finish). A failed lookup changes nothing."""
+        target = dns_target(name)
+        assert target is not None
+        try:
+            addresses = set(await self.resolver(*target))
+        except OSError as e:
+            logger.warning(
+                "cannot resolve backend %s (%s); keeping its %d addresses",
+                name,
+                e,
+                sum(b.name == name and not b.draining for b in self.backends),
+            )
+            return
+        mine = {b.address: b for b in self.backends if b.name == name}
+        for address in sorted(addresses - mine.keys()):
+            logger.info("backend %s: new address %s", name, address)
+            self._add(address, name)
+        for address, backend in mine.items():
+            if address in addresses and backend.draining:
+                logger.info("backend %s: address %s is back", name, address)
+                backend.draining = False
+            elif address not in addresses and not backend.draining:
+                logger.info("backend %s: address %s left; draining it", name, address)
+                backend.draining = True
+                self._spawn(self._retire(backend), f"retire:{address}")
+
+    async def _resolve_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.resolve_interval_s)
+            for name in self.config.backends:
+                if dns_target(name) is not None:
+                    await self.resolve(name)
+
+    async def _retire(self, backend: Backend) -> None:
+        """Close a draining backend once its in-flight requests are done (unless its address came back)."""
+        while backend.outstanding and backend.draining:
+            await asyncio.sleep(0.05)
+        if not backend.draining:
+            return
+        self.backends.remove(backend)
+        watcher = self._watchers.pop(backend)
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        await backend.channel.close()  # its load poller ends with the channel
+        logger.info("backend %s retired", backend.address)
 
     def models(self) -> list[inference_pb2.ModelInfo]:
         """Every model of the available backends, each id once."""
@@ -185,54 +322,3 @@ class BackendPool:
                 for info in backend.models:
                     seen.setdefault(info.id, info)
         return list(seen.values())
-
-    async def _watch(self, backend: Backend) -> None:
-        """Follow the backend's health stream for ever, re-opening it after the backend goes away."""
-        while True:
-            try:
-                await self._follow_health(backend)
-            except grpc.aio.AioRpcError as e:
-                if backend.serving:
-                    logger.warning("backend %s lost: %s", backend.address, e.code().name)
-                else:
-                    logger.debug("backend %s not reachable: %s", backend.address, e.code().name)
-            self._set_serving(backend, False)
-            await asyncio.sleep(self.config.health_retry_s)
-
-    async def _follow_health(self, backend: Backend) -> None:
-        request = health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
-        try:
-            async for reply in backend.health.Watch(request):
-                serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-                if serving and not backend.serving:
-                    await self._refresh_models(backend)
-                self._set_serving(backend, serving)
-        except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-            await self._poll_health(backend, request)  # servers without Watch: poll Check instead
-
-    async def _poll_health(self, backend: Backend, request: health_pb2.HealthCheckRequest) -> None:
-        while True:
-            reply = await backend.health.Check(request, timeout=self.config.health_retry_s * 5)
-            serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-            if serving and not backend.serving:
-                await self._refresh_models(backend)
-            self._set_serving(backend, serving)
-            await asyncio.sleep(self.config.health_retry_s)
-
-    async def _refresh_models(self, backend: Backend) -> None:
-        try:
-            reply = await backend.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=LIST_MODELS_TIMEOUT_S)
-        except grpc.aio.AioRpcError as e:
-            logger.warning("ListModels on %s failed (%s); routing to it without a model list", backend.address, e)
-            backend.models = ()
-            return
-        backend.models = tuple(reply.models)
-
-    def _set_serving(self, backend: Backend, serving: bool) -> None:
-        if serving != backend.serving:
-            logger.info("backend %s is %s", backend.address, "SERVING" if serving else "NOT_SERVING")
-            backend.serving = serving
-        if serving:
-            backend.down_until = 0.0

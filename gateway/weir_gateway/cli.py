@@ -11,6 +11,7 @@ from weir_gateway.app import create_app
 from weir_gateway.config import DEFAULT_BACKEND, GatewayConfig, SslConfig
 from weir_gateway.drain import run_app
 from weir_gateway.logging_setup import LOG_FORMATS, configure_logging
+from weir_gateway.routing import ROUTING_POLICIES
 from weir_gateway.security import https_context
 from weir_gateway.telemetry import create_tracer_provider
 
@@ -141,6 +142,79 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="refuse (400) request fields the gateway would accept and ignore (store, metadata, user, "
         "service_tier, ...) and unknown fields; see docs/openai.md",
     )
+    p.add_argument(
+        "--routing",
+        default=defaults.routing,
+        choices=ROUTING_POLICIES,
+        help="how requests pick a backend: cache-aware (a prompt prefix's home backend, least-load when it is busy), "
+        "least-load (fewest requests in flight) or round-robin; see docs/routing.md (default %(default)s)",
+    )
+    p.add_argument(
+        "--routing-imbalance",
+        type=float,
+        default=defaults.routing_imbalance,
+        metavar="FACTOR",
+        help="cache-aware: leave a prefix's home once it has more than FACTOR x the least-loaded backend's "
+        "requests in flight plus --routing-imbalance-requests (default %(default)s)",
+    )
+    p.add_argument(
+        "--routing-imbalance-requests",
+        type=int,
+        default=defaults.routing_imbalance_requests,
+        metavar="N",
+        help="cache-aware: the requests added to the imbalance threshold (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-attempts",
+        type=int,
+        default=defaults.max_attempts,
+        help="backends a request may try when one fails before any output with UNAVAILABLE or "
+        "RESOURCE_EXHAUSTED (default %(default)s)",
+    )
+    p.add_argument(
+        "--eject-after",
+        type=int,
+        default=defaults.eject_after,
+        metavar="N",
+        help="eject a backend after N UNAVAILABLE calls in a row (0 = never; default %(default)s)",
+    )
+    p.add_argument(
+        "--eject-for",
+        type=float,
+        default=defaults.eject_s,
+        metavar="SECONDS",
+        help="an ejected backend gets no requests this long, then a health probe may readmit it (default %(default)s)",
+    )
+    p.add_argument(
+        "--resolve-interval",
+        type=float,
+        default=defaults.resolve_interval_s,
+        metavar="SECONDS",
+        help="how often dns:///NAME:PORT backends are resolved again; new addresses join, vanished ones drain "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--load-poll-interval",
+        type=float,
+        default=defaults.load_poll_s,
+        metavar="SECONDS",
+        help="how often to read each backend's own load (ControlService.GetLoad), so routing counts the requests "
+        "other gateways sent it too (0 = never; default %(default)s)",
+    )
+    p.add_argument(
+        "--rate-limit-rpm",
+        type=int,
+        default=defaults.rate_limit_rpm,
+        metavar="N",
+        help="requests per minute per API key; over it is a 429 with Retry-After (0 = no limit)",
+    )
+    p.add_argument(
+        "--rate-limit-tpm",
+        type=int,
+        default=defaults.rate_limit_tpm,
+        metavar="N",
+        help="tokens per minute per API key, estimated at admission as prompt + max_tokens (0 = no limit)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument(
         "--log-format",
@@ -175,6 +249,16 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         response_store_size=args.response_store_size,
         response_store_ttl_s=args.response_store_ttl,
         metrics_require_api_key=args.metrics_require_api_key,
+        routing=args.routing,
+        routing_imbalance=args.routing_imbalance,
+        routing_imbalance_requests=args.routing_imbalance_requests,
+        max_attempts=args.max_attempts,
+        eject_after=args.eject_after,
+        eject_s=args.eject_for,
+        resolve_interval_s=args.resolve_interval,
+        load_poll_s=args.load_poll_interval,
+        rate_limit_rpm=args.rate_limit_rpm,
+        rate_limit_tpm=args.rate_limit_tpm,
     )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from weir_client.security import TlsOptions
+from weir_gateway.resolver import dns_target
+from weir_gateway.routing import ROUTING_POLICIES
 
 DEFAULT_BACKEND = "127.0.0.1:50051"
 
@@ -50,6 +52,18 @@ class GatewayConfig:
     response_store_size: int = 1024  # most stored /v1/responses objects (per gateway process); 0 stores none
     response_store_ttl_s: float = 3600.0  # how long a stored response can be read or continued
     metrics_require_api_key: bool = False  # GET /metrics needs one of `api_keys` too; False = open to scrapers
+    routing: str = "cache-aware"  # cache-aware, least-load or round-robin; see docs/routing.md
+    routing_imbalance: float = 2.0  # cache-aware leaves a prefix's home once it has more than this x the least-
+    routing_imbalance_requests: int = 4  # loaded backend's requests in flight, plus this many
+    routing_prefix_bytes: int = 1024  # how much of a prompt's head the cache-aware key covers
+    max_attempts: int = 3  # tries of a request that fails before any output with UNAVAILABLE / RESOURCE_EXHAUSTED
+    retry_backoff_s: float = 0.05  # the first retry waits up to this long (full jitter), doubling per retry
+    eject_after: int = 5  # consecutive UNAVAILABLE calls that eject a backend (0 = never eject)
+    eject_s: float = 10.0  # how long an ejected backend gets no requests before a health probe may bring it back
+    resolve_interval_s: float = 30.0  # how often dns:/// backends are resolved again
+    load_poll_s: float = 1.0  # how often each backend's GetLoad is read (0 = never: the gateway's own counts only)
+    rate_limit_rpm: int = 0  # requests per minute per API key (0 = no limit)
+    rate_limit_tpm: int = 0  # prompt + completion tokens per minute per API key (0 = no limit)
 
     def __post_init__(self) -> None:
         if not self.backends:
@@ -77,3 +91,22 @@ class GatewayConfig:
             raise ValueError("response_store_size must be >= 0")
         if self.response_store_ttl_s <= 0:
             raise ValueError("response_store_ttl_s must be positive")
+        self._check_scale_out()
+
+    def _check_scale_out(self) -> None:
+        if self.routing not in ROUTING_POLICIES:
+            raise ValueError(f"routing must be one of {', '.join(ROUTING_POLICIES)}")
+        if self.routing_imbalance < 1:
+            raise ValueError("routing_imbalance must be at least 1")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        for name in ("routing_imbalance_requests", "eject_after", "rate_limit_rpm", "rate_limit_tpm", "load_poll_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.routing_prefix_bytes < 1:
+            raise ValueError("routing_prefix_bytes must be at least 1")
+        for name in ("retry_backoff_s", "eject_s", "resolve_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        for address in self.backends:
+            dns_target(address)  # a dns:/// backend without a port fails here, before anything starts

@@ -17,6 +17,7 @@ from weir.v1 import inference_pb2 as pb
 from weir_gateway import sse
 from weir_gateway.backends import Backend, BackendPool
 from weir_gateway.errors import ApiError, from_rpc_error
+from weir_gateway.routing import prefix_key
 from weir_gateway.telemetry import traced_generation
 
 logger = logging.getLogger(__name__)
@@ -86,9 +87,10 @@ def rename_param(error: ApiError, param: str) -> ApiError:
 async def _stream_generate(
     pool: BackendPool, model: str, requests: Sequence[pb.GenerateRequest], ctx: CallContext
 ) -> AsyncGenerator[Item, None]:
+    key = prefix_key(requests[0], pool.config.routing_prefix_bytes) if requests else None
     tried: set[Backend] = set()
     while True:
-        backend = pool.choose(model, pb.MODEL_TASK_GENERATE, frozenset(tried))
+        backend = pool.choose(model, pb.MODEL_TASK_GENERATE, frozenset(tried), key)
         started = False
         with pool.lease(backend):
             try:
@@ -96,12 +98,15 @@ async def _stream_generate(
                     async for item in merged:
                         started = True
                         yield item
+                pool.record_success(backend)
                 return
             except grpc.aio.AioRpcError as e:
-                if started or e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                pool.mark_unreachable(backend)
+                pool.record_failure(backend, e)
                 tried.add(backend)
+                # Once output went to the client a retry would repeat it: only a failure before it moves on.
+                if started or not pool.retry_elsewhere(e, model, pb.MODEL_TASK_GENERATE, tried):
+                    raise
+        await pool.backoff(len(tried))
 
 
 async def _merged_calls(

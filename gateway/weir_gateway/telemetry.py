@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 TRACER_PROVIDER = web.AppKey("tracer_provider", object)  # an opentelemetry TracerProvider, or None
 UNTRACED_PATHS = frozenset({"/health", "/metrics", "/version"})  # probes and scrapes would bury the requests
 UNTRACED_GRPC_SERVICES = ("grpc.health.v1.",)  # the backend health watches last for ever
+UNTRACED_GRPC_METHODS = ("/weir.v1.ControlService/GetLoad",)  # the load polls: one a second per backend
 PROVIDER = "weir"  # gen_ai.provider.name
 # The tracer of the request being handled (None when tracing is off), so the code running backend calls can open
 # GenAI spans without the request in hand. Set by the tracing middleware, in the request's own task.
@@ -96,7 +97,10 @@ def client_interceptors(provider: Any | None) -> list[grpc.aio.ClientInterceptor
         return []
     from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters
 
-    skip = filters.any_of(*(filters.service_prefix(s) for s in UNTRACED_GRPC_SERVICES))
+    skip = filters.any_of(
+        *(filters.service_prefix(s) for s in UNTRACED_GRPC_SERVICES),
+        *(filters.full_method_name(m) for m in UNTRACED_GRPC_METHODS),
+    )
     # opentelemetry-instrumentation-grpc leaves aio_client_interceptors unannotated.
     interceptors = aio_client_interceptors(tracer_provider=provider, filter_=filters.negate(skip))  # type: ignore[no-untyped-call]
     return list(interceptors)

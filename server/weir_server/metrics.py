@@ -14,6 +14,7 @@ import logging
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -204,6 +205,33 @@ class _EngineCollector:
                 family.add_metric([model.id, VLLM_ENGINE] if vllm else [model.id], read(stats))
         yield from (family for family, _, _ in families)
         yield load
+        yield from _gie_info(self.models)
+
+
+def _gie_info(models: ServedModels) -> Iterator[Any]:
+    """The labelled gauges the Gateway API Inference Extension's endpoint picker reads besides the queue and
+    KV-cache gauges (its model-server protocol): `vllm:cache_config_info` (block size and block count, for its
+    prefix-cache scorer) and `vllm:lora_requests_info` (no adapters and `max_lora` 0: Weir serves no LoRA; the
+    value is a timestamp, as the picker keeps the newest series)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    cache = GaugeMetricFamily(
+        "vllm:cache_config_info", "Information of the LLMEngine CacheConfig.",
+        labels=["model_name", "engine", "block_size", "num_gpu_blocks"],
+    )  # fmt: skip
+    lora = GaugeMetricFamily(
+        "vllm:lora_requests_info", "Running stats on LoRA requests.",
+        labels=["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+    )  # fmt: skip
+    now = time.time()
+    for model in models.models():
+        if model.generator is None:
+            continue
+        stats = model.generator.stats()
+        cache.add_metric([model.id, VLLM_ENGINE, str(stats.block_size), str(stats.num_total_blocks)], 1.0)
+        lora.add_metric([model.id, "0", "", ""], now)
+    yield cache
+    yield lora
 
 
 class _VllmCopies:

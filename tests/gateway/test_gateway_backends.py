@@ -46,7 +46,7 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
 
 def test_requests_go_to_the_backend_with_fewest_outstanding(make_fake, make_gateway) -> None:
     fakes = [make_fake(), make_fake()]
-    gateway = make_gateway(GatewayConfig(backends=tuple(f.address for f in fakes)))
+    gateway = make_gateway(GatewayConfig(backends=tuple(f.address for f in fakes), routing="least-load"))
     with ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda _: request("POST", gateway.url + "/v1/completions", slow_body(False, 10)),
                                 range(4)))  # fmt: skip
@@ -56,7 +56,7 @@ def test_requests_go_to_the_backend_with_fewest_outstanding(make_fake, make_gate
 
 def test_busy_backend_is_avoided(make_fake, make_gateway) -> None:
     fakes = [make_fake(), make_fake()]
-    gateway = make_gateway(GatewayConfig(backends=tuple(f.address for f in fakes)))
+    gateway = make_gateway(GatewayConfig(backends=tuple(f.address for f in fakes), routing="least-load"))
     conn, _ = open_stream(gateway.url, slow_body(True, 100))
     busy = next(f for f in fakes if f.servicer.active)
     idle = next(f for f in fakes if f is not busy)
@@ -68,7 +68,8 @@ def test_busy_backend_is_avoided(make_fake, make_gateway) -> None:
 
 def test_dying_backend_fails_only_its_requests_and_new_ones_go_elsewhere(make_fake, make_gateway, background) -> None:
     fakes = [make_fake(), make_fake()]
-    gateway = make_gateway(GatewayConfig(backends=tuple(f.address for f in fakes), health_retry_s=0.2))
+    gateway = make_gateway(GatewayConfig(backends=tuple(f.address for f in fakes), health_retry_s=0.2,
+                                         routing="least-load"))  # fmt: skip
     streams = [open_stream(gateway.url, slow_body(True, 30)) for _ in range(2)]
     assert [f.servicer.active for f in fakes] == [1, 1]
     background.run(fakes[0].stop())

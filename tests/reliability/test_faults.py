@@ -62,7 +62,7 @@ def test_killing_one_backend_mid_stream_fails_only_its_requests(
 ) -> None:
     tally = Tally("backend-killed")
     servers = [spawn_server("--max-num-seqs", "8") for _ in range(2)]
-    gateway = spawn_gateway([s.target for s in servers])
+    gateway = spawn_gateway([s.target for s in servers], "--routing", "least-load")
     kinds = [True] * 6 + [False] * 2  # six streams, two unary calls, spread 4 + 4 by least-outstanding
     started = threading.Barrier(len(kinds) + 1)
     results: list[tuple[str, int]] = [("none", 0)] * len(kinds)

@@ -363,3 +363,217 @@ class InferenceService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ControlServiceStub:
+    """ControlService is for routers and operators: cancel requests, poll load, describe the server. It shares the
+    port, API keys and TLS of InferenceService and keeps answering while the server drains.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Abort = channel.unary_unary(
+                '/weir.v1.ControlService/Abort',
+                request_serializer=weir_dot_v1_dot_inference__pb2.AbortRequest.SerializeToString,
+                response_deserializer=weir_dot_v1_dot_inference__pb2.AbortResponse.FromString,
+                _registered_method=True)
+        self.GetLoad = channel.unary_unary(
+                '/weir.v1.ControlService/GetLoad',
+                request_serializer=weir_dot_v1_dot_inference__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=weir_dot_v1_dot_inference__pb2.GetLoadResponse.FromString,
+                _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/weir.v1.ControlService/GetServerInfo',
+                request_serializer=weir_dot_v1_dot_inference__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=weir_dot_v1_dot_inference__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
+        self.WatchKvEvents = channel.unary_stream(
+                '/weir.v1.ControlService/WatchKvEvents',
+                request_serializer=weir_dot_v1_dot_inference__pb2.WatchKvEventsRequest.SerializeToString,
+                response_deserializer=weir_dot_v1_dot_inference__pb2.WatchKvEventsResponse.FromString,
+                _registered_method=True)
+
+
+class ControlServiceServicer:
+    """ControlService is for routers and operators: cancel requests, poll load, describe the server. It shares the
+    port, API keys and TLS of InferenceService and keeps answering while the server drains.
+    """
+
+    def Abort(self, request, context):
+        """Abort cancels requests wherever they are (waiting, running, in an engine-core process). Idempotent: ids that
+        are unknown or already finished are not an error. An aborted Generate call ends with status CANCELLED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLoad(self, request, context):
+        """GetLoad reports each generation model's queue and KV-cache load from the engine's last step; cheap to poll.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetServerInfo(self, request, context):
+        """GetServerInfo describes the server and each loaded model, with a digest of its tokenizer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchKvEvents(self, request, context):
+        """WatchKvEvents streams a generation model's prefix-cache changes, for KV-aware routers. The first message is a
+        snapshot (AllBlocksCleared, then every cached block); then one message per engine step that changed the cache.
+        A subscriber that falls too far behind is ended with RESOURCE_EXHAUSTED and may subscribe again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ControlServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=weir_dot_v1_dot_inference__pb2.AbortRequest.FromString,
+                    response_serializer=weir_dot_v1_dot_inference__pb2.AbortResponse.SerializeToString,
+            ),
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=weir_dot_v1_dot_inference__pb2.GetLoadRequest.FromString,
+                    response_serializer=weir_dot_v1_dot_inference__pb2.GetLoadResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=weir_dot_v1_dot_inference__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=weir_dot_v1_dot_inference__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'WatchKvEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKvEvents,
+                    request_deserializer=weir_dot_v1_dot_inference__pb2.WatchKvEventsRequest.FromString,
+                    response_serializer=weir_dot_v1_dot_inference__pb2.WatchKvEventsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'weir.v1.ControlService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('weir.v1.ControlService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ControlService:
+    """ControlService is for routers and operators: cancel requests, poll load, describe the server. It shares the
+    port, API keys and TLS of InferenceService and keeps answering while the server drains.
+    """
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.v1.ControlService/Abort',
+            weir_dot_v1_dot_inference__pb2.AbortRequest.SerializeToString,
+            weir_dot_v1_dot_inference__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.v1.ControlService/GetLoad',
+            weir_dot_v1_dot_inference__pb2.GetLoadRequest.SerializeToString,
+            weir_dot_v1_dot_inference__pb2.GetLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.v1.ControlService/GetServerInfo',
+            weir_dot_v1_dot_inference__pb2.GetServerInfoRequest.SerializeToString,
+            weir_dot_v1_dot_inference__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKvEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/weir.v1.ControlService/WatchKvEvents',
+            weir_dot_v1_dot_inference__pb2.WatchKvEventsRequest.SerializeToString,
+            weir_dot_v1_dot_inference__pb2.WatchKvEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

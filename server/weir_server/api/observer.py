@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 REQUEST_ID_KEY = "x-request-id"
 # When the RPC reached the server, so a request's latency includes its tokenization.
 rpc_started_var: ContextVar[float | None] = ContextVar("weir_rpc_started", default=None)
-UNOBSERVED_SERVICES = ("/grpc.health.v1.", "/grpc.reflection.")  # health watches last for ever
+# Health watches last for ever; routers poll GetLoad (the gateway once a second per backend): neither is traffic.
+UNOBSERVED_SERVICES = ("/grpc.health.v1.", "/grpc.reflection.", "/weir.v1.ControlService/GetLoad")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The grpc.aio server: InferenceService, grpc.health.v1 and reflection on one port; drains on SIGTERM/SIGINT."""
+"""The grpc.aio server: InferenceService, ControlService, grpc.health.v1 and reflection on one port; drains on
+SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from weir.v1 import inference_pb2, inference_pb2_grpc
+from weir_server.api.control import ControlServicer, RunningRequests
 from weir_server.api.decoding import DecodeErrorInterceptor
 from weir_server.api.drain import Drain
 from weir_server.api.model_registry import ServedModels
@@ -26,6 +28,8 @@ from weir_server.telemetry import create_tracing
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+# Not drained: routers poll load (and see `draining`) and abort requests until the server stops.
+CONTROL_SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name
 _HEALTH_NAMES = ("", SERVICE_NAME)
 _STATUS_FLUSH_S = 2.0
 
@@ -57,10 +61,16 @@ class WeirServer:
         self.metrics_server: MetricsHttpServer | None = None
         interceptors[:0] = self.observability.interceptors()  # outermost: refused calls are counted too
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
-        self.servicer = InferenceServicer(self.registry, self.observability, config.limits, config.parse_special_tokens)
+        running = RunningRequests()
+        self.servicer = InferenceServicer(
+            self.registry, self.observability, config.limits, config.parse_special_tokens, running
+        )
+        self.control = ControlServicer(self.registry, running, lambda: self.drain.draining)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(self.servicer, self.server)
+        inference_pb2_grpc.add_ControlServiceServicer_to_server(self.control, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        services = (SERVICE_NAME, CONTROL_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, self.server)
 
     @property
     def address(self) -> str:

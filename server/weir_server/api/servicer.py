@@ -14,6 +14,7 @@ from weir.v1 import inference_pb2 as pb
 from weir.v1 import inference_pb2_grpc
 from weir_server.api import convert
 from weir_server.api.admission import Admission, check_context
+from weir_server.api.control import RunningRequests
 from weir_server.api.errors import map_errors
 from weir_server.api.model_registry import ServedModel, ServedModels
 from weir_server.api.observer import Observability
@@ -56,8 +57,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         observability: Observability | None = None,
         limits: LimitsConfig | None = None,
         parse_special_tokens: bool = False,
+        running: RunningRequests | None = None,
     ) -> None:
         self.registry = registry
+        self.running = running if running is not None else RunningRequests()  # the calls ControlService.Abort can end
         self.observability = observability or Observability()
         self.limits = limits or LimitsConfig()
         self.admission = Admission(self.limits)
@@ -104,6 +107,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         operation = "chat" if chat is not None else "text_completion"
         observer = self.observability.generation(model.id, request_id, params, operation)
         stream = engine.generate(engine_request)
+        self.running.add(request_id, engine_request.request_id, engine)
         parsers: dict[int, ChoiceParser | None] = {}
         try:
             async for output in stream:
@@ -126,6 +130,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 )
                 await context.write(response)
         finally:
+            self.running.remove(request_id, engine_request.request_id)
             # Closing the stream aborts the request in the engine (client gone, deadline or error).
             await _aclose(stream)
             observer.finish()

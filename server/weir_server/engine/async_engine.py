@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from weir_server.config import EngineConfig
 from weir_server.engine.core_client import CoreClient
+from weir_server.engine.kv_events import KvEvent, KvEventLog
 from weir_server.engine.output import OutputText
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.structured import StructuredOutputs
@@ -121,6 +122,7 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self.kv_events = KvEventLog()  # the core's prefix cache as its events tell it, for WatchKvEvents
         # Called (from any thread) with the reason when the core ends on its own and will not come back.
         self.on_death: Callable[[str], None] | None = None
 
@@ -154,6 +156,16 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         """The core's counters as of its last step."""
         return self.client.stats()
+
+    def abort(self, request_id: str, error: BaseException) -> bool:
+        """Cancel a request wherever it is: its stream ends with `error` and the core frees its blocks on its next
+        iteration. False when the request is unknown or already finished (not an error: aborts are idempotent)."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None or stream.finished:
+            return False
+        stream.fail(error)
+        self.client.abort(request_id)
+        return True
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Validate and queue a request; raises InvalidRequestError / QueueFullError before yielding anything."""
@@ -206,8 +218,15 @@ class AsyncEngine:
         if self.on_death is not None:
             self.on_death(reason)
 
-    def _deliver(self, outputs: list[GenerationOutput]) -> None:
-        """Hand outputs to the event loop(s) of their consumers, from any thread; never blocks."""
+    def _deliver(self, outputs: list[GenerationOutput], kv_events: list[KvEvent]) -> None:
+        """Hand outputs to the event loop(s) of their consumers, and prefix-cache events to the engine's loop, from
+        any thread; never blocks."""
+        loop = self._loop
+        if kv_events and loop is not None:
+            try:
+                loop.call_soon_threadsafe(self.kv_events.publish, kv_events)
+            except RuntimeError:
+                logger.warning("event loop closed; dropping %d prefix-cache events", len(kv_events))
         by_loop: dict[asyncio.AbstractEventLoop, list[GenerationOutput]] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)

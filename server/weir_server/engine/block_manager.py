@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from weir_server.engine.kv_events import BlockRemoved, BlockStored, KvEvent
 from weir_server.engine.sequence import Sequence
+
+# The first block's parent. Not None: hash(None) differs between processes on Python 3.11, and the chain hashes go
+# out in prefix-cache events, where equal prefixes must have equal hashes on every server (ints hash alike anywhere).
+ROOT_PARENT_HASH = 0
 
 
 def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    """Chain hash of a full block: equal only when every token of the prefix up to it is equal."""
-    return hash((parent_hash, token_ids))
+    """Chain hash of a full block: equal only when every token of the prefix up to it is equal; the same in every
+    process."""
+    return hash((ROOT_PARENT_HASH if parent_hash is None else parent_hash, token_ids))
 
 
 class Block:
@@ -37,6 +43,7 @@ class BlockManager:
         self.hash_to_block: dict[int, int] = {}
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
+        self.events: list[KvEvent] = []  # prefix-cache changes since the last `take_events`
 
     @property
     def num_total_blocks(self) -> int:
@@ -45,6 +52,11 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         return len(self.free_blocks)
+
+    def take_events(self) -> list[KvEvent]:
+        """The prefix-cache events recorded since the last call, oldest first."""
+        events, self.events = self.events, []
+        return events
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -109,6 +121,7 @@ class BlockManager:
             if block.hash is not None:  # evict the cached content this block held
                 if self.hash_to_block.get(block.hash) == block_id:
                     del self.hash_to_block[block.hash]
+                    self.events.append(BlockRemoved((block.hash,)))
                 block.hash, block.token_ids = None, ()
             block.ref_count = 1
             seq.block_table.append(block_id)
@@ -120,13 +133,25 @@ class BlockManager:
         if not self.enable_prefix_caching or num_full <= seq.num_committed_blocks:  # no block completed
             return
         hashes = self._full_block_hashes(seq, seq.num_computed_tokens)
+        stored: list[int] = []  # a run of consecutive newly cached blocks: one BlockStored event
         for i in range(seq.num_committed_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is not None or hashes[i] in self.hash_to_block:
+                self._stored(stored, hashes, i)
                 continue  # already registered, or the same content is cached in another block
             block.hash, block.token_ids = hashes[i], tuple(seq.token_ids[i * bs : (i + 1) * bs])
             self.hash_to_block[block.hash] = block.block_id
+            stored.append(block.hash)
+        self._stored(stored, hashes, num_full)
         seq.num_committed_blocks = max(seq.num_committed_blocks, num_full)
+
+    def _stored(self, stored: list[int], hashes: list[int], end: int) -> None:
+        """Record the run of blocks ending before block `end` as stored, and start a new run."""
+        if stored:
+            first = end - len(stored)
+            parent = hashes[first - 1] if first > 0 else None
+            self.events.append(BlockStored(tuple(stored), parent, len(stored) * self.block_size))
+            stored.clear()
 
     def free(self, seq: Sequence) -> None:
         """Release a sequence's blocks; tail blocks go first in the eviction order (they are least shareable)."""

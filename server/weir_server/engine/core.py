@@ -18,6 +18,7 @@ import torch
 from weir_server.config import EngineConfig
 from weir_server.engine.block_manager import BlockManager
 from weir_server.engine.detokenizer import IncrementalDetokenizer
+from weir_server.engine.kv_events import KvEvent
 from weir_server.engine.output import PendingText, choice_output, core_makes_text, final_output, make_text
 from weir_server.engine.sampler import Sampler, make_generator, token_logprobs
 from weir_server.engine.scheduler import Scheduler, SchedulerOutput
@@ -349,7 +350,7 @@ class EngineCore:
         )
 
 
-Deliver = Callable[[list[GenerationOutput], EngineStats], None]
+Deliver = Callable[[list[GenerationOutput], EngineStats, list[KvEvent]], None]
 
 
 class CoreLoop:
@@ -409,8 +410,9 @@ class CoreLoop:
                 logger.exception("engine loop failed; failing every request in flight")
                 outputs = self._fail_all(f"{type(error).__name__}: {error}")
             self.last_stats = core.stats()
-            if outputs:
-                self._deliver(outputs, self.last_stats)
+            events = core.block_manager.take_events()
+            if outputs or aborts or events:  # an abort frees blocks without outputs: the stats must still go out
+                self._deliver(outputs, self.last_stats, events)
         self.last_stats = core.stats()
 
     def _fail_all(self, message: str) -> list[GenerationOutput]:

@@ -19,6 +19,7 @@ from typing import Protocol
 from weir_server.config import EngineConfig
 from weir_server.engine.core import CoreLoop, EngineCore
 from weir_server.engine.core_process import run_core_process
+from weir_server.engine.kv_events import KvEvent
 from weir_server.engine.scheduler import check_in_flight
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.types import GenerationOutput, GenerationRequest
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 1800.0  # loading a large checkpoint and capturing CUDA graphs can take minutes
 
-Deliver = Callable[[list[GenerationOutput]], None]
+Deliver = Callable[[list[GenerationOutput], list[KvEvent]], None]  # a step's outputs and prefix-cache events
 OnExit = Callable[[str], None]  # the core ended on its own and will not come back: why
 
 
@@ -84,7 +85,7 @@ class InProcessClient:
 
     async def start(self, deliver: Deliver, on_exit: OnExit) -> CoreInfo:
         """Start the loop's thread. The thread never ends on its own (`on_exit` is not called)."""
-        self.busy_loop = CoreLoop(self.core, lambda outputs, _stats: deliver(outputs))
+        self.busy_loop = CoreLoop(self.core, lambda outputs, _stats, events: deliver(outputs, events))
         self._thread = threading.Thread(target=self.busy_loop.run, name="weir-engine", daemon=True)
         self._thread.start()
         return CoreInfo(self.core.max_seq_len, self.busy_loop.last_stats)
@@ -210,9 +211,9 @@ class ProcessClient:
         try:
             while True:
                 match conn.recv():
-                    case CoreOutputs(packed, stats):
+                    case CoreOutputs(packed, stats, kv_events):
                         self._stats = stats
-                        deliver(decode_outputs(packed))
+                        deliver(decode_outputs(packed), list(kv_events))
                     case other:
                         logger.error("unexpected message from the engine core: %r", other)
         except (EOFError, OSError):

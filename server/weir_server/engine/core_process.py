@@ -18,6 +18,7 @@ from multiprocessing.connection import Connection
 
 from weir_server.config import EngineConfig
 from weir_server.engine.core import CoreLoop, EngineCore
+from weir_server.engine.kv_events import KvEvent
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.types import GenerationOutput
 from weir_server.engine.wire import (
@@ -34,6 +35,8 @@ from weir_server.process_lifetime import exit_with_parent, freeze_startup_object
 
 logger = logging.getLogger(__name__)
 
+Step = tuple[list[GenerationOutput], EngineStats, list[KvEvent]]  # one core iteration's outputs, stats and events
+
 
 def run_core_process(config: EngineConfig, conn: Connection, log_level: int) -> None:
     """The core process's main: build the core, then step it until told to stop or the server process is gone."""
@@ -48,8 +51,8 @@ def run_core_process(config: EngineConfig, conn: Connection, log_level: int) -> 
     # Outputs leave through a sender thread: pickling and a pipe write that blocks while the server is busy
     # must not hold up the next step. The sender pickles while the loop waits for the GPU (GIL released).
     # Steps that pile up while the server reads go out as one message.
-    outbox: queue.SimpleQueue[tuple[list[GenerationOutput], EngineStats] | None] = queue.SimpleQueue()
-    loop = CoreLoop(core, lambda outputs, stats: outbox.put((outputs, stats)))
+    outbox: queue.SimpleQueue[Step | None] = queue.SimpleQueue()
+    loop = CoreLoop(core, lambda outputs, stats, events: outbox.put((outputs, stats, events)))
     freeze_startup_objects()
     conn.send(CoreReady(CoreInfo(core.max_seq_len, core.stats())))
     sender = threading.Thread(target=_send, args=(conn, outbox), name="weir-core-send", daemon=True)
@@ -62,19 +65,19 @@ def run_core_process(config: EngineConfig, conn: Connection, log_level: int) -> 
     os._exit(0)  # teardown of CUDA graphs and helper threads can stall; nothing here needs it
 
 
-def _send(conn: Connection, outbox: queue.SimpleQueue[tuple[list[GenerationOutput], EngineStats] | None]) -> None:
+def _send(conn: Connection, outbox: queue.SimpleQueue[Step | None]) -> None:
     """Sender thread: each step's outputs to the server, those of steps queued meanwhile merged into one message."""
     done = False
     try:
         while not done and (item := outbox.get()) is not None:
-            outputs, stats = item
+            outputs, stats, events = item
             while not outbox.empty():
                 more = outbox.get_nowait()
                 if more is None:
                     done = True
                     break
-                outputs, stats = outputs + more[0], more[1]
-            conn.send(CoreOutputs(encode_outputs(outputs), stats))
+                outputs, stats, events = outputs + more[0], more[1], events + more[2]
+            conn.send(CoreOutputs(encode_outputs(outputs), stats, tuple(events)))
     except (OSError, ValueError):  # the server is gone; the parent watch ends this process
         pass
 

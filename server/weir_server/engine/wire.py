@@ -11,6 +11,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
+from weir_server.engine.kv_events import KvEvent
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.types import GenerationOutput, GenerationRequest
 
@@ -51,10 +52,12 @@ class CoreReady:
 
 @dataclass(frozen=True, slots=True)
 class CoreOutputs:
-    """The outputs of one or more steps (`encode_outputs`) and the stats after the last of them."""
+    """The outputs of one or more steps (`encode_outputs`), the stats after the last of them and the prefix-cache
+    events of those steps."""
 
     packed: list[tuple[Any, ...]]
     stats: EngineStats
+    kv_events: tuple[KvEvent, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
