@@ -2,45 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 
 import pytest
+from bench_fakes import FakeDriver
 
-from weir_bench.load import LoadSpec, RequestTiming, arrival_gaps, make_prompts, run_load
+from weir_bench.load import LoadSpec, arrival_gaps, make_prompts, run_load
 
 session_loop = pytest.mark.asyncio(loop_scope="session")
-
-
-class CountingDriver:
-    """Answers at once with `output_tokens` one-token messages and records the most requests in flight."""
-
-    name = "counting"
-
-    def __init__(self) -> None:
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.asked: list[int] = []
-
-    def peak_rss_pid(self) -> int | None:
-        return None
-
-    async def vocab_size(self) -> int | None:
-        return 100
-
-    async def generate(self, prompt: list[int], output_tokens: int) -> RequestTiming:
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        self.asked.append(output_tokens)
-        timing = RequestTiming.begin()
-        for _ in range(output_tokens):
-            await asyncio.sleep(0)
-            timing.record(1)
-        self.in_flight -= 1
-        return timing.finish()
-
-    async def close(self) -> None:
-        pass
 
 
 def test_poisson_gaps_have_mean_one_over_the_rate():
@@ -76,7 +45,7 @@ def test_non_positive_rate_or_burstiness_is_refused(rate, burstiness):
 
 @session_loop
 async def test_open_loop_at_inf_without_a_cap_has_every_request_in_flight_at_once():
-    driver = CountingDriver()
+    driver = FakeDriver()
     prompts = make_prompts(12, 4, vocab_size=100, seed=0)
     result = await run_load(driver, LoadSpec(0, 12, 4, 3, request_rate=float("inf")), prompts)
     assert driver.max_in_flight == 12
@@ -85,7 +54,7 @@ async def test_open_loop_at_inf_without_a_cap_has_every_request_in_flight_at_onc
 
 @session_loop
 async def test_max_concurrency_caps_open_loop_requests_in_flight():
-    driver = CountingDriver()
+    driver = FakeDriver()
     prompts = make_prompts(14, 4, vocab_size=100, seed=0)
     spec = LoadSpec(3, 12, 4, 3, warmup_requests=2, request_rate=float("inf"))
     result = await run_load(driver, spec, prompts)
@@ -96,7 +65,7 @@ async def test_max_concurrency_caps_open_loop_requests_in_flight():
 
 @session_loop
 async def test_each_request_asks_for_its_own_output_length():
-    driver = CountingDriver()
+    driver = FakeDriver()
     prompts = make_prompts(4, 4, vocab_size=100, seed=0)
     result = await run_load(driver, LoadSpec(2, 4, 4, 5), prompts, output_lens=[2, 5, 7, 9])
     assert sorted(driver.asked) == [2, 5, 7, 9]

@@ -2,47 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 import pytest
+from bench_fakes import FakeDriver
 
-from weir_bench.load import LoadSpec, RequestTiming, make_prompts, run_closed_loop
+from weir_bench.load import LoadSpec, make_prompts, run_closed_loop
 from weir_bench.peers import peak_rss_bytes
 
 # Async tests run on the session's event loop, where pyproject puts async fixtures too.
 session_loop = pytest.mark.asyncio(loop_scope="session")
-
-
-class FakeDriver:
-    """Answers each request with `output_tokens` one-token messages, and records how many were in flight."""
-
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.seen: list[list[int]] = []
-
-    def peak_rss_pid(self) -> int | None:
-        return None
-
-    async def vocab_size(self) -> int | None:
-        return 100
-
-    async def generate(self, prompt: list[int], output_tokens: int) -> RequestTiming:
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        self.seen.append(prompt)
-        timing = RequestTiming.begin()
-        for _ in range(output_tokens):
-            await asyncio.sleep(0)
-            timing.record(1)
-        self.in_flight -= 1
-        return timing.finish()
-
-    async def close(self) -> None:
-        pass
 
 
 def test_prompts_are_reproducible_and_in_vocabulary():

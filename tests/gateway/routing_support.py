@@ -4,7 +4,6 @@ starts in seconds, on a chosen loopback address so one port can be served on 127
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,22 +13,6 @@ from pathlib import Path
 
 READY_LINE = "Weir is ready on"
 TINY_MODEL = "tiny-llama"
-
-
-def make_tiny_model(directory: Path, tokenizer_dir: Path) -> Path:
-    """A 2-layer Llama config (random weights with --load-format dummy) with MiniLM's tokenizer."""
-    from transformers import LlamaConfig
-
-    directory.mkdir(parents=True, exist_ok=True)
-    LlamaConfig(
-        vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=101, eos_token_id=102,
-        tie_word_embeddings=True,
-    ).save_pretrained(directory)  # fmt: skip
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (tokenizer_dir / name).exists():
-            shutil.copy(tokenizer_dir / name, directory / name)
-    return directory
 
 
 def port_free_on(port: int, *hosts: str) -> bool:

@@ -14,7 +14,8 @@ import grpc
 import pytest
 from gateway_support import http as request
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from routing_support import TINY_MODEL, ServeProcess, make_tiny_model, shared_free_port
+from routing_support import TINY_MODEL, ServeProcess, shared_free_port
+from tiny_models import make_tiny_model
 
 from weir.v1 import inference_pb2 as pb
 from weir.v1 import inference_pb2_grpc

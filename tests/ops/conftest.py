@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ops_support import TINY_MODEL_NAME, ServerProcess, make_tiny_model
+from ops_support import TINY_MODEL_NAME, ServerProcess
+from tiny_models import make_tiny_model
 
 SERVER_ARGS = ["--load-format", "dummy", "--max-model-len", "256", "--num-kv-blocks", "128",
                "--metrics-port", "0", "--log-format", "json"]  # fmt: skip

@@ -8,7 +8,6 @@ import json
 import os
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,22 +29,6 @@ READY = re.compile(r"Weir is ready on (\S+):(\d+)")
 METRICS = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL_NAME = "tiny-llama"  # what the traced server calls its tiny model (--served-model-name)
-
-
-def make_tiny_model(directory: Path, tokenizer_dir: Path) -> Path:
-    """A 2-layer Llama config (random weights with --load-format dummy) with MiniLM's tokenizer: loads in ~1 s."""
-    from transformers import LlamaConfig
-
-    directory.mkdir(parents=True, exist_ok=True)
-    LlamaConfig(
-        vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=101, eos_token_id=102,
-        tie_word_embeddings=True,
-    ).save_pretrained(directory)  # fmt: skip
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (tokenizer_dir / name).exists():
-            shutil.copy(tokenizer_dir / name, directory / name)
-    return directory
 
 
 @dataclass

@@ -15,6 +15,8 @@ from weir_server.kernels.rms_norm import fused_add_rms_norm, rms_norm
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dim, computed in fp32 like the reference implementations."""
 
+    fused_on_cuda = True  # whether forward may use the Triton kernels (a subclass with another formula may not)
+
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
@@ -33,7 +35,7 @@ class RMSNorm(nn.Module):
 
         On CUDA one Triton kernel does it, writing in place: the sum over `residual`, the norm over `x`.
         """
-        if x.is_cuda and HAS_TRITON and x.is_contiguous():
+        if self.fused_on_cuda and x.is_cuda and HAS_TRITON and x.is_contiguous():
             if residual is None:
                 return rms_norm(x, self.weight, self.eps)
             if residual.is_contiguous():
@@ -51,33 +53,16 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-class GemmaRMSNorm(nn.Module):
+class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: the stored weight is an offset, the scale is (1 + weight), all of it computed in fp32."""
 
+    fused_on_cuda = False  # the Triton kernels scale by the weight itself
+
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(hidden_size))
-        self.eps = eps
-
-    @overload
-    def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor: ...
-
-    @overload
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
-        if residual is None:
-            return self._norm(x)
-        summed = x + residual
-        return self._norm(summed), summed
+        super().__init__(hidden_size, eps)
+        nn.init.zeros_(self.weight)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # (1 + weight) is formed in fp32 as in transformers: in bf16 it would round away the offset's low bits.
         normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return (normed * (1.0 + self.weight.float())).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
