@@ -103,10 +103,20 @@ def answering_decode_errors(handler: Handler) -> Handler:
 class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
     """Answers requests that do not decode INVALID_ARGUMENT with the reason (every service on the port)."""
 
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         handler = await continuation(details)
-        return handler if handler is None else answering_decode_errors(handler)
+        if handler is None:
+            return None
+        # The registered handlers are fixed objects, so each is wrapped once rather than on every call.
+        cached = self._wrapped.get(details.method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, answering_decode_errors(handler))
+            self._wrapped[details.method] = cached
+        return cached[1]
