@@ -1,6 +1,11 @@
 """The multi-tenant scenario: several `weir serve` replicas behind one `weir gateway`, loaded with many users who
 share a few long documents (system prompts) and ask short questions; run once per routing policy of the gateway,
-reporting the replicas' prefix-cache hit rate (from their `vllm:prefix_cache_*` counters), TTFT and throughput.
+reporting the replicas' prefix-cache hit rate (from their `vllm:prefix_cache_*` counters) next to the ideal one (every
+request on its document's home replica), TTFT and throughput, and the issue's bar as measured.
+
+Routing matters when the documents together outgrow one replica's KV cache but fit in all of them: size the caches
+through `--server-args` (`--num-kv-blocks N`, the same on CPU and GPU); the report prints the working set and each
+replica's blocks (from `vllm:cache_config_info`) so a run shows which regime it measured.
 
 Each policy gets documents of its own (same shape, fresh tokens), so what an earlier policy left in the replicas'
 prefix caches never helps a later one; the hit rate counts only the measured requests (counters read before and
@@ -14,6 +19,7 @@ import json
 import logging
 import math
 import random
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -32,6 +38,10 @@ PREFIX_HITS, PREFIX_QUERIES, FINISHED = (
     "vllm:prefix_cache_queries_total",
     "vllm:request_success_total",
 )
+CACHE_CONFIG = "vllm:cache_config_info"  # labels block_size and num_gpu_blocks (the GIE protocol's gauge)
+# The issue's bar: cache-aware's TTFT p50 at least this many times round-robin's, its hit rate at least this share of
+# the ideal, and no less throughput.
+BAR_TTFT_SPEEDUP, BAR_HIT_SHARE = 2.0, 0.9
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,42 @@ def make_workload(spec: MultiTenantSpec, vocab_size: int, seed: int) -> list[Ten
     return requests
 
 
+def ideal_hit_rate(workload: Sequence[TenantRequest], document_tokens: int, block_size: int) -> float:
+    """The hit rate if every request went to its document's home replica and found it there once prefilled: each
+    document's first request is cold, every later one hits the document's full blocks (the cache's unit)."""
+    seen: set[int] = set()
+    hits = queried = 0
+    for request in workload:
+        queried += len(request.prompt)
+        if request.document in seen:
+            hits += min(document_tokens, len(request.prompt) - 1) // block_size * block_size
+        seen.add(request.document)
+    return hits / queried if queried else math.nan
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """The regime a run measured: the documents' blocks against each replica's KV blocks."""
+
+    block_size: int
+    replica_blocks: tuple[int, ...]
+    working_set_blocks: int  # every document's blocks (partial last block included)
+
+    def describe(self) -> str:
+        smallest, total = min(self.replica_blocks), sum(self.replica_blocks)
+        if self.working_set_blocks <= smallest:
+            regime = "fits in one replica: every policy can cache every document, routing has little to win"
+        elif self.working_set_blocks > total:
+            regime = "outgrows all replicas together: even ideal routing evicts"
+        else:
+            regime = "outgrows one replica, fits in all: the regime cache-aware routing is for"
+        blocks = "/".join(map(str, self.replica_blocks))
+        return (
+            f"working set {self.working_set_blocks} blocks of {self.block_size} tokens; replicas hold {blocks} "
+            f"blocks: {regime}"
+        )
+
+
 @dataclass(frozen=True)
 class PolicyRow:
     """One routing policy's result; `skipped` says why it was not measured (the other fields are then empty)."""
@@ -85,6 +131,7 @@ class PolicyRow:
     output_tok_per_s: float = math.nan
     requests_per_s: float = math.nan
     per_replica: tuple[int, ...] = ()  # requests each replica finished
+    ideal_hit_rate: float = math.nan  # the same workload with every request on its document's home (ideal_hit_rate)
     skipped: str = ""
 
 
@@ -109,6 +156,7 @@ def summarize_policy(
     duration_s: float,
     before: Sequence[Counters],
     after: Sequence[Counters],
+    ideal: float = math.nan,
 ) -> PolicyRow:
     """A policy's row from its measured requests and each replica's counters before and after them."""
     ok = [t for t in timings if t.ok]
@@ -120,6 +168,7 @@ def summarize_policy(
         requests=len(timings),
         errors=len(timings) - len(ok),
         prefix_hit_rate=hits / queries if queries else math.nan,
+        ideal_hit_rate=ideal,
         ttft_p50_ms=percentile(ttfts, 50),
         ttft_p99_ms=percentile(ttfts, 99),
         output_tok_per_s=sum(t.num_output_tokens for t in ok) / duration_s if duration_s > 0 else math.nan,
@@ -128,8 +177,8 @@ def summarize_policy(
     )
 
 
-COLUMNS = ("routing", "requests", "errors", "prefix hit", "TTFT p50 ms", "TTFT p99 ms", "out tok/s", "req/s",
-           "per replica")  # fmt: skip
+COLUMNS = ("routing", "requests", "errors", "prefix hit", "ideal hit", "TTFT p50 ms", "TTFT p99 ms", "out tok/s",
+           "req/s", "per replica")  # fmt: skip
 
 
 def format_policy_table(rows: Sequence[PolicyRow]) -> str:
@@ -140,12 +189,32 @@ def format_policy_table(rows: Sequence[PolicyRow]) -> str:
             lines.append((r.routing, f"skipped: {r.skipped}", *("",) * (len(COLUMNS) - 2)))
             continue
         lines.append((
-            r.routing, str(r.requests), str(r.errors), _num(r.prefix_hit_rate, ".1%"), _num(r.ttft_p50_ms, ".0f"),
+            r.routing, str(r.requests), str(r.errors), _num(r.prefix_hit_rate, ".1%"), _num(r.ideal_hit_rate, ".1%"),
+            _num(r.ttft_p50_ms, ".0f"),
             _num(r.ttft_p99_ms, ".0f"), _num(r.output_tok_per_s, ".1f"), _num(r.requests_per_s, ".2f"),
             "/".join(map(str, r.per_replica)),
         ))  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
     return "\n".join("| " + " | ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) + " |" for line in lines)
+
+
+def bar_verdict(rows: Sequence[PolicyRow]) -> str:
+    """The issue's bar as measured: cache-aware against round-robin (TTFT p50, throughput) and against the ideal hit
+    rate; empty when either policy was not measured."""
+    by_policy = {r.routing: r for r in rows if not r.skipped}
+    aware, rr = by_policy.get("cache-aware"), by_policy.get("round-robin")
+    if aware is None or rr is None:
+        return ""
+    speedup = rr.ttft_p50_ms / aware.ttft_p50_ms if aware.ttft_p50_ms > 0 else math.nan
+    hit_share = aware.prefix_hit_rate / aware.ideal_hit_rate if aware.ideal_hit_rate > 0 else math.nan
+    throughput = aware.output_tok_per_s / rr.output_tok_per_s if rr.output_tok_per_s > 0 else math.nan
+    checks = (
+        (speedup >= BAR_TTFT_SPEEDUP, f"TTFT p50 {speedup:.2f}x round-robin's (bar >= {BAR_TTFT_SPEEDUP:g}x)"),
+        (hit_share >= BAR_HIT_SHARE, f"hit rate {hit_share:.0%} of the ideal (bar >= {BAR_HIT_SHARE:.0%})"),
+        (throughput >= 1.0, f"throughput {throughput:.2f}x round-robin's (bar >= 1x)"),
+    )
+    verdict = "PASS" if all(ok for ok, _ in checks) else "FAIL"
+    return f"bar: {verdict}: cache-aware " + "; ".join(f"{text} {'ok' if ok else 'missed'}" for ok, text in checks)
 
 
 def _num(value: float, fmt: str) -> str:
@@ -189,7 +258,16 @@ def spec_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return spec, policies
 
 
-async def _scrape(urls: Sequence[str]) -> list[Counters]:
+def parse_cache_config(text: str) -> tuple[int, int]:
+    """(block size, KV blocks) of the first model in `vllm:cache_config_info`; (0, 0) when absent."""
+    for line in text.splitlines():
+        if line.startswith(CACHE_CONFIG + "{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+            return int(labels.get("block_size", 0)), int(labels.get("num_gpu_blocks", 0))
+    return 0, 0
+
+
+async def _scrape_texts(urls: Sequence[str]) -> list[str]:
     import aiohttp  # the gateway extra, as for every HTTP target
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
@@ -198,7 +276,19 @@ async def _scrape(urls: Sequence[str]) -> list[Counters]:
             async with session.get(url) as reply:
                 reply.raise_for_status()
                 texts.append(await reply.text())
-    return [parse_counters(text) for text in texts]
+    return texts
+
+
+async def _scrape(urls: Sequence[str]) -> list[Counters]:
+    return [parse_counters(text) for text in await _scrape_texts(urls)]
+
+
+async def cache_shape(urls: Sequence[str], spec: MultiTenantSpec) -> CacheShape:
+    """The replicas' block size and KV blocks (from their metrics) against the documents' blocks."""
+    configs = [parse_cache_config(text) for text in await _scrape_texts(urls)]
+    block_size = configs[0][0] or 16
+    per_document = -(-spec.document_tokens // block_size)
+    return CacheShape(block_size, tuple(blocks for _, blocks in configs), spec.documents * per_document)
 
 
 async def _start_replicas(args: argparse.Namespace, count: int) -> list[tuple[ManagedProcess, str, str]]:
@@ -234,6 +324,7 @@ async def _measure_policy(
     metrics_urls: list[str],
     workload: list[TenantRequest],
     warmup: list[list[int]],
+    block_size: int,
 ) -> PolicyRow:
     """Start the gateway with `--routing policy` over the replicas, warm up, and time the workload through it."""
     from weir_bench.openai_driver import OpenAIDriver
@@ -263,10 +354,13 @@ async def _measure_policy(
     finally:
         await driver.close()
         gateway.stop()
-    return summarize_policy(policy, result.timings, result.duration_s, before, after)
+    ideal = ideal_hit_rate(workload, spec.document_tokens, block_size)
+    return summarize_policy(policy, result.timings, result.duration_s, before, after, ideal)
 
 
-async def run_multitenant(args: argparse.Namespace, spec: MultiTenantSpec, policies: list[str]) -> list[PolicyRow]:
+async def run_multitenant(
+    args: argparse.Namespace, spec: MultiTenantSpec, policies: list[str]
+) -> tuple[CacheShape, list[PolicyRow]]:
     """Start the replicas once, then measure each policy in turn behind a gateway of its own."""
     from weir_bench.grpc_driver import GrpcDriver
 
@@ -278,14 +372,17 @@ async def run_multitenant(args: argparse.Namespace, spec: MultiTenantSpec, polic
         await probe.close()
         if not vocab:
             raise TargetError("the server does not report its vocabulary size; pass --vocab-size")
+        metrics_urls = [u for *_, u in replicas]
+        shape = await cache_shape(metrics_urls, spec)
+        logger.info("%s", shape.describe())
         rows = []
         for i, policy in enumerate(policies):
             seed = args.seed * 1_000_003 + i  # fresh documents per policy: no policy inherits another's cache
             workload = make_workload(spec, vocab, seed)
             warmup = make_prompts(2 * spec.replicas, 8, vocab, seed=seed + 500_000)
-            rows.append(await _measure_policy(args, spec, policy, addresses, [u for *_, u in replicas], workload,
-                                              warmup))  # fmt: skip
-        return rows
+            rows.append(await _measure_policy(args, spec, policy, addresses, metrics_urls, workload, warmup,
+                                              shape.block_size))  # fmt: skip
+        return shape, rows
     finally:
         for proc, _, _ in replicas:
             proc.stop()
@@ -298,17 +395,20 @@ def main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
-        rows = asyncio.run(run_multitenant(args, spec, policies))
+        shape, rows = asyncio.run(run_multitenant(args, spec, policies))
     except (TargetError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
     if args.json:
-        print(json.dumps({"spec": asdict(spec), "rows": [asdict(r) for r in rows]}, indent=1))
+        report = {"spec": asdict(spec), "cache": asdict(shape), "rows": [asdict(r) for r in rows]}
+        print(json.dumps(report | {"bar": bar_verdict(rows)}, indent=1))
     else:
         print(
             f"multi-tenant: {spec.replicas} replicas, {spec.users} users over {spec.documents} documents of "
             f"{spec.document_tokens} tokens, questions of {spec.question_tokens} tokens, {spec.output_tokens} "
-            f"output tokens, {spec.requests} requests at concurrency {spec.concurrency}\n"
+            f"output tokens, {spec.requests} requests at concurrency {spec.concurrency}\n{shape.describe()}\n"
         )
         print(format_policy_table(rows))
+        if verdict := bar_verdict(rows):
+            print(f"\n{verdict}")
     return 1 if any(r.errors for r in rows) else 0

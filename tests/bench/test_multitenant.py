@@ -12,10 +12,15 @@ from weir_bench.multitenant import (
     FINISHED,
     PREFIX_HITS,
     PREFIX_QUERIES,
+    CacheShape,
     MultiTenantSpec,
     PolicyRow,
+    TenantRequest,
+    bar_verdict,
     format_policy_table,
+    ideal_hit_rate,
     make_workload,
+    parse_cache_config,
     parse_counters,
     spec_from_args,
     summarize_policy,
@@ -120,3 +125,41 @@ def test_bad_options_are_a_usage_error(bad, capsys):
         spec_from_args(parser, args)
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_the_ideal_hit_rate_prefills_each_document_once_and_hits_its_full_blocks_after():
+    # Two documents of 40 tokens (2 full blocks of 16 + 8), questions of 5: 45-token prompts.
+    workload = [TenantRequest(u, u % 2, [0] * 45) for u in range(6)]
+    assert ideal_hit_rate(workload, document_tokens=40, block_size=16) == pytest.approx(4 * 32 / (6 * 45))
+    assert ideal_hit_rate(workload[:2], document_tokens=40, block_size=16) == 0.0
+    assert math.isnan(ideal_hit_rate([], 40, 16))
+
+
+def test_cache_config_is_read_from_the_gie_info_gauge():
+    text = (
+        "# TYPE vllm:cache_config_info gauge\n"
+        'vllm:cache_config_info{block_size="16",engine="0",model_name="m",num_gpu_blocks="176"} 1.0\n'
+    )
+    assert parse_cache_config(text) == (16, 176)
+    assert parse_cache_config("") == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("working_set", "regime"), [(100, "fits in one replica"), (300, "the regime cache-aware"), (500, "outgrows all")]
+)
+def test_the_report_names_the_regime_the_caches_put_the_run_in(working_set, regime):
+    assert regime in CacheShape(16, (176, 176), working_set).describe()
+
+
+def _row(routing: str, hit: float, ttft: float, tok_s: float, ideal: float = 0.8) -> PolicyRow:
+    return PolicyRow(routing, 10, 0, hit, ttft, 2 * ttft, tok_s, 1.0, (5, 5), ideal_hit_rate=ideal)
+
+
+def test_the_bar_passes_only_with_twice_the_ttft_most_of_the_ideal_hits_and_no_less_throughput():
+    rr = _row("round-robin", 0.3, 1000.0, 10.0)
+    assert bar_verdict([rr, _row("cache-aware", 0.75, 400.0, 10.5)]).startswith("bar: PASS")
+    slow = bar_verdict([rr, _row("cache-aware", 0.75, 600.0, 10.5)])
+    assert slow.startswith("bar: FAIL") and "TTFT p50 1.67x round-robin's (bar >= 2x) missed" in slow
+    assert "of the ideal (bar >= 90%) missed" in bar_verdict([rr, _row("cache-aware", 0.6, 400.0, 10.5)])
+    assert "throughput 0.90x" in bar_verdict([rr, _row("cache-aware", 0.75, 400.0, 9.0)])
+    assert bar_verdict([rr]) == ""

@@ -5,6 +5,7 @@ reflection; API keys and drain apply as to inference."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import importlib.metadata
@@ -21,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
+from weir.v1 import inference_pb2, inference_pb2_grpc
 from weir_client import WeirClient, WeirClientError
 from weir_client.control import AllBlocksCleared, BlockRemoved, BlockStored
 from weir_server.config import CacheConfig, EngineConfig, ExecutorConfig, ModelConfig, SchedulerConfig, ServerConfig
@@ -34,18 +36,25 @@ LONG = {"max_tokens": 900, "temperature": 0.0, "ignore_eos": True}
 class Stream:
     """A Generate call consumed on a thread: its chunks so far, and how it ended."""
 
-    def __init__(self, client: WeirClient, request_id: str, prompt: str = "Tell me a very long story.") -> None:
+    def __init__(
+        self,
+        client: WeirClient,
+        request_id: str,
+        prompt: str | None = "Tell me a very long story.",
+        messages: list[dict[str, str]] | None = None,
+    ) -> None:
         self.request_id = request_id
+        self._input: dict[str, Any] = {"messages": messages} if messages is not None else {"prompt": prompt}
         self.chunks = 0
         self.started = threading.Event()
         self.error: WeirClientError | None = None
         self.finish_reasons: list[str | None] = []
-        self._thread = threading.Thread(target=self._consume, args=(client, prompt), daemon=True)
+        self._thread = threading.Thread(target=self._consume, args=(client,), daemon=True)
         self._thread.start()
 
-    def _consume(self, client: WeirClient, prompt: str) -> None:
+    def _consume(self, client: WeirClient) -> None:
         try:
-            for chunk in client.generate(prompt, request_id=self.request_id, timeout=240, **LONG):  # type: ignore[arg-type]
+            for chunk in client.generate(request_id=self.request_id, timeout=240, **self._input, **LONG):
                 self.chunks += 1
                 self.finish_reasons.append(chunk.finish_reason)
                 self.started.set()
@@ -141,6 +150,41 @@ def test_a_finished_request_is_not_aborted(client: WeirClient) -> None:
     assert client.abort(request_id) == []
 
 
+def test_abort_ends_a_chat_still_waiting_for_a_worker_to_prepare_its_prompt(
+    client: WeirClient, weir_server: Any
+) -> None:
+    # Chats are rendered and tokenized on the server's worker threads; with every worker held, this one's preparation
+    # waits in the pool's queue, where Abort must still reach it: it never gets to an engine.
+    workers = weir_server.server.servicer.workers
+    gate, holding = threading.Event(), threading.Semaphore(0)
+
+    def hold(checkpoint: Any) -> None:
+        holding.release()
+        gate.wait(120)
+
+    held = [asyncio.run_coroutine_threadsafe(workers.run(hold), weir_server.loop) for _ in range(workers.threads)]
+    request_id = f"preparing-{uuid.uuid4().hex[:6]}"
+    try:
+        for _ in held:
+            assert holding.acquire(timeout=60)
+        steps_before = weir_server.generate_engine.stats().num_steps
+        document = "A long document the user pastes into the chat before a question about it. " * 60
+        stream = Stream(client, request_id, messages=[{"role": "user", "content": document + "Summarize it."}])
+        wait_for(lambda: client.abort([request_id]) == [request_id], "Abort to find the call being prepared")
+        stream.join()
+    finally:
+        gate.set()
+        for future in held:
+            future.result(60)
+    assert stream.error is not None and stream.error.code == grpc.StatusCode.CANCELLED, stream.error
+    assert "aborted" in stream.error.message and stream.chunks == 0
+    workers_done = asyncio.run_coroutine_threadsafe(workers.run(lambda checkpoint: None), weir_server.loop)
+    workers_done.result(60)  # the pool is FIFO: had the chat's work still been queued, it would have run by now
+    assert client.abort([request_id]) == []
+    wait_idle(client)
+    assert weir_server.generate_engine.stats().num_steps == steps_before  # the engine never saw it
+
+
 # ---- GetLoad -----------------------------------------------------------------------------------------------------
 
 
@@ -224,6 +268,43 @@ def test_grpcurl_lists_and_calls_every_control_rpc_without_proto_files(weir_targ
     assert aborted == {}
 
 
+def test_get_load_flooded_at_a_kilohertz_leaves_greedy_streams_and_health_as_they_were(
+    client: WeirClient, weir_target: str
+) -> None:
+    prompts = ["Count from one to ten:", "Name three colours:", "Say hello in French:"]
+    greedy = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+    alone = [client.complete(prompt, **greedy).text for prompt in prompts]  # type: ignore[arg-type]
+    stop = threading.Event()
+    answered = [0] * 4
+    failures: list[BaseException] = []
+
+    def poll(caller: int) -> None:
+        with WeirClient(weir_target, timeout=30) as poller:
+            while not stop.is_set():
+                try:
+                    poller.get_load()
+                except WeirClientError as e:
+                    failures.append(e)
+                    return
+                answered[caller] += 1
+                time.sleep(0.004)  # about 250 Hz per caller, 1 kHz together
+
+    pollers = [threading.Thread(target=poll, args=(i,), daemon=True) for i in range(len(answered))]
+    for poller in pollers:
+        poller.start()
+    try:
+        wait_for(lambda: all(answered), "every poller to be answered")
+        flooded = [client.complete(prompt, **greedy).text for prompt in prompts]  # type: ignore[arg-type]
+        health = client.health()
+    finally:
+        stop.set()
+        for poller in pollers:
+            poller.join(timeout=30)
+    assert not failures
+    assert flooded == alone
+    assert health == "SERVING"
+
+
 # ---- the port's API keys and drain -------------------------------------------------------------------------------
 
 
@@ -249,10 +330,11 @@ def test_control_rpcs_need_the_api_key_and_keep_answering_while_draining(start_s
 
 
 @pytest.fixture(scope="module")
-def process_server(start_server: Callable[..., Any]) -> Any:
-    """smollm2 in an engine-core process, one sequence at a time, so a second request waits."""
+def process_server(start_server: Callable[..., Any], tiny_smollm2: Path) -> Any:
+    """An engine-core process, one sequence at a time, so a second request waits. Its model is the tiny random Llama
+    over SmolLM2's tokenizer: the packaged GGUF would cost the core process half a minute to read."""
     generate = EngineConfig(
-        ModelConfig("smollm2-135m-instruct", max_model_len=1024),
+        ModelConfig(str(tiny_smollm2), load_format="dummy", max_model_len=1024),
         cache=CacheConfig(kv_cache_memory_gb=0.25),
         scheduler=SchedulerConfig(max_num_seqs=1),
         executor=ExecutorConfig(num_threads=1, engine_core="process"),
@@ -348,3 +430,34 @@ def test_kv_events_cross_from_a_core_process(process_server: Any) -> None:
             late.close()
     finally:
         watcher.close()
+
+
+def test_a_kv_events_subscriber_that_never_reads_is_ended_with_resource_exhausted(
+    client: WeirClient, weir_server: Any
+) -> None:
+    log = weir_server.generate_engine.kv_events
+    limit = log.max_pending
+    # A subscription takes the bound when it is made: a small one overflows within a few dozen steps, not a thousand.
+    log.max_pending = 8
+    # A small HTTP/2 window, so the transport's buffers fill after a few messages and the server's writes wait.
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+    with grpc.insecure_channel(weir_server.target, options=options) as channel:
+        stub = inference_pb2_grpc.ControlServiceStub(channel)
+        try:
+            call = stub.WatchKvEvents(inference_pb2.WatchKvEventsRequest(), timeout=240)
+            next(call)  # the snapshot: the subscription exists; from here on nobody reads
+        finally:
+            log.max_pending = limit
+        published_before, subscribed = log.sequence, log.num_subscribers
+        for i in range(200):  # each prompt stores fresh blocks (and evicts old ones): a batch of events per step
+            client.complete(f"Fresh blocks number {i}, please. " * 8, max_tokens=1, temperature=0.0)
+            if log.num_subscribers < subscribed:  # the server ended the stream
+                break
+        received = 1
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in call:
+                received += 1
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ended.value
+    assert "subscribe again" in ended.value.details()
+    assert received < log.sequence - published_before  # batches were dropped, not buffered without bound
+    assert client.complete("Still serving?", max_tokens=4).text  # inference goes on

@@ -13,7 +13,7 @@ import importlib.metadata
 import json
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,11 +42,38 @@ _MODEL_TASKS = {"generate": pb.MODEL_TASK_GENERATE, "embed": pb.MODEL_TASK_EMBED
 
 
 class RunningRequests:
-    """The Generate calls in flight by the id their caller sees, each with its engine request ids: a caller may
-    reuse an id, and the engine gets a suffixed one (`InferenceServicer.Generate`)."""
+    """The Generate calls in flight by the id their caller sees: those whose prompt is still being prepared (their
+    task), and those in an engine (their engine request ids: a caller may reuse an id, and the engine gets a suffixed
+    one, `InferenceServicer.Generate`)."""
 
     def __init__(self) -> None:
         self._by_id: dict[str, dict[str, AsyncEngine]] = {}
+        self._preparing: dict[str, list[_Preparing]] = {}
+
+    @contextlib.contextmanager
+    def preparing(self, request_id: str | None) -> Iterator[None]:
+        """Around a call's preparation (tokenizing, chat rendering, compiling its constraint, often on a worker):
+        an Abort then cancels it there, and it ends CANCELLED before it reaches an engine. Leave it before any
+        await that follows, so the call is always in one of the two places."""
+        task = asyncio.current_task()
+        if not request_id or task is None:  # an id nobody knows yet cannot be aborted
+            yield
+            return
+        entry = _Preparing(task)
+        self._preparing.setdefault(request_id, []).append(entry)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not entry.aborted:
+                raise
+            task.uncancel()  # the cancel was ours, not the caller's: the call goes on to answer CANCELLED
+            raise CallCancelledError(f"request {request_id!r} was aborted by ControlService.Abort") from None
+        finally:
+            entries = self._preparing.get(request_id, [])
+            if entry in entries:
+                entries.remove(entry)
+                if not entries:
+                    del self._preparing[request_id]
 
     def add(self, request_id: str, engine_request_id: str, engine: AsyncEngine) -> None:
         self._by_id.setdefault(request_id, {})[engine_request_id] = engine
@@ -59,12 +86,23 @@ class RunningRequests:
                 del self._by_id[request_id]
 
     def abort(self, request_id: str) -> bool:
-        """End every call carrying this id (status CANCELLED); whether one was still running in its engine."""
+        """End every call carrying this id (status CANCELLED); whether one was still preparing or in its engine."""
         aborted = False
+        for entry in self._preparing.pop(request_id, []):
+            entry.aborted = True
+            aborted |= entry.task.cancel()  # the work it waits on stops at its next checkpoint
         for engine_request_id, engine in list(self._by_id.pop(request_id, {}).items()):
             error = CallCancelledError(f"request {request_id!r} was aborted by ControlService.Abort")
             aborted |= engine.abort(engine_request_id, error)
         return aborted
+
+
+@dataclass(eq=False)
+class _Preparing:
+    """A call whose prompt is being prepared: its task, and whether Abort cancelled it."""
+
+    task: asyncio.Task[Any]
+    aborted: bool = False
 
 
 @dataclass

@@ -83,6 +83,11 @@ class KvEventLog:
         self.cached: dict[int, tuple[int | None, int]] = {}  # block hash -> (parent hash, token count)
         self._subscribers: set[KvEventSubscription] = set()
 
+    @property
+    def num_subscribers(self) -> int:
+        """Subscriptions open now (a stream the server ended for overflowing is no longer one)."""
+        return len(self._subscribers)
+
     def publish(self, events: list[KvEvent]) -> None:
         for event in events:
             if isinstance(event, BlockStored):
