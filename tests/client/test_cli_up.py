@@ -1,7 +1,8 @@
 """`weir up`: one command line for the gRPC server and the gateway. API keys and TLS given once protect both, a
 `--gateway-NAME` option reaches the gateway, and a bad configuration is one line and exit 2 before anything starts.
 
-One `weir up` (the packaged SmolLM2 and MiniLM, keys and TLS together) serves the end-to-end tests of this module.
+One `weir up` (keys and TLS together) serves the end-to-end tests of this module. It serves the tiny random Llama
+(the options and their wiring are under test, not the text): the packaged models would cost half a minute to load.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from weir_client import TlsOptions, WeirClient, WeirClientError
 FLAG_KEY = "up-flag-key-3f9c2a"
 FILE_KEY = "up-file-key-81d7e0"
 GATEWAY_MAX_TOKENS = 8  # passed as --gateway-max-tokens: a larger request is the gateway's 400
+# The tiny model's tokenizer (MiniLM's) has no chat template of its own.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +116,7 @@ def _wait_for_port(port: int, timeout: float) -> bool:
 
 
 @pytest.fixture(scope="module")
-def up(certs: SelfSigned, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+def up(certs: SelfSigned, tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Up]:
     directory = tmp_path_factory.mktemp("up")
     key_file = directory / "keys.txt"
     key_file.write_text(f"# the file's key\n\n{FILE_KEY}\n")
@@ -124,6 +127,8 @@ def up(certs: SelfSigned, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "--api-key", FLAG_KEY, "--api-key-file", str(key_file),
         "--ssl-certfile", certs.cert, "--ssl-keyfile", certs.key,
         "--gateway-port", str(http_port), "--gateway-max-tokens", str(GATEWAY_MAX_TOKENS),
+        "--model", str(tiny_model), "--served-model-name", "tiny-llama", "--load-format", "dummy",
+        "--chat-template", CHAT_TEMPLATE, "--embed-model", "none",
         "--max-model-len", "512", "--drain-timeout", "1", "--gateway-drain-timeout", "1",
     ]  # fmt: skip
     log = directory / "up.log"

@@ -5,6 +5,7 @@ special-token strings in a prompt, texts or chat content are text unless the ser
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,8 +24,9 @@ ONE_TOKEN = pb.SamplingParams(max_tokens=1, temperature=0)
 
 
 @pytest.fixture(scope="module")
-def small(start_server: Callable[[Any], Any]) -> Iterator[InferenceServiceStub]:
-    """A server with small limits that reads special tokens in raw prompts (--parse-special-tokens)."""
+def small(start_server: Callable[[Any], Any], tiny_smollm2: Path) -> Iterator[InferenceServiceStub]:
+    """A server with small limits that reads special tokens in raw prompts (--parse-special-tokens). It generates with
+    the tiny random Llama over SmolLM2's tokenizer: the limits and the tokens are under test, not the weights."""
     from weir_server.config import CacheConfig, EngineConfig, LimitsConfig, ModelConfig, ServerConfig
 
     limits = LimitsConfig(
@@ -38,7 +40,8 @@ def small(start_server: Callable[[Any], Any]) -> Iterator[InferenceServiceStub]:
         max_message_bytes=65536,
         frontend_threads=1,
     )
-    generate = EngineConfig(ModelConfig("smollm2-135m-instruct", max_model_len=1024), CacheConfig(num_blocks=64))
+    model = ModelConfig(str(tiny_smollm2), "smollm2-135m-instruct", load_format="dummy", max_model_len=1024)
+    generate = EngineConfig(model, CacheConfig(num_blocks=64))
     config = ServerConfig(
         host="127.0.0.1",
         port=0,

@@ -15,7 +15,6 @@ import pytest
 from gateway_support import http as request
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from routing_support import TINY_MODEL, ServeProcess, shared_free_port
-from tiny_models import make_tiny_model
 
 from weir.v1 import inference_pb2 as pb
 from weir.v1 import inference_pb2_grpc
@@ -24,11 +23,6 @@ from weir_gateway.config import GatewayConfig
 from weir_gateway.routing import prefix_key, rendezvous_score
 
 HOSTS = ("127.0.0.1", "127.0.0.2")  # one port on both: the two addresses of a DNS name
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, packaged_model_paths) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("routing") / "tiny-llama", packaged_model_paths.minilm_dir)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Operations fixtures: a tiny random Llama on disk, an OTLP receiver, and one traced, metered server subprocess."""
+"""Operations fixtures: an OTLP receiver, and one traced, metered server subprocess of the tiny random Llama."""
 
 from __future__ import annotations
 
@@ -8,18 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ops_support import TINY_MODEL_NAME, ServerProcess
-from tiny_models import make_tiny_model
+from ops_support import CHAT_TEMPLATE, TINY_MODEL_NAME, ServerProcess
 
 SERVER_ARGS = ["--load-format", "dummy", "--max-model-len", "256", "--num-kv-blocks", "128",
                "--metrics-port", "0", "--log-format", "json"]  # fmt: skip
-# The tiny model's tokenizer (MiniLM's) has no chat template: this one lets the tracing tests send chats.
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, packaged_model_paths) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("ops") / "tiny-llama", packaged_model_paths.minilm_dir)
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,8 @@ READY = re.compile(r"Weir is ready on (\S+):(\d+)")
 METRICS = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL_NAME = "tiny-llama"  # what the traced server calls its tiny model (--served-model-name)
+# The tiny model's tokenizer (MiniLM's) has no chat template: this one lets the tests send chats.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 
 
 @dataclass

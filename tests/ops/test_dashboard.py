@@ -1,5 +1,6 @@
-"""The Grafana dashboard (deploy/grafana/dashboards/weir.json) against real metrics: a real Weir server with the
-packaged SmolLM2 and the real gateway answer a few requests, then every PromQL expression of the dashboard is run.
+"""The Grafana dashboard (deploy/grafana/dashboards/weir.json) against real metrics: a real Weir server (the tiny
+random Llama: the metrics, not the text, are under test) and the real gateway answer a few requests, then every PromQL
+expression of the dashboard is run.
 
 Two modes, one test each: with a `prometheus` binary (CI: `apt-get install -y --no-install-recommends prometheus`)
 a real Prometheus scrapes both with deploy/prometheus.yml's jobs and answers each expression through its HTTP API;
@@ -23,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from ops_support import REPO, ServerProcess, running_gateway
+from ops_support import CHAT_TEMPLATE, REPO, ServerProcess, running_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "weir.json"
@@ -48,8 +49,8 @@ VLLM_QUERIES = [
     "rate(vllm:prefix_cache_hits_total[30s]) / rate(vllm:prefix_cache_queries_total[30s])",
     "rate(vllm:request_prompt_tokens_sum[30s])", "rate(vllm:request_generation_tokens_count[30s])",
 ]  # fmt: skip
-SERVER_ARGS = ["--model", "smollm2-135m-instruct", "--embed-model", "none", "--max-model-len", "512",
-               "--num-kv-blocks", "64", "--metrics-port", "0", "--log-format", "json"]  # fmt: skip
+SERVER_ARGS = ["--load-format", "dummy", "--chat-template", CHAT_TEMPLATE, "--embed-model", "none", "--max-model-len",
+               "512", "--num-kv-blocks", "64", "--metrics-port", "0", "--log-format", "json"]  # fmt: skip
 PROMQL_WORDS = {
     "sum", "max", "min", "avg", "count", "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
     "unless", "offset", "bool", "le",
@@ -88,9 +89,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def real_server() -> Iterator[ServerProcess]:
-    """`weir serve` with the packaged SmolLM2 and its metrics port."""
-    server = ServerProcess(SERVER_ARGS).start(timeout_s=300)
+def real_server(tiny_model: Path) -> Iterator[ServerProcess]:
+    """`weir serve` with the tiny model and its metrics port."""
+    server = ServerProcess(["--model", str(tiny_model), *SERVER_ARGS]).start(timeout_s=300)
     yield server
     server.stop()
 

@@ -124,6 +124,13 @@ class GatewayProcess:
         return f"http://127.0.0.1:{self.port}"
 
 
+def tiny_smollm2_models(model_dir: Path, *flags: str) -> tuple[str, ...]:
+    """`model_args` for the tiny random Llama over SmolLM2's tokenizer (the `tiny_smollm2` fixture), served under
+    SmolLM2's name: SmolLM2's tokens, templates and limits, started in seconds where the packaged GGUF, dummy weights or
+    not, takes half a minute. For tests whose work is not the model's (a dummy model's speed matters to drain tests)."""
+    return ("--model", str(model_dir), "--served-model-name", "smollm2-135m-instruct", "--load-format", "dummy", *flags)
+
+
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # several processes share 2 cores

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import psutil
 import pytest
-from conftest import Launcher, ServerProcess
+from conftest import Launcher, ServerProcess, tiny_smollm2_models
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -29,6 +29,8 @@ from weir.v1 import inference_pb2_grpc
 from weir_server.engine.structured_config import CACHE_MEMORY_BYTES, COMPILE_TIMEOUT_S, MIB
 from weir_server.engine.types import MAX_CONSTRAINT_BYTES, MAX_CONSTRAINT_DEPTH, STRUCTURAL_TAG_EXTRA_DEPTH
 
+# With tiny_smollm2_models: a compile's cost is SmolLM2's vocabulary's, whatever the weights.
+MODELS = ("--max-model-len", "512", "--embed-model", "none")
 LETTERS = "abcdefghijklmnopqrst"
 TAG_DEPTH = MAX_CONSTRAINT_DEPTH + STRUCTURAL_TAG_EXTRA_DEPTH
 _salts = iter(range(1, 10**6))
@@ -55,10 +57,10 @@ def nested_list(levels: int) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_smollm2: Path) -> Iterator[ServerProcess]:
     launcher = Launcher(tmp_path_factory.mktemp("constraint-server"))
     try:
-        yield launcher.server()
+        yield launcher.server(model_args=tiny_smollm2_models(tiny_smollm2, *MODELS))
     finally:
         launcher.close()
 
@@ -237,10 +239,10 @@ def test_server_memory_stays_within_the_cache_budget_after_many_distinct_constra
     assert grown < CACHE_MEMORY_BYTES + 96 * MIB, f"the server grew {grown / MIB:.0f} MiB"
 
 
-def test_sigterm_during_a_costly_compile_exits_within_the_drain_timeout(tmp_path: Path) -> None:
+def test_sigterm_during_a_costly_compile_exits_within_the_drain_timeout(tmp_path: Path, tiny_smollm2: Path) -> None:
     launcher = Launcher(tmp_path)
     try:
-        server = launcher.server("--drain-timeout", "5")
+        server = launcher.server("--drain-timeout", "5", model_args=tiny_smollm2_models(tiny_smollm2, *MODELS))
         with grpc.insecure_channel(server.target) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             with ThreadPoolExecutor(1) as pool:

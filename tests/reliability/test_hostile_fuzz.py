@@ -1,15 +1,17 @@
 """A seeded mutational fuzzer over issue 23's hostile inputs (hostile_corpus.py), against a real `weir serve` with
 small limits and API keys, and a real gateway in front of it (keyed too, slow heads trickling in the background).
 
-The corpus is sent first as the issue gives it, then mutated (mutators.py): sizes around each limit, nesting depth,
-fields repeated, wrong wire and JSON types, invalid UTF-8, truncated bytes sent raw through a generic gRPC call, wrong
-and oversize keys. For every case the answer is a success or a clean refusal (gRPC INVALID_ARGUMENT naming the field,
-RESOURCE_EXHAUSTED, UNAUTHENTICATED for a wrong key; HTTP 400/401/408/413/429 as OpenAI error JSON), never
-UNKNOWN/INTERNAL/5xx or a hang; a health check polled every 50 ms never waits a second; afterwards the process is
-SERVING and answers a normal request, and its memory stayed within a budget.
+The corpus is sent first as the issue gives it, then each mutation (mutators.py) of each seed once, then random
+mutations: sizes around each limit, nesting depth, fields repeated, wrong wire and JSON types, invalid UTF-8,
+truncated bytes sent raw through a generic gRPC call, wrong and oversize keys. For every case the answer is a
+success or a clean refusal (gRPC INVALID_ARGUMENT naming the field, RESOURCE_EXHAUSTED, UNAUTHENTICATED for a wrong
+key; HTTP 400/401/408/413/429 as OpenAI error JSON), never UNKNOWN/INTERNAL/5xx or a hang; a health check polled
+every 50 ms never waits a second; afterwards the process is SERVING and answers a normal request, and its memory
+stayed within a budget.
 
-WEIR_FUZZ_EXAMPLES sets the number of mutated cases per transport (default 400; e.g. 5000 for a longer hunt) and
-WEIR_FUZZ_SEED the seed (default 23)."""
+WEIR_FUZZ_EXAMPLES sets the number of random cases per transport (default 100: with the sweep before them they reach
+every seed, mutation and key kind, and more seed-mutation pairs than 400 random cases did; e.g. 5000 for a longer
+hunt) and WEIR_FUZZ_SEED the seed (default 23)."""
 
 from __future__ import annotations
 
@@ -25,10 +27,20 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
-from conftest import HEALTH_BOUND_S, GatewayProcess, HealthProbe, Launcher, ServerProcess, Tally, keyed_channel
+from conftest import (
+    HEALTH_BOUND_S,
+    GatewayProcess,
+    HealthProbe,
+    Launcher,
+    ServerProcess,
+    Tally,
+    keyed_channel,
+    tiny_smollm2_models,
+)
 from hostile_corpus import GRPC_SEEDS, HTTP_SEEDS, LIMITS, SPECIAL, GrpcSeed, HttpSeed
 from mutators import JSON_MUTATIONS, PROTOBUF_MUTATIONS
 from secret_scan import SCAN, random_key
@@ -36,9 +48,10 @@ from secret_scan import SCAN, random_key
 from weir.v1 import inference_pb2 as pb
 
 SEED = int(os.environ.get("WEIR_FUZZ_SEED", "23"))
-EXAMPLES = int(os.environ.get("WEIR_FUZZ_EXAMPLES", "400"))
-MODELS = ("--load-format", "dummy", "--embed-model", "all-minilm-l6-v2")
-SERVER_RSS_BUDGET = 2 << 30  # dummy SmolLM2 + MiniLM take about 1 GiB; the hostile inputs may not double it
+EXAMPLES = int(os.environ.get("WEIR_FUZZ_EXAMPLES", "100"))
+# With tiny_smollm2_models: SmolLM2's tokenizer (the corpus's special tokens are its own) over the tiny random Llama.
+MODELS = ("--embed-model", "all-minilm-l6-v2")
+SERVER_RSS_BUDGET = 2 << 30  # dummy SmolLM2 + MiniLM took about 1 GiB; the hostile inputs may not double it
 GATEWAY_RSS_BUDGET = 512 << 20
 CALL_TIMEOUT_S = 60.0
 SERVER_KEY = random_key("fuzz-server")
@@ -67,12 +80,12 @@ def launcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
 
 
 @pytest.fixture(scope="module")
-def server(launcher: Launcher) -> ServerProcess:
+def server(launcher: Launcher, tiny_smollm2: Path) -> ServerProcess:
     key_file = launcher.directory / "server-keys.txt"
     key_file.write_text(f"{SERVER_KEY}\n")
     flags = (*LIMITS.server_flags(), "--frontend-threads", "2", "--max-num-seqs", "4", "--max-waiting", "8",
              "--api-key-file", str(key_file), "--api-key", SECOND_KEY, "--log-level", "debug")  # fmt: skip
-    return launcher.server(*flags, model_args=MODELS)
+    return launcher.server(*flags, model_args=tiny_smollm2_models(tiny_smollm2, *MODELS))
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +122,20 @@ def _auth(kind: str, rng: random.Random) -> tuple[tuple[str, str], ...]:
 
 
 def grpc_cases(rng: random.Random, examples: int) -> Iterator[GrpcCase]:
-    """The corpus at the issue's sizes and just past each limit, then `examples` mutations of it."""
+    """The corpus at the issue's sizes and just past each limit, each mutation of each seed, then `examples` random
+    mutations of it."""
     for seed in GRPC_SEEDS:
         for size in (seed.issue_size, seed.limit + 1):
             yield GrpcCase(f"{seed.name} size={size}", seed, seed.build(size, rng), "key", _auth("key", rng),
                            over_limit=True)  # fmt: skip
+    for seed in GRPC_SEEDS:
+        for mutation, mutate in PROTOBUF_MUTATIONS.items():
+            size = rng.choice(seed.sizes())
+            bodies = seed.build(size, rng)
+            if sum(map(len, bodies)) < 8 << 20:
+                bodies = [mutate(b, seed.request_type.DESCRIPTOR, rng) or b for b in bodies]
+            label = f"{seed.name} size={size} mutation={mutation} auth=key x{len(bodies)}"
+            yield GrpcCase(label, seed, bodies, "key", _auth("key", rng), over_limit=False)
     key_in_text = pb.TokenizeRequest(texts=[f"my key is {SERVER_KEY} ok"]).SerializeToString()
     for i in range(examples):
         seed = rng.choice(GRPC_SEEDS)
@@ -257,6 +279,13 @@ def http_cases(rng: random.Random, examples: int) -> Iterator[HttpCase]:
             body = seed.build(size, rng)
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
             yield HttpCase(f"{seed.name} size={size}", seed, data, "key", _http_auth("key", rng), True)
+    for seed in HTTP_SEEDS:
+        for mutation, mutate in JSON_MUTATIONS.items():
+            size = rng.choice(seed.sizes())
+            body = seed.build(size, rng)
+            if isinstance(body, dict):  # a seed of raw bytes has no JSON to mutate
+                label = f"{seed.name} size={size} mutation={mutation} auth=key"
+                yield HttpCase(label, seed, mutate(body, rng), "key", _http_auth("key", rng), False)
     for i in range(examples):
         seed = rng.choice(HTTP_SEEDS)
         size = rng.choice(seed.sizes())

@@ -8,11 +8,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Certs, GatewayProcess, ServerProcess, Tally
+from conftest import Certs, GatewayProcess, Launcher, ServerProcess, Tally, tiny_smollm2_models
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from secret_scan import random_key
 
@@ -64,13 +65,19 @@ def test_tls_server_answers_clients_that_trust_its_ca_and_no_one_else(
     }
 
 
-@pytest.fixture
-def mtls_server(spawn_server: Callable[..., ServerProcess], certs: Certs) -> ServerProcess:
-    """Mutual TLS and an API key, serving dummy-weight SmolLM2."""
-    return spawn_server(
-        "--tls-cert", certs.pem("server"), "--tls-key", certs.key("server"), "--tls-client-ca", certs.pem("ca"),
-        "--api-key", KEY, "--api-key", OTHER_KEY,
-    )  # fmt: skip
+@pytest.fixture(scope="module")
+def mtls_server(tmp_path_factory: pytest.TempPathFactory, certs: Certs, tiny_smollm2: Path) -> Iterator[ServerProcess]:
+    """Mutual TLS and an API key, serving the tiny random Llama over SmolLM2's tokenizer; one for the module's tests
+    (none of them changes it)."""
+    launcher = Launcher(tmp_path_factory.mktemp("mtls"))
+    try:
+        yield launcher.server(
+            "--tls-cert", certs.pem("server"), "--tls-key", certs.key("server"), "--tls-client-ca", certs.pem("ca"),
+            "--api-key", KEY, "--api-key", OTHER_KEY,
+            model_args=tiny_smollm2_models(tiny_smollm2, "--max-model-len", "512", "--embed-model", "none"),
+        )  # fmt: skip
+    finally:
+        launcher.close()
 
 
 def _mtls(certs: Certs, client: str = "client") -> TlsOptions:
@@ -190,13 +197,8 @@ HOSTILE_TEMPLATES = [
 
 
 @pytest.fixture(scope="module")
-def smollm_tokenizer():
-    from transformers import AutoTokenizer
-
-    from weir_server.models.registry import resolve_source
-
-    source = resolve_source("smollm2-135m-instruct")
-    return AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+def smollm_tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.mark.parametrize("template", HOSTILE_TEMPLATES)

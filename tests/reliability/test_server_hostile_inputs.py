@@ -16,7 +16,16 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import HEALTH_BOUND_S, HealthProbe, Launcher, ServerProcess, Tally, cpu_seconds, keyed_channel
+from conftest import (
+    HEALTH_BOUND_S,
+    HealthProbe,
+    Launcher,
+    ServerProcess,
+    Tally,
+    cpu_seconds,
+    keyed_channel,
+    tiny_smollm2_models,
+)
 from secret_scan import random_key
 
 from weir.v1 import inference_pb2 as pb
@@ -25,7 +34,8 @@ from weir.v1.inference_pb2_grpc import InferenceServiceStub
 MAX_TEXT_BYTES = 1 << 20  # the default
 DRAIN_TIMEOUT_S = 3.0
 SERVER_FLAGS = ("--frontend-threads", "2")  # the default limits
-MODELS = ("--load-format", "dummy", "--max-model-len", "2048", "--embed-model", "all-minilm-l6-v2")
+# With tiny_smollm2_models: the hostile work is SmolLM2's tokenizer and chat template and MiniLM, not generation.
+MODELS = ("--max-model-len", "2048", "--embed-model", "all-minilm-l6-v2")
 KEY = random_key("hostile")  # every call carries it (health stays open): hostile input from a keyed client
 CONCURRENT = 4  # hostile calls at once: twice the server's worker threads
 BIG_MESSAGES = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
@@ -47,8 +57,10 @@ def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(launcher: Launcher, key_file: Path) -> ServerProcess:
-    return launcher.server(*SERVER_FLAGS, "--api-key-file", str(key_file), model_args=MODELS)
+def server(launcher: Launcher, key_file: Path, tiny_smollm2: Path) -> ServerProcess:
+    return launcher.server(
+        *SERVER_FLAGS, "--api-key-file", str(key_file), model_args=tiny_smollm2_models(tiny_smollm2, *MODELS)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -216,9 +228,11 @@ def test_a_call_its_client_cancels_stops_using_cpu(server: ServerProcess, stub: 
     assert after < 0.15, f"{after:.2f} CPU-seconds spent after every call was cancelled"
 
 
-def test_sigterm_during_hostile_work_exits_within_the_drain_timeout(launcher: Launcher, key_file: Path) -> None:
+def test_sigterm_during_hostile_work_exits_within_the_drain_timeout(
+    launcher: Launcher, key_file: Path, tiny_smollm2: Path
+) -> None:
     flags = (*SERVER_FLAGS, "--drain-timeout", str(DRAIN_TIMEOUT_S), "--api-key-file", str(key_file))
-    server = launcher.server(*flags, model_args=MODELS)
+    server = launcher.server(*flags, model_args=tiny_smollm2_models(tiny_smollm2, *MODELS))
     work = [*ADMITTED.values(), *LONG_WORK.values()]
     with keyed_channel(server.target, KEY, options=BIG_MESSAGES) as channel:
         stub = InferenceServiceStub(channel)

