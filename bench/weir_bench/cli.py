@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from weir_bench import multitenant
+from weir_bench import lora, multitenant
 from weir_bench.dataset import DATASETS, DatasetError, DatasetPrompts, load_sharegpt, sample
 from weir_bench.load import Driver, LoadSpec, make_prompts, run_load
 from weir_bench.peers import TargetError, cpu_cores, peak_rss_bytes
@@ -94,7 +94,12 @@ def build_parser(prog: str = "weir bench") -> argparse.ArgumentParser:
         "(default: grpc, plus openai when --openai-url is given); measured in this order",
     )
     t.add_argument("--address", default="127.0.0.1:50051", help="Weir gRPC server HOST:PORT (default %(default)s)")
-    t.add_argument("--model", default="", help="model id sent to Weir (default: the server's default)")
+    t.add_argument(
+        "--model",
+        default="",
+        help="model id sent to Weir (default: the server's default); --scenario lora: the model it serves "
+        "(as `weir serve` takes it, default smollm2-135m-instruct)",
+    )
     t.add_argument("--server-pid", type=int, help="pid of the Weir server, for its peak RSS")
     t.add_argument("--start-server", action="store_true", help="start `weir serve` on a free port for the run")
     t.add_argument(
@@ -134,7 +139,7 @@ def build_parser(prog: str = "weir bench") -> argparse.ArgumentParser:
     t.add_argument("--ctx", type=int, help="llama-server context per slot (default: what the requests need)")
 
     w = p.add_argument_group("load")
-    w.add_argument("--scenario", choices=("throughput", "prefix", "multi-tenant"), default="throughput")
+    w.add_argument("--scenario", choices=("throughput", "prefix", "multi-tenant", "lora"), default="throughput")
     w.add_argument(
         "--concurrency",
         type=_int_list,
@@ -191,6 +196,7 @@ def build_parser(prog: str = "weir bench") -> argparse.ArgumentParser:
     )
     o.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     multitenant.add_arguments(p)
+    lora.add_arguments(p)
     return p
 
 
@@ -385,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.scenario == "multi-tenant":  # replicas behind a gateway: a harness of its own (weir_bench.multitenant)
         return multitenant.main(parser, args)
+    if args.scenario == "lora":  # N adapters on one server, one row per adapter count (weir_bench.lora)
+        return lora.main(parser, args)
     _validate(parser, args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

@@ -33,7 +33,8 @@ async def grpc_ready(address: str) -> bool:
 
 
 class GrpcDriver:
-    """Streams Generate calls over one shared channel (HTTP/2 multiplexes the concurrent streams)."""
+    """Streams Generate calls over one shared channel (HTTP/2 multiplexes the concurrent streams). With `models`, the
+    k-th request names `models[k % len(models)]` instead of `model` (the LoRA scenario's adapters, mixed per batch)."""
 
     def __init__(
         self,
@@ -43,10 +44,13 @@ class GrpcDriver:
         pid: int | None = None,
         temperature: float = 0.0,
         timeout_s: float = 600.0,
+        models: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.address = address
         self.model = model
+        self.models = list(models)
+        self._sent = 0
         self.pid = pid
         self.temperature = temperature
         self.timeout_s = timeout_s
@@ -77,8 +81,10 @@ class GrpcDriver:
         return [list(result.token_ids) for result in reply.results]
 
     def _request(self, prompt: list[int], output_tokens: int) -> inference_pb2.GenerateRequest:
+        model = self.models[self._sent % len(self.models)] if self.models else self.model
+        self._sent += 1
         return inference_pb2.GenerateRequest(
-            model=self.model,
+            model=model,
             token_ids=inference_pb2.TokenIds(ids=prompt),
             sampling_params=inference_pb2.SamplingParams(
                 max_tokens=output_tokens,
