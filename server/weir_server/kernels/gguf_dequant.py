@@ -23,6 +23,9 @@ class GGMLType:
     block_size: int  # weights per block
     type_size: int  # bytes per block
 
+    def __str__(self) -> str:
+        return self.name
+
 
 Q4_0 = GGMLType(2, "Q4_0", 32, 18)
 Q4_1 = GGMLType(3, "Q4_1", 32, 20)
