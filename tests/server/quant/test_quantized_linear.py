@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from gguf_blocks import random_rows
 
 from weir_server.kernels.gguf_dequant import PACKED_TYPES, Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, dequantize
-from weir_server.layers.gguf_weights import DenseRows, Int4Rows, PackedRows, int4_available, int4_grid
+from weir_server.layers.gguf_weights import (
+    DenseRows,
+    Int4Rows,
+    Int8BlockRows,
+    PackedRows,
+    int4_available,
+    int4_grid,
+)
 from weir_server.layers.linear import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -66,6 +73,15 @@ def test_packed_rows_on_the_cpu_match_dequantize_then_matmul_in_tiles(qtype, mon
     assert relative_error(got, x @ dequantize(raw, qtype).t()) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int8_block_rows_match_dequantize_then_matmul(dtype, monkeypatch):
+    monkeypatch.setattr("weir_server.layers.gguf_weights._TILE_WEIGHTS", 4 * 512)
+    raw = random_rows(Q8_0, 10, 512)
+    x = torch.randn(3, 512)
+    got = Int8BlockRows(raw, dtype).matmul(x.to(dtype))
+    assert relative_error(got, x @ dequantize(raw, Q8_0).t()) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_quantized_tensor_reads_as_floats_in_a_layer_that_knows_nothing_of_gguf():
     weight = packed(Q6_K, 16, 256)
     layer = RowParallelLinear(256, 16)
@@ -99,7 +115,7 @@ def test_float_shards_become_dense_rows_beside_packed_ones():
     gate, up = packed(Q8_0, 32, 64), torch.randn(32, 64)
     layer.weight_loader(layer.weight, gate, "gate", 0)
     layer.weight_loader(layer.weight, up, "up", 1)
-    assert [type(p) for p in layer.parts] == [PackedRows, DenseRows]
+    assert [type(p) for p in layer.parts] == [Int8BlockRows, DenseRows]
     x = torch.randn(2, 64)
     torch.testing.assert_close(layer(x), x @ torch.cat([dense(gate), up]).t())
 
@@ -116,8 +132,8 @@ def test_embedding_dequantizes_the_gathered_rows_and_a_tied_head_shares_them():
     class Tied(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.embed_tokens = VocabParallelEmbedding(100, 64)
-            self.lm_head = ParallelLMHead(100, 64)
+            self.embed_tokens = VocabParallelEmbedding(100, 256)
+            self.lm_head = ParallelLMHead(100, 256)
             self.lm_head.weight = self.embed_tokens.weight
 
     with torch.device("meta"):
@@ -125,12 +141,12 @@ def test_embedding_dequantizes_the_gathered_rows_and_a_tied_head_shares_them():
     assert quantize_gguf_layers(model) == 2
     model = materialize(model)
     assert isinstance(model.embed_tokens, GGUFEmbedding) and model.lm_head.weight is model.embed_tokens.weight
-    table = packed(Q8_0, 100, 64)
+    table = packed(Q6_K, 100, 256)
     model.embed_tokens.weight_loader(model.embed_tokens.weight, table, "embed")
     ids = torch.tensor([3, 99, 0, 3])
     torch.testing.assert_close(model.embed_tokens(ids), dense(table)[ids])
-    hidden = torch.randn(2, 64)
-    torch.testing.assert_close(model.lm_head.compute_logits(hidden), hidden @ dense(table).t())
+    hidden = torch.randn(2, 256)
+    assert relative_error(model.lm_head.compute_logits(hidden), hidden @ dense(table).t()) < 1e-6
     assert model.lm_head.parts[0].raw is model.embed_tokens.parts[0].raw  # one copy of the bytes
 
 
