@@ -67,8 +67,17 @@ def _q4_1(b: torch.Tensor) -> torch.Tensor:
     return d * _nibbles(b[:, 4:]).float() + m
 
 
+# Int8 grids: w = scale * q (- offset), q [n, groups, group] int8, scale and offset [n, groups, 1] float32.
+Int8Grid = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def _q8_0_grid(b: torch.Tensor) -> Int8Grid:
+    return b[:, 2:].contiguous().view(torch.int8).unsqueeze(1), _f16(b[:, :2]).unsqueeze(1), None
+
+
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).float()
+    q, scale, _ = _q8_0_grid(b)
+    return (scale * q.float()).reshape(-1, 32)
 
 
 def k_scales_mins(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,13 +108,22 @@ def _q4_k(b: torch.Tensor) -> torch.Tensor:
     return _k_scaled(b, _k_low_nibbles(b[:, 16:144]))
 
 
-def _q5_k(b: torch.Tensor) -> torch.Tensor:
+def _q5_k_grid(b: torch.Tensor) -> Int8Grid:
     shifts = torch.arange(8, dtype=torch.uint8, device=b.device).reshape(1, 8, 1)
     high = (b[:, 16:48].reshape(-1, 1, 32) >> shifts) & 1
-    return _k_scaled(b, _k_low_nibbles(b[:, 48:176]) | (high << 4))
+    q = _k_low_nibbles(b[:, 48:176]) | (high << 4)
+    d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+    sc, mn = k_scales_mins(b[:, 4:16])
+    return q.to(torch.int8), (d * sc.float()).unsqueeze(-1), (dmin * mn.float()).unsqueeze(-1)
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def _q5_k(b: torch.Tensor) -> torch.Tensor:
+    q, scale, offset = _q5_k_grid(b)
+    assert offset is not None
+    return (scale * q.float() - offset).reshape(-1, 256)
+
+
+def _q6_k_grid(b: torch.Tensor) -> Int8Grid:
     ql, qh = b[:, :128], b[:, 128:192]
     scales = b[:, 192:208].contiguous().view(torch.int8).float()
     d = (_f16(b[:, 208:210]) * scales).unsqueeze(-1)  # [n, 16, 1]
@@ -113,8 +131,12 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     high_shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1)
     low = ((ql.reshape(-1, 2, 1, 64) >> low_shifts) & 0x0F).reshape(-1, 8, 32)
     high = ((qh.reshape(-1, 2, 1, 32) >> high_shifts) & 0x03).reshape(-1, 8, 32)
-    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(-1, 16, 16).float()
-    return (d * q).reshape(-1, 256)
+    return ((low | (high << 4)).to(torch.int8) - 32).reshape(-1, 16, 16), d, None
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    q, scale, _ = _q6_k_grid(b)
+    return (scale * q.float()).reshape(-1, 256)
 
 
 _DEQUANTIZERS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -134,3 +156,24 @@ def dequantize(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
         raise ValueError(f"{qtype.name}: {nbytes} bytes per row is not a whole number of blocks")
     values = _DEQUANTIZERS[qtype.id](_blocks(raw, qtype))
     return values.reshape(*lead, nbytes // qtype.type_size * qtype.block_size)
+
+
+_INT8_GRIDS: dict[int, Callable[[torch.Tensor], Int8Grid]] = {
+    Q8_0.id: _q8_0_grid,
+    Q5_K.id: _q5_k_grid,
+    Q6_K.id: _q6_k_grid,
+}
+INT8_TYPES = tuple(_INT8_GRIDS)
+
+
+def int8_grid(raw: torch.Tensor, qtype: GGMLType) -> Int8Grid:
+    """Q8_0/Q5_K/Q6_K rows [rows, row_bytes] -> (q [rows, groups, group] int8, scale, offset or None [rows,
+    groups, 1] float32) with w = scale * q - offset: the same numbers as `dequantize`, unpacked to bytes."""
+    rows = raw.shape[0]
+    q, scale, offset = _INT8_GRIDS[qtype.id](_blocks(raw, qtype))
+    groups = raw.shape[1] // qtype.type_size * q.shape[1]
+    return (
+        q.reshape(rows, groups, -1),
+        scale.reshape(rows, groups, 1),
+        None if offset is None else offset.reshape(rows, groups, 1),
+    )

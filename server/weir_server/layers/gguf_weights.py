@@ -1,9 +1,10 @@
 """A run of a weight's output rows in the form its matmul reads, chosen once at load for the device and type.
 
-- `PackedRows`: raw GGUF blocks. On CUDA the Triton kernel reads them; on the CPU (Q5_K, Q6_K, or a 4-bit
-  type where the int4 kernel is missing) a tile of rows at a time is dequantized and multiplied, so memory
-  stays at the file's size plus one tile.
-- `Int8BlockRows` (CPU): Q8_0 as int8 weights and per-32 scales, dequantized a tile at a time.
+- `PackedRows`: raw GGUF blocks. On CUDA the Triton kernel reads them; on a CPU (a 4-bit type where the
+  int4 kernel is missing) a tile of rows at a time is dequantized and multiplied, so memory stays at the
+  file's size plus one tile.
+- `Int8BlockRows` (CPU): Q8_0, Q5_K and Q6_K as int8 quants and per-group scales, dequantized a tile at a
+  time (1.1 bytes a weight against the file's 0.7 to 1.06).
 - `Int4Rows` (CPU): Q4_0, Q4_1 and Q4_K repacked into torch's int4 weight-only format (groups of 32, a scale
   and a zero each), which is exact in float32: Q4_K's six-bit sub-block scales and mins fold into per-32 ones.
 - `DenseRows`: a float weight (F16/F32 tensors, types without a kernel, and tensor-parallel shards that cut
@@ -20,7 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from weir_server.kernels import HAS_TRITON
-from weir_server.kernels.gguf_dequant import Q4_0, Q4_1, Q4_K, Q8_0, GGMLType, dequantize, k_scales_mins
+from weir_server.kernels.gguf_dequant import (
+    INT8_TYPES,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    GGMLType,
+    dequantize,
+    int8_grid,
+    k_scales_mins,
+)
 from weir_server.kernels.gguf_matmul import gguf_matmul
 
 logger = logging.getLogger(__name__)
@@ -123,29 +133,40 @@ class Int4Rows(nn.Module):
 
 
 class Int8BlockRows(nn.Module):
-    """CPU Q8_0 rows as int8 [rows, cols] and a scale per 32 in the model's dtype (exact in float32): tiles are
-    dequantized by one convert and one multiply, several times faster than parsing the raw blocks."""
+    """CPU Q8_0, Q5_K and Q6_K rows as int8 quants with a scale (and for Q5_K an offset) per group of 32 or 16,
+    in the model's dtype (exact in float32): a tile is dequantized by a convert and a multiply, several times
+    faster than parsing the raw blocks. A tied embedding looks its rows up here, so the bytes are held once."""
 
     qs: torch.Tensor
     scales: torch.Tensor
+    offsets: torch.Tensor | None
 
-    def __init__(self, raw: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, raw: torch.Tensor, qtype: GGMLType, dtype: torch.dtype) -> None:
         super().__init__()
-        blocks = raw.reshape(raw.shape[0], -1, Q8_0.type_size)
-        self.qtype, self.rows, self.cols = Q8_0, raw.shape[0], blocks.shape[1] * Q8_0.block_size
-        self.register_buffer("qs", blocks[:, :, 2:].contiguous().view(torch.int8).reshape(self.rows, self.cols))
-        self.register_buffer("scales", blocks[:, :, :2].contiguous().view(torch.float16).to(dtype))  # [rows, B, 1]
+        q, scale, offset = int8_grid(raw, qtype)
+        self.qtype, self.rows, (self.groups, self.group) = qtype, raw.shape[0], q.shape[1:]
+        self.cols = self.groups * self.group
+        self.register_buffer("qs", q.contiguous())
+        self.register_buffer("scales", scale.to(dtype))
+        self.register_buffer("offsets", None if offset is None else offset.to(dtype))
+
+    def _tile(self, index: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        tile = self.qs[index].to(dtype).mul_(self.scales[index].to(dtype))
+        if self.offsets is not None:
+            tile.sub_(self.offsets[index].to(dtype))
+        return tile.view(-1, self.cols)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.cols)
         out = torch.empty((flat.shape[0], self.rows), dtype=x.dtype, device=x.device)
         step = max(1, _TILE_WEIGHTS // self.cols)
-        groups = self.cols // Q8_0.block_size
         for start in range(0, self.rows, step):
-            tile = self.qs[start : start + step].view(-1, groups, Q8_0.block_size).to(x.dtype)
-            tile = tile.mul_(self.scales[start : start + step].to(x.dtype)).view(-1, self.cols)
-            out[:, start : start + step] = flat @ tile.t()
+            out[:, start : start + step] = flat @ self._tile(slice(start, start + step), x.dtype).t()
         return out.reshape(*x.shape[:-1], self.rows)
+
+    def dequantize_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows `index` names, in float32 (an embedding lookup)."""
+        return self._tile(index.reshape(-1), torch.float32).reshape(*index.shape, self.cols)
 
 
 RowsForm = DenseRows | PackedRows | Int4Rows | Int8BlockRows
@@ -153,9 +174,9 @@ RowsForm = DenseRows | PackedRows | Int4Rows | Int8BlockRows
 
 def rows_for_device(raw: torch.Tensor, qtype: GGMLType, cols: int, dtype: torch.dtype) -> RowsForm:
     """The form packed rows take on raw's device: on a CPU Int4Rows for the 4-bit types and Int8BlockRows for
-    Q8_0; PackedRows otherwise (the Triton kernel on CUDA, raw tiles for Q5_K/Q6_K on a CPU)."""
-    if raw.device.type == "cpu" and qtype.id == Q8_0.id:
-        return Int8BlockRows(raw, dtype)
+    Q8_0, Q5_K and Q6_K; PackedRows otherwise (the Triton kernel reads them on CUDA)."""
+    if raw.device.type == "cpu" and qtype.id in INT8_TYPES:
+        return Int8BlockRows(raw, qtype, dtype)
     if raw.device.type == "cpu" and qtype.id in INT4_TYPES and int4_available():
         try:
             return Int4Rows(raw, qtype, dtype)

@@ -24,7 +24,7 @@ from torch import nn
 
 from weir_server.distributed.communication import all_gather, all_reduce
 from weir_server.kernels.gguf_dequant import GGMLType, dequantize, row_bytes
-from weir_server.layers.gguf_weights import DenseRows, PackedRows, RowsForm, rows_for_device
+from weir_server.layers.gguf_weights import DenseRows, Int8BlockRows, PackedRows, RowsForm, rows_for_device
 from weir_server.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -224,13 +224,16 @@ class GGUFEmbedding(_GGUFRowsLayer):
 
     def _finalize(self, runs: list[_Entry]) -> None:
         runs = [(rows.to(self.weight.device), qtype) for rows, qtype in runs]  # a tied head shares these bytes
-        self.parts = nn.ModuleList(self._form(rows, qtype, packed_only=True) for rows, qtype in runs)
         if self.tied_head is not None:
             self.tied_head._finalize(runs)
+            if all(hasattr(part, "dequantize_rows") for part in self.tied_head.parts):
+                self.parts = self.tied_head.parts  # look up in the head's form: one copy of the matrix
+                return
+        self.parts = nn.ModuleList(self._form(rows, qtype, packed_only=True) for rows, qtype in runs)
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         (part,) = self.parts
-        if isinstance(part, PackedRows):
+        if isinstance(part, PackedRows | Int8BlockRows):
             return part.dequantize_rows(ids).to(self.weight.dtype)
         assert isinstance(part, DenseRows)
         return F.embedding(ids, part.weight)

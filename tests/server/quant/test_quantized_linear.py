@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from gguf_blocks import random_rows
 
-from weir_server.kernels.gguf_dequant import PACKED_TYPES, Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, dequantize
+from weir_server.kernels.gguf_dequant import PACKED_TYPES, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, dequantize
 from weir_server.layers.gguf_weights import (
     DenseRows,
     Int4Rows,
@@ -74,12 +74,18 @@ def test_packed_rows_on_the_cpu_match_dequantize_then_matmul_in_tiles(qtype, mon
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_int8_block_rows_match_dequantize_then_matmul(dtype, monkeypatch):
+@pytest.mark.parametrize("qtype", [Q8_0, Q5_K, Q6_K], ids=lambda t: t.name)
+def test_int8_block_rows_match_dequantize_then_matmul(qtype, dtype, monkeypatch):
     monkeypatch.setattr("weir_server.layers.gguf_weights._TILE_WEIGHTS", 4 * 512)
-    raw = random_rows(Q8_0, 10, 512)
+    raw = random_rows(qtype, 10, 512)
     x = torch.randn(3, 512)
-    got = Int8BlockRows(raw, dtype).matmul(x.to(dtype))
-    assert relative_error(got, x @ dequantize(raw, Q8_0).t()) < (1e-6 if dtype == torch.float32 else 1e-2)
+    rows = Int8BlockRows(raw, qtype, dtype)
+    assert relative_error(rows.matmul(x.to(dtype)), x @ dequantize(raw, qtype).t()) < (
+        1e-6 if dtype == torch.float32 else 1e-2
+    )
+    if dtype == torch.float32:  # an embedding lookup reads the very weights
+        index = torch.tensor([[9, 0], [4, 4]])
+        assert torch.equal(rows.dequantize_rows(index), dequantize(raw, qtype)[index])
 
 
 def test_quantized_tensor_reads_as_floats_in_a_layer_that_knows_nothing_of_gguf():
@@ -100,8 +106,8 @@ def test_fused_qkv_of_mixed_types_keeps_one_part_per_run_of_a_type():
     for shard, part in zip("qkv", bias.split([64, 32, 32]), strict=True):
         layer.weight_loader(layer.bias, part, f"{shard}_proj.bias", shard)
     assert [(type(p), p.rows) for p in layer.parts] in (
-        [(Int4Rows, 96), (PackedRows, 32)],
-        [(PackedRows, 96), (PackedRows, 32)],
+        [(Int4Rows, 96), (Int8BlockRows, 32)],
+        [(PackedRows, 96), (Int8BlockRows, 32)],  # a torch without the CPU int4 matmul
     )
     x = torch.randn(3, 256)
     expected = F.linear(x, torch.cat([dense(q), dense(k), dense(v)]), bias)
@@ -147,14 +153,14 @@ def test_embedding_dequantizes_the_gathered_rows_and_a_tied_head_shares_them():
     torch.testing.assert_close(model.embed_tokens(ids), dense(table)[ids])
     hidden = torch.randn(2, 256)
     assert relative_error(model.lm_head.compute_logits(hidden), hidden @ dense(table).t()) < 1e-6
-    assert model.lm_head.parts[0].raw is model.embed_tokens.parts[0].raw  # one copy of the bytes
+    assert model.lm_head.parts[0] is model.embed_tokens.parts[0]  # one copy of the matrix
 
 
-def test_layers_hold_the_file_bytes_not_floats():
+def test_layers_hold_quantized_weights_not_floats():
     with torch.device("meta"):
         base = MergedColumnParallelLinear(512, [256, 256])
     layer = materialize(GGUFLinear(base))
-    for shard in (0, 1):
-        layer.weight_loader(layer.weight, packed(Q6_K, 256, 512, shard), "gate_up", shard)
+    for shard, qtype in ((0, Q4_K), (1, Q6_K)):
+        layer.weight_loader(layer.weight, packed(qtype, 256, 512, shard), "gate_up", shard)
     held = sum(b.numel() * b.element_size() for b in layer.buffers())
-    assert held == 512 * 512 // 256 * Q6_K.type_size  # 0.82 bytes a weight, not 4
+    assert held < 512 * 512 * 1.25  # int4 or int8 quants and per-group scales: under a third of float32
