@@ -18,11 +18,13 @@ sys.path[:0] = [
 ]
 
 
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def rss_mib() -> dict[str, int]:
+    """Resident MiB, all and anonymous (the heap: weights); freed heap is handed back to the OS first."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) // 1024 for key in ("VmRSS", "RssAnon", "RssFile")}
 
 
 def write_q4km(path: Path) -> None:
@@ -84,7 +86,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--tokenizer")
     parser.add_argument("--write-q4km", action="store_true", help="write a random Q4_K_M-style file at MODEL first")
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     import torch
@@ -135,9 +137,9 @@ def main() -> None:
                 dtype=str(loaded.dtype),
                 file_mib=round(file_mib, 1),
                 tensors_mib=round(held / 2**20, 1),
-                rss_before_load_mib=round(before),
-                rss_after_load_mib=round(after),
-                rss_model_mib=round(after - before),
+                rss_before_load_mib=before,
+                rss_after_load_mib=after,
+                anon_model_mib=after["RssAnon"] - before["RssAnon"],
                 load_s=round(load_s, 1),
                 decode_tok_s=[round(s, 2) for s in speeds],
                 loadavg=os.getloadavg(),

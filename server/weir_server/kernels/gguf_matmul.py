@@ -1,7 +1,8 @@
 """y = x W^T with W in GGUF blocks, dequantized inside the kernel (Triton): the weights cross memory packed.
 
 One kernel serves every packed type (a constexpr picks the block format) and both shapes of step: prefill
-tiles of 64 rows, and small-M tiles of 16 rows for decode, where the step is bound by reading the weights.
+tiles of 64 rows, and small-M tiles of 16 rows (narrow in N, long in K) for decode, where the step is bound by
+reading the weights.
 Each program dequantizes a [BLOCK_K, BLOCK_N] tile of W from its bytes (scales re-read per element hit the
 cache) and feeds tl.dot in the activations' dtype with float32 accumulation. No host syncs, so CUDA graphs
 capture it.
@@ -33,7 +34,10 @@ def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: GGMLType) -> torch.Te
         raise ValueError(f"{qtype.name} weight of {raw.shape[1]} bytes per row does not fit K={k}")
     x = x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k, warps = (16, 64, 64, 4) if m <= SMALL_M else (64, 64, 64, 4)
+    if m <= SMALL_M:  # few rows: narrow column tiles, so that even a 2048-row weight spreads over the SMs
+        block_m, block_n, block_k, warps = 16, 32 if n >= 8192 else 16, 128, 4
+    else:
+        block_m, block_n, block_k, warps = 64, 64, 64, 4
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _gguf_matmul_kernel[grid](
         x,
@@ -142,13 +146,13 @@ if HAS_TRITON:
             a = tl.load(
                 x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
             )
-            # The W tile [BLOCK_K, BLOCK_N]: column n of it is W's row cols[n].
-            w_mask = k_ok[:, None] & col_ok[None, :]
-            block_start = w_ptr + cols[None, :].to(tl.int64) * stride_wn + (ks[:, None] // QK) * TYPE_SIZE
-            w = _dequant_tile(block_start, ks[:, None] % QK, w_mask, QTYPE)
+            # The W tile [BLOCK_N, BLOCK_K], k fastest as in memory (a row's bytes are contiguous).
+            w_mask = col_ok[:, None] & k_ok[None, :]
+            block_start = w_ptr + cols[:, None].to(tl.int64) * stride_wn + (ks[None, :] // QK) * TYPE_SIZE
+            w = tl.trans(_dequant_tile(block_start, ks[None, :] % QK, w_mask, QTYPE).to(a.dtype))
             if IEEE:
-                acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
+                acc += tl.dot(a, w, input_precision="ieee")
             else:
-                acc += tl.dot(a, w.to(a.dtype))
+                acc += tl.dot(a, w)
         out = out_ptr + rows[:, None] * stride_om + cols[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
