@@ -57,7 +57,7 @@ def kernels() -> None:
         for qtype in (Q4_K, Q6_K, Q4_0, Q8_0) if name == "gate_up" else (Q4_K, Q6_K):
             raw = random_rows(qtype, n, k, scale=1e-4).cuda()
             dense = dequantize(raw, qtype).to(torch.bfloat16)
-            for m in (1, 16, 256):
+            for m in (1, 256):
                 time_matmul(name, qtype, raw, dense, m)
             del raw, dense
             torch.cuda.empty_cache()
