@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +18,9 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 
 from weir_server.config import ModelConfig
 from weir_server.errors import ModelLoadError
+from weir_server.layers.quantized_linear import quantize_gguf_layers
 from weir_server.models.checkpoint_checks import check_gguf_tensors, check_safetensors_file, open_gguf
+from weir_server.models.gguf_tensors import iter_gguf_tensors
 from weir_server.models.registry import (
     ModelSource,
     Task,
@@ -111,7 +113,8 @@ def _build_model(
 ) -> nn.Module:
     weights: _WeightStream | None = None
     try:
-        model = _build_empty(model_class, hf_config, device, dtype)
+        keep_packed = source.is_gguf and config.load_format != "dummy" and _shards_on_load(model_class)
+        model = _build_empty(model_class, hf_config, device, dtype, quantize_gguf_layers if keep_packed else None)
         std = float(getattr(hf_config, "initializer_range", 0.02))
         if config.load_format == "dummy" and _shards_on_load(model):
             model.load_weights(_dummy_checkpoint(hf_config, config.seed, std, device))  # type: ignore[operator]
@@ -235,7 +238,7 @@ def _load_tokenizer(source: ModelSource, config: ModelConfig) -> PreTrainedToken
     return tokenizer  # type: ignore[no-any-return]
 
 
-def _shards_on_load(model: nn.Module) -> bool:
+def _shards_on_load(model: nn.Module | type[nn.Module]) -> bool:
     """Whether the model's load_weights takes lazy slices and full checkpoint tensors and shards them itself."""
     return bool(getattr(model, "shards_weights_on_load", False))
 
@@ -250,7 +253,7 @@ def _iter_weights(
     if load_format == "safetensors" and source.is_gguf:
         raise ModelLoadError(f"model {source.spec!r}: load_format 'safetensors' but the source is a .gguf file")
     if source.is_gguf:
-        return _iter_gguf(source, hf_config)
+        return _iter_gguf(source, hf_config, keep_packed=lazy)
     files = sorted(source.directory.glob("*.safetensors"))
     if files:
         return _iter_safetensors(files, lazy)
@@ -292,8 +295,11 @@ def _iter_torch_bins(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tenso
             yield path, name, tensor
 
 
-def _iter_gguf(source: ModelSource, hf_config: PretrainedConfig) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """Dequantized GGUF tensors under HF names, via transformers' GGUF reader.
+def _iter_gguf(
+    source: ModelSource, hf_config: PretrainedConfig, keep_packed: bool = False
+) -> Iterator[tuple[Path, str, Any]]:
+    """GGUF tensors under HF names: with `keep_packed`, the types Weir has kernels for as QuantizedTensor
+    (models/gguf_tensors.py), else all dequantized via transformers' GGUF reader.
 
     transformers maps GGUF tensor names by walking a model's state dict, so it gets a weightless
     (meta-device) transformers model of the same config; the weights themselves land in ours.
@@ -305,7 +311,13 @@ def _iter_gguf(source: ModelSource, hf_config: PretrainedConfig) -> Iterator[tup
     logger.info("Dequantizing GGUF tensors from %s", path.name)
     with torch.device("meta"):
         name_model = AutoModelForCausalLM.from_config(hf_config)
-    check_gguf_tensors(open_gguf(path), path, name_model)  # transformers would drop unknown ones silently
+    reader = open_gguf(path)
+    check_gguf_tensors(reader, path, name_model)  # transformers would drop unknown ones silently
+    if keep_packed:
+        tensors = iter_gguf_tensors(reader, name_model, hf_config)
+        for name, tensor in progress(tensors, "Loading GGUF tensors", len(reader.tensors), "tensors"):
+            yield path, name, tensor
+        return
     # transformers draws its own tqdm bar here even into a log file; for this call it draws ours (a bar on a
     # terminal, log lines elsewhere). Loads run one at a time, so patching the module global is safe.
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
@@ -321,11 +333,18 @@ def _iter_gguf(source: ModelSource, hf_config: PretrainedConfig) -> Iterator[tup
 
 
 def _build_empty(
-    model_class: type[nn.Module], hf_config: PretrainedConfig, device: torch.device, dtype: torch.dtype
+    model_class: type[nn.Module],
+    hf_config: PretrainedConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    prepare: Callable[[nn.Module], object] | None = None,
 ) -> nn.Module:
-    """The model with uninitialized weights on `device`, built without spending time on a random init."""
+    """The model with uninitialized weights on `device`, built without spending time on a random init;
+    `prepare` may swap its layers while it is still weightless (quantized ones)."""
     with torch.device("meta"):
         model = model_class(hf_config)
+    if prepare is not None:
+        prepare(model)
     # Materializing replaces every parameter, which would untie shared ones (tied embeddings); re-tie them.
     tied: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):

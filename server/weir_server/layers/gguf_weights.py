@@ -1,0 +1,187 @@
+"""A run of a weight's output rows in the form its matmul reads, chosen once at load for the device and type.
+
+- `PackedRows`: raw GGUF blocks. On CUDA the Triton kernel reads them; on a CPU (a 4-bit type where the
+  int4 kernel is missing) a tile of rows at a time is dequantized and multiplied, so memory stays at the
+  file's size plus one tile.
+- `Int8BlockRows` (CPU): Q8_0, Q5_K and Q6_K as int8 quants and per-group scales, dequantized a tile at a
+  time (1.1 bytes a weight against the file's 0.7 to 1.06).
+- `Int4Rows` (CPU): Q4_0, Q4_1 and Q4_K repacked into torch's int4 weight-only format (groups of 32, a scale
+  and a zero each), which is exact in float32: Q4_K's six-bit sub-block scales and mins fold into per-32 ones.
+- `DenseRows`: a float weight (F16/F32 tensors, types without a kernel, and tensor-parallel shards that cut
+  through a block).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weir_server.kernels import HAS_TRITON
+from weir_server.kernels.gguf_dequant import (
+    INT8_TYPES,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    GGMLType,
+    dequantize,
+    int8_grid,
+    k_scales_mins,
+)
+from weir_server.kernels.gguf_matmul import gguf_matmul
+
+logger = logging.getLogger(__name__)
+
+INT4_GROUP = 32
+_TILE_WEIGHTS = 1 << 20  # weights dequantized at once on the CPU path (4 MiB in float32)
+INT4_TYPES = (Q4_0.id, Q4_1.id, Q4_K.id)
+
+
+class DenseRows(nn.Module):
+    """Float rows [rows, cols] in the model's dtype."""
+
+    weight: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.rows = weight.shape[0]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class PackedRows(nn.Module):
+    """Raw GGUF blocks [rows, row_bytes] of `qtype`: the Triton kernel on CUDA, tiles dequantized on the CPU."""
+
+    raw: torch.Tensor
+
+    def __init__(self, raw: torch.Tensor, qtype: GGMLType, cols: int) -> None:
+        super().__init__()
+        self.register_buffer("raw", raw)
+        self.qtype, self.rows, self.cols = qtype, raw.shape[0], cols
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.cols)
+        if flat.is_cuda and HAS_TRITON:
+            out = gguf_matmul(flat, self.raw, self.qtype)
+        else:
+            out = torch.empty((flat.shape[0], self.rows), dtype=x.dtype, device=x.device)
+            step = max(1, _TILE_WEIGHTS // self.cols)
+            for start in range(0, self.rows, step):
+                tile = dequantize(self.raw[start : start + step], self.qtype).to(x.dtype)
+                out[:, start : start + step] = flat @ tile.t()
+        return out.reshape(*x.shape[:-1], self.rows)
+
+    def dequantize_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The float32 rows `index` names (an embedding lookup dequantizes only the gathered rows)."""
+        return dequantize(self.raw[index], self.qtype)
+
+
+@functools.cache
+def int4_available() -> bool:
+    """Whether this torch build has the CPU 4-bit weight-only matmul."""
+    ops = torch.ops.aten
+    return hasattr(ops, "_convert_weight_to_int4pack_for_cpu") and hasattr(ops, "_weight_int4pack_mm_for_cpu")
+
+
+def int4_grid(raw: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0/Q4_1/Q4_K rows -> (q [rows, cols] in 0..15, scale and zero [rows, cols / 32]) with w = (q - 8) * scale
+    + zero, the int4 kernel's form."""
+    rows = raw.shape[0]
+    b = raw.reshape(-1, qtype.type_size)
+    d = b[:, :2].contiguous().view(torch.float16).float()
+    if qtype.id == Q4_K.id:
+        dmin = b[:, 2:4].contiguous().view(torch.float16).float()
+        sc, mn = k_scales_mins(b[:, 4:16])
+        runs = b[:, 16:].reshape(-1, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
+        q = (runs & 0x0F).reshape(-1, 256)
+        scale = d * sc.float()
+        zero = 8 * scale - dmin * mn.float()
+    else:
+        start = 2 if qtype.id == Q4_0.id else 4
+        q = torch.cat((b[:, start:] & 0x0F, b[:, start:] >> 4), dim=-1)
+        scale = d
+        zero = (
+            torch.zeros_like(d) if qtype.id == Q4_0.id else b[:, 2:4].contiguous().view(torch.float16).float() + 8 * d
+        )
+    return q.reshape(rows, -1), scale.reshape(rows, -1), zero.reshape(rows, -1)
+
+
+class Int4Rows(nn.Module):
+    """CPU rows in torch's int4 weight-only layout (`_weight_int4pack_mm_for_cpu`, groups of 32)."""
+
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+
+    def __init__(self, raw: torch.Tensor, qtype: GGMLType, dtype: torch.dtype) -> None:
+        super().__init__()
+        q, scale, zero = int4_grid(raw, qtype)
+        self.qtype, (self.rows, self.cols) = qtype, q.shape
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8)
+        scales_and_zeros = torch.stack((scale, zero), dim=-1).transpose(0, 1).to(dtype).contiguous()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [cols / 32, rows, 2]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.cols).to(self.scales_and_zeros.dtype)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales_and_zeros)
+        return out.reshape(*x.shape[:-1], self.rows).to(x.dtype)
+
+
+class Int8BlockRows(nn.Module):
+    """CPU Q8_0, Q5_K and Q6_K rows as int8 quants with a scale (and for Q5_K an offset) per group of 32 or 16,
+    in the model's dtype (exact in float32): a tile is dequantized by a convert and a multiply, several times
+    faster than parsing the raw blocks. A tied embedding looks its rows up here, so the bytes are held once."""
+
+    qs: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None
+
+    def __init__(self, raw: torch.Tensor, qtype: GGMLType, dtype: torch.dtype) -> None:
+        super().__init__()
+        q, scale, offset = int8_grid(raw, qtype)
+        self.qtype, self.rows, (self.groups, self.group) = qtype, raw.shape[0], q.shape[1:]
+        self.cols = self.groups * self.group
+        self.register_buffer("qs", q.contiguous())
+        self.register_buffer("scales", scale.to(dtype))
+        self.register_buffer("offsets", None if offset is None else offset.to(dtype))
+
+    def _tile(self, index: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        tile = self.qs[index].to(dtype).mul_(self.scales[index].to(dtype))
+        if self.offsets is not None:
+            tile.sub_(self.offsets[index].to(dtype))
+        return tile.view(-1, self.cols)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.cols)
+        out = torch.empty((flat.shape[0], self.rows), dtype=x.dtype, device=x.device)
+        step = max(1, _TILE_WEIGHTS // self.cols)
+        for start in range(0, self.rows, step):
+            out[:, start : start + step] = flat @ self._tile(slice(start, start + step), x.dtype).t()
+        return out.reshape(*x.shape[:-1], self.rows)
+
+    def dequantize_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows `index` names, in float32 (an embedding lookup)."""
+        return self._tile(index.reshape(-1), torch.float32).reshape(*index.shape, self.cols)
+
+
+RowsForm = DenseRows | PackedRows | Int4Rows | Int8BlockRows
+
+
+def rows_for_device(raw: torch.Tensor, qtype: GGMLType, cols: int, dtype: torch.dtype) -> RowsForm:
+    """The form packed rows take on raw's device: on a CPU Int4Rows for the 4-bit types and Int8BlockRows for
+    Q8_0, Q5_K and Q6_K; PackedRows otherwise (the Triton kernel reads them on CUDA)."""
+    if raw.device.type == "cpu" and qtype.id in INT8_TYPES:
+        return Int8BlockRows(raw, qtype, dtype)
+    if raw.device.type == "cpu" and qtype.id in INT4_TYPES and int4_available():
+        try:
+            return Int4Rows(raw, qtype, dtype)
+        except RuntimeError as error:  # a shape the 4-bit kernel does not take
+            logger.info(
+                "no int4 repack of a %s [%d, %d] weight (%s); dequantizing tiles", qtype.name, len(raw), cols, error
+            )
+    return PackedRows(raw, qtype, cols)

@@ -1,0 +1,72 @@
+"""GGUF tensors under Hugging Face names, the packed types left packed.
+
+transformers' GGUF reader dequantizes every tensor; this walks the same steps (its name map and its
+per-architecture processors) but yields a 2-D tensor of a type Weir has kernels for as a `QuantizedTensor`.
+A processor that only reorders rows (Llama's q/k un-permutation) is applied to the packed rows: it is run
+on a column of row numbers, and the rows are gathered in the order it returns. Anything else, and every
+other type, is dequantized as transformers does it, with one log line per type that has no kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from weir_server.kernels.gguf_dequant import PACKED_TYPES
+from weir_server.layers.quantized_linear import QuantizedTensor
+
+logger = logging.getLogger(__name__)
+
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def iter_gguf_tensors(
+    reader: Any, name_model: nn.Module, hf_config: PretrainedConfig
+) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """(HF name, tensor) for every tensor of the file (`reader`, a gguf.GGUFReader) that `name_model` (a
+    weightless transformers model of the file's config, `hf_config`) has a place for."""
+    from gguf import dequantize
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        read_field,
+    )
+
+    architecture = read_field(reader, "general.architecture")[0]
+    # The processors read the HF config keys (head counts) that transformers derived from the same metadata.
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=hf_config.to_dict())
+    mapping = get_gguf_hf_weights_map(name_model, processor)
+    parsed: dict[str, Any] = {"tensors": {}}  # where the MoE processors put the experts they split or stack
+    dequantized_types: set[str] = set()
+
+    def process(weights: np.ndarray, name: str) -> Any:
+        return processor.process(weights=weights, name=name, tensor_key_mapping=mapping, parsed_parameters=parsed)
+
+    for tensor in reader.tensors:
+        qtype = PACKED_TYPES.get(int(tensor.tensor_type))
+        if qtype is not None and len(tensor.shape) == 2:
+            cols, rows = (int(n) for n in tensor.shape)  # GGUF lists the fastest dimension first
+            result = process(np.arange(rows, dtype=np.float64).reshape(rows, 1), tensor.name)
+            if result.name in mapping and result.weights is not None and result.weights.shape == (rows, 1):
+                order = torch.from_numpy(result.weights[:, 0].astype(np.int64))
+                raw = torch.from_numpy(np.asarray(tensor.data).reshape(rows, -1)[order.numpy()])
+                yield mapping[result.name], QuantizedTensor(raw, qtype, cols)
+                continue
+        type_name = tensor.tensor_type.name
+        if type_name not in _FLOAT_TYPES and type_name not in dequantized_types:
+            dequantized_types.add(type_name)
+            logger.info(
+                "GGUF type %s has no kernel in Weir (or not in this layout): dequantizing it at load", type_name
+            )
+        result = process(dequantize(tensor.data, tensor.tensor_type), tensor.name)
+        if result.name in mapping:
+            yield mapping[result.name], torch.from_numpy(np.copy(result.weights))
+    for name, stacked in parsed["tensors"].items():  # complete only now: experts arrive one tensor at a time
+        yield name, torch.as_tensor(stacked)
