@@ -15,6 +15,9 @@ def test_inference_service_has_every_rpc() -> None:
         "Detokenize",
         "TokenizeStream",
         "ListModels",
+        "LoadAdapter",
+        "UnloadAdapter",
+        "ListAdapters",
     }
     assert hasattr(inference_pb2_grpc, "InferenceServiceStub")
 
@@ -34,3 +37,8 @@ def test_the_proto_source_ships_with_the_stubs() -> None:
     source = (resources.files("weir.v1") / "inference.proto").read_text()
     assert "package weir.v1;" in source and "service InferenceService" in source
     assert (resources.files("weir.v1") / "inference_pb2.pyi").is_file()
+
+
+def test_lora_adapters_are_named_on_generate_and_listed_with_their_parent() -> None:
+    assert inference_pb2.GenerateRequest.DESCRIPTOR.fields_by_name["adapter"].number == 11
+    assert {"parent", "root"} <= set(inference_pb2.ModelInfo.DESCRIPTOR.fields_by_name)

@@ -14,6 +14,7 @@ from weir_client.control import ModelLoad, ServedModelInfo, ServerInfo, ServerLo
 from weir_client.errors import WeirClientError
 from weir_client.security import TlsOptions
 from weir_client.types import (
+    AdapterInfo,
     Choice,
     Completion,
     Embeddings,
@@ -33,6 +34,7 @@ from weir_client.types import (
 )
 
 __all__ = [
+    "AdapterInfo",
     "AsyncWeirClient",
     "Choice",
     "Completion",

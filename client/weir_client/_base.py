@@ -17,7 +17,7 @@ from weir_client import _protocol as proto
 from weir_client import control
 from weir_client.errors import WeirClientError
 from weir_client.security import TlsOptions, channel_security, with_auth
-from weir_client.types import Embeddings, GenerateKeywords, GenerateOptions, ModelInfo, Tokenization
+from weir_client.types import AdapterInfo, Embeddings, GenerateKeywords, GenerateOptions, ModelInfo, Tokenization
 
 T = TypeVar("T")
 UNSET: Any = object()  # a method's `timeout` when not given: the client's default deadline applies (None: none)
@@ -81,6 +81,7 @@ class BaseClient:
             keywords.get("add_generation_prompt", True),
             options,
         )
+        request.adapter = keywords.get("adapter", "")
         timeout = self._deadline(keywords.get("timeout", UNSET))
         return self._stub.Generate(request, timeout=timeout, metadata=self.metadata)
 
@@ -131,6 +132,20 @@ class BaseClient:
     def _list_models_call(self) -> UnaryCall[list[ModelInfo]]:
         return UnaryCall(
             self._stub.ListModels, pb.ListModelsRequest(), lambda reply: [proto.model_info(m) for m in reply.models]
+        )
+
+    def _load_adapter_call(self, name: str, path: str, model: str) -> UnaryCall[AdapterInfo]:
+        request = pb.LoadAdapterRequest(name=name, path=path, model=model)
+        return UnaryCall(self._stub.LoadAdapter, request, lambda reply: proto.adapter_info(reply.adapter))
+
+    def _unload_adapter_call(self, name: str) -> UnaryCall[None]:
+        return UnaryCall(self._stub.UnloadAdapter, pb.UnloadAdapterRequest(name=name), lambda reply: None)
+
+    def _list_adapters_call(self, model: str) -> UnaryCall[list[AdapterInfo]]:
+        return UnaryCall(
+            self._stub.ListAdapters,
+            pb.ListAdaptersRequest(model=model),
+            lambda reply: [proto.adapter_info(a) for a in reply.adapters],
         )
 
     def _abort_call(self, request_ids: str | Sequence[str]) -> UnaryCall[list[str]]:

@@ -12,6 +12,7 @@ from weir_client.control import CONTROL_METHODS, CONTROL_SERVICE
 from weir_client.errors import WeirClientError
 from weir_client.tasks import task_name
 from weir_client.types import (
+    AdapterInfo,
     Embeddings,
     GenerateOptions,
     GenerationChunk,
@@ -27,7 +28,7 @@ from weir_client.types import (
 )
 
 SERVICE = "weir.v1.InferenceService"
-_IDEMPOTENT_METHODS = ("Embed", "Tokenize", "Detokenize", "ListModels")
+_IDEMPOTENT_METHODS = ("Embed", "Tokenize", "Detokenize", "ListModels", "ListAdapters")
 _FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
@@ -214,6 +215,19 @@ def model_info(message: pb.ModelInfo) -> ModelInfo:
         dtype=message.dtype,
         device=message.device,
         is_default=message.is_default,
+        parent=message.parent,
+        root=message.root,
+    )
+
+
+def adapter_info(message: pb.AdapterInfo) -> AdapterInfo:
+    return AdapterInfo(
+        name=message.name,
+        path=message.path,
+        base_model=message.base_model,
+        rank=message.rank,
+        alpha=message.alpha,
+        target_modules=tuple(message.target_modules),
     )
 
 

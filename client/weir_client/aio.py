@@ -13,6 +13,7 @@ from weir_client._base import UNSET, BaseClient, ReadinessPoll, UnaryCall
 from weir_client.control import KvEventBatch, ServerInfo, ServerLoad, kv_event_batch
 from weir_client.errors import WeirClientError, error_from_rpc
 from weir_client.types import (
+    AdapterInfo,
     Completion,
     CompletionBuilder,
     Embeddings,
@@ -102,6 +103,21 @@ class AsyncWeirClient(BaseClient):
     async def list_models(self, *, timeout: float | None = UNSET) -> list[ModelInfo]:
         """The models the server has loaded."""
         return await self._unary(self._list_models_call(), timeout)
+
+    async def load_adapter(
+        self, name: str, path: str, model: str = "", *, timeout: float | None = UNSET
+    ) -> AdapterInfo:
+        """Load the LoRA adapter in the server's folder `path` as `name` onto `model` ("" = the default generation
+        model); the server must run with --enable-lora."""
+        return await self._unary(self._load_adapter_call(name, path, model), timeout)
+
+    async def unload_adapter(self, name: str, *, timeout: float | None = UNSET) -> None:
+        """Unload the LoRA adapter `name`; requests using it finish first."""
+        await self._unary(self._unload_adapter_call(name), timeout)
+
+    async def list_adapters(self, model: str = "", *, timeout: float | None = UNSET) -> list[AdapterInfo]:
+        """The LoRA adapters loaded on `model` ("" = on every generation model)."""
+        return await self._unary(self._list_adapters_call(model), timeout)
 
     async def abort(self, request_ids: str | Sequence[str], *, timeout: float | None = UNSET) -> list[str]:
         """Cancel requests by the ids their Generate calls carry (their streams end with CANCELLED); returns the

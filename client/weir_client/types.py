@@ -57,6 +57,7 @@ class GenerateKeywords(GenerateOptions, total=False):
     messages: Sequence[Mapping[str, Any]] | None
     token_ids: Sequence[int] | None
     model: str
+    adapter: str  # a LoRA adapter of the model, by name (the same as passing its name as `model`)
     request_id: str
     add_generation_prompt: bool  # with messages (default True)
     timeout: float | None
@@ -236,6 +237,21 @@ class ModelInfo:
     dtype: str
     device: str
     is_default: bool
+    parent: str = ""  # a LoRA adapter's base model; empty for a model
+    root: str = ""  # a LoRA adapter's folder; empty for a model
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One LoRA adapter a server has loaded: its name (pass it as `adapter`, or as `model`), folder, base model,
+    rank, lora_alpha and the projections it adapts."""
+
+    name: str
+    path: str
+    base_model: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
 
 
 def collect(chunks: Iterable[GenerationChunk]) -> Completion:

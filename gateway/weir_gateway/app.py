@@ -22,6 +22,7 @@ from weir_gateway.drain import drain_middleware, install_drain
 from weir_gateway.embeddings import create_embeddings
 from weir_gateway.errors import ApiError, from_rpc_error
 from weir_gateway.logging_setup import access_log_middleware
+from weir_gateway.lora import load_lora_adapter, unload_lora_adapter
 from weir_gateway.metrics import install_metrics, metrics_middleware, metrics_open
 from weir_gateway.models import list_models, retrieve_model
 from weir_gateway.openapi import openapi_json
@@ -60,6 +61,8 @@ ROUTES = [
     web.post("/v1/embeddings", create_embeddings),
     web.get("/v1/models", list_models),
     web.get("/v1/models/{model_id:.+}", retrieve_model),
+    web.post("/v1/load_lora_adapter", load_lora_adapter),
+    web.post("/v1/unload_lora_adapter", unload_lora_adapter),
     web.post("/tokenize", tokenize),
     web.post("/detokenize", detokenize),
     web.get("/health", health),

@@ -76,11 +76,12 @@ async def _follow_health(backend: Backend, retry_s: float) -> None:
 
 async def _observe(backend: Backend, serving: bool) -> None:
     if serving and not backend.serving:
-        await _refresh_models(backend)
+        await refresh_models(backend)
     set_serving(backend, serving)
 
 
-async def _refresh_models(backend: Backend) -> None:
+async def refresh_models(backend: Backend) -> None:
+    """Re-read the backend's model list (its LoRA adapters included); on failure, route to it without one."""
     try:
         reply = await backend.stub.ListModels(inference_pb2.ListModelsRequest(), timeout=LIST_MODELS_TIMEOUT_S)
     except grpc.aio.AioRpcError as e:

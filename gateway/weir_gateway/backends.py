@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from weir.v1 import inference_pb2, inference_pb2_grpc
 from weir_client.security import channel_security
-from weir_gateway.backend_health import readmit_when_serving, watch_health
+from weir_gateway.backend_health import readmit_when_serving, refresh_models, watch_health
 from weir_gateway.config import GatewayConfig
 from weir_gateway.errors import ApiError, bad_request, no_backend
 from weir_gateway.resolver import Resolver, dns_target, system_resolver
@@ -33,6 +33,9 @@ T = TypeVar("T")
 MULTI_ADDRESS_SCHEMES = ("ipv4:", "ipv6:")  # dns: names are resolved by the pool itself, one Backend per address
 # Failures before any output that another backend may not share: the backend is gone, or its queue is full.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# A model no backend lists may be a LoRA adapter loaded on a server directly (not through this gateway): its name
+# makes the gateway re-read the model lists, at most this often.
+UNKNOWN_MODEL_REFRESH_S = 1.0
 
 
 def balancing_options(address: str) -> list[tuple[str, str]]:
@@ -94,6 +97,7 @@ class BackendPool:
     policy: RoutingPolicy = field(init=False)
     _watchers: dict[Backend, asyncio.Task[None]] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)  # probes, retirements, the resolve loop
+    _models_refreshed: float = float("-inf")  # when an unknown model last made the pool re-read model lists
 
     def __post_init__(self) -> None:
         c = self.config
@@ -192,6 +196,19 @@ class BackendPool:
             raise ApiError(404, "no backend has a default model for this endpoint; pass `model`", param="model")
         return self.policy.choose(candidates, key)
 
+    async def refresh_models(self) -> None:
+        """Re-read every available backend's model list (after loading or unloading an adapter)."""
+        self._models_refreshed = time.monotonic()
+        await asyncio.gather(*(refresh_models(b) for b in self.backends if b.available))
+
+    async def look_for(self, model: str, task: ModelTask) -> None:
+        """Before routing a request for `model`: when no available backend lists it, re-read their lists (at most
+        every UNKNOWN_MODEL_REFRESH_S), as it may be an adapter loaded on a server directly."""
+        if not model or any(b.available and b.has_model(model, task) for b in self.backends):
+            return
+        if time.monotonic() - self._models_refreshed >= UNKNOWN_MODEL_REFRESH_S:
+            await self.refresh_models()
+
     @contextlib.contextmanager
     def lease(self, backend: Backend) -> Iterator[Backend]:
         """Count a request as outstanding on `backend` while the block runs."""
@@ -206,6 +223,7 @@ class BackendPool:
     ) -> T:
         """Run one unary call on a chosen backend, retried on another while it fails as `retry_elsewhere` allows."""
         tried: set[Backend] = set()
+        await self.look_for(model, task)
         while True:
             backend = self.choose(model, task, frozenset(tried))
             with self.lease(backend):

@@ -89,6 +89,7 @@ async def _stream_generate(
 ) -> AsyncGenerator[Item, None]:
     key = prefix_key(requests[0], pool.config.routing_prefix_bytes) if requests else None
     tried: set[Backend] = set()
+    await pool.look_for(model, pb.MODEL_TASK_GENERATE)
     while True:
         backend = pool.choose(model, pb.MODEL_TASK_GENERATE, frozenset(tried), key)
         started = False

@@ -14,14 +14,15 @@ from weir_gateway.state import POOL
 
 
 def model_card(info: pb.ModelInfo, created: int) -> dict[str, Any]:
-    """An OpenAI model object, with vLLM's `max_model_len` and Weir's task."""
+    """An OpenAI model object, with vLLM's `max_model_len` and Weir's task; a LoRA adapter's `parent` is its base
+    model and its `root` the folder it was loaded from (as vLLM's)."""
     return {
         "id": info.id,
         "object": "model",
         "created": created,
         "owned_by": "weir",
-        "root": info.id,
-        "parent": None,
+        "root": info.root or info.id,
+        "parent": info.parent or None,
         "max_model_len": info.max_context_length,
         "task": task_name(info.task),
     }

@@ -11,6 +11,7 @@ from weir_gateway.chat import chat_request
 from weir_gateway.completions import completion_request
 from weir_gateway.config import GatewayConfig
 from weir_gateway.embeddings import embedding_request
+from weir_gateway.lora import load_lora_request, unload_lora_request
 from weir_gateway.responses import responses_request
 from weir_gateway.schema import ObjectSchema
 from weir_gateway.state import CONFIG, gateway_version
@@ -58,6 +59,10 @@ def _responses(ok: dict[str, Any], errors: tuple[str, ...] = tuple(JSON_ERROR_ST
 
 def _json_ok(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema or {"type": "object"}}}}
+
+
+def _text_ok(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/plain": {"schema": {"type": "string"}}}}
 
 
 def _generation_ok(description: str, schema: str) -> dict[str, Any]:
@@ -123,6 +128,10 @@ def build_openapi(config: GatewayConfig) -> dict[str, Any]:
         "/v1/embeddings": _post("Embeddings", "EmbeddingRequest", _json_ok("one vector per input")),
         "/tokenize": _post("Tokenize a prompt", "TokenizeRequest", _json_ok("token ids")),
         "/detokenize": _post("Text of token ids", "DetokenizeRequest", _json_ok("the text")),
+        "/v1/load_lora_adapter": _post("Load a LoRA adapter on every backend", "LoadLoRAAdapterRequest",
+                                       _text_ok("vLLM's success text")),
+        "/v1/unload_lora_adapter": _post("Unload a LoRA adapter from every backend", "UnloadLoRAAdapterRequest",
+                                         _text_ok("vLLM's success text")),
         "/v1/models": {"get": {"summary": "Models served", "responses": _responses(_json_ok("model list"),
                                                                                    unauthenticated)}},
         "/v1/models/{model_id}": {
@@ -145,7 +154,11 @@ def build_openapi(config: GatewayConfig) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": {name: schema.openapi() for name, schema in request_schemas(config).items()}
-            | {"Error": error, "GenerationResponse": generation_response},
+            | {"Error": error, "GenerationResponse": generation_response}
+            | {
+                "LoadLoRAAdapterRequest": load_lora_request(config.strict).openapi(),
+                "UnloadLoRAAdapterRequest": unload_lora_request(config.strict).openapi(),
+            },
         },
     }
     if config.api_keys:

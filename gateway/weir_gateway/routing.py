@@ -98,12 +98,16 @@ def create_policy(name: str, factor: float = 2.0, slack: int = 4) -> RoutingPoli
 
 def prefix_key(request: pb.GenerateRequest, prefix_bytes: int) -> bytes | None:
     """A hash of the first `prefix_bytes` of the request's prompt, cut down to whole blocks: requests sharing a
-    system prompt or document at least that long share a key, and so a home backend whose prefix cache holds it."""
+    system prompt or document at least that long share a key, and so a home backend whose prefix cache holds it.
+    The model and LoRA adapter are part of the key: servers cache each adapter's KV apart."""
     data = _prompt_bytes(request)
     if not data:
         return None
     cut = max(PREFIX_BLOCK_BYTES, min(len(data), prefix_bytes) // PREFIX_BLOCK_BYTES * PREFIX_BLOCK_BYTES)
-    return hashlib.blake2b(data[:cut], digest_size=16).digest()
+    key = hashlib.blake2b(data[:cut], digest_size=16)
+    if request.model or request.adapter:
+        key.update(b"\x00" + request.model.encode() + b"\x00" + request.adapter.encode())
+    return key.digest()
 
 
 def _prompt_bytes(request: pb.GenerateRequest) -> bytes:

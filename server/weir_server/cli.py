@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from weir_server.config import (
     EngineConfig,
     ExecutorConfig,
     LimitsConfig,
+    LoRAConfig,
     ModelConfig,
     ObservabilityConfig,
     ParallelConfig,
@@ -31,7 +33,7 @@ from weir_server.engine.structured_config import MIB, StructuredOutputConfig
 from weir_server.engine.types import MAX_LOGPROBS
 from weir_server.errors import EngineUnavailableError, ModelLoadError
 from weir_server.logging_setup import configure_logging
-from weir_server.preflight import check_config
+from weir_server.preflight import VALID_ADAPTER_NAME, check_config
 from weir_server.serve_args import DTYPE_ALIASES, build_parser
 
 
@@ -171,6 +173,57 @@ def _cache(args: argparse.Namespace) -> CacheConfig:
     )
 
 
+def _lora_module(text: str, served_id: str) -> tuple[str, str]:
+    """One --lora-modules value as (name, path): NAME=PATH, or vLLM's JSON object with name, path and optionally
+    base_model_name (which must be the served generation model)."""
+    if text.lstrip().startswith("{"):
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--lora-modules {text}: not valid JSON ({error.msg})") from error
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("path"), str):
+            raise ValueError(f'--lora-modules {text}: the JSON form is {{"name": "...", "path": "..."}}')
+        unknown = set(spec) - {"name", "path", "base_model_name"}
+        if unknown:
+            raise ValueError(f"--lora-modules {text}: unknown key(s) {', '.join(sorted(unknown))}")
+        base = spec.get("base_model_name")
+        if base is not None and base != served_id:
+            raise ValueError(
+                f"--lora-modules {text}: base_model_name {base!r} is not the generation model, {served_id!r}"
+            )
+        name, path = spec["name"], spec["path"]
+    else:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules {text}: expected NAME=PATH (or a JSON object)")
+    if not VALID_ADAPTER_NAME.fullmatch(name):
+        raise ValueError(
+            f"--lora-modules {text}: the name must be 1 to 128 printable ASCII characters without spaces or commas"
+        )
+    if name == served_id:
+        raise ValueError(f"--lora-modules {text}: {name!r} is the generation model's id; name the adapter otherwise")
+    return name, path
+
+
+def _lora(args: argparse.Namespace, served_id: str) -> LoRAConfig | None:
+    """The LoRA options, or None when --enable-lora is off (then none of them may be given)."""
+    if not args.enable_lora:
+        if args.lora_modules:
+            raise ValueError("--lora-modules needs --enable-lora")
+        return None
+    modules = tuple(_lora_module(text, served_id) for text in args.lora_modules)
+    names = [name for name, _ in modules]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--lora-modules names {', '.join(repeated)} more than once")
+    return LoRAConfig(  # checks the numbers itself
+        max_lora_rank=args.max_lora_rank,
+        max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras,
+        lora_modules=modules,
+    )
+
+
 def _engine(args: argparse.Namespace, name: str) -> EngineConfig:
     seed = {} if args.seed is None else {"seed": args.seed, "sampling_seed": args.seed}
     model = ModelConfig(
@@ -203,13 +256,16 @@ def _engine(args: argparse.Namespace, name: str) -> EngineConfig:
         engine_core=args.engine_core,
         run_ahead=args.run_ahead,
     )
-    return EngineConfig(model, _cache(args), scheduler, executor, parallel, _structured(args))
+    lora = _lora(args, model.served_name or model.model)
+    return EngineConfig(model, _cache(args), scheduler, executor, parallel, _structured(args), lora=lora)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The frozen ServerConfig the parsed options describe; ValueError names the first bad option."""
     generate_name, embed_name = _model_names(args)
     generate = None if _disabled(generate_name) else _engine(args, generate_name)
+    if generate is None and args.enable_lora:
+        raise ValueError("--enable-lora needs a generation model (adapters apply to it), but generation is off")
     embed = None
     if not _disabled(embed_name):
         embed = ModelConfig(

@@ -88,6 +88,24 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters served over the base model (PEFT format); an EngineConfig without one serves none."""
+
+    max_lora_rank: int = 64  # adapters of a higher rank are refused at load
+    max_loras: int = 4  # adapters resident on the device at once (the slots a step's rows choose from)
+    max_cpu_loras: int | None = None  # adapters kept in host memory; None = unbounded
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, path) loaded at start
+
+    def __post_init__(self) -> None:
+        if self.max_lora_rank < 1:
+            raise ValueError(f"--max-lora-rank must be at least 1, got {self.max_lora_rank}")
+        if self.max_loras < 1:
+            raise ValueError(f"--max-loras must be at least 1, got {self.max_loras}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"--max-cpu-loras ({self.max_cpu_loras}) must be at least --max-loras ({self.max_loras})")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything a generation engine needs."""
 
@@ -97,6 +115,7 @@ class EngineConfig:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     structured: StructuredOutputConfig = field(default_factory=StructuredOutputConfig)  # what constraints may cost
+    lora: LoRAConfig | None = None  # None = LoRA adapters off
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ command-line arguments it spells and put before the real ones, so the command li
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +86,15 @@ def _tokens(flag: str, value: Any, action: argparse.Action, path: str) -> list[s
     if isinstance(action, argparse._AppendAction):  # noqa: SLF001 - repeatable flags (--api-key) take a list
         values = value if isinstance(value, list) else [value]
         return [token for item in values for token in (flag, _scalar(flag, item, path))]
+    if action.nargs in ("+", "*"):  # several values after one flag (--lora-modules): a list, or one value
+        values = value if isinstance(value, list) else [value]
+        return [flag, *(_item(flag, item, path) for item in values)]
     return [flag, _scalar(flag, value, path)]
+
+
+def _item(flag: str, value: Any, path: str) -> str:
+    """One value of a many-valued flag; a mapping is passed as its JSON text (--lora-modules' JSON form)."""
+    return json.dumps(value) if isinstance(value, dict) else _scalar(flag, value, path)
 
 
 def _scalar(flag: str, value: Any, path: str) -> str:

@@ -20,6 +20,10 @@ class ModelNotFoundError(WeirError):
     """The request names a model this server has not loaded."""
 
 
+class NotFoundError(WeirError):
+    """The request names something this server does not hold, such as an unknown LoRA adapter (NOT_FOUND)."""
+
+
 class QueueFullError(WeirError):
     """The engine's waiting queue is full; the caller may retry after `retry_after_s`."""
 

@@ -211,8 +211,9 @@ class _EngineCollector:
 def _gie_info(models: ServedModels) -> Iterator[Any]:
     """The labelled gauges the Gateway API Inference Extension's endpoint picker reads besides the queue and
     KV-cache gauges (its model-server protocol): `vllm:cache_config_info` (block size and block count, for its
-    prefix-cache scorer) and `vllm:lora_requests_info` (no adapters and `max_lora` 0: Weir serves no LoRA; the
-    value is a timestamp, as the picker keeps the newest series)."""
+    prefix-cache scorer) and `vllm:lora_requests_info` (the adapters with running and waiting requests, comma-joined,
+    and the adapters the device holds at once; `max_lora` 0 when LoRA is off; the value is a timestamp, as the
+    picker keeps the newest series). Beside them, Weir's per-adapter request gauges."""
     from prometheus_client.core import GaugeMetricFamily
 
     cache = GaugeMetricFamily(
@@ -223,15 +224,26 @@ def _gie_info(models: ServedModels) -> Iterator[Any]:
         "vllm:lora_requests_info", "Running stats on LoRA requests.",
         labels=["model_name", "max_lora", "running_lora_adapters", "waiting_lora_adapters"],
     )  # fmt: skip
+    running = GaugeMetricFamily(
+        "weir_lora_requests_running", "Requests running per LoRA adapter", labels=["model", "adapter"]
+    )
+    waiting = GaugeMetricFamily(
+        "weir_lora_requests_waiting", "Requests waiting per LoRA adapter", labels=["model", "adapter"]
+    )
     now = time.time()
     for model in models.models():
         if model.generator is None:
             continue
         stats = model.generator.stats()
         cache.add_metric([model.id, VLLM_ENGINE, str(stats.block_size), str(stats.num_total_blocks)], 1.0)
-        lora.add_metric([model.id, "0", "", ""], now)
-    yield cache
-    yield lora
+        busy = {name: n for name, n in stats.lora_running if n}
+        queued = {name: n for name, n in stats.lora_waiting if n}
+        max_lora = stats.max_loras if model.lora_enabled else 0
+        lora.add_metric([model.id, str(max_lora), ",".join(sorted(busy)), ",".join(sorted(queued))], now)
+        for adapter in sorted({*busy, *queued, *(a.name for a in model.adapters())}):
+            running.add_metric([model.id, adapter], busy.get(adapter, 0))
+            waiting.add_metric([model.id, adapter], queued.get(adapter, 0))
+    yield from (cache, lora, running, waiting)
 
 
 class _VllmCopies:

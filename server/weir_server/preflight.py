@@ -1,13 +1,20 @@
-"""Checks of a ServerConfig before anything loads: the optional packages it needs and a TLS certificate that matches
-its key. Each failure is a ValueError of one line naming what to do; `weir serve` prints it and exits 2."""
+"""Checks of a ServerConfig before anything loads: the optional packages it needs, a TLS certificate that matches
+its key, and the LoRA adapter folders it names. Each failure is a ValueError of one line naming what to do; `weir
+serve` prints it and exits 2."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import ssl
 from pathlib import Path
 
-from weir_server.config import PACKAGED_MODELS, ModelConfig, ServerConfig, TlsConfig
+from weir_server.config import PACKAGED_MODELS, LoRAConfig, ModelConfig, ServerConfig, TlsConfig
+
+# LoRA adapter names travel in Prometheus labels (comma-joined in vllm:lora_requests_info), gRPC metadata and log
+# lines: printable ASCII without spaces or commas.
+VALID_ADAPTER_NAME = re.compile(r"[\x21-\x2b\x2d-\x7e]{1,128}")
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def check_config(config: ServerConfig) -> None:
@@ -25,6 +32,26 @@ def check_config(config: ServerConfig) -> None:
         _require("prometheus_client", "--metrics-port", "prometheus-client")
     if config.tls is not None:
         check_tls(config.tls)
+    if config.generate is not None and config.generate.lora is not None:
+        _check_lora_modules(config.generate.lora)
+
+
+def _check_lora_modules(lora: LoRAConfig) -> None:
+    """Each --lora-modules folder exists and holds a PEFT adapter config (the engine reads and checks the rest)."""
+    for name, path in lora.lora_modules:
+        problem = adapter_folder_problem(path)
+        if problem is not None:
+            raise ValueError(f"--lora-modules {name}={path}: {problem}")
+
+
+def adapter_folder_problem(path: str) -> str | None:
+    """What makes `path` no PEFT adapter folder at first sight (None: it may be one; the engine checks the rest)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return "no such directory" if not folder.exists() else "not a directory"
+    if not (folder / ADAPTER_CONFIG).is_file():
+        return f"no {ADAPTER_CONFIG} there (not a PEFT adapter folder)"
+    return None
 
 
 def _check_model_packages(model: ModelConfig) -> None:

@@ -13,6 +13,7 @@ from weir_server.config import (
     TOOL_CALL_PARSER_AUTO,
     CacheConfig,
     LimitsConfig,
+    LoRAConfig,
     SchedulerConfig,
     ServerConfig,
 )
@@ -24,6 +25,7 @@ _CACHE = CacheConfig()
 _SCHEDULER = SchedulerConfig()
 _SERVER = ServerConfig()
 _LIMITS = LimitsConfig()
+_LORA = LoRAConfig()
 _DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's other spellings
 
@@ -53,6 +55,7 @@ def build_parser(prog: str = "weir serve") -> argparse.ArgumentParser:
     _add_cache_options(p)
     _add_scheduler_options(p)
     _add_chat_options(p)
+    _add_lora_options(p)
     _add_limit_options(p)
     _add_constraint_options(p)
     _add_observability_options(p)
@@ -253,6 +256,46 @@ def _add_chat_options(p: argparse.ArgumentParser) -> None:
         help="read special-token strings (<|im_start|>...) in a raw prompt and in Tokenize and Embed texts as the "
         "special tokens they spell, for clients that send prompts they rendered themselves (default: they are "
         "text; chat message content is always text)",
+    )
+
+
+def _add_lora_options(p: argparse.ArgumentParser) -> None:
+    """LoRA adapters of the generation model (docs/lora.md); `cli._lora` checks them."""
+    group = p.add_argument_group("LoRA adapters", "fine-tunes of the generation model, mixed in one batch")
+    group.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve LoRA adapters (PEFT format): loaded at start with --lora-modules or later with LoadAdapter / "
+        "POST /v1/load_lora_adapter, used by naming them as the request's model",
+    )
+    group.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help='adapters to load at start: NAME=PATH, or JSON \'{"name": ..., "path": ..., '
+        "\"base_model_name\": ...}' (vLLM's forms)",
+    )
+    group.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=_LORA.max_lora_rank,
+        metavar="N",
+        help="the highest rank an adapter may have (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-loras",
+        type=int,
+        default=_LORA.max_loras,
+        metavar="N",
+        help="adapters on the device at once; a request for another waits for a slot (default %(default)s)",
+    )
+    group.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        metavar="N",
+        help="adapters kept in host memory, swapped onto the device least-recently-used first; at least "
+        "--max-loras (default: no limit)",
     )
 
 

@@ -70,6 +70,21 @@ class InferenceServiceStub:
                 request_serializer=weir_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=weir_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/weir.v1.InferenceService/LoadAdapter',
+                request_serializer=weir_dot_v1_dot_inference__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=weir_dot_v1_dot_inference__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/weir.v1.InferenceService/UnloadAdapter',
+                request_serializer=weir_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=weir_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/weir.v1.InferenceService/ListAdapters',
+                request_serializer=weir_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=weir_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -125,6 +140,28 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """LoadAdapter loads a LoRA adapter (PEFT format) onto a generation model while serving; requests then name it in
+        `adapter`, or as `model`. Fails FAILED_PRECONDITION when the server runs without --enable-lora.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """UnloadAdapter removes a LoRA adapter; requests already using it finish first, new ones get NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """ListAdapters describes the LoRA adapters loaded on the server's generation models.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +199,21 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=weir_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=weir_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=weir_dot_v1_dot_inference__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=weir_dot_v1_dot_inference__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=weir_dot_v1_dot_inference__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=weir_dot_v1_dot_inference__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=weir_dot_v1_dot_inference__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=weir_dot_v1_dot_inference__pb2.ListAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +406,87 @@ class InferenceService:
             '/weir.v1.InferenceService/ListModels',
             weir_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             weir_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.v1.InferenceService/LoadAdapter',
+            weir_dot_v1_dot_inference__pb2.LoadAdapterRequest.SerializeToString,
+            weir_dot_v1_dot_inference__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.v1.InferenceService/UnloadAdapter',
+            weir_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
+            weir_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weir.v1.InferenceService/ListAdapters',
+            weir_dot_v1_dot_inference__pb2.ListAdaptersRequest.SerializeToString,
+            weir_dot_v1_dot_inference__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,6 +18,7 @@ from weir_server.errors import (
     EngineUnavailableError,
     InvalidRequestError,
     ModelNotFoundError,
+    NotFoundError,
     QueueFullError,
     WeirError,
 )
@@ -43,6 +44,26 @@ class CallCancelledError(WeirError):
     """The caller went away before its work was done; the work stopped."""
 
 
+class FailedPreconditionError(WeirError):
+    """The server is not set up for the request (e.g. a LoRA call on a server started without --enable-lora)."""
+
+
+class AdapterNotFoundError(NotFoundError):
+    """The request names a LoRA adapter that is not loaded; `field` names where it was named."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class AlreadyExistsError(WeirError):
+    """The request would create something (an adapter) under a name already taken; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def to_grpc_status(error: Exception) -> grpc.Status:
     """The gRPC status (code, message, rich details in trailing metadata) an exception is answered with."""
     details: list[Any] = []
@@ -53,6 +74,14 @@ def to_grpc_status(error: Exception) -> grpc.Status:
     elif isinstance(error, ModelNotFoundError):
         code, message = code_pb2.NOT_FOUND, str(error)
         details.append(_bad_request("model", message))
+    elif isinstance(error, AdapterNotFoundError | AlreadyExistsError):
+        code = code_pb2.NOT_FOUND if isinstance(error, NotFoundError) else code_pb2.ALREADY_EXISTS
+        message = str(error)
+        details.append(_bad_request(error.field, message))
+    elif isinstance(error, NotFoundError):
+        code, message = code_pb2.NOT_FOUND, str(error)
+    elif isinstance(error, FailedPreconditionError):
+        code, message = code_pb2.FAILED_PRECONDITION, str(error)
     elif isinstance(error, QueueFullError):
         code, message = code_pb2.RESOURCE_EXHAUSTED, str(error)
         seconds = max(error.retry_after_s, 0.0)

@@ -1,5 +1,6 @@
 """The models a server serves (`ServedModels`): loading them off the event loop and resolving a request's `model`
-field. Not to be confused with `models/registry.py`, the architectures Weir can build."""
+field (a model's id, or, as in vLLM, a LoRA adapter's name standing for its base model with that adapter). Not to be
+confused with `models/registry.py`, the architectures Weir can build."""
 
 from __future__ import annotations
 
@@ -8,17 +9,20 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from weir_server.api.errors import AdapterNotFoundError, FailedPreconditionError
 from weir_server.chat.frontend import ChatFrontend
 from weir_server.config import ServerConfig
 from weir_server.engine.async_engine import AsyncEngine
 from weir_server.engine.embedding_engine import EmbeddingEngine
 from weir_server.engine.factory import load_engine
+from weir_server.engine.types import AdapterInfo
 from weir_server.errors import EngineUnavailableError, InvalidRequestError, ModelNotFoundError
 from weir_server.models.loader import LoadedModel, load_model
 from weir_server.tokenization import Tokenizer
 
 Task = Literal["generate", "embed"]
 _TASK_WORDS = {"generate": "text generation", "embed": "embeddings"}
+ENABLE_LORA_HINT = "start the server with --enable-lora to serve LoRA adapters"
 
 
 @dataclass
@@ -41,6 +45,26 @@ class ServedModel:
     def task(self) -> Task:
         return self.loaded.task
 
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether this model's engine serves LoRA adapters (--enable-lora)."""
+        return self.generator is not None and self.generator.config.lora is not None
+
+    def adapters(self) -> list[AdapterInfo]:
+        """The LoRA adapters loaded on this model, in load order (none when LoRA is off)."""
+        return self.generator.list_adapters() if self.generator is not None and self.lora_enabled else []
+
+    def check_adapter(self, name: str, field: str) -> None:
+        """FAILED_PRECONDITION when this model serves no adapters, NOT_FOUND when `name` is not one of them."""
+        if not self.lora_enabled:
+            raise FailedPreconditionError(f"{field}: model {self.id!r} serves no LoRA adapters; {ENABLE_LORA_HINT}")
+        names = [a.name for a in self.adapters()]
+        if name not in names:
+            loaded = ", ".join(names) or "none"
+            raise AdapterNotFoundError(
+                field, f"LoRA adapter {name!r} is not loaded on model {self.id!r}; loaded adapters: {loaded}"
+            )
+
 
 class ServedModels:
     """Served models by id; the first model of each task is its default."""
@@ -58,11 +82,40 @@ class ServedModels:
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
 
+    def find(self, name: str) -> ServedModel | None:
+        """The model served as `name`, or None (no adapter lookup)."""
+        return self._models.get(name)
+
+    def adapter_owner(self, name: str) -> ServedModel | None:
+        """The generation model that has the LoRA adapter `name` loaded, or None."""
+        for model in self._models.values():
+            if any(a.name == name for a in model.adapters()):
+                return model
+        return None
+
+    def resolve_generation(self, name: str, adapter: str) -> tuple[ServedModel, str | None]:
+        """The generation model and adapter a Generate request names. `model` may be an adapter's name (the OpenAI
+        API has no other field for it), which stands for its base model with that adapter."""
+        if name and self.ready and name not in self._models:
+            owner = self.adapter_owner(name)
+            if owner is not None:
+                if adapter and adapter != name:
+                    raise InvalidRequestError(
+                        "adapter", f"names adapter {adapter!r} but `model` names adapter {name!r}; give one"
+                    )
+                return owner, name
+        model = self.get(name, "generate")
+        if not adapter:
+            return model, None
+        model.check_adapter(adapter, "adapter")
+        return model, adapter
+
     def default(self, task: Task) -> ServedModel | None:
         return next((m for m in self._models.values() if m.task == task and m.is_default), None)
 
     def get(self, name: str, task: Task | None) -> ServedModel:
-        """The model a request names (empty = the task's default; task None = any, generation first)."""
+        """The model a request names (empty = the task's default; task None = any, generation first; an adapter's
+        name = its base model)."""
         if not self.ready:
             raise EngineUnavailableError("the server is still loading its models; retry shortly")
         if not name:
@@ -70,7 +123,9 @@ class ServedModels:
             if model is None:
                 raise ModelNotFoundError(f"no {_TASK_WORDS[task or 'generate']} model is loaded on this server")
             return model
-        model = self._models.get(name)
+        # A LoRA adapter's name stands for its base model (its tokenizer, its load); Generate resolves it with the
+        # adapter in resolve_generation.
+        model = self._models.get(name) or self.adapter_owner(name)
         if model is None:
             loaded = ", ".join(self._models) or "none"
             raise ModelNotFoundError(f"model {name!r} is not loaded on this server; loaded models: {loaded}")

@@ -107,6 +107,9 @@ class WeirServer:
             freeze_startup_objects()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         names = ", ".join(f"{m.id} ({m.task})" for m in self.registry.models()) or "none"
+        adapters = [a.name for m in self.registry.models() for a in m.adapters()]
+        if adapters:
+            names += f" with LoRA adapters {', '.join(adapters)}"
         logger.info("Weir is ready on %s serving %s", self.address, names)
 
     def _engine_died(self, message: str) -> None:

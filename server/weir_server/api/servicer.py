@@ -12,7 +12,7 @@ import grpc
 
 from weir.v1 import inference_pb2 as pb
 from weir.v1 import inference_pb2_grpc
-from weir_server.api import convert
+from weir_server.api import adapters, convert
 from weir_server.api.admission import Admission, check_context
 from weir_server.api.control import RunningRequests
 from weir_server.api.errors import map_errors
@@ -73,7 +73,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     @map_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        model = self.registry.get(request.model, "generate")
+        model, adapter = self.registry.resolve_generation(request.model, request.adapter)
         engine = model.generator
         if engine is None:
             raise EngineUnavailableError(f"model {model.id!r} has no generation engine")
@@ -81,18 +81,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         caller_id = request.request_id or _metadata_request_id(context)
         if caller_id and not VALID_REQUEST_ID.fullmatch(caller_id):
             raise InvalidRequestError("request_id", "must be 1 to 128 printable ASCII characters without spaces")
-        answer = convert.constraint(request)
-        prepare = functools.partial(self._prompt, request, model, answer)
-        if _cheap_prompt(request):
-            prompt_ids, chat = prepare(keep_going)
-        else:
-            prompt_ids, chat = await self.workers.run(prepare, context.time_remaining())
-        params = convert.sampling_params(request.sampling_params)  # the engine validates them
-        constraint = chat.constraint if chat is not None else answer
-        if answer is not None and constraint is not answer:
-            await engine.prepare_constraint(answer)  # its own errors name its own field
-        if constraint is not None:
-            await _prepare_constraint(engine, constraint)  # compiled off the event loop, before admission
+        with self.running.preparing(caller_id):  # ControlService.Abort reaches the call here too
+            answer = convert.constraint(request)
+            prepare = functools.partial(self._prompt, request, model, answer)
+            if _cheap_prompt(request):
+                prompt_ids, chat = prepare(keep_going)
+            else:
+                prompt_ids, chat = await self.workers.run(prepare, context.time_remaining())
+            params = convert.sampling_params(request.sampling_params)  # the engine validates them
+            constraint = chat.constraint if chat is not None else answer
+            if answer is not None and constraint is not answer:
+                await engine.prepare_constraint(answer)  # its own errors name its own field
+            if constraint is not None:
+                await _prepare_constraint(engine, constraint)  # compiled off the event loop, before admission
         request_id = caller_id or uuid.uuid4().hex
         # Every response carries the id; the trailers too. Not sent as initial metadata: that is one more write per
         # call, which at hundreds of streams arriving at once measurably delayed admission.
@@ -103,6 +104,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             prompt_token_ids=prompt_ids,
             params=params,
             constraint=constraint,
+            adapter=adapter,
         )
         operation = "chat" if chat is not None else "text_completion"
         observer = self.observability.generation(model.id, request_id, params, operation)
@@ -122,7 +124,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 response = convert.generate_response(
                     output,
                     request_id=request_id,
-                    model=model.id,
+                    model=adapter or model.id,  # as vLLM: the adapter is the model the caller asked for
                     tokenizer=model.tokenizer,
                     prompt_token_ids=prompt_ids if first else None,
                     parsed=parsed,
@@ -305,7 +307,31 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> pb.ListModelsResponse:
         if not self.registry.ready:
             raise EngineUnavailableError("the server is still loading its models; retry shortly")
-        return pb.ListModelsResponse(models=[_model_info(m) for m in self.registry.models()])
+        infos = []
+        for model in self.registry.models():
+            infos.append(_model_info(model))
+            infos += adapters.adapter_model_infos(model, infos[-1])
+        return pb.ListModelsResponse(models=infos)
+
+    @map_errors
+    async def LoadAdapter(
+        self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadAdapterResponse:
+        return await adapters.load_adapter(self.registry, request)
+
+    @map_errors
+    async def UnloadAdapter(
+        self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadAdapterResponse:
+        return await adapters.unload_adapter(self.registry, request)
+
+    @map_errors
+    async def ListAdapters(
+        self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAdaptersResponse:
+        if not self.registry.ready:
+            raise EngineUnavailableError("the server is still loading its models; retry shortly")
+        return adapters.list_adapters(self.registry, request)
 
 
 def _model_info(model: ServedModel) -> pb.ModelInfo:

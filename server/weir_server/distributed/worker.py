@@ -25,7 +25,7 @@ def run_worker(
 ) -> None:
     """The worker's main: rank `rank` of `world_size`, on `config.model.device`, fed batches over `steps`."""
     from weir_server.executor.model_runner import ModelRunner
-    from weir_server.executor.tp_executor import STOP_MESSAGE, decode_batch
+    from weir_server.executor.tp_executor import STOP_MESSAGE, run_message
     from weir_server.models.loader import load_model
 
     logging.basicConfig(
@@ -39,7 +39,7 @@ def run_worker(
         runner = ModelRunner(loaded, config)
         logger.info("ready")
         while (data := steps.recv_bytes()) != STOP_MESSAGE:
-            runner.execute(decode_batch(data))
+            run_message(runner, data)  # a step's batch, or a LoRA slot to fill
     except EOFError:
         logger.info("rank 0 closed the step pipe; exiting")
     except Exception:  # any failure leaves the group out of step: report it and die, rank 0 takes it from there

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 from weir_server.config import EngineConfig
 from weir_server.engine.core_client import CoreClient
 from weir_server.engine.kv_events import KvEvent, KvEventLog
+from weir_server.engine.lora_manager import check_adapter_name
 from weir_server.engine.output import OutputText
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.structured import StructuredOutputs
-from weir_server.engine.types import Constraint, GenerationOutput, GenerationRequest
+from weir_server.engine.types import AdapterInfo, Constraint, GenerationOutput, GenerationRequest
 from weir_server.engine.validation import RequestValidator
-from weir_server.errors import EngineUnavailableError, InvalidRequestError
+from weir_server.errors import EngineUnavailableError, InvalidRequestError, NotFoundError
 
 if TYPE_CHECKING:
     from weir_server.models.loader import LoadedModel
@@ -123,6 +124,8 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self.kv_events = KvEventLog()  # the core's prefix cache as its events tell it, for WatchKvEvents
+        # The LoRA adapters requests may name; one being unloaded leaves at once (its requests in flight finish).
+        self._adapters: dict[str, AdapterInfo] = {}
         # Called (from any thread) with the reason when the core ends on its own and will not come back.
         self.on_death: Callable[[str], None] | None = None
 
@@ -137,6 +140,7 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         info = await self.client.start(self._deliver, self._core_exited)
+        self._adapters = {adapter.name: adapter for adapter in info.adapters}
         self._validator = RequestValidator(self.vocab_size, self.max_model_len, info.max_seq_len, self.structured)
 
     async def shutdown(self) -> None:
@@ -157,6 +161,54 @@ class AsyncEngine:
         """The core's counters as of its last step."""
         return self.client.stats()
 
+    # ---- LoRA adapters ----------------------------------------------------------------------------------
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.config.lora is not None
+
+    async def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Read a PEFT LoRA adapter from `path` (a folder on the server's host) and serve it as `name`. Raises
+        InvalidRequestError naming the problem: LoRA off, a taken or bad name, a rank over the limit, shapes that
+        do not match the base model, missing or unreadable files, unsupported target modules."""
+        self._check_lora_enabled()
+        if not self.is_running:
+            raise EngineUnavailableError("the engine is not running")
+        check_adapter_name(name, self.model_id)
+        if name in self._adapters:
+            raise InvalidRequestError("name", f"an adapter named {name!r} is already loaded")
+        info = await self.client.load_adapter(name, path)
+        self._adapters[name] = info
+        return info
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving an adapter: new requests for it are refused at once, those in flight finish, then its
+        memory is freed. Raises NotFoundError for an adapter not loaded."""
+        self._check_lora_enabled()
+        if name not in self._adapters:
+            raise NotFoundError(f"adapter {name!r} is not loaded")
+        info = self._adapters.pop(name)
+        try:
+            await self.client.unload_adapter(name)
+        except NotFoundError:
+            raise
+        except BaseException:
+            self._adapters.setdefault(name, info)  # the core still serves it
+            raise
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        """The adapters requests may name, in load order."""
+        return list(self._adapters.values())
+
+    def _check_lora_enabled(self) -> None:
+        if self.config.lora is None:
+            raise InvalidRequestError("", "LoRA adapters are not enabled on this server (start it with --enable-lora)")
+
+    def _check_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            off = "" if self.config.lora is not None else " (LoRA adapters are not enabled on this server)"
+            raise NotFoundError(f"adapter {name!r} is not loaded{off}")
+
     def abort(self, request_id: str, error: BaseException) -> bool:
         """Cancel a request wherever it is: its stream ends with `error` and the core frees its blocks on its next
         iteration. False when the request is unknown or already finished (not an error: aborts are idempotent)."""
@@ -173,6 +225,8 @@ class AsyncEngine:
             raise EngineUnavailableError("the engine is not running")
         if request.request_id in self._streams:
             raise InvalidRequestError("request_id", f"request {request.request_id!r} is already running")
+        if request.adapter is not None:
+            self._check_adapter(request.adapter)
         request = self._validator.validate(request)
         if not request.arrival_time:
             request = dataclasses.replace(request, arrival_time=time.time())

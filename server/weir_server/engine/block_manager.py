@@ -66,7 +66,8 @@ class BlockManager:
         bs = self.block_size
         hashes = seq.block_hashes
         for i in range(len(hashes), num_tokens // bs):
-            hashes.append(hash_block(hashes[-1] if hashes else None, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
+            parent = hashes[-1] if hashes else seq.cache_salt  # a LoRA adapter's salt keys its first block
+            hashes.append(hash_block(parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
         return hashes
 
     def lookup_prefix(self, seq: Sequence) -> list[int]:

@@ -11,7 +11,8 @@ import logging
 import sys
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +20,7 @@ from weir_server.config import EngineConfig
 from weir_server.engine.block_manager import BlockManager
 from weir_server.engine.detokenizer import IncrementalDetokenizer
 from weir_server.engine.kv_events import KvEvent
+from weir_server.engine.lora_manager import LoadedAdapter, LoRAManager, check_adapter_name
 from weir_server.engine.output import PendingText, choice_output, core_makes_text, final_output, make_text
 from weir_server.engine.sampler import Sampler, make_generator, token_logprobs
 from weir_server.engine.scheduler import Scheduler, SchedulerOutput
@@ -26,10 +28,11 @@ from weir_server.engine.sequence import Sequence, SequenceStatus
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.stop import check_stop, may_stop
 from weir_server.engine.structured import StructuredOutputs
-from weir_server.engine.types import FinishReason, GenerationOutput, GenerationRequest, TokenLogprob
+from weir_server.engine.types import AdapterInfo, FinishReason, GenerationOutput, GenerationRequest, TokenLogprob
 from weir_server.engine.validation import RequestValidator
-from weir_server.errors import EngineStepError
+from weir_server.errors import EngineStepError, EngineUnavailableError, InvalidRequestError, ModelLoadError, WeirError
 from weir_server.executor.batch import StepPublisher
+from weir_server.executor.lora_checkpoint import read_peft_adapter
 from weir_server.executor.model_runner import ModelOutput, ModelRunner, TokenFeed
 from weir_server.executor.tp_executor import launch
 from weir_server.models.loader import load_model
@@ -94,7 +97,8 @@ class EngineCore:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.lora = LoRAManager(config.lora, self.runner.load_lora) if config.lora is not None else None
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.lora)
         self.sampler = Sampler(config.model.sampling_seed)
         self.structured = StructuredOutputs(
             self.tokenizer, self.vocab_size, self.eos_token_ids, self.runner.device, config.structured
@@ -112,6 +116,7 @@ class EngineCore:
         # asynchronously and on one rank (tensor-parallel workers get token ids from the host).
         self.run_ahead = config.executor.run_ahead and self.overlap_outputs and publisher is None
         self._launched: _Launched | None = None  # the step running ahead, tokens not yet read
+        self._load_startup_adapters()
 
     @classmethod
     def from_config(cls, config: EngineConfig, detokenize_all: bool = True) -> EngineCore:
@@ -119,6 +124,45 @@ class EngineCore:
         core; blocking. How a core process, and a server's core thread, make their core."""
         publisher = launch(config)  # before the model is built, so it is built as rank 0's shard
         return cls(load_model(config.model, "generate"), config, detokenize_all=detokenize_all, publisher=publisher)
+
+    # ---- LoRA adapters ----------------------------------------------------------------------------------
+
+    def read_adapter(self, name: str, path: str) -> LoadedAdapter:
+        """Read and check a PEFT adapter against the model (thread-safe: touches no engine state); raise
+        InvalidRequestError naming the problem."""
+        lora = self.config.lora
+        if lora is None:
+            raise InvalidRequestError("", "LoRA adapters are not enabled on this server (start it with --enable-lora)")
+        check_adapter_name(name, self.loaded.model_id)
+        if self.lora is not None and name in self.lora.adapters:
+            raise InvalidRequestError("name", f"an adapter named {name!r} is already loaded")
+        weights = read_peft_adapter(path, self.runner.lora_spec, lora.max_lora_rank)
+        info = AdapterInfo(name, path, weights.rank, weights.alpha, weights.target_modules, self.loaded.model_id)
+        return LoadedAdapter(info, weights, weights.digest)
+
+    def add_adapter(self, adapter: LoadedAdapter) -> AdapterInfo:
+        """Serve a read adapter under its name (not thread-safe: the core's own thread)."""
+        assert self.lora is not None, "read_adapter refuses adapters while LoRA is off"
+        self.lora.add(adapter)
+        logger.info("LoRA adapter %r loaded from %s (rank %d)", adapter.info.name, adapter.info.path, adapter.info.rank)
+        return adapter.info
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving an adapter: refused from now on; its requests in flight finish, then its memory goes."""
+        if self.lora is None:
+            raise InvalidRequestError("", "LoRA adapters are not enabled on this server (start it with --enable-lora)")
+        self.lora.remove(name)
+        logger.info("LoRA adapter %r unloaded", name)
+
+    def adapters(self) -> list[AdapterInfo]:
+        return self.lora.infos() if self.lora is not None else []
+
+    def _load_startup_adapters(self) -> None:
+        for name, path in self.config.lora.lora_modules if self.config.lora is not None else ():
+            try:
+                self.add_adapter(self.read_adapter(name, path))
+            except WeirError as error:
+                raise ModelLoadError(f"--lora-modules {name}={path}: {error}") from error
 
     # ---- requests ---------------------------------------------------------------------------------------
 
@@ -134,10 +178,15 @@ class EngineCore:
             params.n > 1 and self.block_manager.enable_prefix_caching and len(prompt) > self.block_manager.block_size
         )
         makes_text = self.tokenizer is not None and core_makes_text(request, self.detokenize_all)
+        adapter = self._adapter_of(request)
         seqs: list[Sequence] = []
         for index in range(params.n):
             leader = seqs[0] if share and seqs else None
-            seq = Sequence(request.request_id, index, prompt, params, request.arrival_time, leader, self.eos_token_ids)
+            seq = Sequence(
+                request.request_id, index, prompt, params, request.arrival_time, leader, self.eos_token_ids, adapter
+            )
+            if adapter is not None:
+                adapter.sequences.add(seq.seq_id)
             seq.length_limit = min(seq.length_limit, self.max_seq_len)
             if params.seed is not None and self.sampler.uses_generators(self.runner.device):
                 seq.generator = make_generator(params.seed, index, self.runner.device)
@@ -149,6 +198,30 @@ class EngineCore:
                 seq.grammar = self.structured.new_state(request.constraint)
             seqs.append(seq)
         self.scheduler.add(seqs)
+
+    def _adapter_of(self, request: GenerationRequest) -> LoadedAdapter | None:
+        """The request's adapter; raises NotFoundError for one not loaded (the front end checks first)."""
+        if request.adapter is None:
+            return None
+        if self.lora is None:
+            raise InvalidRequestError("adapter", "LoRA adapters are not enabled on this server")
+        return self.lora.get(request.adapter)
+
+    def refuse_request(self, request: GenerationRequest, message: str) -> list[GenerationOutput]:
+        """The final outputs of a request the core cannot queue (its adapter went away meanwhile)."""
+        outputs = []
+        for index in range(request.params.n):
+            seq = Sequence(
+                request.request_id, index, list(request.prompt_token_ids), request.params, request.arrival_time
+            )
+            seq.finish(FinishReason.ERROR, error=message)
+            outputs.append(final_output(seq))
+        return outputs
+
+    def collect_adapters(self) -> None:
+        """Free the memory of unloaded adapters whose last request has ended."""
+        if self.lora is not None:
+            self.lora.collect()
 
     def abort_request(self, request_id: str) -> list[GenerationOutput]:
         """Cancel a request's unfinished choices at once, freeing their blocks."""
@@ -347,7 +420,21 @@ class EngineCore:
             prefix_cache_hit_tokens=bm.prefix_hit_tokens,
             num_steps=self.num_steps,
             num_generated_tokens=self.num_generated_tokens,
+            **self._lora_stats(),
         )
+
+    def _lora_stats(self) -> dict[str, Any]:
+        """Requests running and waiting per adapter (requests, not choices), and the slots."""
+        if self.lora is None:
+            return {}
+        running = {s.request_id: s.adapter.info.name for s in self.scheduler.running if s.adapter is not None}
+        waiting = {s.request_id: s.adapter.info.name for s in self.scheduler.waiting if s.adapter is not None}
+        counts = self.lora.counts
+        return {
+            "lora_running": counts(running.values()),
+            "lora_waiting": counts(n for r, n in waiting.items() if r not in running),
+            "max_loras": self.lora.max_loras,
+        }
 
 
 Deliver = Callable[[list[GenerationOutput], EngineStats, list[KvEvent]], None]
@@ -362,8 +449,21 @@ class CoreLoop:
         self._wakeup = threading.Condition()
         self._pending: list[GenerationRequest] = []  # admitted elsewhere, added on the loop's thread
         self._aborts: list[str] = []
+        self._calls: list[tuple[Callable[[EngineCore], Any], Future[Any]]] = []
         self._stopping = False
         self.last_stats = core.stats()
+
+    def call(self, fn: Callable[[EngineCore], Any]) -> Future[Any]:
+        """Run `fn(core)` on the loop's thread between two steps (after the requests added before it); its
+        result or exception lands in the future."""
+        future: Future[Any] = Future()
+        with self._wakeup:
+            if self._stopping:
+                future.set_exception(EngineUnavailableError("the engine is not running"))
+                return future
+            self._calls.append((fn, future))
+            self._wakeup.notify()
+        return future
 
     def add(self, request: GenerationRequest, check_capacity: bool = True) -> None:
         """Queue a validated request; raises QueueFullError when the scheduler's waiting queue is full."""
@@ -392,20 +492,26 @@ class CoreLoop:
         while True:
             with self._wakeup:
                 # Sleep while idle: no polling; add, abort and stop notify.
-                while not (self._stopping or self._pending or self._aborts or core.has_unfinished()):
+                while not (self._stopping or self._pending or self._aborts or self._calls or core.has_unfinished()):
                     self._wakeup.wait()
                 if self._stopping:
                     break
                 pending, self._pending = self._pending, []
                 aborts, self._aborts = self._aborts, []
+                calls, self._calls = self._calls, []
             outputs: list[GenerationOutput] = []
             try:
                 for request in pending:
-                    core.add_request(request)
+                    try:
+                        core.add_request(request)
+                    except WeirError as error:  # its adapter was unloaded since the front end checked
+                        outputs += core.refuse_request(request, str(error))
                 for request_id in aborts:
                     core.abort_request(request_id)  # its stream is gone: the outputs go nowhere
+                self._run_calls(calls)
                 if core.has_unfinished():
-                    outputs = core.step()
+                    outputs += core.step()
+                core.collect_adapters()
             except Exception as error:  # a bug outside the model step must not kill the loop
                 logger.exception("engine loop failed; failing every request in flight")
                 outputs = self._fail_all(f"{type(error).__name__}: {error}")
@@ -414,6 +520,15 @@ class CoreLoop:
             if outputs or aborts or events:  # an abort frees blocks without outputs: the stats must still go out
                 self._deliver(outputs, self.last_stats, events)
         self.last_stats = core.stats()
+        for _, future in self._calls:
+            future.set_exception(EngineUnavailableError("the engine stopped"))
+
+    def _run_calls(self, calls: list[tuple[Callable[[EngineCore], Any], Future[Any]]]) -> None:
+        for fn, future in calls:
+            try:
+                future.set_result(fn(self.core))
+            except Exception as error:  # the caller's to handle
+                future.set_exception(error)
 
     def _fail_all(self, message: str) -> list[GenerationOutput]:
         scheduler = self.core.scheduler

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import multiprocessing as mp
 import threading
@@ -22,17 +23,20 @@ from weir_server.engine.core_process import run_core_process
 from weir_server.engine.kv_events import KvEvent
 from weir_server.engine.scheduler import check_in_flight
 from weir_server.engine.stats import EngineStats
-from weir_server.engine.types import GenerationOutput, GenerationRequest
+from weir_server.engine.types import AdapterInfo, GenerationOutput, GenerationRequest
 from weir_server.engine.wire import (
     AbortRequest,
+    AdapterReply,
     AddRequest,
     CoreFailed,
     CoreInfo,
     CoreOutputs,
     CoreReady,
     FromCore,
+    LoadAdapter,
     StopCore,
     ToCore,
+    UnloadAdapter,
     decode_outputs,
 )
 from weir_server.errors import EngineUnavailableError, ModelLoadError
@@ -70,6 +74,14 @@ class CoreClient(Protocol):
         """The core's counters as of its last step."""
         ...
 
+    async def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Read a LoRA adapter and serve it as `name`; raises InvalidRequestError naming the problem."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving an adapter (its requests in flight finish); raises NotFoundError for an unknown one."""
+        ...
+
 
 class InProcessClient:
     """The core's loop on a thread of this process; the core is built before (a model with weights)."""
@@ -88,7 +100,7 @@ class InProcessClient:
         self.busy_loop = CoreLoop(self.core, lambda outputs, _stats, events: deliver(outputs, events))
         self._thread = threading.Thread(target=self.busy_loop.run, name="weir-engine", daemon=True)
         self._thread.start()
-        return CoreInfo(self.core.max_seq_len, self.busy_loop.last_stats)
+        return CoreInfo(self.core.max_seq_len, self.busy_loop.last_stats, tuple(self.core.adapters()))
 
     async def stop(self) -> None:
         if self.busy_loop is not None:
@@ -105,6 +117,14 @@ class InProcessClient:
 
     def stats(self) -> EngineStats:
         return self._loop().last_stats if self.busy_loop is not None else self.core.stats()
+
+    async def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        adapter = await asyncio.to_thread(self.core.read_adapter, name, path)  # file reads off the loop's thread
+        info: AdapterInfo = await asyncio.wrap_future(self._loop().call(lambda core: core.add_adapter(adapter)))
+        return info
+
+    async def unload_adapter(self, name: str) -> None:
+        await asyncio.wrap_future(self._loop().call(lambda core: core.remove_adapter(name)))
 
     def _loop(self) -> CoreLoop:
         if self.busy_loop is None:
@@ -123,6 +143,9 @@ class ProcessClient:
         self._send_lock = threading.Lock()
         self._stopping = False
         self._stats = EngineStats(0, 0, 0, 0, config.cache.block_size, 0, 0, 0, 0, 0)
+        self._call_ids = itertools.count()
+        # Adapter calls awaiting the core's reply: call id -> (the caller's event loop, its future).
+        self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[AdapterReply]]] = {}
 
     @property
     def is_running(self) -> bool:
@@ -196,6 +219,40 @@ class ProcessClient:
     def stats(self) -> EngineStats:
         return self._stats
 
+    async def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        reply = await self._call(lambda call_id: LoadAdapter(call_id, name, path))
+        assert reply.info is not None
+        return reply.info
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._call(lambda call_id: UnloadAdapter(call_id, name))
+
+    async def _call(self, make: Callable[[int], ToCore]) -> AdapterReply:
+        """Send a call to the core and await its reply; its error is raised here as the core raised it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[AdapterReply] = loop.create_future()
+        call_id = next(self._call_ids)
+        self._calls[call_id] = (loop, future)
+        try:
+            self._send(make(call_id))
+            reply = await future
+        finally:
+            self._calls.pop(call_id, None)
+        if reply.error is not None:
+            raise reply.error.to_error()
+        return reply
+
+    def _answer(self, reply: AdapterReply) -> None:
+        entry = self._calls.get(reply.call_id)
+        if entry is not None:
+            loop, future = entry
+            loop.call_soon_threadsafe(_settle, future, reply, None)
+
+    def _fail_calls(self, reason: str) -> None:
+        for loop, future in list(self._calls.values()):
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, future, None, EngineUnavailableError(reason))
+
     def _send(self, message: ToCore) -> None:
         conn = self._conn
         if conn is None:
@@ -214,10 +271,13 @@ class ProcessClient:
                     case CoreOutputs(packed, stats, kv_events):
                         self._stats = stats
                         deliver(decode_outputs(packed), list(kv_events))
+                    case AdapterReply() as reply:
+                        self._answer(reply)
                     case other:
                         logger.error("unexpected message from the engine core: %r", other)
         except (EOFError, OSError):
             pass
+        self._fail_calls("the engine core process ended")
         if not self._stopping:
             logger.error("the engine core process exited unexpectedly; failing every request in flight")
             self._reader = None  # not running any more: health and new requests see it
@@ -229,3 +289,14 @@ class ProcessClient:
             return None
         process.join(timeout=2)
         return process.exitcode
+
+
+def _settle(future: asyncio.Future[AdapterReply], reply: AdapterReply | None, error: BaseException | None) -> None:
+    """Resolve a call's future on its own loop, unless the caller gave up on it."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        assert reply is not None
+        future.set_result(reply)

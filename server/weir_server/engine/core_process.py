@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+from concurrent.futures import Future
 from multiprocessing.connection import Connection
 
 from weir_server.config import EngineConfig
@@ -23,19 +24,25 @@ from weir_server.engine.stats import EngineStats
 from weir_server.engine.types import GenerationOutput
 from weir_server.engine.wire import (
     AbortRequest,
+    AdapterReply,
     AddRequest,
+    CallError,
     CoreFailed,
     CoreInfo,
     CoreOutputs,
     CoreReady,
+    LoadAdapter,
     StopCore,
+    UnloadAdapter,
     encode_outputs,
 )
+from weir_server.errors import WeirError
 from weir_server.process_lifetime import exit_with_parent, freeze_startup_objects
 
 logger = logging.getLogger(__name__)
 
 Step = tuple[list[GenerationOutput], EngineStats, list[KvEvent]]  # one core iteration's outputs, stats and events
+Outgoing = Step | AdapterReply | None  # None: stop sending
 
 
 def run_core_process(config: EngineConfig, conn: Connection, log_level: int) -> None:
@@ -51,13 +58,13 @@ def run_core_process(config: EngineConfig, conn: Connection, log_level: int) -> 
     # Outputs leave through a sender thread: pickling and a pipe write that blocks while the server is busy
     # must not hold up the next step. The sender pickles while the loop waits for the GPU (GIL released).
     # Steps that pile up while the server reads go out as one message.
-    outbox: queue.SimpleQueue[Step | None] = queue.SimpleQueue()
+    outbox: queue.SimpleQueue[Outgoing] = queue.SimpleQueue()
     loop = CoreLoop(core, lambda outputs, stats, events: outbox.put((outputs, stats, events)))
     freeze_startup_objects()
-    conn.send(CoreReady(CoreInfo(core.max_seq_len, core.stats())))
+    conn.send(CoreReady(CoreInfo(core.max_seq_len, core.stats(), tuple(core.adapters()))))
     sender = threading.Thread(target=_send, args=(conn, outbox), name="weir-core-send", daemon=True)
     sender.start()
-    threading.Thread(target=_receive, args=(conn, loop), name="weir-core-receive", daemon=True).start()
+    threading.Thread(target=_receive, args=(conn, loop, outbox), name="weir-core-receive", daemon=True).start()
     loop.run()
     outbox.put(None)
     sender.join(timeout=5)
@@ -65,24 +72,66 @@ def run_core_process(config: EngineConfig, conn: Connection, log_level: int) -> 
     os._exit(0)  # teardown of CUDA graphs and helper threads can stall; nothing here needs it
 
 
-def _send(conn: Connection, outbox: queue.SimpleQueue[Step | None]) -> None:
-    """Sender thread: each step's outputs to the server, those of steps queued meanwhile merged into one message."""
+def _send(conn: Connection, outbox: queue.SimpleQueue[Outgoing]) -> None:
+    """Sender thread: each step's outputs to the server, those of steps queued meanwhile merged into one message;
+    adapter replies in their place among them."""
     done = False
     try:
-        while not done and (item := outbox.get()) is not None:
-            outputs, stats, events = item
+        while not done:
+            items = [outbox.get()]
             while not outbox.empty():
-                more = outbox.get_nowait()
-                if more is None:
+                items.append(outbox.get_nowait())
+            merged: Step | None = None
+            for item in items:
+                if item is None:
                     done = True
                     break
-                outputs, stats, events = outputs + more[0], more[1], events + more[2]
-            conn.send(CoreOutputs(encode_outputs(outputs), stats, tuple(events)))
+                if isinstance(item, AdapterReply):
+                    _send_step(conn, merged)
+                    merged = None
+                    conn.send(item)
+                elif merged is None:
+                    merged = item
+                else:
+                    merged = (merged[0] + item[0], item[1], merged[2] + item[2])
+            _send_step(conn, merged)
     except (OSError, ValueError):  # the server is gone; the parent watch ends this process
         pass
 
 
-def _receive(conn: Connection, loop: CoreLoop) -> None:
+def _send_step(conn: Connection, step: Step | None) -> None:
+    if step is not None:
+        outputs, stats, events = step
+        conn.send(CoreOutputs(encode_outputs(outputs), stats, tuple(events)))
+
+
+def _load_adapter(loop: CoreLoop, outbox: queue.SimpleQueue[Outgoing], message: LoadAdapter) -> None:
+    """Read an adapter off the loop's thread, then register it on it; the reply goes out with the outputs."""
+    try:
+        adapter = loop.core.read_adapter(message.name, message.path)
+        reply = AdapterReply(message.call_id, info=loop.call(lambda core: core.add_adapter(adapter)).result())
+    except WeirError as error:
+        reply = AdapterReply(message.call_id, error=CallError.of(error))
+    except Exception as error:  # unexpected: the caller gets it as an error, the core goes on
+        logger.exception("loading adapter %r failed", message.name)
+        reply = AdapterReply(message.call_id, error=CallError("other", "", f"{type(error).__name__}: {error}"))
+    outbox.put(reply)
+
+
+def _unload_adapter(loop: CoreLoop, outbox: queue.SimpleQueue[Outgoing], message: UnloadAdapter) -> None:
+    def done(future: Future[None]) -> None:
+        error = future.exception()
+        if error is None:
+            outbox.put(AdapterReply(message.call_id))
+        elif isinstance(error, WeirError):
+            outbox.put(AdapterReply(message.call_id, error=CallError.of(error)))
+        else:
+            outbox.put(AdapterReply(message.call_id, error=CallError("other", "", f"{type(error).__name__}: {error}")))
+
+    loop.call(lambda core: core.remove_adapter(message.name)).add_done_callback(done)
+
+
+def _receive(conn: Connection, loop: CoreLoop, outbox: queue.SimpleQueue[Outgoing]) -> None:
     """Receiver thread: the server's messages into the loop, until it says stop or is gone."""
     try:
         while True:
@@ -91,6 +140,10 @@ def _receive(conn: Connection, loop: CoreLoop) -> None:
                     loop.add(request, check_capacity=False)  # the server counts what it admits
                 case AbortRequest(request_id):
                     loop.abort(request_id)
+                case LoadAdapter() as load:
+                    threading.Thread(target=_load_adapter, args=(loop, outbox, load), daemon=True).start()
+                case UnloadAdapter() as unload:
+                    _unload_adapter(loop, outbox, unload)
                 case StopCore():
                     break
                 case other:

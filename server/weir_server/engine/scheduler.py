@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from weir_server.config import SchedulerConfig
 from weir_server.engine.block_manager import BlockManager
+from weir_server.engine.lora_manager import NO_SLOT, LoRAManager
 from weir_server.engine.sequence import Sequence, SequenceStatus
 from weir_server.engine.types import FinishReason
 from weir_server.errors import QueueFullError
@@ -36,9 +37,10 @@ def check_in_flight(config: SchedulerConfig, in_flight: int) -> None:
 class Scheduler:
     """Decides which sequences run each step; never touches tensors."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, lora: LoRAManager | None = None) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.lora = lora  # the adapters' device slots; a sequence runs only while its adapter holds one
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # ordered by arrival (seq_id), so the newest is last
         self._waiting_requests: Counter[str] = Counter()
@@ -125,11 +127,13 @@ class Scheduler:
 
     def _admit(self, scheduled: dict[int, ScheduledSeq[Sequence]], budget: int) -> int:
         """Move waiting sequences to running in FIFO order while budget, seats and blocks last."""
-        bm = self.block_manager
+        bm, lora = self.block_manager, self.lora
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.ready_to_admit():
+            adapter = seq.adapter
+            # A sibling waiting for its leader, or an adapter that finds no free slot: later ones may go first.
+            if not seq.ready_to_admit() or (adapter is not None and lora is not None and not lora.can_acquire(adapter)):
                 deferred.append(self._pop_waiting())
                 continue
             hits = bm.lookup_prefix(seq)
@@ -148,6 +152,8 @@ class Scheduler:
                 seq.admitted, seq.num_cached_tokens = True, cached
                 seq.first_scheduled_time = time.time()
             bm.allocate(seq, num_new)
+            if adapter is not None and lora is not None:
+                seq.lora_slot = lora.acquire(adapter)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.seq_id)
             scheduled[seq.seq_id] = ScheduledSeq(seq, num_new, seq.num_computed_tokens)
@@ -160,8 +166,19 @@ class Scheduler:
         """Free a running sequence's blocks and requeue it at the front; it is recomputed later."""
         self.running.remove(seq)
         self.block_manager.free(seq)
+        self._leave_slot(seq)
         self._push_waiting(seq, front=True)
         self.num_preemptions += 1
+
+    def _leave_slot(self, seq: Sequence) -> None:
+        """A sequence left the device: its adapter's slot may go to another adapter once no one else runs it."""
+        if seq.lora_slot != NO_SLOT and seq.adapter is not None and self.lora is not None:
+            self.lora.release(seq.adapter)
+            seq.lora_slot = NO_SLOT
+
+    def _forget_adapter(self, seq: Sequence) -> None:
+        if seq.adapter is not None:
+            seq.adapter.sequences.discard(seq.seq_id)
 
     def update(self, output: SchedulerOutput) -> None:
         """Account a launched step: the scheduled tokens now have KV, and full blocks enter the prefix cache.
@@ -176,12 +193,14 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         """Release a finished sequence: running, or preempted while its last token was in flight."""
         assert seq.is_finished
+        self._forget_adapter(seq)
         if seq.request_id in self._waiting_requests and seq in self.waiting:  # its blocks went at preemption
             self.waiting.remove(seq)
             self._uncount_waiting(seq)
             return
         self.running.remove(seq)
         self.block_manager.free(seq)
+        self._leave_slot(seq)
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> list[Sequence]:
         """Remove every unfinished sequence of a request, free its blocks, and return them."""
@@ -189,6 +208,7 @@ class Scheduler:
         for seq in aborted:
             self.running.remove(seq)
             self.block_manager.free(seq)
+            self._leave_slot(seq)
         if request_id in self._waiting_requests:
             kept = deque(s for s in self.waiting if s.request_id != request_id)
             aborted += [s for s in self.waiting if s.request_id == request_id]
@@ -196,4 +216,5 @@ class Scheduler:
             del self._waiting_requests[request_id]
         for seq in aborted:
             seq.finish(reason)
+            self._forget_adapter(seq)
         return aborted

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from weir_server.engine.detokenizer import IncrementalDetokenizer
+    from weir_server.engine.lora_manager import LoadedAdapter
     from weir_server.engine.structured import GrammarState
 
 _seq_ids = itertools.count()
@@ -44,6 +45,7 @@ class Sequence:
         arrival_time: float = 0.0,
         leader: Sequence | None = None,
         eos_token_ids: Collection[int] = (),
+        adapter: LoadedAdapter | None = None,
     ) -> None:
         self.seq_id = next(_seq_ids)
         self.request_id = request_id
@@ -61,6 +63,10 @@ class Sequence:
         self.first_token_time: float | None = None
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hash chain of the sequence's full blocks (a function of its tokens)
+        self.adapter = adapter  # its LoRA adapter; None = the base model
+        self.lora_slot = -1  # the device slot of its adapter while it runs; -1 = none (the base model)
+        # Seeds its hash chain: blocks computed under one adapter never serve another, nor the base model.
+        self.cache_salt: int | None = None if adapter is None else adapter.cache_salt
         self.num_committed_blocks = 0  # leading blocks already offered to the prefix cache
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None

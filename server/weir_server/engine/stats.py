@@ -19,6 +19,10 @@ class EngineStats:
     prefix_cache_hit_tokens: int  # cumulative tokens served from it
     num_steps: int  # cumulative
     num_generated_tokens: int  # cumulative
+    # LoRA (empty when off): requests running and waiting per adapter name, and the adapters a step can hold.
+    lora_running: tuple[tuple[str, int], ...] = ()
+    lora_waiting: tuple[tuple[str, int], ...] = ()
+    max_loras: int = 0
 
     @property
     def kv_cache_usage(self) -> float:

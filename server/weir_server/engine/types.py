@@ -203,6 +203,19 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     arrival_time: float = 0.0
     constraint: Constraint | None = None
+    adapter: str | None = None  # the LoRA adapter to run with (a loaded adapter's name); None = the base model
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A loaded LoRA adapter, as ListAdapters and /v1/models describe it."""
+
+    name: str
+    path: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]  # PEFT names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
+    base_model_id: str  # the served base model it runs over
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The messages between the server process and a core process: one frozen dataclass each, over one pipe.
 
-To the core: `AddRequest`, `AbortRequest`, `StopCore`. From the core: `CoreReady` once, then `CoreOutputs` per step
-(or per few steps, when the server reads slower than the core steps), or `CoreFailed` if it cannot start.
+To the core: `AddRequest`, `AbortRequest`, `LoadAdapter`, `UnloadAdapter`, `StopCore`. From the core: `CoreReady`
+once, then `CoreOutputs` per step (or per few steps, when the server reads slower than the core steps), an
+`AdapterReply` per adapter call, or `CoreFailed` if it cannot start.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 
 from weir_server.engine.kv_events import KvEvent
 from weir_server.engine.stats import EngineStats
-from weir_server.engine.types import GenerationOutput, GenerationRequest
+from weir_server.engine.types import AdapterInfo, GenerationOutput, GenerationRequest
+from weir_server.errors import InvalidRequestError, NotFoundError, WeirError
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,52 @@ class AbortRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadAdapter:
+    """Read a LoRA adapter from `path` and serve it as `name`; answered by an AdapterReply with `call_id`."""
+
+    call_id: int
+    name: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnloadAdapter:
+    """Stop serving an adapter (its running requests finish first); answered by an AdapterReply."""
+
+    call_id: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallError:
+    """A WeirError crossing the pipe: its kind, the field it names and its message."""
+
+    kind: str  # "invalid" | "not_found" | "other"
+    field: str
+    message: str
+
+    @classmethod
+    def of(cls, error: WeirError) -> CallError:
+        if isinstance(error, InvalidRequestError):
+            return cls("invalid", error.field, error.description)
+        return cls("not_found" if isinstance(error, NotFoundError) else "other", "", str(error))
+
+    def to_error(self) -> WeirError:
+        if self.kind == "invalid":
+            return InvalidRequestError(self.field, self.message)
+        return NotFoundError(self.message) if self.kind == "not_found" else WeirError(self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterReply:
+    """The outcome of a LoadAdapter or UnloadAdapter call: the loaded adapter, or the error."""
+
+    call_id: int
+    info: AdapterInfo | None = None
+    error: CallError | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class StopCore:
     """Stop stepping and exit."""
 
@@ -41,6 +89,7 @@ class CoreInfo:
 
     max_seq_len: int
     stats: EngineStats
+    adapters: tuple[AdapterInfo, ...] = ()  # the LoRA adapters loaded at start
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +116,8 @@ class CoreFailed:
     message: str
 
 
-ToCore = AddRequest | AbortRequest | StopCore
-FromCore = CoreReady | CoreOutputs | CoreFailed
+ToCore = AddRequest | AbortRequest | LoadAdapter | UnloadAdapter | StopCore
+FromCore = CoreReady | CoreOutputs | AdapterReply | CoreFailed
 
 # Outputs cross the pipe as plain tuples of their fields: pickling hundreds of dataclasses per step costs the core
 # five times as much (0.7 vs 0.14 ms for 512).

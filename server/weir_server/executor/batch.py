@@ -44,6 +44,11 @@ class RunnerSeq(Protocol):
     @property
     def wants_prompt_logprobs(self) -> bool: ...
 
+    @property
+    def lora_slot(self) -> int:
+        """The device slot of its LoRA adapter; -1 = the base model."""
+        ...
+
 
 S = TypeVar("S", bound=RunnerSeq)
 
@@ -69,6 +74,9 @@ class StepPublisher(Protocol):
 
     def publish(self, batch: list[ScheduledSeq[Any]]) -> None:
         """Send one step's batch to every other rank (raises if a rank is gone)."""
+
+    def publish_lora(self, slot: int, weights: Any) -> None:
+        """Send every other rank a LoRA adapter's weights (`LoRAWeights`, or None to empty it) for a slot."""
 
 
 class TokenWindow:
@@ -108,3 +116,4 @@ class StepSeq:
     block_table: list[int]
     num_prompt_tokens: int
     wants_prompt_logprobs: bool = False
+    lora_slot: int = -1

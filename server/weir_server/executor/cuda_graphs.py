@@ -64,8 +64,10 @@ class DecodeGraphs:
         max_batch: int,
         block_size: int,
         max_model_len: int,
+        lora: bool = False,
     ) -> None:
         self.forward = forward
+        self.lora = lora  # fill each row's LoRA slot (i64[3]), which the captured LoRA kernels read
         self.device = device
         self.block_size = block_size
         self.sizes = batch_size_ladder(max_batch)
@@ -73,15 +75,17 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // block_size)
         self.max_context_len = self.max_blocks * block_size  # a bound; the kernel reads the real lengths
         mb = self.max_batch
-        # Device buffers the graphs read. One int64 pack (ids, positions, slots) so one copy fills it.
-        self.i64 = torch.zeros((3, mb), dtype=torch.int64, device=device)
+        # Device buffers the graphs read. One int64 pack (ids, positions, cache slots, LoRA slots) so one copy
+        # fills it.
+        self.i64 = torch.zeros((4, mb), dtype=torch.int64, device=device)
+        self.i64[3].fill_(-1)
         self.context_lens = torch.ones(mb, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((mb, self.max_blocks), dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(mb + 1, dtype=torch.int32, device=device)
         self._table_stage = torch.zeros(mb * self.max_blocks, dtype=torch.int32, device=device)
         # Pinned host mirrors, written through numpy views, copied with non_blocking=True.
         pin = device.type == "cuda"  # (the CPU tests run the same preparation without pinned memory)
-        self._host_i64 = torch.zeros((3, mb), dtype=torch.int64, pin_memory=pin)
+        self._host_i64 = torch.full((4, mb), -1, dtype=torch.int64, pin_memory=pin)
         self._host_ctx = torch.ones(mb, dtype=torch.int32, pin_memory=pin)
         self._host_tables = torch.zeros(mb * self.max_blocks, dtype=torch.int32, pin_memory=pin)
         self._np_i64 = self._host_i64.numpy()
@@ -157,7 +161,10 @@ class DecodeGraphs:
         i64[0, :n] = [seq.token_ids[p] for seq, p in zip(seqs, positions, strict=True)]
         i64[1, :n] = positions
         i64[2, :n] = [t[p // bsz] * bsz + p % bsz for t, p in zip(tables, positions, strict=True)]
-        i64[:, n:bs] = ((0,), (0,), (-1,))  # padding rows: token 0 at position 0, K/V dropped
+        i64[:3, n:bs] = ((0,), (0,), (-1,))  # padding rows: token 0 at position 0, K/V dropped
+        if self.lora:
+            i64[3, :n] = [seq.lora_slot for seq in seqs]
+            i64[3, n:bs] = -1
         self._np_ctx[:n] = positions
         self._np_ctx[:n] += 1
         self._np_ctx[n:bs] = 1

@@ -21,8 +21,10 @@ from weir_server.executor.cuda_graphs import DecodeGraphs
 from weir_server.executor.transfer import to_device
 from weir_server.layers.attention_metadata import AttentionMetadata
 from weir_server.layers.cpu_linear import pack_linear_layers
+from weir_server.layers.lora import LoRALinear, LoRAState, lora_spec, uses_kernel, wrap_lora_layers
 
 if TYPE_CHECKING:
+    from weir_server.executor.lora_checkpoint import LoRAWeights
     from weir_server.models.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -86,6 +88,14 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.max_model_len = loaded.max_model_len
         self.num_layers = int(self.hf_config.num_hidden_layers)
+        # LoRA layers wrap the loaded weights before CPU packing and graph capture see them.
+        self.lora_state: LoRAState | None = None
+        self.lora_layers: dict[str, LoRALinear] = {}
+        if config.lora is not None:
+            self.lora_state, self.lora_layers = wrap_lora_layers(
+                self.model, config.lora.max_loras, config.lora.max_lora_rank
+            )
+        self.lora_spec = lora_spec(self.lora_layers)
         if self.device.type == "cpu":
             self._prepare_cpu()
         self.num_blocks = self._decide_num_blocks()
@@ -134,12 +144,33 @@ class ModelRunner:
             logger.warning("Triton is missing: decode runs eagerly without CUDA graphs")
             return None
         max_batch = min(self.config.executor.cuda_graph_max_batch, self.config.scheduler.max_num_seqs)
-        graphs = DecodeGraphs(self._graph_forward, self.device, max_batch, self.block_size, self.max_model_len)
+        lora = self.lora_state is not None and uses_kernel(self.device)
+        if self.lora_state is not None and not lora:
+            logger.warning("LoRA needs Triton under CUDA graphs: decode runs eagerly")
+            return None
+        graphs = DecodeGraphs(
+            self._graph_forward, self.device, max_batch, self.block_size, self.max_model_len, lora=lora
+        )
+        self._graphs_under_capture = graphs
         graphs.capture()
         return graphs
 
     def _graph_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        if self.lora_state is not None:  # the captured LoRA kernels read each row's slot from the static buffer
+            self.lora_state.set_graph_slots(self._graphs_under_capture.i64[3, : input_ids.shape[0]])
         return self.model(input_ids, positions, self.kv_caches, attn)
+
+    # ---- LoRA -----------------------------------------------------------------------------------------
+
+    def load_lora(self, slot: int, weights: LoRAWeights | None) -> None:
+        """Fill (or empty, with None) a LoRA slot of every LoRA layer, on every tensor-parallel rank; the steps
+        after it see the new weights (graphs too: they read the slot buffers in place)."""
+        if self.publisher is not None:
+            self.publisher.publish_lora(slot, weights)
+        layers = weights.layers if weights is not None else {}
+        with torch.no_grad():
+            for name, layer in self.lora_layers.items():
+                layer.set_slot(slot, layers.get(name))
 
     # ---- KV cache -------------------------------------------------------------------------------------
 
@@ -249,6 +280,8 @@ class ModelRunner:
         if self.device.type == "cpu":
             self._set_cpu_threads(sum(s.num_new_tokens for s in batch))
         decode = self.graphs.prepare(batch) if self.graphs is not None else None
+        if self.lora_state is not None and decode is None:  # a graph reads its rows' slots from its own buffer
+            self.lora_state.set_tokens([s.seq.lora_slot for s in batch], [s.num_new_tokens for s in batch], self.device)
         if decode is not None:
             _feed_placeholders(self.graphs.i64[0], batch, range(len(batch)), feed)  # type: ignore[union-attr]
             prompt_rows, sample_rows = _logit_rows(batch, range(len(batch)))

@@ -58,6 +58,7 @@ def encode_batch(batch: list[ScheduledSeq[Any]]) -> bytes:
             s.seq.block_table,
             s.seq.num_prompt_tokens,
             s.seq.wants_prompt_logprobs,
+            s.seq.lora_slot,
         )
         for s in batch
     ]
@@ -66,12 +67,31 @@ def encode_batch(batch: list[ScheduledSeq[Any]]) -> bytes:
 
 def decode_batch(data: bytes) -> list[ScheduledSeq[StepSeq]]:
     """The batch `encode_batch` sent, over stand-in sequences."""
+    return _decode_rows(pickle.loads(data))  # noqa: S301 - rank 0 of our own group, private pipe
+
+
+def _decode_rows(rows: list[tuple[Any, ...]]) -> list[ScheduledSeq[StepSeq]]:
     batch = []
-    for start, n, do_sample, seq_id, tokens, table, num_prompt, wants_prompt in pickle.loads(data):  # noqa: S301 - rank 0 of our own group, private pipe
-        scheduled = ScheduledSeq(StepSeq(seq_id, TokenWindow(start, tokens), table, num_prompt, wants_prompt), n, start)
+    for start, n, do_sample, seq_id, tokens, table, num_prompt, wants_prompt, lora_slot in rows:
+        seq = StepSeq(seq_id, TokenWindow(start, tokens), table, num_prompt, wants_prompt, lora_slot)
+        scheduled = ScheduledSeq(seq, n, start)
         scheduled.do_sample = do_sample
         batch.append(scheduled)
     return batch
+
+
+def encode_lora(slot: int, weights: Any) -> bytes:
+    """A LoRA slot's new weights (`LoRAWeights`, None = empty), for the workers to load before the next step."""
+    return pickle.dumps(("lora", slot, weights), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def run_message(runner: Any, data: bytes) -> None:
+    """A worker's handling of one message from rank 0: a step's batch, or a LoRA slot to fill."""
+    message = pickle.loads(data)  # noqa: S301 - rank 0 of our own group, private pipe
+    if isinstance(message, tuple) and message and message[0] == "lora":
+        runner.load_lora(message[1], message[2])
+    else:
+        runner.execute(_decode_rows(message))
 
 
 # ---- rank 0 ------------------------------------------------------------------------------------------
@@ -154,8 +174,14 @@ class TensorParallelExecutor:
 
     def publish(self, batch: list[ScheduledSeq[Any]]) -> None:
         """Send the step's batch to every worker; raises WorkerDiedError once any worker is gone."""
+        self._send(encode_batch(batch))
+
+    def publish_lora(self, slot: int, weights: Any) -> None:
+        """Send every worker a LoRA slot's weights; they load them before the next step, in order."""
+        self._send(encode_lora(slot, weights))
+
+    def _send(self, data: bytes) -> None:
         self._check_workers()
-        data = encode_batch(batch)
         for rank, pipe in enumerate(self._pipes, start=1):
             try:
                 pipe.send_bytes(data)
