@@ -81,6 +81,8 @@ def verify(
     assert logits.shape[0] == len(views)
     processed = sampler.process(logits, views, eos_token_ids)
     targets: list[int] = processed.max(dim=-1).indices.tolist()
+    sampled = not all(seq.params.greedy for seq in seqs)
+    probs = filtered_probs(processed, [view.params for view in views]) if sampled else processed
     out: list[Verified] = []
     row = 0
     for seq, draft in zip(seqs, drafts, strict=True):
@@ -89,7 +91,7 @@ def verify(
         if seq.params.greedy:
             tokens = _accept_greedy(draft, targets[rows])
         else:
-            tokens = _accept_sampled(seq, draft, filtered_probs(processed[rows], [seq.params] * (k + 1)))
+            tokens = _accept_sampled(seq, draft, probs[rows])
         entries: list[TokenLogprob | None] = [None] * len(tokens)
         if seq.params.logprobs is not None:  # the model's logprobs, before any processing, as the sampler gives
             raw = torch.log_softmax(logits[row : row + len(tokens)], dim=-1)
