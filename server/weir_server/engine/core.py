@@ -115,7 +115,7 @@ class EngineCore:
         self.run_ahead = config.executor.run_ahead and self.overlap_outputs and publisher is None
         self._launched: _Launched | None = None  # the step running ahead, tokens not yet read
         # Speculative decoding reads each step's tokens on the host to propose the next: it does not run ahead.
-        self.spec = create_spec_decoder(config, loaded, publisher is not None)
+        self.spec = create_spec_decoder(config, loaded, self.runner.num_blocks, publisher is not None)
         if self.spec is not None:
             self.run_ahead = False
 

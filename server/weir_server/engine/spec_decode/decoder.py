@@ -35,9 +35,17 @@ logger = logging.getLogger(__name__)
 
 
 class Proposer(Protocol):
-    """Proposes up to `k` tokens to follow each sequence; an empty list for none."""
+    """Proposes up to `k` tokens to follow each sequence; an empty list for none.
+
+    `reserves`: it proposes after the schedule, exactly `k` tokens into `k` slots reserved before it (a draft
+    model writes their KV into the blocks allocated for them); otherwise before it, from the tokens alone."""
+
+    reserves: bool
 
     def propose_batch(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]: ...
+
+    def retain(self, seq_ids: set[int]) -> None:
+        """Forget what it keeps of sequences no longer running."""
 
 
 class NgramBatchProposer:
@@ -46,8 +54,13 @@ class NgramBatchProposer:
     def __init__(self, config: SpeculativeConfig) -> None:
         self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
 
+    reserves = False
+
     def propose_batch(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         return [self.ngram.propose(seq.token_ids, k) for seq, k in zip(seqs, ks, strict=True)]
+
+    def retain(self, seq_ids: set[int]) -> None:
+        pass  # keeps nothing
 
 
 @dataclass(slots=True)
@@ -88,6 +101,8 @@ class SpecDecoder:
     def propose(self, running: Seq[Sequence]) -> None:
         """Append proposals to the running sequences that decode this step (none for constrained ones, nor past
         the tokens a sequence may still emit: max_tokens, the context)."""
+        self._drafts.clear()  # left only by a step that failed, whose sequences were failed with it
+        self.proposer.retain({seq.seq_id for seq in running})
         seqs: list[Sequence] = []
         ks: list[int] = []
         k_max = self.config.num_speculative_tokens
@@ -101,7 +116,11 @@ class SpecDecoder:
                 ks.append(k)
         if not seqs:
             return
-        for seq, draft in zip(seqs, self.proposer.propose_batch(seqs, ks), strict=True):
+        if self.proposer.reserves:
+            proposals = [[PLACEHOLDER] * k for k in ks]
+        else:
+            proposals = self.proposer.propose_batch(seqs, ks)
+        for seq, draft in zip(seqs, proposals, strict=True):
             if draft:
                 seq.token_ids.extend(draft)
                 self._drafts[seq.seq_id] = (seq, draft)
@@ -125,6 +144,17 @@ class SpecDecoder:
                 continue
             s.do_sample = True
             s.num_logits = 1 + kept
+        if self.proposer.reserves and self._drafts:
+            self._fill(list(self._drafts.values()))
+
+    def _fill(self, reserved: list[tuple[Sequence, list[int]]]) -> None:
+        """Let the proposer write its tokens into the reserved slots that survived the schedule."""
+        seqs = [seq for seq, _ in reserved]
+        proposals = self.proposer.propose_batch(seqs, [len(draft) for _, draft in reserved])
+        for (seq, draft), proposal in zip(reserved, proposals, strict=True):
+            assert len(proposal) == len(draft)
+            draft[:] = proposal
+            seq.token_ids[len(seq.token_ids) - len(draft) :] = proposal
 
     def sample(
         self,

@@ -14,9 +14,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def create_spec_decoder(config: EngineConfig, loaded: LoadedModel, tensor_parallel: bool) -> SpecDecoder | None:
+def create_spec_decoder(
+    config: EngineConfig, loaded: LoadedModel, num_blocks: int, tensor_parallel: bool
+) -> SpecDecoder | None:
     """None without `config.speculative`, and under tensor parallelism (its workers get no verify rows yet: the
-    engine decodes without speculation then, and says so once)."""
+    engine decodes without speculation then, and says so once). A draft model is loaded here, its KV cache sized to
+    the target's `num_blocks`; DraftVocabularyError when it does not share the target's vocabulary."""
     spec = config.speculative
     if spec is None:
         return None
@@ -27,8 +30,10 @@ def create_spec_decoder(config: EngineConfig, loaded: LoadedModel, tensor_parall
     if spec.use_ngram:
         proposer = NgramBatchProposer(spec)
     else:
-        from weir_server.engine.spec_decode.draft_model import DraftModelProposer
+        from weir_server.engine.spec_decode.draft_model import DraftModelProposer, check_same_vocabulary, load_draft
 
-        proposer = DraftModelProposer(spec, config, loaded)
+        draft = load_draft(spec, config)
+        check_same_vocabulary(draft, loaded)
+        proposer = DraftModelProposer(config, draft, num_blocks)
     logger.info("speculative decoding: %s, up to %d tokens per step", spec.method, spec.num_speculative_tokens)
     return SpecDecoder(spec, proposer)
