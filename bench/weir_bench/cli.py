@@ -170,7 +170,12 @@ def build_parser(prog: str = "weir bench") -> argparse.ArgumentParser:
     w.add_argument(
         "--warmup", type=int, help="unmeasured requests before each point (default: the concurrency, or its cap)"
     )
-    w.add_argument("--dataset-name", choices=DATASETS, default="random", help="prompts: random ids or a dataset")
+    w.add_argument(
+        "--dataset-name",
+        choices=DATASETS,
+        default="random",
+        help="prompts: random ids, a ShareGPT file, or rewrite: passages and code to copy with edits (input-grounded)",
+    )
     w.add_argument("--dataset-path", type=Path, help="ShareGPT-style JSON file for --dataset-name sharegpt")
     w.add_argument("--prompt-tokens", type=int, default=128, help="random dataset: token ids per prompt (default 128)")
     w.add_argument(
@@ -246,6 +251,10 @@ def _validate_load(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
             p.error(str(exc))
     elif args.dataset_path is not None:
         p.error("--dataset-path needs --dataset-name sharegpt")
+    elif args.dataset_name == "rewrite":
+        from weir_bench.rewrite import rewrite_conversations
+
+        args.dataset = rewrite_conversations()
 
 
 @dataclass(frozen=True)
@@ -441,7 +450,8 @@ def describe_load(args: argparse.Namespace) -> str:
     """One line saying the loop shape and the prompts, printed above the table."""
     if args.dataset is not None:
         out = f"{args.output_tokens} tokens" if args.output_tokens else "each answer's length"
-        prompts = f"{args.dataset_name} prompts from {args.dataset_path}, output {out}"
+        source = f" from {args.dataset_path}" if args.dataset_path else ""
+        prompts = f"{args.dataset_name} prompts{source}, output {out}"
     else:
         prompts = f"random prompts of {args.prompt_tokens} tokens, output {args.output_tokens} tokens"
     if args.request_rate is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("random", "sharegpt")
+DATASETS = ("random", "sharegpt", "rewrite")  # rewrite: passages to copy with edits (weir_bench.rewrite)
 # vLLM's bounds: drop prompts or answers under 4 tokens, prompts over 1024 and pairs over 2048 tokens.
 MIN_TOKENS = 4
 MAX_PROMPT_TOKENS = 1024

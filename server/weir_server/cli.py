@@ -29,6 +29,7 @@ from weir_server.config import (
     TlsConfig,
 )
 from weir_server.config_file import ConfigFileError, FileArguments, config_path, read_config_file
+from weir_server.engine.spec_decode.config import parse_speculative_config
 from weir_server.engine.structured_config import MIB, StructuredOutputConfig
 from weir_server.engine.types import MAX_LOGPROBS
 from weir_server.errors import EngineUnavailableError, ModelLoadError
@@ -257,7 +258,10 @@ def _engine(args: argparse.Namespace, name: str) -> EngineConfig:
         run_ahead=args.run_ahead,
     )
     lora = _lora(args, model.served_name or model.model)
-    return EngineConfig(model, _cache(args), scheduler, executor, parallel, _structured(args), lora=lora)
+    speculative = None if args.speculative_config is None else parse_speculative_config(args.speculative_config)
+    return EngineConfig(
+        model, _cache(args), scheduler, executor, parallel, _structured(args), lora=lora, speculative=speculative
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

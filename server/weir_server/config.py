@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from weir_server.engine.spec_decode.config import SpeculativeConfig
 from weir_server.engine.structured_config import StructuredOutputConfig
 from weir_server.engine.types import MAX_LOGPROBS
 
@@ -116,6 +117,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     structured: StructuredOutputConfig = field(default_factory=StructuredOutputConfig)  # what constraints may cost
     lora: LoRAConfig | None = None  # None = LoRA adapters off
+    speculative: SpeculativeConfig | None = None  # None = no speculative decoding
 
 
 @dataclass(frozen=True)

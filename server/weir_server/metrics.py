@@ -150,6 +150,8 @@ _WEIR_GAUGES: tuple[tuple[str, str, _Reader], ...] = (
     ("weir_kv_cache_blocks", "KV blocks allocated", lambda s: s.num_total_blocks),
     ("weir_prefix_cache_hit_ratio", "Prompt tokens served from the prefix cache / looked up",
      lambda s: s.prefix_cache_hit_rate),
+    ("weir_spec_decode_mean_acceptance_length", "Tokens per verified speculative proposal (1 + accepted)",
+     lambda s: s.spec_mean_acceptance_length),
 )  # fmt: skip
 _WEIR_COUNTERS: tuple[tuple[str, str, _Reader], ...] = (
     ("weir_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
@@ -158,6 +160,10 @@ _WEIR_COUNTERS: tuple[tuple[str, str, _Reader], ...] = (
     ("weir_preemptions", "Sequences preempted (their KV recomputed later)", lambda s: s.num_preemptions),
     ("weir_generation_tokens", "Tokens generated", lambda s: s.num_generated_tokens),
     ("weir_engine_steps", "Engine iterations run", lambda s: s.num_steps),
+    ("weir_spec_decode_drafts", "Speculative proposals verified (one per sequence and step)",
+     lambda s: s.spec_num_drafts),
+    ("weir_spec_decode_draft_tokens", "Speculative tokens proposed", lambda s: s.spec_num_draft_tokens),
+    ("weir_spec_decode_accepted_tokens", "Speculative tokens accepted", lambda s: s.spec_num_accepted_tokens),
 )  # fmt: skip
 _VLLM_GAUGES: tuple[tuple[str, str, _Reader], ...] = (
     ("vllm:num_requests_running", "Number of requests in model execution batches.", lambda s: s.num_running),
@@ -172,6 +178,9 @@ _VLLM_COUNTERS: tuple[tuple[str, str, _Reader], ...] = (
      lambda s: s.prefix_cache_queried_tokens),
     ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
      lambda s: s.prefix_cache_hit_tokens),
+    ("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", lambda s: s.spec_num_drafts),
+    ("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.", lambda s: s.spec_num_draft_tokens),
+    ("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.", lambda s: s.spec_num_accepted_tokens),
 )  # fmt: skip
 
 

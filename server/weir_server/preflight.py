@@ -22,6 +22,9 @@ def check_config(config: ServerConfig) -> None:
     for model in (config.generate.model if config.generate else None, config.embed):
         if model is not None:
             _check_model_packages(model)
+    speculative = config.generate.speculative if config.generate else None
+    if speculative is not None and speculative.model is not None:  # a draft model: its package, like the target's
+        _check_model_packages(ModelConfig(speculative.model))
     if config.generate is not None:
         _require("xgrammar", "structured outputs and tool calls of the generation model", "'xgrammar>=0.1.20'")
     if config.observability.otlp_endpoint is not None:

@@ -224,6 +224,13 @@ def _add_scheduler_options(p: argparse.ArgumentParser) -> None:
         help="split the generation model over N GPUs of this host (one worker process per extra GPU; "
         "with --device cpu, N processes over gloo) (default %(default)s)",
     )
+    group.add_argument(
+        "--speculative-config",
+        metavar="JSON",
+        help='speculative decoding, with vLLM\'s keys: \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_min": 2, "prompt_lookup_max": 5}\' or \'{"model": DRAFT, "num_speculative_tokens": 4}\' '
+        "(a small draft model sharing the target's vocabulary) (default: off)",
+    )
 
 
 def _add_chat_options(p: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ from weir_server.engine.output import PendingText, choice_output, core_makes_tex
 from weir_server.engine.sampler import Sampler, make_generator, token_logprobs
 from weir_server.engine.scheduler import Scheduler, SchedulerOutput
 from weir_server.engine.sequence import Sequence, SequenceStatus
+from weir_server.engine.spec_decode.factory import create_spec_decoder
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.stop import check_stop, may_stop
 from weir_server.engine.structured import StructuredOutputs
@@ -38,6 +39,7 @@ from weir_server.executor.tp_executor import launch
 from weir_server.models.loader import load_model
 
 if TYPE_CHECKING:
+    from weir_server.engine.spec_decode.decoder import SampledRun
     from weir_server.models.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -117,6 +119,10 @@ class EngineCore:
         self.run_ahead = config.executor.run_ahead and self.overlap_outputs and publisher is None
         self._launched: _Launched | None = None  # the step running ahead, tokens not yet read
         self._load_startup_adapters()
+        # Speculative decoding reads each step's tokens on the host to propose the next: it does not run ahead.
+        self.spec = create_spec_decoder(config, loaded, self.runner.num_blocks, publisher is not None)
+        if self.spec is not None:
+            self.run_ahead = False
 
     @classmethod
     def from_config(cls, config: EngineConfig, detokenize_all: bool = True) -> EngineCore:
@@ -248,7 +254,11 @@ class EngineCore:
         next, while its model runs on the device; a stop string found then wastes that step's token of its choice.
         With `run_ahead` the next step is also scheduled and launched before this step's tokens are read back.
         """
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         output = self.scheduler.schedule()
+        if self.spec is not None:
+            self.spec.fit(output)
         outputs: list[GenerationOutput] = []
         ahead = self._launched
         in_flight = ahead is not None
@@ -276,7 +286,10 @@ class EngineCore:
             result = self.runner.execute(output.scheduled, feed)
             self._record_prompt_logprobs(result)
             sample_seqs = [s.seq for s in result.sample_seqs]
-            if sample_seqs:
+            if self.spec is not None:
+                runs = self.spec.sample(result, self.sampler, self.eos_token_ids, mask.result() if mask else None)
+                outputs += self._append_runs(runs)  # before `update`: it commits only the accepted tokens' blocks
+            elif sample_seqs:
                 tokens, logprobs = self.sampler.sample(
                     result.sample_logits, sample_seqs, self.eos_token_ids, mask.result() if mask else None
                 )
@@ -343,6 +356,31 @@ class EngineCore:
             except Exception as error:  # a constraint failure ends this request only
                 logger.exception("post-processing request %s failed", seq.request_id)
                 outputs += self.fail_requests([seq.request_id], f"{type(error).__name__}: {error}")
+        return outputs
+
+    def _append_runs(self, runs: list[SampledRun]) -> list[GenerationOutput]:
+        """Add each sequence's tokens of a speculative step one by one, as if sampled in turn: a stop token, the
+        length limit or (for choices with stop strings, whose text is made at once) a stop string ends the run."""
+        outputs: list[GenerationOutput] = []
+        for run in runs:
+            seq = run.seq
+            first = len(self._pending_text)
+            text_each = bool(seq.params.stop) and len(run.token_ids) > 1
+            for token_id, logprob in zip(run.token_ids, run.logprobs, strict=True):
+                if seq.is_finished:
+                    break
+                self.num_generated_tokens += 1
+                try:
+                    self._append(seq, seq.add_placeholder(), token_id, logprob)
+                    if text_each:
+                        outputs += self._flush()
+                except Exception as error:  # a constraint failure ends this request only
+                    logger.exception("post-processing request %s failed", seq.request_id)
+                    outputs += self.fail_requests([seq.request_id], f"{type(error).__name__}: {error}")
+            if not text_each and len(self._pending_text) - first > 1:  # one output for the run, as for a token
+                items = self._pending_text[first:]
+                merged = [t for item in items for t in item.token_ids]
+                self._pending_text[first:] = [PendingText(seq, merged, items[-1].finished, items[-1].can_stop)]
         return outputs
 
     def _record_prompt_logprobs(self, result: ModelOutput[Sequence]) -> None:
@@ -421,6 +459,7 @@ class EngineCore:
             num_steps=self.num_steps,
             num_generated_tokens=self.num_generated_tokens,
             **self._lora_stats(),
+            **(self.spec.stats.as_engine_stats() if self.spec is not None else {}),
         )
 
     def _lora_stats(self) -> dict[str, Any]:

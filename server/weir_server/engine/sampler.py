@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -20,6 +20,29 @@ if TYPE_CHECKING:
 
 _SEED_MASK = 2**63 - 1
 _TOP_P_CANDIDATES = 256  # candidates per row that top-k/top-p masking looks at before sorting everything
+
+
+class SampledSeq(Protocol):
+    """What sampling reads of a choice: its params, its tokens so far and its RNG (`Sequence` is one; speculative
+    verification passes views of a sequence at each drafted position)."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def params(self) -> SamplingParams: ...
+
+    @property
+    def generator(self) -> torch.Generator | None: ...
+
+    @property
+    def num_output_tokens(self) -> int: ...
+
+    @property
+    def output_token_ids(self) -> list[int]: ...
+
+    @property
+    def prompt_token_ids(self) -> list[int]: ...
 
 
 @dataclass
@@ -96,12 +119,7 @@ class Sampler:
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None
 
-        # First, so the min_tokens mask below keeps a constrained row's stop token when nothing else is allowed.
-        if mask is not None:
-            mask.apply(logits)
-        logits = apply_logit_bias(logits, params)  # on the raw logits, before penalties, as vLLM and OpenAI do
-        logits = self._apply_penalties(logits, seqs)
-        logits = self._mask_stops_before_min_tokens(logits, seqs, eos_token_ids)
+        logits = self.process(logits, seqs, eos_token_ids, mask)
 
         greedy_rows = [p.greedy for p in params]
         tokens = logits.max(dim=-1).indices  # same first-max ties as argmax, several times faster on CPU
@@ -118,8 +136,24 @@ class Sampler:
                 entries[i] = entry
         return tokens, entries
 
+    def process(
+        self,
+        logits: torch.Tensor,
+        seqs: Seq[SampledSeq],
+        eos_token_ids: Seq[int],
+        mask: TokenMask | None = None,
+    ) -> torch.Tensor:
+        """The logits a row's draw starts from: constraint mask, logit bias, penalties, and stop ids masked before
+        `min_tokens` (float32 logits; the model's own may be updated in place by the mask)."""
+        # First, so the min_tokens mask below keeps a constrained row's stop token when nothing else is allowed.
+        if mask is not None:
+            mask.apply(logits)
+        logits = apply_logit_bias(logits, [s.params for s in seqs])  # on the raw logits, as vLLM and OpenAI do
+        logits = self._apply_penalties(logits, seqs)
+        return self._mask_stops_before_min_tokens(logits, seqs, eos_token_ids)
+
     @staticmethod
-    def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _apply_penalties(logits: torch.Tensor, seqs: Seq[SampledSeq]) -> torch.Tensor:
         params = [s.params for s in seqs]
         use_rep = any(p.repetition_penalty != 1.0 for p in params)
         use_add = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
@@ -149,7 +183,7 @@ class Sampler:
 
     @staticmethod
     def _mask_stops_before_min_tokens(
-        logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: Seq[int]
+        logits: torch.Tensor, seqs: Seq[SampledSeq], eos_token_ids: Seq[int]
     ) -> torch.Tensor:
         rows: list[int] = []
         cols: list[int] = []
@@ -185,20 +219,8 @@ class Sampler:
             from weir_server.kernels.sampling import top_k_top_p_min_p_sample
 
             return self._sample_hashed(logits, seqs, top_k_top_p_min_p_sample)
-        params = [s.params for s in seqs]
         device, vocab = logits.device, logits.shape[-1]
-        temps = to_device([1.0 if p.greedy else p.temperature for p in params], device)
-        logits = logits / temps.unsqueeze(1)
-
-        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        top_p = [p.top_p for p in params]
-        if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
-            logits = apply_top_k_top_p(logits, to_device(top_k, device), to_device(top_p, device))
-        min_p = [p.min_p for p in params]
-        if any(m > 0.0 for m in min_p):
-            logits = apply_min_p(logits, to_device(min_p, device))
-
-        probs = torch.softmax(logits, dim=-1)
+        probs = filtered_probs(logits, [s.params for s in seqs])
         # argmax(p / q) with q ~ Exp(1) is a draw from p; seeded rows take their uniforms from their own RNG.
         uniform = torch.rand_like(probs)
         for i, s in enumerate(seqs):
@@ -230,6 +252,22 @@ class Sampler:
             to_device([p.min_p for p in params], device),
             to_device(seeds, device),
         )
+
+
+def filtered_probs(logits: torch.Tensor, params: Seq[SamplingParams]) -> torch.Tensor:
+    """The distribution each row draws from: processed logits after temperature, top-k, top-p and min-p (greedy
+    rows get temperature 1)."""
+    device, vocab = logits.device, logits.shape[-1]
+    temps = to_device([1.0 if p.greedy else p.temperature for p in params], device)
+    logits = logits / temps.unsqueeze(1)
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p = [p.top_p for p in params]
+    if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+        logits = apply_top_k_top_p(logits, to_device(top_k, device), to_device(top_p, device))
+    min_p = [p.min_p for p in params]
+    if any(m > 0.0 for m in min_p):
+        logits = apply_min_p(logits, to_device(min_p, device))
+    return torch.softmax(logits, dim=-1)
 
 
 def apply_logit_bias(logits: torch.Tensor, params: Seq[SamplingParams]) -> torch.Tensor:

@@ -56,7 +56,7 @@ S = TypeVar("S", bound=RunnerSeq)
 class ScheduledSeq(Generic[S]):
     """A sequence and the slice of its uncomputed tokens that runs this step (fixed when scheduled)."""
 
-    __slots__ = ("seq", "num_new_tokens", "start", "do_sample")
+    __slots__ = ("seq", "num_new_tokens", "start", "do_sample", "num_logits")
 
     def __init__(self, seq: S, num_new_tokens: int, start: int) -> None:
         self.seq = seq
@@ -64,6 +64,8 @@ class ScheduledSeq(Generic[S]):
         self.start = start  # position of the first token computed
         # The step reaches the sequence's last token, so its next token is sampled.
         self.do_sample = start + num_new_tokens == len(seq.token_ids)
+        # Sampled rows whose logits are needed, the last ones of the slice: 1 + the proposed tokens it verifies.
+        self.num_logits = 1
 
     def __repr__(self) -> str:
         return f"ScheduledSeq({self.seq!r}, {self.num_new_tokens}, start={self.start})"

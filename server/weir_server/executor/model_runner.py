@@ -58,7 +58,7 @@ class TokenFeed:
 class ModelOutput(Generic[S]):
     """Logits of the rows a step needs: the sampled positions, and prompt positions when prompt logprobs are asked."""
 
-    sample_logits: torch.Tensor  # [S, vocab] float32, one row per sampled sequence in batch order
+    sample_logits: torch.Tensor  # [S, vocab] float32: `num_logits` rows (usually 1) per sampled sequence in batch order
     sample_seqs: list[ScheduledSeq[S]]
     prompt_logits: list[tuple[ScheduledSeq[S], torch.Tensor]]  # [L, vocab]: positions start..start+L-1
 
@@ -248,7 +248,7 @@ class ModelRunner:
 
         token_rows, sample_rows = _logit_rows(batch, query_start_loc[:-1].tolist())
         indices = [torch.arange(first, first + n) for _, first, n in token_rows]
-        indices.append(query_start_loc[1:][sample_rows] - 1)
+        indices.append(_sample_logit_rows(batch, sample_rows, query_start_loc[1:]))
         prompt_rows = _number_prompt_rows(token_rows)
 
         device = self.device
@@ -366,6 +366,21 @@ def _logit_rows(
             if count > 0:
                 prompt_rows.append((i, int(first_rows[i]), count))
     return prompt_rows, [i for i, s in enumerate(batch) if s.do_sample]
+
+
+def _sample_logit_rows(
+    batch: Sequence[ScheduledSeq[S]], sample_rows: list[int], query_ends: torch.Tensor
+) -> torch.Tensor:
+    """Token rows of the sampled logits: each sampled sequence's last `num_logits` rows (speculative verification
+    needs one per proposed token, plus the next)."""
+    ends = query_ends[sample_rows]
+    widths = [batch[i].num_logits for i in sample_rows]
+    if all(w == 1 for w in widths):
+        return ends - 1
+    counts = torch.tensor(widths, dtype=torch.long)
+    first = torch.repeat_interleave(ends - counts, counts)
+    offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return first + offsets
 
 
 def _number_prompt_rows(token_rows: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

@@ -1,0 +1,77 @@
+"""`--speculative-config`: vLLM's JSON keys, checked into a frozen SpeculativeConfig before any model loads."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("ngram", "draft_model")
+MAX_SPECULATIVE_TOKENS = 16  # more is never verified profitably, and bounds a step's extra tokens per sequence
+_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """How tokens are proposed each step and how many: n-gram prompt lookup, or a small draft model."""
+
+    method: str  # "ngram" | "draft_model"
+    num_speculative_tokens: int
+    prompt_lookup_min: int = 2  # ngram: the shortest suffix of the context looked up earlier in it
+    prompt_lookup_max: int = 5  # ngram: the longest, tried first
+    model: str | None = None  # draft_model: packaged short name, directory, .gguf file or hub id
+
+    @property
+    def use_ngram(self) -> bool:
+        return self.method == "ngram"
+
+
+def parse_speculative_config(text: str) -> SpeculativeConfig:
+    """The config a `--speculative-config` JSON object describes; ValueError names the first bad key or value."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--speculative-config is not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise ValueError('--speculative-config must be a JSON object, e.g. \'{"method": "ngram", ...}\'')
+    unknown = sorted(set(raw) - set(_KEYS))
+    if unknown:
+        raise ValueError(f"--speculative-config: unknown key {unknown[0]!r} (known: {', '.join(_KEYS)})")
+    model = raw.get("model")
+    method = raw.get("method", "draft_model" if model is not None else None)
+    if method not in METHODS:
+        hint = "" if method is not None else ' (or name a draft "model")'
+        raise ValueError(f"--speculative-config: method must be one of {', '.join(METHODS)}{hint}, got {method!r}")
+    k = _int(raw, "num_speculative_tokens", None)
+    if not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise ValueError(
+            f"--speculative-config: num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, got {k}"
+        )
+    if method == "draft_model":
+        if not isinstance(model, str) or not model:
+            raise ValueError('--speculative-config: method draft_model needs "model": a path or name')
+        for key in ("prompt_lookup_min", "prompt_lookup_max"):
+            if key in raw:
+                raise ValueError(f"--speculative-config: {key} is for method ngram, not draft_model")
+        return SpeculativeConfig(method, k, model=model)
+    if model is not None:
+        raise ValueError('--speculative-config: method ngram takes no "model"')
+    # One bound given: the other defaults around it (shortest 2, longest 5) without crossing it.
+    lo = _int(raw, "prompt_lookup_min", 0)
+    hi = _int(raw, "prompt_lookup_max", max(5, lo))
+    if "prompt_lookup_min" not in raw:
+        lo = min(2, hi)
+    if lo < 1:
+        raise ValueError(f"--speculative-config: prompt_lookup_min must be at least 1, got {lo}")
+    if hi < lo:
+        raise ValueError(f"--speculative-config: prompt_lookup_max ({hi}) must be at least prompt_lookup_min ({lo})")
+    return SpeculativeConfig(method, k, prompt_lookup_min=lo, prompt_lookup_max=hi)
+
+
+def _int(raw: dict[str, Any], key: str, default: Any) -> int:
+    value = raw.get(key, default)
+    if value is None:
+        raise ValueError(f"--speculative-config: {key} is required")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"--speculative-config: {key} must be an integer, got {value!r}")
+    return value

@@ -1,0 +1,138 @@
+"""A small draft model proposing k greedy tokens per sequence and step, from a paged KV cache of its own.
+
+The draft's KV cache has the target's block count and is addressed through the target's block tables, so it needs
+no block manager of its own: a sequence's blocks hold the target's K/V in the target's cache and the draft's in the
+draft's. Proposals are made after the schedule (`reserves`): the scheduler first sees k reserved slots per sequence
+and allocates their blocks, which the draft then writes. What the draft has computed of a sequence is kept as the
+tokens it was fed past the last verified position; at the next step the fed tokens the target accepted are still
+valid, the rest are recomputed. A sequence that left the running set (preempted, finished) starts over, since its
+blocks may have gone to another sequence; prefix-cached blocks are recomputed too, as the draft may never have
+written them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from weir_server.config import CacheConfig, EngineConfig, ModelConfig
+from weir_server.engine.sequence import Sequence
+from weir_server.engine.spec_decode.config import SpeculativeConfig
+from weir_server.executor.batch import ScheduledSeq, StepSeq, TokenWindow
+from weir_server.executor.model_runner import ModelRunner
+from weir_server.models.loader import LoadedModel, load_model
+
+
+class DraftVocabularyError(ValueError):
+    """The draft model does not share the target's vocabulary, so its tokens mean something else to the target."""
+
+
+def check_same_vocabulary(draft: LoadedModel, target: LoadedModel) -> None:
+    """Raise DraftVocabularyError unless the draft's token ids are the target's: the same vocabulary size and, where
+    both have a tokenizer, the same token for every id."""
+    name = f"the draft model {draft.model_id!r}"
+    if draft.vocab_size != target.vocab_size:
+        raise DraftVocabularyError(
+            f"{name} has a vocabulary of {draft.vocab_size} tokens and the target {target.model_id!r} one of "
+            f"{target.vocab_size}: a draft model must share the target's tokenizer"
+        )
+    if draft.tokenizer is not None and target.tokenizer is not None:
+        if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
+            raise DraftVocabularyError(
+                f"{name} has a different tokenizer from the target {target.model_id!r} (same size, other tokens): "
+                "a draft model must share the target's tokenizer"
+            )
+
+
+def load_draft(spec: SpeculativeConfig, config: EngineConfig) -> LoadedModel:
+    """The draft model, loaded like the target (its device and dtype); ModelLoadError when it does not load."""
+    assert spec.model is not None
+    model = config.model
+    return load_model(
+        ModelConfig(
+            spec.model,
+            dtype=model.dtype,
+            device=model.device,
+            max_model_len=model.max_model_len,
+            download_dir=model.download_dir,
+            trust_remote_code=model.trust_remote_code,
+        ),
+        "generate",
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class _Fed:
+    """What the draft computed of a sequence past its verified tokens: `tokens` fed from position `base` on."""
+
+    base: int
+    tokens: list[int]
+
+
+class DraftModelProposer:
+    """Proposes each sequence's next tokens by running the draft model greedily, k steps per engine step."""
+
+    reserves = True  # proposes into slots reserved before the schedule
+
+    def __init__(self, config: EngineConfig, draft: LoadedModel, num_blocks: int) -> None:
+        self.draft = draft
+        draft_config = dataclasses.replace(
+            config,
+            model=ModelConfig(draft.model_id, device=str(draft.device)),
+            cache=CacheConfig(block_size=config.cache.block_size, num_blocks=num_blocks),
+            executor=dataclasses.replace(config.executor, enforce_eager=True),  # its steps are small and eager
+            speculative=None,
+        )
+        self.runner = ModelRunner(draft, draft_config)
+        self._fed: dict[int, _Fed] = {}
+
+    def retain(self, seq_ids: set[int]) -> None:
+        """Forget the sequences not running now: their blocks may be gone (preempted) or they ended."""
+        for seq_id in [s for s in self._fed if s not in seq_ids]:
+            del self._fed[seq_id]
+
+    def propose_batch(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        """`ks[i]` tokens for each sequence, whose last `ks[i]` slots are reserved (their blocks allocated)."""
+        ends = [len(seq.token_ids) - k for seq, k in zip(seqs, ks, strict=True)]  # first reserved position
+        batch: list[ScheduledSeq[StepSeq]] = []
+        for seq, end in zip(seqs, ends, strict=True):
+            start = self._valid(seq, end)
+            batch.append(_slice(seq, start, seq.token_ids[start:end]))
+        proposals: list[list[int]] = [[] for _ in seqs]
+        active = list(range(len(seqs)))
+        for j in range(max(ks)):
+            tokens = self._greedy(batch)
+            for i, token in zip(active, tokens, strict=True):
+                proposals[i].append(token)
+            active = [i for i in active if ks[i] > j + 1]
+            batch = [_slice(seqs[i], ends[i] + j, [proposals[i][-1]]) for i in active]
+            if not batch:
+                break
+        for seq, end, k, proposal in zip(seqs, ends, ks, proposals, strict=True):
+            self._fed[seq.seq_id] = _Fed(end, proposal[: k - 1])  # the last proposal was never fed
+        return proposals
+
+    def _valid(self, seq: Sequence, end: int) -> int:
+        """Positions before which the draft's KV of `seq` holds its current tokens."""
+        fed = self._fed.get(seq.seq_id)
+        if fed is None:
+            return 0
+        valid = fed.base
+        for token in fed.tokens:
+            if valid >= end or seq.token_ids[valid] != token:
+                break
+            valid += 1
+        return min(valid, end - 1)  # at least the last token runs, for its logits
+
+    def _greedy(self, batch: list[ScheduledSeq[StepSeq]]) -> list[int]:
+        with torch.inference_mode():
+            out = self.runner.execute(batch)
+        tokens: list[int] = out.sample_logits.argmax(dim=-1).tolist()
+        return tokens
+
+
+def _slice(seq: Sequence, start: int, tokens: list[int]) -> ScheduledSeq[StepSeq]:
+    """The draft's step over `tokens` at `start` of `seq`, through the target's block table."""
+    step = StepSeq(seq.seq_id, TokenWindow(start, tokens), seq.block_table, seq.num_prompt_tokens)
+    return ScheduledSeq(step, len(tokens), start)
