@@ -1,5 +1,5 @@
 """Resident memory and single-stream decode tokens/s of a GGUF on the CPU, for the packed path against the
-dequantize-at-load one (run once with each tree on PYTHONPATH). Optionally writes a random Q4_K_M-style file
+dequantize-at-load one (run once with and once without --keep-quantized). Optionally writes a random Q4_K_M-style file
 first. Usage: python bench/gguf_cpu_check.py MODEL [--write-q4km PATH] [--steps 32] [--repeats 3]"""
 
 from __future__ import annotations
@@ -29,56 +29,13 @@ def rss_mib() -> dict[str, int]:
 
 def write_q4km(path: Path) -> None:
     """A random 12-layer model (hidden 768, ffn 2048, vocab 32000) in Q4_K_M's mix of Q4_K and Q6_K."""
-    import gguf
-    import numpy as np
-    from gguf_blocks import random_rows
+    from gguf_blocks import write_random_q4_k_m
     from paged_runner import save_tiny_tokenizer
 
-    from weir_server.kernels.gguf_dequant import Q4_K, Q6_K
-
-    hidden, ffn, layers, heads, kv, vocab = 768, 2048, 12, 12, 4, 32000
-    save_tiny_tokenizer(path.parent, vocab)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for add, value in (
-        (writer.add_context_length, 2048),
-        (writer.add_block_count, layers),
-        (writer.add_feed_forward_length, ffn),
-        (writer.add_embedding_length, hidden),
-        (writer.add_rope_dimension_count, hidden // heads),
-        (writer.add_rope_freq_base, 10000.0),
-        (writer.add_head_count, heads),
-        (writer.add_head_count_kv, kv),
-        (writer.add_layer_norm_rms_eps, 1e-5),
-        (writer.add_vocab_size, vocab),
-        (writer.add_bos_token_id, 1),
-        (writer.add_eos_token_id, 2),
-    ):
-        add(value)
-    ones = np.ones(hidden, dtype=np.float32)
-    writer.add_tensor(
-        "token_embd.weight", random_rows(Q6_K, vocab, hidden, 1, 1e-3).numpy(), raw_dtype=gguf.GGMLQuantizationType.Q6_K
+    save_tiny_tokenizer(path.parent, 32000)
+    write_random_q4_k_m(
+        path, hidden=768, ffn=2048, layers=12, heads=12, kv_heads=4, vocab=32000, context=2048, rope_base=10000.0
     )
-    writer.add_tensor("output_norm.weight", ones)
-    head_dim = hidden // heads
-    for layer in range(layers):
-        big = Q6_K if layer % 2 == 0 else Q4_K
-        for name, qtype, (n, k) in (
-            ("attn_q", Q4_K, (hidden, hidden)),
-            ("attn_k", Q4_K, (kv * head_dim, hidden)),
-            ("attn_v", big, (kv * head_dim, hidden)),
-            ("attn_output", Q4_K, (hidden, hidden)),
-            ("ffn_gate", Q4_K, (ffn, hidden)),
-            ("ffn_up", Q4_K, (ffn, hidden)),
-            ("ffn_down", big, (hidden, ffn)),
-        ):
-            raw = random_rows(qtype, n, k, seed=layer * 10 + len(name), scale=2e-4).numpy()
-            writer.add_tensor(f"blk.{layer}.{name}.weight", raw, raw_dtype=gguf.GGMLQuantizationType(qtype.id))
-        writer.add_tensor(f"blk.{layer}.attn_norm.weight", ones)
-        writer.add_tensor(f"blk.{layer}.ffn_norm.weight", ones)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def main() -> None:
@@ -86,6 +43,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--tokenizer")
     parser.add_argument("--write-q4km", action="store_true", help="write a random Q4_K_M-style file at MODEL first")
+    parser.add_argument("--keep-quantized", action="store_true", help="GGUF blocks kept packed (--quantization gguf)")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -102,7 +60,8 @@ def main() -> None:
     gc.collect()
     before = rss_mib()
     started = time.perf_counter()
-    loaded = load_model(ModelConfig(args.model, device="cpu", tokenizer=args.tokenizer))
+    config = ModelConfig(args.model, device="cpu", tokenizer=args.tokenizer, keep_quantized=args.keep_quantized)
+    loaded = load_model(config)
     load_s = time.perf_counter() - started
     gc.collect()
     after = rss_mib()

@@ -13,12 +13,10 @@ from pathlib import Path
 
 sys.path[:0] = ["tests/server/quant", "tests/server/models"]
 
-import gguf  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton.testing  # noqa: E402
-from gguf_blocks import random_rows  # noqa: E402
+from gguf_blocks import random_rows, write_random_q4_k_m  # noqa: E402
 from paged_runner import PagedRunner, save_tiny_tokenizer  # noqa: E402
 
 from weir_server.config import ModelConfig  # noqa: E402
@@ -64,49 +62,17 @@ def kernels() -> None:
 
 
 def write_gguf(folder: Path) -> Path:
-    path = folder / "random-1b-Q4_K_M.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for add, value in (
-        (writer.add_context_length, 4096),
-        (writer.add_block_count, LAYERS),
-        (writer.add_feed_forward_length, FFN),
-        (writer.add_embedding_length, HIDDEN),
-        (writer.add_rope_dimension_count, HIDDEN // HEADS),
-        (writer.add_rope_freq_base, 500000.0),
-        (writer.add_head_count, HEADS),
-        (writer.add_head_count_kv, KV),
-        (writer.add_layer_norm_rms_eps, 1e-5),
-        (writer.add_vocab_size, VOCAB),
-        (writer.add_bos_token_id, 1),
-        (writer.add_eos_token_id, 2),
-    ):
-        add(value)
-    ones = np.ones(HIDDEN, dtype=np.float32)
-    writer.add_tensor(
-        "token_embd.weight", random_rows(Q6_K, VOCAB, HIDDEN, 1, 1e-3).numpy(), raw_dtype=gguf.GGMLQuantizationType.Q6_K
+    return write_random_q4_k_m(
+        folder / "random-1b-Q4_K_M.gguf",
+        hidden=HIDDEN,
+        ffn=FFN,
+        layers=LAYERS,
+        heads=HEADS,
+        kv_heads=KV,
+        vocab=VOCAB,
+        context=4096,
+        rope_base=500000.0,
     )
-    writer.add_tensor("output_norm.weight", ones)
-    head_dim = HIDDEN // HEADS
-    for layer in range(LAYERS):
-        big = Q6_K if layer % 2 == 0 else Q4_K  # Q4_K_M keeps v and down in Q6_K in half the layers
-        for name, qtype, (n, k) in (
-            ("attn_q", Q4_K, (HIDDEN, HIDDEN)),
-            ("attn_k", Q4_K, (KV * head_dim, HIDDEN)),
-            ("attn_v", big, (KV * head_dim, HIDDEN)),
-            ("attn_output", Q4_K, (HIDDEN, HIDDEN)),
-            ("ffn_gate", Q4_K, (FFN, HIDDEN)),
-            ("ffn_up", Q4_K, (FFN, HIDDEN)),
-            ("ffn_down", big, (HIDDEN, FFN)),
-        ):
-            raw = random_rows(qtype, n, k, seed=layer * 10 + len(name), scale=2e-4).numpy()
-            writer.add_tensor(f"blk.{layer}.{name}.weight", raw, raw_dtype=gguf.GGMLQuantizationType(qtype.id))
-        writer.add_tensor(f"blk.{layer}.attn_norm.weight", ones)
-        writer.add_tensor(f"blk.{layer}.ffn_norm.weight", ones)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def decode_speed(label: str, loaded, batch: int, steps: int = 32) -> None:
@@ -202,7 +168,9 @@ def main() -> None:
     save_tiny_tokenizer(folder, VOCAB)
     path = write_gguf(folder)
     print("gguf MiB", path.stat().st_size / 2**20, flush=True)
-    packed = load_model(ModelConfig(str(path), device="cuda", dtype="bfloat16", tokenizer=str(folder)))
+    packed = load_model(
+        ModelConfig(str(path), device="cuda", dtype="bfloat16", tokenizer=str(folder), keep_quantized=True)
+    )
     for batch in (1, 32):
         decode_speed("gguf-packed", packed, batch)
     try:

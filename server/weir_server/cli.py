@@ -140,15 +140,15 @@ def _model_names(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _load_format(args: argparse.Namespace, model: str) -> str:
-    """--load-format once --quantization agrees with it: GGUF weights are Weir's one quantized format (dequantized
-    at load), so `-q gguf` means GGUF weights and any other method is refused."""
+    """--load-format once --quantization agrees with it: GGUF weights are Weir's one quantized format, so `-q gguf`
+    means GGUF weights (kept packed: ModelConfig.keep_quantized) and any other method is refused."""
     method = (args.quantization or "none").strip().lower()
     if method in ("none", "auto"):
         return str(args.load_format)
     if method != "gguf":
         raise ValueError(
-            f"--quantization {args.quantization}: not implemented; Weir loads unquantized weights and GGUF files "
-            "(dequantized at load): use --quantization gguf with a .gguf model, or none"
+            f"--quantization {args.quantization}: not implemented; Weir loads unquantized weights and GGUF files: "
+            "use --quantization gguf with a .gguf model (kept quantized in memory), or none"
         )
     if args.load_format not in ("auto", "gguf"):
         raise ValueError(f"--quantization gguf needs GGUF weights, but --load-format is {args.load_format}")
@@ -231,6 +231,7 @@ def _engine(args: argparse.Namespace, name: str) -> EngineConfig:
         model=name,
         served_name=args.served_model_name,
         load_format=_load_format(args, name),
+        keep_quantized=(args.quantization or "").strip().lower() == "gguf",
         dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
         device=args.device,
         max_model_len=args.max_model_len,

@@ -26,6 +26,9 @@ class ModelConfig:
     model: str  # short name of a packaged model, local directory, GGUF file or hub id
     served_name: str | None = None  # the id clients pass as `model`; defaults to `model`
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    # GGUF blocks kept packed in memory and read by quantized matmuls (`--quantization gguf`); otherwise dequantized at
+    # load. Opt-in while the packed CPU path is slower than the dequantized one (bench/RESULTS.md, 2026-12-06 22:50).
+    keep_quantized: bool = False
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None  # cap on prompt + output tokens; None = the model's own

@@ -103,8 +103,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--quantization",
         "-q",
         metavar="METHOD",
-        help="gguf (GGUF weights, dequantized to --dtype at load) or none; other methods are not implemented "
-        "(default: from the weights)",
+        help="gguf (GGUF weights kept quantized in memory, read by quantized matmuls) or none; other methods are "
+        "not implemented (default: a GGUF file is dequantized to --dtype at load, the faster path on CPU today)",
     )
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     group.add_argument("--max-model-len", type=int, help="cap on prompt + output tokens (default: the model's own)")

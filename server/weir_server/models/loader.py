@@ -113,7 +113,9 @@ def _build_model(
 ) -> nn.Module:
     weights: _WeightStream | None = None
     try:
-        keep_packed = source.is_gguf and config.load_format != "dummy" and _shards_on_load(model_class)
+        keep_packed = (
+            config.keep_quantized and source.is_gguf and config.load_format != "dummy" and _shards_on_load(model_class)
+        )
         model = _build_empty(model_class, hf_config, device, dtype, quantize_gguf_layers if keep_packed else None)
         std = float(getattr(hf_config, "initializer_range", 0.02))
         if config.load_format == "dummy" and _shards_on_load(model):
@@ -121,7 +123,9 @@ def _build_model(
         elif config.load_format == "dummy":
             _init_dummy_weights(model, config.seed, std)
         else:
-            weights = _WeightStream(_iter_weights(source, config.load_format, hf_config, lazy=_shards_on_load(model)))
+            lazy = _shards_on_load(model)
+            stream = _iter_weights(source, config.load_format, hf_config, lazy=lazy, keep_packed=keep_packed)
+            weights = _WeightStream(stream)
             model.load_weights(weights)  # type: ignore[operator]
     except (ValueError, OSError, RuntimeError, SafetensorError) as error:  # bad shapes or names, unreadable files
         where = (weights.where(error) if weights is not None else "") or f"model {config.model!r}: "
@@ -244,16 +248,17 @@ def _shards_on_load(model: nn.Module | type[nn.Module]) -> bool:
 
 
 def _iter_weights(
-    source: ModelSource, load_format: str, hf_config: PretrainedConfig, lazy: bool = False
+    source: ModelSource, load_format: str, hf_config: PretrainedConfig, lazy: bool = False, keep_packed: bool = False
 ) -> Iterator[tuple[Path, str, Any]]:
     """(file, HF name, tensor) from the source's GGUF file or safetensors (or legacy .bin) files; with `lazy`,
-    safetensors come as slices read on indexing, so a tensor-parallel rank reads only its part."""
+    safetensors come as slices read on indexing, so a tensor-parallel rank reads only its part; with `keep_packed`,
+    GGUF tensors of the quantized types come packed (QuantizedTensor)."""
     if load_format == "gguf" and not source.is_gguf:
         raise ModelLoadError(f"model {source.spec!r}: load_format 'gguf' but the source is not a .gguf file")
     if load_format == "safetensors" and source.is_gguf:
         raise ModelLoadError(f"model {source.spec!r}: load_format 'safetensors' but the source is a .gguf file")
     if source.is_gguf:
-        return _iter_gguf(source, hf_config, keep_packed=lazy)
+        return _iter_gguf(source, hf_config, keep_packed=keep_packed)
     files = sorted(source.directory.glob("*.safetensors"))
     if files:
         return _iter_safetensors(files, lazy)

@@ -83,3 +83,55 @@ def quantize_k(weights: np.ndarray, qtype: GGMLType) -> np.ndarray:
     raw = np.concatenate(parts, axis=1)
     assert raw.shape[1] == qtype.type_size
     return raw.reshape(rows, -1)
+
+
+def write_random_q4_k_m(
+    path, *, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, vocab: int, context: int, rope_base: float
+):
+    """A random Llama GGUF in Q4_K_M's mix: Q4_K, with v and down in Q6_K in every other layer and a Q6_K embedding
+    (tied head). For the benchmarks' memory and speed checks; the tests write their own small files."""
+    import gguf
+
+    from weir_server.kernels.gguf_dequant import Q4_K, Q6_K
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for add, value in (
+        (writer.add_context_length, context),
+        (writer.add_block_count, layers),
+        (writer.add_feed_forward_length, ffn),
+        (writer.add_embedding_length, hidden),
+        (writer.add_rope_dimension_count, hidden // heads),
+        (writer.add_rope_freq_base, rope_base),
+        (writer.add_head_count, heads),
+        (writer.add_head_count_kv, kv_heads),
+        (writer.add_layer_norm_rms_eps, 1e-5),
+        (writer.add_vocab_size, vocab),
+        (writer.add_bos_token_id, 1),
+        (writer.add_eos_token_id, 2),
+    ):
+        add(value)
+    ones = np.ones(hidden, dtype=np.float32)
+    embedding = random_rows(Q6_K, vocab, hidden, 1, 1e-3).numpy()
+    writer.add_tensor("token_embd.weight", embedding, raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+    writer.add_tensor("output_norm.weight", ones)
+    head_dim = hidden // heads
+    for layer in range(layers):
+        big = Q6_K if layer % 2 == 0 else Q4_K
+        for name, qtype, (n, k) in (
+            ("attn_q", Q4_K, (hidden, hidden)),
+            ("attn_k", Q4_K, (kv_heads * head_dim, hidden)),
+            ("attn_v", big, (kv_heads * head_dim, hidden)),
+            ("attn_output", Q4_K, (hidden, hidden)),
+            ("ffn_gate", Q4_K, (ffn, hidden)),
+            ("ffn_up", Q4_K, (ffn, hidden)),
+            ("ffn_down", big, (hidden, ffn)),
+        ):
+            raw = random_rows(qtype, n, k, seed=layer * 10 + len(name), scale=2e-4).numpy()
+            writer.add_tensor(f"blk.{layer}.{name}.weight", raw, raw_dtype=gguf.GGMLQuantizationType(qtype.id))
+        writer.add_tensor(f"blk.{layer}.attn_norm.weight", ones)
+        writer.add_tensor(f"blk.{layer}.ffn_norm.weight", ones)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -122,7 +122,7 @@ def q4_k_m_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, L
 @pytest.fixture(scope="module")
 def served(q4_k_m_file):
     path, folder, _ = q4_k_m_file
-    return load_model(ModelConfig(str(path), device="cpu", dtype="float32", tokenizer=str(folder)))
+    return load_model(ModelConfig(str(path), device="cpu", dtype="float32", tokenizer=str(folder), keep_quantized=True))
 
 
 @pytest.fixture(scope="module")
