@@ -1,5 +1,5 @@
 """Speculative decoding through a real server: SmolLM2 with n-gram lookup answers a rewrite request exactly as the
-server without speculation does (greedy), in a core thread and a core process, and reports its proposals and
+server without speculation does (greedy), with the engine core in its own process, and reports its proposals and
 acceptances in the stats and on /metrics under vLLM's names."""
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ PASSAGE = (
 MESSAGES = [{"role": "user", "content": f"Repeat this passage word for word, changing nothing:\n\n{PASSAGE}"}]
 
 
-@pytest.fixture(scope="module", params=["thread", "process"])
+# The core process only: the thread core runs the same EngineCore, whose speculation tests/server/spec_decode covers,
+# and each SmolLM2 server costs the suite half a minute.
+@pytest.fixture(scope="module", params=["process"])
 def spec_server(request: Any, start_server: Callable[..., Any]) -> Any:
     generate = EngineConfig(
         ModelConfig("smollm2-135m-instruct", max_model_len=1024),
