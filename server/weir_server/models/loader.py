@@ -20,6 +20,7 @@ from weir_server.config import ModelConfig
 from weir_server.errors import ModelLoadError
 from weir_server.layers.quantized_linear import quantize_gguf_layers
 from weir_server.models.checkpoint_checks import check_gguf_tensors, check_safetensors_file, open_gguf
+from weir_server.models.gguf_sharing import shared_gguf_readers
 from weir_server.models.gguf_tensors import iter_gguf_tensors
 from weir_server.models.registry import (
     ModelSource,
@@ -58,6 +59,11 @@ class LoadedModel:
 def load_model(config: ModelConfig, task: Task | None = None, weights: bool = True) -> LoadedModel:
     """Resolve, build and fill the model `config` names; raise ModelLoadError with the reason if impossible.
     With `weights=False` only its config and tokenizer are read (a frontend of an engine-core process)."""
+    with shared_gguf_readers():  # a GGUF file is parsed once, not once per reader of it
+        return _load_model(config, task, weights)
+
+
+def _load_model(config: ModelConfig, task: Task | None, weights: bool) -> LoadedModel:
     started = time.perf_counter()
     if config.load_format not in _LOAD_FORMATS:
         raise ModelLoadError(f"load_format {config.load_format!r} is not one of {', '.join(_LOAD_FORMATS)}")
