@@ -46,7 +46,7 @@ def prompts_homed_on(address: str, addresses: list[str], count: int) -> list[str
     found = []
     for i in range(1000):
         prompt = f"tenant {i} asks a question " * 8
-        key = prefix_key(pb.GenerateRequest(prompt=prompt), GatewayConfig().routing_prefix_bytes)
+        key = prefix_key(pb.GenerateRequest(prompt=prompt, model=TINY_MODEL), GatewayConfig().routing_prefix_bytes)
         assert key is not None
         if max(addresses, key=lambda a: rendezvous_score(key, a)) == address:
             found.append(prompt)
