@@ -460,4 +460,5 @@ def test_a_kv_events_subscriber_that_never_reads_is_ended_with_resource_exhauste
     assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ended.value
     assert "subscribe again" in ended.value.details()
     assert received < log.sequence - published_before  # batches were dropped, not buffered without bound
-    assert client.complete("Still serving?", max_tokens=4).text  # inference goes on
+    # inference goes on (a token, not necessarily text: the model may end at once)
+    assert client.complete("Still serving?", max_tokens=4).choices[0].usage.completion_tokens >= 1
