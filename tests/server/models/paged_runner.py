@@ -84,6 +84,20 @@ class PagedRunner:
         return outputs
 
 
+# A Llama layer's Hugging Face parameter names and llama.cpp's GGUF tensor names, for tests that write GGUF files.
+LLAMA_HF_TO_GGUF = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
 def save_tiny_tokenizer(directory: Path, vocab_size: int) -> None:
     """A word-level tokenizer over `vocab_size` made-up words, so the loader finds one next to tiny models."""
     vocab = {"[PAD]": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}

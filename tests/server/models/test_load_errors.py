@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from paged_runner import save_tiny_tokenizer
+from paged_runner import LLAMA_HF_TO_GGUF, save_tiny_tokenizer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -29,17 +29,6 @@ VOCAB = 64
 WEIGHTS = "model.safetensors"
 DOWN = "model.layers.0.mlp.down_proj.weight"  # [hidden 32, intermediate 48]
 
-GGUF_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
 
 Tensors = dict[str, np.ndarray]
 
@@ -97,7 +86,7 @@ def write_llama_gguf(llama_dir: Path, path: Path, change: Callable[[Tensors], No
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     names = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
-    names |= {f"model.layers.0.{hf}.weight": f"blk.0.{ours}" for hf, ours in GGUF_NAMES.items()}
+    names |= {f"model.layers.0.{hf}.weight": f"blk.0.{ours}" for hf, ours in LLAMA_HF_TO_GGUF.items()}
     state = load_file(llama_dir / WEIGHTS)
     tensors = {f"{ours}.weight": state[hf].numpy().astype(np.float32) for hf, ours in names.items()}
     change(tensors)

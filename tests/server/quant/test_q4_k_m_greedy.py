@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from gguf_blocks import quantize_k
-from paged_runner import PagedRunner, save_tiny_tokenizer
+from paged_runner import LLAMA_HF_TO_GGUF, PagedRunner, save_tiny_tokenizer
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -23,17 +23,6 @@ from weir_server.models.loader import load_model
 VOCAB, HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 256, 512, 4, 2, 2
 PROMPTS = [[1, 17, 42, 99, 3, 250, 7], [1, 5, 5, 5]]
 NEW_TOKENS = 12
-HF_TO_GGUF = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
 Q = gguf.GGMLQuantizationType
 # Q4_K_M's mix (v and down in Q6_K in the first layer), and the legacy types in the second.
 TYPES = {
@@ -100,7 +89,7 @@ def q4_k_m_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, L
     writer.add_eos_token_id(2)
     names = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
     for layer in range(LAYERS):
-        names |= {f"model.layers.{layer}.{hf}.weight": f"blk.{layer}.{ours}" for hf, ours in HF_TO_GGUF.items()}
+        names |= {f"model.layers.{layer}.{hf}.weight": f"blk.{layer}.{ours}" for hf, ours in LLAMA_HF_TO_GGUF.items()}
     for hf_name, ours in names.items():
         weights = state[hf_name].float().numpy()
         if ours.endswith("attn_q"):
