@@ -52,6 +52,10 @@ def load_draft(spec: SpeculativeConfig, config: EngineConfig) -> LoadedModel:
     return load_model(
         ModelConfig(
             spec.model,
+            # A target with random weights gets a draft with random weights: benchmarks of real shapes need no
+            # files, and the same seed and shape give the draft the target's own weights (acceptance 100%).
+            load_format="dummy" if model.load_format == "dummy" else "auto",
+            seed=model.seed,
             dtype=model.dtype,
             device=model.device,
             max_model_len=model.max_model_len,
