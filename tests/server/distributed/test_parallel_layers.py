@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from tiny_models import save_word_tokenizer
 from torch import nn
-from tp_helpers import save_word_tokenizer
 from transformers import LlamaConfig
 
 from weir_server.config import ModelConfig

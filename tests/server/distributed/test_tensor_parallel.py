@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tp_helpers import save_tiny_llama
+from tiny_models import save_tiny_llama
 
 from weir_server.config import CacheConfig, EngineConfig, ExecutorConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from weir_server.distributed import parallel_state

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, PreTrainedTokenizerFast
-from transformers import LlamaForCausalLM as HFLlamaForCausalLM
+from transformers import LlamaConfig
 
 from weir_server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from weir_server.engine.core import EngineCore
@@ -113,28 +109,3 @@ def run_alone(loaded: LoadedModel, request: GenerationRequest, **engine_kwargs) 
     engine = make_engine(loaded, **engine_kwargs)
     result = run(engine, {0: [request]})
     return tokens_of(result[(request.request_id, 0)])
-
-
-def save_tiny_llama(directory: Path, vocab_size: int) -> Path:
-    """A random tiny Llama saved by transformers with a word-level tokenizer over made-up words ("w3", "w4", ...),
-    for a core process to load; the same checkpoint as tests/server/distributed/tp_helpers.py makes (test folders
-    cannot import each other's helpers)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        eos_token_id=2,
-    )
-    HFLlamaForCausalLM(config).save_pretrained(directory)
-    vocab = {"[PAD]": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", eos_token="</s>").save_pretrained(directory)
-    return directory

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from engine_helpers import save_tiny_llama
+from tiny_models import save_tiny_llama
 
 from weir_client import AsyncWeirClient
 from weir_server.config import (

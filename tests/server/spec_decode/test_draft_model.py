@@ -8,8 +8,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from engine_helpers import greedy, run, save_tiny_llama
+from engine_helpers import greedy, run
 from spec_helpers import assert_same, grounded_prompt, random_workload, spec_engine, summary
+from tiny_models import save_tiny_llama
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
