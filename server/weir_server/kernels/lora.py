@@ -119,7 +119,7 @@ def lora_segments(slots: torch.Tensor, num_loras: int, block_t: int) -> tuple[to
     counts = torch.zeros(num_loras + 1, dtype=torch.int32, device=slots.device)
     counts.scatter_add_(0, group, torch.ones_like(group, dtype=torch.int32))
     blocks = (counts + block_t - 1) // block_t
-    blocks[0] = 0
+    blocks[:1].zero_()  # the base model's tokens get no programs (an in-place fill: no host scalar under capture)
     block_end = torch.cumsum(blocks, 0, dtype=torch.int32)
     token_start = (torch.cumsum(counts, 0, dtype=torch.int32) - counts).to(torch.int32)
     return order, counts, block_end, token_start

@@ -52,9 +52,10 @@ class LoRATarget:
 LoRASpec = dict[str, LoRATarget]  # by our module name
 
 
-# The grouped (SGMV) kernels under CUDA graphs instead of the per-token (BGMV) ones. They match the reference in
-# Triton's interpreter but have not yet run on a GPU (tests/server/lora/test_lora_gpu.py checks both): off until then.
-USE_SGMV = False
+# The grouped (SGMV) kernels for every CUDA step (eager ones too) instead of the per-token (BGMV) kernel under CUDA
+# graphs and batched torch per slot in eager steps. Checked on an H100 (tests/server/lora/test_lora_gpu.py) on
+# 2026-12-07; the switch stays so the per-token kernel can be compared.
+USE_SGMV = True
 
 SlotWeights = list[tuple[torch.Tensor, torch.Tensor] | None]  # per output slice: full A [r, in], scaled B [out, r]
 
@@ -62,8 +63,9 @@ SlotWeights = list[tuple[torch.Tensor, torch.Tensor] | None]  # per output slice
 class LoRAState:
     """Which adapter slot each token of this step uses, shared by every LoRA layer of a model.
 
-    Eager steps give `groups`: (slot, token rows or None for all) per slot in use, for batched matmuls per slot.
-    A CUDA-graph step gives `slots` [T], a static buffer the Triton kernels read per token. Neither: no token uses
+    Eager CPU steps give `groups`: (slot, token rows or None for all) per slot in use, for batched matmuls per slot.
+    CUDA steps give `slots` [T], each token's slot, which the Triton kernels read (a static buffer under a CUDA
+    graph). Neither: no token uses
     an adapter, and the layers add nothing.
     """
 
@@ -81,10 +83,17 @@ class LoRAState:
 
     def set_tokens(self, seq_slots: list[int], seq_lens: list[int], device: torch.device) -> None:
         """An eager step: sequence i's `seq_lens[i]` tokens use slot `seq_slots[i]`."""
-        self.slots = None
+        self.slots, self.segments = None, None
         used = sorted({s for s in seq_slots if s >= 0})
         if not used:
             self.groups = []
+            return
+        if USE_SGMV and uses_kernel(device):
+            # On CUDA the grouped kernel takes any mix in one launch per layer: batched torch per slot costs a dozen
+            # small launches per slot and layer, which made prefills with 16 adapters several times slower.
+            self.groups = []
+            slots = torch.repeat_interleave(torch.tensor(seq_slots), torch.tensor(seq_lens))
+            self.slots = slots.to(device, non_blocking=True)
             return
         if len(used) == 1 and min(seq_slots) >= 0:
             self.groups = [(used[0], None)]
@@ -207,7 +216,7 @@ class LoRALinear(nn.Module):
 
 
 def uses_kernel(device: torch.device) -> bool:
-    """Whether a CUDA-graph step of this device applies adapters with the Triton kernels."""
+    """Whether this device applies adapters with the Triton kernels (CUDA-graph steps always, eager ones with SGMV)."""
     return device.type == "cuda" and HAS_TRITON
 
 
