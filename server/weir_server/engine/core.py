@@ -120,7 +120,7 @@ class EngineCore:
         self._launched: _Launched | None = None  # the step running ahead, tokens not yet read
         self._load_startup_adapters()
         # Speculative decoding reads each step's tokens on the host to propose the next: it does not run ahead.
-        self.spec = create_spec_decoder(config, loaded, self.runner.num_blocks, publisher is not None)
+        self.spec = create_spec_decoder(config, loaded, self.runner.num_blocks)
         if self.spec is not None:
             self.run_ahead = False
 

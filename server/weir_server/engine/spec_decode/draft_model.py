@@ -16,7 +16,8 @@ import dataclasses
 
 import torch
 
-from weir_server.config import CacheConfig, EngineConfig, ModelConfig
+from weir_server.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
+from weir_server.distributed import parallel_state
 from weir_server.engine.sequence import Sequence
 from weir_server.engine.spec_decode.config import SpeculativeConfig
 from weir_server.executor.batch import ScheduledSeq, StepSeq, TokenWindow
@@ -46,12 +47,18 @@ def check_same_vocabulary(draft: LoadedModel, target: LoadedModel) -> None:
 
 
 def load_draft(spec: SpeculativeConfig, config: EngineConfig) -> LoadedModel:
-    """The draft model, loaded like the target (its device and dtype); ModelLoadError when it does not load."""
+    """The draft model, loaded like the target (its device and dtype); ModelLoadError when it does not load. Under
+    tensor parallelism it is loaded whole on rank 0 (see `DraftModelProposer`)."""
     assert spec.model is not None
     model = config.model
+    with parallel_state.group_of_one():
+        return _load(spec.model, model)
+
+
+def _load(name: str, model: ModelConfig) -> LoadedModel:
     return load_model(
         ModelConfig(
-            spec.model,
+            name,
             # A target with random weights gets a draft with random weights: benchmarks of real shapes need no
             # files, and the same seed and shape give the draft the target's own weights (acceptance 100%).
             load_format="dummy" if model.load_format == "dummy" else "auto",
@@ -75,7 +82,11 @@ class _Fed:
 
 
 class DraftModelProposer:
-    """Proposes each sequence's next tokens by running the draft model greedily, k steps per engine step."""
+    """Proposes each sequence's next tokens by running the draft model greedily, k steps per engine step.
+
+    Under tensor parallelism the draft runs whole on rank 0, beside rank 0's shard of the target: a draft is small,
+    and sharding it would cost each of its k steps per engine step a message to every worker and two all-reduces per
+    layer, more than its matmuls on one device; the workers then only ever see the target's verify steps."""
 
     reserves = True  # proposes into slots reserved before the schedule
 
@@ -86,9 +97,12 @@ class DraftModelProposer:
             model=ModelConfig(draft.model_id, device=str(draft.device)),
             cache=CacheConfig(block_size=config.cache.block_size, num_blocks=num_blocks),
             executor=dataclasses.replace(config.executor, enforce_eager=True),  # its steps are small and eager
+            parallel=ParallelConfig(),
+            lora=None,  # adapters adapt the target; the draft proposes from its base weights
             speculative=None,
         )
-        self.runner = ModelRunner(draft, draft_config)
+        with parallel_state.group_of_one():
+            self.runner = ModelRunner(draft, draft_config)
         self._fed: dict[int, _Fed] = {}
 
     def retain(self, seq_ids: set[int]) -> None:

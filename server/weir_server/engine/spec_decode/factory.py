@@ -14,17 +14,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def create_spec_decoder(
-    config: EngineConfig, loaded: LoadedModel, num_blocks: int, tensor_parallel: bool
-) -> SpecDecoder | None:
-    """None without `config.speculative`, and under tensor parallelism (its workers get no verify rows yet: the
-    engine decodes without speculation then, and says so once). A draft model is loaded here, its KV cache sized to
-    the target's `num_blocks`; DraftVocabularyError when it does not share the target's vocabulary."""
+def create_spec_decoder(config: EngineConfig, loaded: LoadedModel, num_blocks: int) -> SpecDecoder | None:
+    """None without `config.speculative`. A draft model is loaded here (whole, on rank 0 under tensor parallelism),
+    its KV cache sized to the target's `num_blocks`; DraftVocabularyError when it does not share the target's
+    vocabulary."""
     spec = config.speculative
     if spec is None:
-        return None
-    if tensor_parallel:
-        logger.warning("speculative decoding is not supported with tensor parallelism yet; decoding without it")
         return None
     proposer: Proposer
     if spec.use_ngram:
