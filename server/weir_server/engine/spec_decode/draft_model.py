@@ -13,6 +13,7 @@ written them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 
@@ -20,8 +21,8 @@ from weir_server.config import CacheConfig, EngineConfig, ModelConfig, ParallelC
 from weir_server.distributed import parallel_state
 from weir_server.engine.sequence import Sequence
 from weir_server.engine.spec_decode.config import SpeculativeConfig
-from weir_server.executor.batch import ScheduledSeq, StepSeq, TokenWindow
-from weir_server.executor.model_runner import ModelRunner
+from weir_server.executor.batch import PLACEHOLDER, ScheduledSeq, StepSeq, TokenWindow
+from weir_server.executor.model_runner import ModelRunner, TokenFeed, kv_cache_shape
 from weir_server.models.loader import LoadedModel, load_model
 
 
@@ -73,6 +74,13 @@ def _load(name: str, model: ModelConfig) -> LoadedModel:
     )
 
 
+def kv_bytes_per_block(draft: LoadedModel, block_size: int) -> int:
+    """What the draft's KV cache takes per block of the target's (it is never sharded)."""
+    shape = kv_cache_shape(draft.hf_config, 1, block_size)
+    element = torch.empty((), dtype=draft.dtype).element_size()
+    return int(draft.hf_config.num_hidden_layers) * torch.Size(shape).numel() * element
+
+
 @dataclasses.dataclass(slots=True)
 class _Fed:
     """What the draft computed of a sequence past its verified tokens: `tokens` fed from position `base` on."""
@@ -96,13 +104,14 @@ class DraftModelProposer:
             config,
             model=ModelConfig(draft.model_id, device=str(draft.device)),
             cache=CacheConfig(block_size=config.cache.block_size, num_blocks=num_blocks),
-            executor=dataclasses.replace(config.executor, enforce_eager=True),  # its steps are small and eager
             parallel=ParallelConfig(),
             lora=None,  # adapters adapt the target; the draft proposes from its base weights
             speculative=None,
         )
+        # On CUDA the draft's steps replay graphs too (at batch 1 a draft step is mostly launch overhead): its first
+        # step of an engine step catches up one token, or two when every proposal was accepted; then one each.
         with parallel_state.group_of_one():
-            self.runner = ModelRunner(draft, draft_config)
+            self.runner = ModelRunner(draft, draft_config, graph_query_lens=(1, 2))
         self._fed: dict[int, _Fed] = {}
 
     def retain(self, seq_ids: set[int]) -> None:
@@ -117,16 +126,24 @@ class DraftModelProposer:
         for seq, end in zip(seqs, ends, strict=True):
             start = self._valid(seq, end)
             batch.append(_slice(seq, start, seq.token_ids[start:end]))
-        proposals: list[list[int]] = [[] for _ in seqs]
+        # Each step's tokens stay on the device and feed the next step's inputs (placeholders, as when the engine
+        # runs ahead): one read back per engine step, not one per draft step.
+        steps: list[tuple[list[int], torch.Tensor]] = []  # (sequences by index, their greedy tokens)
         active = list(range(len(seqs)))
+        feed: TokenFeed | None = None
         for j in range(max(ks)):
-            tokens = self._greedy(batch)
-            for i, token in zip(active, tokens, strict=True):
-                proposals[i].append(token)
+            with torch.inference_mode():
+                tokens = self.runner.execute(batch, feed).sample_logits.argmax(dim=-1)
+            steps.append((active, tokens))
+            feed = TokenFeed(tokens, {seqs[i].seq_id: row for row, i in enumerate(active)})
             active = [i for i in active if ks[i] > j + 1]
-            batch = [_slice(seqs[i], ends[i] + j, [proposals[i][-1]]) for i in active]
+            batch = [_slice(seqs[i], ends[i] + j, [PLACEHOLDER]) for i in active]
             if not batch:
                 break
+        host: list[int] = torch.cat([tokens for _, tokens in steps]).tolist()
+        proposals: list[list[int]] = [[] for _ in seqs]
+        for i, token in zip(itertools.chain.from_iterable(rows for rows, _ in steps), host, strict=True):
+            proposals[i].append(token)
         for seq, end, k, proposal in zip(seqs, ends, ks, proposals, strict=True):
             self._fed[seq.seq_id] = _Fed(end, proposal[: k - 1])  # the last proposal was never fed
         return proposals
@@ -142,12 +159,6 @@ class DraftModelProposer:
                 break
             valid += 1
         return min(valid, end - 1)  # at least the last token runs, for its logits
-
-    def _greedy(self, batch: list[ScheduledSeq[StepSeq]]) -> list[int]:
-        with torch.inference_mode():
-            out = self.runner.execute(batch)
-        tokens: list[int] = out.sample_logits.argmax(dim=-1).tolist()
-        return tokens
 
 
 def _slice(seq: Sequence, start: int, tokens: list[int]) -> ScheduledSeq[StepSeq]:
