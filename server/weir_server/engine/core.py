@@ -123,10 +123,9 @@ class EngineCore:
         self.run_ahead = config.executor.run_ahead and self.overlap_outputs and publisher is None
         self._launched: _Launched | None = None  # the step running ahead, tokens not yet read
         self._load_startup_adapters()
-        # Speculative decoding reads each step's tokens on the host to propose the next: it does not run ahead.
+        # Speculative decoding reads each step's tokens on the host to propose the next: it runs ahead only while
+        # it backs off (a large batch proposes nothing).
         self.spec = create_spec_decoder(config, draft, self.runner.num_blocks)
-        if self.spec is not None:
-            self.run_ahead = False
 
     @classmethod
     def from_config(cls, config: EngineConfig, detokenize_all: bool = True) -> EngineCore:
@@ -290,7 +289,7 @@ class EngineCore:
             result = self.runner.execute(output.scheduled, feed)
             self._record_prompt_logprobs(result)
             sample_seqs = [s.seq for s in result.sample_seqs]
-            if self.spec is not None:
+            if self.spec is not None and self.spec.has_drafts:
                 runs = self.spec.sample(result, self.sampler, self.eos_token_ids, mask.result() if mask else None)
                 outputs += self._append_runs(runs)  # before `update`: it commits only the accepted tokens' blocks
             elif sample_seqs:
@@ -318,7 +317,10 @@ class EngineCore:
 
     def _can_run_ahead(self, output: SchedulerOutput) -> bool:
         """Whether a batch can be launched while the previous step's tokens are unread, and itself run ahead:
-        nothing in it reads its own output tokens on the host before sampling."""
+        nothing in it reads its own output tokens on the host before sampling, and speculation backs off (the next
+        step's proposals need this step's tokens on the host; a sequence with a token in flight gets none)."""
+        if self.spec is not None and not self.spec.backed_off:
+            return False
         for s in output.scheduled:
             seq = s.seq
             params = seq.params

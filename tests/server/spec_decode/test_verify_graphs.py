@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from engine_helpers import greedy, run, save_tiny_llama
-from spec_helpers import NGRAM, assert_same, grounded_prompt, random_workload, spec_engine
+from spec_helpers import NGRAM, assert_same, graphed_on_cpu, grounded_prompt, random_workload, spec_engine
 
 from weir_server.config import ModelConfig
 from weir_server.engine.core import EngineCore
@@ -18,26 +18,9 @@ from weir_server.engine.spec_decode.config import SpeculativeConfig
 from weir_server.engine.types import GenerationRequest
 from weir_server.executor.batch import ScheduledSeq, StepSeq, TokenWindow
 from weir_server.executor.cuda_graphs import DecodeGraphs, graph_query_len
-from weir_server.executor.model_runner import ModelRunner
 from weir_server.models.loader import load_model
 
 K = NGRAM.num_speculative_tokens
-
-
-def graphed_on_cpu(runner: ModelRunner, query_lens: tuple[int, ...], max_batch: int = 16) -> list[int]:
-    """Give `runner` decode graphs whose replay runs eagerly; the query length of each replay is recorded."""
-    graphs = DecodeGraphs(
-        runner._graph_forward, runner.device, max_batch, runner.block_size, runner.max_model_len, query_lens=query_lens
-    )
-    replayed: list[int] = []
-
-    def replay(decode):
-        replayed.append(decode.query_len)
-        return graphs.replay_eager(decode)
-
-    graphs.replay = replay  # type: ignore[method-assign]
-    runner.graphs = graphs
-    return replayed
 
 
 def step_of(seq_id: int, start: int, tokens: list[int], table: list[int]) -> ScheduledSeq[StepSeq]:
@@ -100,7 +83,7 @@ def draft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_draft_model_steps_through_the_graph_layout_give_the_eager_greedy_outputs(draft_dir) -> None:
     """The target as its own draft: proposals are accepted in full, so the draft's catch-up steps run two tokens."""
     target = load_model(ModelConfig(str(draft_dir), device="cpu", dtype="float32"))
-    spec = SpeculativeConfig("draft_model", num_speculative_tokens=3, model=str(draft_dir))
+    spec = SpeculativeConfig("draft_model", num_speculative_tokens=3, model=str(draft_dir), disable_by_batch_size=None)
     base = run(spec_engine(target, None), random_workload(3))
     engine: EngineCore = spec_engine(target, spec)
     verify = graphed_on_cpu(engine.runner, (1, 4))
