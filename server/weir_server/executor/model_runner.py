@@ -303,9 +303,9 @@ class ModelRunner:
             self.lora_state.set_tokens([s.seq.lora_slot for s in batch], [s.num_new_tokens for s in batch], self.device)
         if decode is not None:
             q = decode.query_len
-            first_rows = range(len(batch)) if q == 1 else decode.first_rows(batch)
-            _feed_placeholders(self.graphs.i64[0], batch, first_rows, feed)  # type: ignore[union-attr]
-            prompt_rows, sample_rows = _logit_rows(batch, first_rows)
+            firsts = range(len(batch)) if q == 1 else decode.first_rows(batch)
+            _feed_placeholders(self.graphs.i64[0], batch, firsts, feed)  # type: ignore[union-attr]
+            prompt_rows, sample_rows = _logit_rows(batch, firsts)
             with torch.inference_mode():
                 hidden = self.graphs.replay(decode)  # type: ignore[union-attr]
                 if q == 1 and not prompt_rows and len(sample_rows) == len(batch):

@@ -64,7 +64,7 @@ def parse_speculative_config(text: str) -> SpeculativeConfig:
         raise ValueError(
             f"--speculative-config: num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, got {k}"
         )
-    back_off = DEFAULT_DISABLE_BY_BATCH_SIZE
+    back_off: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
     if "disable_by_batch_size" in raw:
         back_off = None if raw["disable_by_batch_size"] is None else _int(raw, "disable_by_batch_size", None)
         if back_off is not None and back_off < 1:
