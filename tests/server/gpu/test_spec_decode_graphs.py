@@ -36,12 +36,13 @@ def spec_core(loaded: LoadedModel, spec: SpeculativeConfig | None, enforce_eager
     return EngineCore(loaded, config)
 
 
-def repeating_requests(num_requests: int, max_tokens: int = 40) -> list[GenerationRequest]:
-    """Greedy requests whose prompts repeat a random phrase, so n-gram lookup finds proposals."""
+def repeating_requests(num_requests: int, max_tokens: int = 40, stagger: int = 0) -> list[GenerationRequest]:
+    """Greedy requests whose prompts repeat a random phrase, so n-gram lookup finds proposals; request i asks for
+    `max_tokens + i * stagger` tokens."""
     generator = torch.Generator().manual_seed(11)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     requests = []
     for i in range(num_requests):
+        params = SamplingParams(max_tokens=max_tokens + i * stagger, temperature=0.0, ignore_eos=True)
         phrase = torch.randint(2, VOCAB, (3 + i % 5,), generator=generator).tolist()
         requests.append(GenerationRequest(f"r{i}", (phrase * 8)[: 12 + 3 * i], params))
     return requests
@@ -105,7 +106,7 @@ def test_draft_model_steps_replay_graphs_and_keep_the_eager_greedy_tokens(model_
 
 def test_the_engine_runs_ahead_while_speculation_backs_off(tiny_model, run) -> None:
     loaded = tiny_model("cuda")
-    base = run(spec_core(loaded, None, enforce_eager=True), repeating_requests(12))
+    base = run(spec_core(loaded, None, enforce_eager=True), repeating_requests(12, 8, stagger=4))
     spec = SpeculativeConfig("ngram", 4, prompt_lookup_min=1, prompt_lookup_max=3, disable_by_batch_size=4)
     core = spec_core(loaded, spec, enforce_eager=False)
     assert core.run_ahead
@@ -118,5 +119,5 @@ def test_the_engine_runs_ahead_while_speculation_backs_off(tiny_model, run) -> N
         return outputs
 
     core.step = watched
-    assert run(core, repeating_requests(12)) == base
+    assert run(core, repeating_requests(12, 8, stagger=4)) == base  # the batch shrinks through 4 as requests end
     assert any(ahead) and core.stats().spec_num_drafts > 0
