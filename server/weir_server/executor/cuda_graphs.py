@@ -90,8 +90,11 @@ class DecodeGraphs:
         max_model_len: int,
         lora: bool = False,
         query_lens: Sequence[int] = (1,),
+        multi_max_batch: int | None = None,
     ) -> None:
-        """`query_lens`: the rows per sequence graphs are captured for: 1 (decode), and 1 + K for verify steps."""
+        """`query_lens`: the rows per sequence graphs are captured for: 1 (decode), and 1 + K for verify steps;
+        `multi_max_batch`: the largest batch captured with more than one row a sequence (speculation backs off above
+        it), by default `max_batch`."""
         self.forward = forward
         self.query_lens = sorted(set(query_lens))
         self.lora = lora  # fill each row's LoRA slot (i64[3]), which the captured LoRA kernels read
@@ -99,6 +102,7 @@ class DecodeGraphs:
         self.block_size = block_size
         self.sizes = batch_size_ladder(max_batch)
         self.max_batch = self.sizes[-1]
+        self.multi_sizes = batch_size_ladder(min(max_batch, multi_max_batch or max_batch))
         self.max_blocks = -(-max_model_len // block_size)
         self.max_context_len = self.max_blocks * block_size  # a bound; the kernel reads the real lengths
         mb = self.max_batch
@@ -159,7 +163,7 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         self._np_ctx[:] = self.query_lens[-1]  # padding sequences' rows sit at positions 0..q-1
         self.context_lens.fill_(self.query_lens[-1])
-        shapes = [(q, bs) for q in self.query_lens[::-1] for bs in self.sizes[::-1]]
+        shapes = [(q, bs) for q in self.query_lens[::-1] for bs in (self.multi_sizes if q > 1 else self.sizes)[::-1]]
         with torch.cuda.stream(stream):
             for q, bs in progress(shapes, "Capturing decode CUDA graphs", unit="graphs"):
                 self.run_eager(bs, q)  # warm-up: compiles the Triton kernels for this shape outside the capture
@@ -185,12 +189,13 @@ class DecodeGraphs:
     def prepare(self, batch: Sequence[ScheduledSeq[S]]) -> DecodeInput | None:
         """Lay a decode batch into the static buffers (async copies); None when no graph fits it."""
         n = len(batch)
+        if not is_graphable_decode(batch):
+            q = graph_query_len(batch, self.query_lens)
+            bs = padded_size(self.multi_sizes, n)
+            return None if q is None or bs is None else self._prepare_verify(batch, bs, q)
         bs = padded_size(self.sizes, n)
         if bs is None:
             return None
-        if not is_graphable_decode(batch):
-            q = graph_query_len(batch, self.query_lens)
-            return None if q is None else self._prepare_verify(batch, bs, q)
         bsz = self.block_size
         seqs = [s.seq for s in batch]
         positions = [s.start for s in batch]

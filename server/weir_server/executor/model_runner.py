@@ -161,6 +161,7 @@ class ModelRunner:
         if self.lora_state is not None and not lora:
             logger.warning("LoRA needs Triton under CUDA graphs: decode runs eagerly")
             return None
+        spec = self.config.speculative  # verify steps come only from batches below the back-off size
         graphs = DecodeGraphs(
             self._graph_forward,
             self.device,
@@ -169,6 +170,7 @@ class ModelRunner:
             self.max_model_len,
             lora=lora,
             query_lens=self.graph_query_lens,
+            multi_max_batch=spec.disable_by_batch_size if spec is not None else None,
         )
         self._graphs_under_capture = graphs
         graphs.capture()

@@ -17,7 +17,7 @@ from weir_server.engine.core import EngineCore
 from weir_server.engine.spec_decode.config import SpeculativeConfig
 from weir_server.engine.types import GenerationRequest
 from weir_server.executor.batch import ScheduledSeq, StepSeq, TokenWindow
-from weir_server.executor.cuda_graphs import DecodeGraphs, graph_query_len
+from weir_server.executor.cuda_graphs import DecodeGraphs, DecodeInput, graph_query_len
 from weir_server.models.loader import load_model
 
 K = NGRAM.num_speculative_tokens
@@ -36,6 +36,18 @@ def test_a_verify_batch_replays_the_smallest_query_length_holding_it() -> None:
     assert graph_query_len(verify, [1]) is None  # no verify graphs without speculation
     assert graph_query_len([step_of(0, 7, list(range(6)), table)], [1, 5]) is None  # longer than 1 + K
     assert graph_query_len([step_of(0, 1, [5, 6], table)], [1, 5]) is None  # front padding would reach position -3
+
+
+def test_verify_graphs_stop_at_the_back_off_size_and_decode_graphs_do_not() -> None:
+    graphs = DecodeGraphs(
+        lambda *a: torch.zeros(0), torch.device("cpu"), 16, 4, 64, query_lens=(1, 5), multi_max_batch=4
+    )
+    table = list(range(16))
+    verify = [step_of(i, 8, [5, 6], table) for i in range(5)]
+    decode = [step_of(i, 8, [5], table) for i in range(10)]
+    assert graphs.prepare(verify) is None  # 5 sequences speculate only without back-off: eager
+    assert graphs.prepare(verify[:3]) == DecodeInput(3, 4, 5)
+    assert graphs.prepare(decode) == DecodeInput(10, 16, 1)
 
 
 def test_front_padded_verify_rows_reproduce_the_eager_step(tiny_loaded) -> None:

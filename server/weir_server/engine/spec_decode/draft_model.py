@@ -100,10 +100,15 @@ class DraftModelProposer:
 
     def __init__(self, config: EngineConfig, draft: LoadedModel, num_blocks: int) -> None:
         self.draft = draft
+        assert config.speculative is not None
+        executor = config.executor
+        most = config.speculative.disable_by_batch_size or executor.cuda_graph_max_batch
         draft_config = dataclasses.replace(
             config,
             model=ModelConfig(draft.model_id, device=str(draft.device)),
             cache=CacheConfig(block_size=config.cache.block_size, num_blocks=num_blocks),
+            # Its batches are those that speculate: none above the back-off size, so no graphs for them either.
+            executor=dataclasses.replace(executor, cuda_graph_max_batch=min(executor.cuda_graph_max_batch, most)),
             parallel=ParallelConfig(),
             lora=None,  # adapters adapt the target; the draft proposes from its base weights
             speculative=None,
