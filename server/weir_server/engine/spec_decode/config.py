@@ -9,8 +9,9 @@ from typing import Any
 METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 16  # more is never verified profitably, and bounds a step's extra tokens per sequence
 # Above this many running sequences a step proposes nothing. vLLM's default is never; ours backs off because a large
-# batch already keeps the device busy, where verifying 1 + K rows a sequence costs more than its accepted tokens
-# save (measured cost: bench/RESULTS.md), and because a backed-off engine can run ahead on CUDA again.
+# batch already keeps the device busy, so verifying 1 + K rows a sequence (and a draft's K steps) costs more than the
+# accepted tokens save, and because a backed-off engine runs ahead on CUDA again. 16 keeps the 1- and 8-stream cases
+# speculating; where it sits best per model and device is for the GPU bench to tell.
 DEFAULT_DISABLE_BY_BATCH_SIZE = 16
 _KEYS = (
     "method",
