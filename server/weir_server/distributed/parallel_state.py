@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -88,6 +90,19 @@ def destroy(timeout_s: float = 10.0) -> None:
         if closer.is_alive():  # NCCL teardown can take this long; the process is about to exit or start anew
             logger.info("leaving the tensor-parallel group takes over %.0fs; not waiting for it", timeout_s)
     _state = ParallelState()
+
+
+@contextmanager
+def group_of_one() -> Iterator[None]:
+    """Build modules inside as if this process were alone: unsharded, and (since the parallel layers read the size
+    when constructed) never taking part in a collective. Rank 0's speculative draft model is built so."""
+    global _state
+    saved = _state
+    _state = ParallelState(device=saved.device)
+    try:
+        yield
+    finally:
+        _state = saved
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:

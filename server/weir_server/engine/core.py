@@ -25,7 +25,8 @@ from weir_server.engine.output import PendingText, choice_output, core_makes_tex
 from weir_server.engine.sampler import Sampler, make_generator, token_logprobs
 from weir_server.engine.scheduler import Scheduler, SchedulerOutput
 from weir_server.engine.sequence import Sequence, SequenceStatus
-from weir_server.engine.spec_decode.factory import create_spec_decoder
+from weir_server.engine.spec_decode.draft_model import kv_bytes_per_block
+from weir_server.engine.spec_decode.factory import create_spec_decoder, load_spec_draft
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.stop import check_stop, may_stop
 from weir_server.engine.structured import StructuredOutputs
@@ -95,7 +96,10 @@ class EngineCore:
         self.max_model_len = loaded.max_model_len
         self.vocab_size = loaded.vocab_size
         self.detokenize_all = detokenize_all
-        self.runner = ModelRunner(loaded, config, publisher)
+        # A draft model is loaded first: the KV cache is sized around its weights and its cache.
+        draft = load_spec_draft(config, loaded)
+        shared = kv_bytes_per_block(draft, config.cache.block_size) if draft is not None else 0
+        self.runner = ModelRunner(loaded, config, publisher, shared_block_bytes=shared)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
@@ -119,10 +123,9 @@ class EngineCore:
         self.run_ahead = config.executor.run_ahead and self.overlap_outputs and publisher is None
         self._launched: _Launched | None = None  # the step running ahead, tokens not yet read
         self._load_startup_adapters()
-        # Speculative decoding reads each step's tokens on the host to propose the next: it does not run ahead.
-        self.spec = create_spec_decoder(config, loaded, self.runner.num_blocks, publisher is not None)
-        if self.spec is not None:
-            self.run_ahead = False
+        # Speculative decoding reads each step's tokens on the host to propose the next: it runs ahead only while
+        # it backs off (a large batch proposes nothing).
+        self.spec = create_spec_decoder(config, draft, self.runner.num_blocks)
 
     @classmethod
     def from_config(cls, config: EngineConfig, detokenize_all: bool = True) -> EngineCore:
@@ -286,7 +289,7 @@ class EngineCore:
             result = self.runner.execute(output.scheduled, feed)
             self._record_prompt_logprobs(result)
             sample_seqs = [s.seq for s in result.sample_seqs]
-            if self.spec is not None:
+            if self.spec is not None and self.spec.has_drafts:
                 runs = self.spec.sample(result, self.sampler, self.eos_token_ids, mask.result() if mask else None)
                 outputs += self._append_runs(runs)  # before `update`: it commits only the accepted tokens' blocks
             elif sample_seqs:
@@ -314,7 +317,10 @@ class EngineCore:
 
     def _can_run_ahead(self, output: SchedulerOutput) -> bool:
         """Whether a batch can be launched while the previous step's tokens are unread, and itself run ahead:
-        nothing in it reads its own output tokens on the host before sampling."""
+        nothing in it reads its own output tokens on the host before sampling, and speculation backs off (the next
+        step's proposals need this step's tokens on the host; a sequence with a token in flight gets none)."""
+        if self.spec is not None and not self.spec.backed_off:
+            return False
         for s in output.scheduled:
             seq = s.seq
             params = seq.params

@@ -76,7 +76,17 @@ def kv_cache_shape(hf_config: Any, num_blocks: int, block_size: int, tp_size: in
 class ModelRunner:
     """Runs one step of the model for a batch of sequences; never decides who runs."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, publisher: StepPublisher | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig,
+        publisher: StepPublisher | None = None,
+        shared_block_bytes: int = 0,
+        graph_query_lens: tuple[int, ...] | None = None,
+    ) -> None:
+        """`shared_block_bytes`: KV bytes another model keeps per block of this cache (a speculative draft model
+        addressed through the same block tables), counted when the number of blocks is decided. `graph_query_lens`:
+        the rows per sequence CUDA graphs are captured for; by default 1, and 1 + K for speculative verify steps."""
         self.model = loaded.model
         self.hf_config = loaded.hf_config
         self.device = loaded.device
@@ -88,6 +98,9 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.max_model_len = loaded.max_model_len
         self.num_layers = int(self.hf_config.num_hidden_layers)
+        self.shared_block_bytes = shared_block_bytes
+        spec = config.speculative
+        self.graph_query_lens = graph_query_lens or ((1,) if spec is None else (1, 1 + spec.num_speculative_tokens))
         # LoRA layers wrap the loaded weights before CPU packing and graph capture see them.
         self.lora_state: LoRAState | None = None
         self.lora_layers: dict[str, LoRALinear] = {}
@@ -148,8 +161,16 @@ class ModelRunner:
         if self.lora_state is not None and not lora:
             logger.warning("LoRA needs Triton under CUDA graphs: decode runs eagerly")
             return None
+        spec = self.config.speculative  # verify steps come only from batches below the back-off size
         graphs = DecodeGraphs(
-            self._graph_forward, self.device, max_batch, self.block_size, self.max_model_len, lora=lora
+            self._graph_forward,
+            self.device,
+            max_batch,
+            self.block_size,
+            self.max_model_len,
+            lora=lora,
+            query_lens=self.graph_query_lens,
+            multi_max_batch=spec.disable_by_batch_size if spec is not None else None,
         )
         self._graphs_under_capture = graphs
         graphs.capture()
@@ -193,7 +214,7 @@ class ModelRunner:
         else:
             available = int(cache.kv_cache_memory_gb * 2**30)
         # Every tensor-parallel rank must hold the same blocks, so all take the smallest that fits.
-        num_blocks = min_across_ranks(available // self._bytes_per_block())
+        num_blocks = min_across_ranks(available // (self._bytes_per_block() + self.shared_block_bytes))
         if num_blocks < 1:
             raise RuntimeError(
                 f"no memory left for the KV cache ({available / 2**30:.2f} GiB available); "
@@ -283,14 +304,18 @@ class ModelRunner:
         if self.lora_state is not None and decode is None:  # a graph reads its rows' slots from its own buffer
             self.lora_state.set_tokens([s.seq.lora_slot for s in batch], [s.num_new_tokens for s in batch], self.device)
         if decode is not None:
-            _feed_placeholders(self.graphs.i64[0], batch, range(len(batch)), feed)  # type: ignore[union-attr]
-            prompt_rows, sample_rows = _logit_rows(batch, range(len(batch)))
+            q = decode.query_len
+            firsts = range(len(batch)) if q == 1 else decode.first_rows(batch)
+            _feed_placeholders(self.graphs.i64[0], batch, firsts, feed)  # type: ignore[union-attr]
+            prompt_rows, sample_rows = _logit_rows(batch, firsts)
             with torch.inference_mode():
                 hidden = self.graphs.replay(decode)  # type: ignore[union-attr]
-                if not prompt_rows and len(sample_rows) == len(batch):
+                if q == 1 and not prompt_rows and len(sample_rows) == len(batch):
                     logits = self.model.compute_logits(hidden)
                 else:
-                    rows = [r for _, first, n in prompt_rows for r in range(first, first + n)] + sample_rows
+                    rows = [r for _, first, n in prompt_rows for r in range(first, first + n)]
+                    # Each sampled sequence's last num_logits rows (one, or 1 + its proposed tokens).
+                    rows += [r for i in sample_rows for r in range((i + 1) * q - batch[i].num_logits, (i + 1) * q)]
                     logits = self.model.compute_logits(hidden[to_device(rows, self.device, torch.long)])
             prompt_rows = _number_prompt_rows(prompt_rows)
         else:

@@ -53,6 +53,7 @@ def encode_batch(batch: list[ScheduledSeq[Any]]) -> bytes:
             s.start,
             s.num_new_tokens,
             s.do_sample,
+            s.num_logits,  # verify rows of speculative decoding: every rank gathers the same logits rows
             s.seq.seq_id,
             s.seq.token_ids[s.start : s.start + s.num_new_tokens],
             s.seq.block_table,
@@ -72,10 +73,11 @@ def decode_batch(data: bytes) -> list[ScheduledSeq[StepSeq]]:
 
 def _decode_rows(rows: list[tuple[Any, ...]]) -> list[ScheduledSeq[StepSeq]]:
     batch = []
-    for start, n, do_sample, seq_id, tokens, table, num_prompt, wants_prompt, lora_slot in rows:
+    for start, n, do_sample, num_logits, seq_id, tokens, table, num_prompt, wants_prompt, lora_slot in rows:
         seq = StepSeq(seq_id, TokenWindow(start, tokens), table, num_prompt, wants_prompt, lora_slot)
         scheduled = ScheduledSeq(seq, n, start)
         scheduled.do_sample = do_sample
+        scheduled.num_logits = num_logits
         batch.append(scheduled)
     return batch
 

@@ -11,9 +11,14 @@ from engine_helpers import greedy, make_engine, prompt
 from weir_server.engine.core import EngineCore
 from weir_server.engine.spec_decode.config import SpeculativeConfig
 from weir_server.engine.types import GenerationOutput, GenerationRequest
+from weir_server.executor.cuda_graphs import DecodeGraphs
+from weir_server.executor.model_runner import ModelRunner
 from weir_server.models.loader import LoadedModel
 
-NGRAM = SpeculativeConfig("ngram", num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=3)
+# Never backing off: the workloads' batches speculate at every size (test_back_off.py tests backing off).
+NGRAM = SpeculativeConfig(
+    "ngram", num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=3, disable_by_batch_size=None
+)
 
 
 def spec_engine(loaded: LoadedModel, spec: SpeculativeConfig | None, **kwargs: int | bool) -> EngineCore:
@@ -70,3 +75,19 @@ def assert_same(base: dict, spec: dict) -> None:
         for a, b in zip(lp_spec, lp_base, strict=True):
             assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
             assert [t.token_id for t in a.top] == [t.token_id for t in b.top]
+
+
+def graphed_on_cpu(runner: ModelRunner, query_lens: tuple[int, ...], max_batch: int = 16) -> list[int]:
+    """Give `runner` decode graphs whose replay runs eagerly; the query length of each replay is recorded."""
+    graphs = DecodeGraphs(
+        runner._graph_forward, runner.device, max_batch, runner.block_size, runner.max_model_len, query_lens=query_lens
+    )
+    replayed: list[int] = []
+
+    def replay(decode):
+        replayed.append(decode.query_len)
+        return graphs.replay_eager(decode)
+
+    graphs.replay = replay  # type: ignore[method-assign]
+    runner.graphs = graphs
+    return replayed

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 
 from weir_server.cli import config_from_args, main, parse_args
-from weir_server.engine.spec_decode.config import SpeculativeConfig, parse_speculative_config
+from weir_server.engine.spec_decode.config import (
+    DEFAULT_DISABLE_BY_BATCH_SIZE,
+    SpeculativeConfig,
+    parse_speculative_config,
+)
 
 
 def test_ngram_keys_give_a_frozen_config_in_the_engine_config():
@@ -31,6 +35,15 @@ def test_one_lookup_bound_given_keeps_the_other_on_its_side():
     assert (config.prompt_lookup_min, config.prompt_lookup_max) == (7, 7)
 
 
+def test_speculation_backs_off_above_a_batch_size_which_null_turns_off():
+    ngram = '{"method": "ngram", "num_speculative_tokens": 2'
+    assert parse_speculative_config(ngram + "}").disable_by_batch_size == DEFAULT_DISABLE_BY_BATCH_SIZE
+    config = parse_speculative_config('{"model": "tiny", "num_speculative_tokens": 3, "disable_by_batch_size": 4}')
+    assert config.disable_by_batch_size == 4 and not config.backs_off(4) and config.backs_off(5)
+    never = parse_speculative_config(ngram + ', "disable_by_batch_size": null}')
+    assert never.disable_by_batch_size is None and not never.backs_off(10_000)
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
@@ -50,6 +63,8 @@ def test_one_lookup_bound_given_keeps_the_other_on_its_side():
         ),
         ('{"method": "ngram", "num_speculative_tokens": 2, "model": "x"}', "ngram takes no"),
         ('{"method": "draft_model", "num_speculative_tokens": 2}', 'needs "model"'),
+        ('{"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0}', "disable_by_batch_size must"),
+        ('{"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 1.5}', "must be an integer"),
     ],
 )
 def test_a_bad_speculative_config_is_one_line_and_exit_code_2(capsys, value, message):

@@ -8,7 +8,19 @@ from typing import Any
 
 METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 16  # more is never verified profitably, and bounds a step's extra tokens per sequence
-_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model")
+# Above this many running sequences a step proposes nothing. vLLM's default is never; ours backs off because a large
+# batch already keeps the device busy, so verifying 1 + K rows a sequence (and a draft's K steps) costs more than the
+# accepted tokens save, and because a backed-off engine runs ahead on CUDA again. 16 keeps the 1- and 8-stream cases
+# speculating; where it sits best per model and device is for the GPU bench to tell.
+DEFAULT_DISABLE_BY_BATCH_SIZE = 16
+_KEYS = (
+    "method",
+    "num_speculative_tokens",
+    "prompt_lookup_min",
+    "prompt_lookup_max",
+    "model",
+    "disable_by_batch_size",
+)
 
 
 @dataclass(frozen=True)
@@ -20,6 +32,12 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2  # ngram: the shortest suffix of the context looked up earlier in it
     prompt_lookup_max: int = 5  # ngram: the longest, tried first
     model: str | None = None  # draft_model: packaged short name, directory, .gguf file or hub id
+    # Steps with more running sequences than this propose nothing; None: never back off (JSON null).
+    disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
+
+    def backs_off(self, num_running: int) -> bool:
+        """Whether a step of `num_running` sequences decodes without proposals."""
+        return self.disable_by_batch_size is not None and num_running > self.disable_by_batch_size
 
     @property
     def use_ngram(self) -> bool:
@@ -47,13 +65,20 @@ def parse_speculative_config(text: str) -> SpeculativeConfig:
         raise ValueError(
             f"--speculative-config: num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, got {k}"
         )
+    back_off: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
+    if "disable_by_batch_size" in raw:
+        back_off = None if raw["disable_by_batch_size"] is None else _int(raw, "disable_by_batch_size", None)
+        if back_off is not None and back_off < 1:
+            raise ValueError(
+                f"--speculative-config: disable_by_batch_size must be at least 1 (or null: never), got {back_off}"
+            )
     if method == "draft_model":
         if not isinstance(model, str) or not model:
             raise ValueError('--speculative-config: method draft_model needs "model": a path or name')
         for key in ("prompt_lookup_min", "prompt_lookup_max"):
             if key in raw:
                 raise ValueError(f"--speculative-config: {key} is for method ngram, not draft_model")
-        return SpeculativeConfig(method, k, model=model)
+        return SpeculativeConfig(method, k, model=model, disable_by_batch_size=back_off)
     if model is not None:
         raise ValueError('--speculative-config: method ngram takes no "model"')
     # One bound given: the other defaults around it (shortest 2, longest 5) without crossing it.
@@ -65,7 +90,7 @@ def parse_speculative_config(text: str) -> SpeculativeConfig:
         raise ValueError(f"--speculative-config: prompt_lookup_min must be at least 1, got {lo}")
     if hi < lo:
         raise ValueError(f"--speculative-config: prompt_lookup_max ({hi}) must be at least prompt_lookup_min ({lo})")
-    return SpeculativeConfig(method, k, prompt_lookup_min=lo, prompt_lookup_max=hi)
+    return SpeculativeConfig(method, k, prompt_lookup_min=lo, prompt_lookup_max=hi, disable_by_batch_size=back_off)
 
 
 def _int(raw: dict[str, Any], key: str, default: Any) -> int:

@@ -97,12 +97,22 @@ class SpecDecoder:
         self.proposer = proposer
         self.stats = SpecDecodeStats()
         self._drafts: dict[int, tuple[Sequence, list[int]]] = {}  # seq_id -> proposal riding in token_ids
+        self.backed_off = False  # this step proposes nothing: the batch is too large for speculation to pay
+
+    @property
+    def has_drafts(self) -> bool:
+        """Whether this step verifies proposals (its tokens are then sampled by `sample`, on the host)."""
+        return bool(self._drafts)
 
     def propose(self, running: Seq[Sequence]) -> None:
         """Append proposals to the running sequences that decode this step (none for constrained ones, nor past
-        the tokens a sequence may still emit: max_tokens, the context)."""
+        the tokens a sequence may still emit: max_tokens, the context, nor while the batch is large: `backed_off`).
+        A sequence whose last token is still on the device (the engine ran ahead) gets none either."""
         self._drafts.clear()  # left only by a step that failed, whose sequences were failed with it
         self.proposer.retain({seq.seq_id for seq in running})
+        self.backed_off = self.config.backs_off(len(running))
+        if self.backed_off:
+            return
         seqs: list[Sequence] = []
         ks: list[int] = []
         k_max = self.config.num_speculative_tokens

@@ -13,14 +13,16 @@ written them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 
-from weir_server.config import CacheConfig, EngineConfig, ModelConfig
+from weir_server.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
+from weir_server.distributed import parallel_state
 from weir_server.engine.sequence import Sequence
 from weir_server.engine.spec_decode.config import SpeculativeConfig
-from weir_server.executor.batch import ScheduledSeq, StepSeq, TokenWindow
-from weir_server.executor.model_runner import ModelRunner
+from weir_server.executor.batch import PLACEHOLDER, ScheduledSeq, StepSeq, TokenWindow
+from weir_server.executor.model_runner import ModelRunner, TokenFeed, kv_cache_shape
 from weir_server.models.loader import LoadedModel, load_model
 
 
@@ -46,12 +48,18 @@ def check_same_vocabulary(draft: LoadedModel, target: LoadedModel) -> None:
 
 
 def load_draft(spec: SpeculativeConfig, config: EngineConfig) -> LoadedModel:
-    """The draft model, loaded like the target (its device and dtype); ModelLoadError when it does not load."""
+    """The draft model, loaded like the target (its device and dtype); ModelLoadError when it does not load. Under
+    tensor parallelism it is loaded whole on rank 0 (see `DraftModelProposer`)."""
     assert spec.model is not None
     model = config.model
+    with parallel_state.group_of_one():
+        return _load(spec.model, model)
+
+
+def _load(name: str, model: ModelConfig) -> LoadedModel:
     return load_model(
         ModelConfig(
-            spec.model,
+            name,
             # A target with random weights gets a draft with random weights: benchmarks of real shapes need no
             # files, and the same seed and shape give the draft the target's own weights (acceptance 100%).
             load_format="dummy" if model.load_format == "dummy" else "auto",
@@ -66,6 +74,13 @@ def load_draft(spec: SpeculativeConfig, config: EngineConfig) -> LoadedModel:
     )
 
 
+def kv_bytes_per_block(draft: LoadedModel, block_size: int) -> int:
+    """What the draft's KV cache takes per block of the target's (it is never sharded)."""
+    shape = kv_cache_shape(draft.hf_config, 1, block_size)
+    element = torch.empty((), dtype=draft.dtype).element_size()
+    return int(draft.hf_config.num_hidden_layers) * torch.Size(shape).numel() * element
+
+
 @dataclasses.dataclass(slots=True)
 class _Fed:
     """What the draft computed of a sequence past its verified tokens: `tokens` fed from position `base` on."""
@@ -75,20 +90,33 @@ class _Fed:
 
 
 class DraftModelProposer:
-    """Proposes each sequence's next tokens by running the draft model greedily, k steps per engine step."""
+    """Proposes each sequence's next tokens by running the draft model greedily, k steps per engine step.
+
+    Under tensor parallelism the draft runs whole on rank 0, beside rank 0's shard of the target: a draft is small,
+    and sharding it would cost each of its k steps per engine step a message to every worker and two all-reduces per
+    layer, more than its matmuls on one device; the workers then only ever see the target's verify steps."""
 
     reserves = True  # proposes into slots reserved before the schedule
 
     def __init__(self, config: EngineConfig, draft: LoadedModel, num_blocks: int) -> None:
         self.draft = draft
+        assert config.speculative is not None
+        executor = config.executor
+        most = config.speculative.disable_by_batch_size or executor.cuda_graph_max_batch
         draft_config = dataclasses.replace(
             config,
             model=ModelConfig(draft.model_id, device=str(draft.device)),
             cache=CacheConfig(block_size=config.cache.block_size, num_blocks=num_blocks),
-            executor=dataclasses.replace(config.executor, enforce_eager=True),  # its steps are small and eager
+            # Its batches are those that speculate: none above the back-off size, so no graphs for them either.
+            executor=dataclasses.replace(executor, cuda_graph_max_batch=min(executor.cuda_graph_max_batch, most)),
+            parallel=ParallelConfig(),
+            lora=None,  # adapters adapt the target; the draft proposes from its base weights
             speculative=None,
         )
-        self.runner = ModelRunner(draft, draft_config)
+        # On CUDA the draft's steps replay graphs too (at batch 1 a draft step is mostly launch overhead): its first
+        # step of an engine step catches up one token, or two when every proposal was accepted; then one each.
+        with parallel_state.group_of_one():
+            self.runner = ModelRunner(draft, draft_config, graph_query_lens=(1, 2))
         self._fed: dict[int, _Fed] = {}
 
     def retain(self, seq_ids: set[int]) -> None:
@@ -103,16 +131,24 @@ class DraftModelProposer:
         for seq, end in zip(seqs, ends, strict=True):
             start = self._valid(seq, end)
             batch.append(_slice(seq, start, seq.token_ids[start:end]))
-        proposals: list[list[int]] = [[] for _ in seqs]
+        # Each step's tokens stay on the device and feed the next step's inputs (placeholders, as when the engine
+        # runs ahead): one read back per engine step, not one per draft step.
+        steps: list[tuple[list[int], torch.Tensor]] = []  # (sequences by index, their greedy tokens)
         active = list(range(len(seqs)))
+        feed: TokenFeed | None = None
         for j in range(max(ks)):
-            tokens = self._greedy(batch)
-            for i, token in zip(active, tokens, strict=True):
-                proposals[i].append(token)
+            with torch.inference_mode():
+                tokens = self.runner.execute(batch, feed).sample_logits.argmax(dim=-1)
+            steps.append((active, tokens))
+            feed = TokenFeed(tokens, {seqs[i].seq_id: row for row, i in enumerate(active)})
             active = [i for i in active if ks[i] > j + 1]
-            batch = [_slice(seqs[i], ends[i] + j, [proposals[i][-1]]) for i in active]
+            batch = [_slice(seqs[i], ends[i] + j, [PLACEHOLDER]) for i in active]
             if not batch:
                 break
+        host: list[int] = torch.cat([tokens for _, tokens in steps]).tolist()
+        proposals: list[list[int]] = [[] for _ in seqs]
+        for i, token in zip(itertools.chain.from_iterable(rows for rows, _ in steps), host, strict=True):
+            proposals[i].append(token)
         for seq, end, k, proposal in zip(seqs, ends, ks, proposals, strict=True):
             self._fed[seq.seq_id] = _Fed(end, proposal[: k - 1])  # the last proposal was never fed
         return proposals
@@ -128,12 +164,6 @@ class DraftModelProposer:
                 break
             valid += 1
         return min(valid, end - 1)  # at least the last token runs, for its logits
-
-    def _greedy(self, batch: list[ScheduledSeq[StepSeq]]) -> list[int]:
-        with torch.inference_mode():
-            out = self.runner.execute(batch)
-        tokens: list[int] = out.sample_logits.argmax(dim=-1).tolist()
-        return tokens
 
 
 def _slice(seq: Sequence, start: int, tokens: list[int]) -> ScheduledSeq[StepSeq]:
