@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import time
@@ -18,10 +20,13 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 
 from weir_server.config import ModelConfig
 from weir_server.errors import ModelLoadError
+from weir_server.layers.fp8_linear import quantize_fp8_layers
+from weir_server.layers.int4_linear import quantize_int4_layers
 from weir_server.layers.quantized_linear import quantize_gguf_layers
 from weir_server.models.checkpoint_checks import check_gguf_tensors, check_safetensors_file, open_gguf
 from weir_server.models.gguf_sharing import shared_gguf_readers
 from weir_server.models.gguf_tensors import iter_gguf_tensors
+from weir_server.models.quant_config import QuantConfig, QuantConfigError, quant_config_of
 from weir_server.models.registry import (
     ModelSource,
     Task,
@@ -122,7 +127,13 @@ def _build_model(
         keep_packed = (
             config.keep_quantized and source.is_gguf and config.load_format != "dummy" and _shards_on_load(model_class)
         )
-        model = _build_empty(model_class, hf_config, device, dtype, quantize_gguf_layers if keep_packed else None)
+        quant = _quant_config(config, source, hf_config, model_class)
+        prepare: Callable[[nn.Module], object] | None = quantize_gguf_layers if keep_packed else None
+        if quant is not None:
+            logger.info("Quantized linear layers: %s", quant)
+            swap = quantize_int4_layers if quant.is_int4 else quantize_fp8_layers
+            prepare = functools.partial(swap, quant=quant)
+        model = _build_empty(model_class, hf_config, device, dtype, prepare)
         std = float(getattr(hf_config, "initializer_range", 0.02))
         if config.load_format == "dummy" and _shards_on_load(model):
             model.load_weights(_dummy_checkpoint(hf_config, config.seed, std, device))  # type: ignore[operator]
@@ -138,6 +149,35 @@ def _build_model(
         message = " ".join(str(error).split())  # one line
         raise ModelLoadError(f"{where}{message}") from error
     return model.eval()
+
+
+def _quant_config(
+    config: ModelConfig, source: ModelSource, hf_config: PretrainedConfig, model_class: type[nn.Module]
+) -> QuantConfig | None:
+    """The checkpoint's AWQ / GPTQ / FP8 quantization (or --quantization fp8's), checked against how it loads."""
+    requested = None if config.quantization in (None, "none", "auto", "gguf") else config.quantization
+    if source.is_gguf:
+        if requested is not None:
+            raise ModelLoadError(f"--quantization {requested} takes a safetensors checkpoint, not a GGUF file")
+        return None
+    try:
+        quant = quant_config_of(hf_config, requested)
+    except QuantConfigError as error:
+        raise ModelLoadError(f"model {config.model!r}: {error}") from error
+    if quant is None:
+        return None
+    if not _shards_on_load(model_class):
+        raise ModelLoadError(
+            f"model {config.model!r}: {quant.method} weights are not supported for {model_class.__name__}"
+        )
+    if config.load_format == "dummy":
+        if quant.is_int4:
+            raise ModelLoadError(
+                f"model {config.model!r}: --load-format dummy gives float weights; {quant.method} needs its checkpoint "
+                "(--quantization fp8 quantizes dummy weights)"
+            )
+        return dataclasses.replace(quant, quantize_on_load=True, static_input_scale=False)
+    return quant
 
 
 class _WeightStream:
