@@ -55,7 +55,7 @@ def dequantize_weight(weight: Int4Weight, group_size: int) -> torch.Tensor:
 
 def _expect(name: str, tensor: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
     if tuple(tensor.shape) != shape:
-        raise ValueError(f"{name}: {what} of shape {tuple(tensor.shape)}, expected {shape}")
+        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, expected {shape} ({what})")
 
 
 def read_int4(tensors: dict[str, torch.Tensor], quant: QuantConfig, in_features: int, name: str) -> Int4Weight:
