@@ -156,7 +156,7 @@ if HAS_TRITON:
                 z = tl.load(zeros_ptr + offs, mask=w_mask, other=0.0).to(tl.float32)
                 w = (q - z) * s
             else:
-                g0 = (k0 // GROUP).to(tl.int64)
+                g0 = k0 // GROUP
                 s = tl.load(scales_ptr + g0 * stride_sg + cols, mask=col_ok, other=0.0).to(tl.float32)
                 z = tl.load(zeros_ptr + g0 * stride_sg + cols, mask=col_ok, other=0.0).to(tl.float32)
                 w = (q - z[None, :]) * s[None, :]
