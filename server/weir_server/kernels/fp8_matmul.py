@@ -9,8 +9,11 @@ dequantized operands.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -25,8 +28,17 @@ def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.cache
 def scaled_mm_available(device: torch.device) -> bool:
-    """Whether `torch._scaled_mm` runs FP8 on this device (CUDA compute capability 8.9 or newer)."""
-    return device.type == "cuda" and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device) >= (8, 9)
+    """Whether `torch._scaled_mm` runs FP8 with row-wise scales on this device (CUDA compute capability 8.9 or
+    newer, and a torch build that has it there): tried once on a small product."""
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm") or torch.cuda.get_device_capability(device) < (8, 9):
+        return False
+    try:
+        weight = torch.ones((16, 16), device=device).to(FP8)
+        fp8_matmul(torch.ones((1, 16), device=device, dtype=torch.bfloat16), weight, torch.ones(16, device=device))
+    except RuntimeError as error:
+        logger.info("torch._scaled_mm with row-wise scales does not run on %s: %s", device, error)
+        return False
+    return True
 
 
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:

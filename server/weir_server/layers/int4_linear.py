@@ -17,7 +17,7 @@ contiguous, else a tile dequantized per call.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -122,11 +122,10 @@ class Int4Linear(nn.Module):
         return Int4Weight(weight.q[start : start + length], weight.zeros[groups], weight.scales[groups], None)
 
     def _finalize(self, parts: list[Int4Weight], name: str) -> None:
+        placeholder = cast(torch.Tensor, self.qweight)
+        device, dtype = placeholder.device, placeholder.dtype
         g_idx = parts[0].g_idx
-        if any(
-            (p.g_idx is None) != (g_idx is None) or (g_idx is not None and not torch.equal(p.g_idx, g_idx))
-            for p in parts
-        ):
+        if any(not _same_order(p.g_idx, g_idx) for p in parts):
             raise ValueError(f"{name}: the fused projections' g_idx differ; Weir needs one act-order per input")
         q = torch.cat([p.q for p in parts], dim=1)
         zeros = torch.cat([p.zeros for p in parts], dim=1)
@@ -137,8 +136,7 @@ class Int4Linear(nn.Module):
             contiguous = len(zeros) * self.group_size == len(q)
             if contiguous and torch.equal(g_idx, torch.arange(len(q), dtype=torch.int32) // self.group_size):
                 g_idx = None
-            self.perm = perm.to(self.qweight.device)
-        device, dtype = self.qweight.device, self.qweight.dtype
+            self.perm = perm.to(device)
         self.form = _form(q, zeros, scales, g_idx, self.group_size, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,6 +154,12 @@ class Int4Linear(nn.Module):
             f"{self.quant.method}, in_features={self.in_features}, out_features={self.out_features}, "
             f"group_size={self.group_size}, act_order={self.perm is not None}, form={type(self.form).__name__}"
         )
+
+
+def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return torch.equal(a, b)
 
 
 class PackedInt4(nn.Module):
