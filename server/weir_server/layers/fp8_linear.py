@@ -84,8 +84,8 @@ class Fp8Linear(nn.Module):
             self._finalize(name.rpartition(".")[0])
 
     def _stage_weight(self, src: WeightSource, name: str, shard_id: Any) -> None:
-        dtype = getattr(src, "dtype", None) if isinstance(src, torch.Tensor) else src.get_dtype()
-        is_fp8 = dtype in (FP8, "F8_E4M3")
+        dtype = _source_dtype(src)
+        is_fp8 = dtype == FP8
         if is_fp8 == self.quantize_on_load:
             what = "float" if self.quantize_on_load else "float8_e4m3fn"
             raise ValueError(f"{name}: weight of dtype {dtype}, expected {what} for this checkpoint's quantization")
@@ -139,6 +139,14 @@ class Fp8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, form={type(self.form).__name__}"
+
+
+def _source_dtype(src: WeightSource) -> torch.dtype:
+    """A checkpoint tensor's dtype; a lazy slice's from one row (safetensors' slices name theirs only as strings)."""
+    if isinstance(src, torch.Tensor):
+        return src.dtype
+    sample: torch.Tensor = src[0:1] if source_shape(src) else src[...]  # a lazy slice: one row
+    return sample.dtype
 
 
 class ScaledMMWeight(nn.Module):

@@ -17,7 +17,8 @@ from transformers import LlamaConfig
 from weir_server.kernels.fp8_matmul import FP8, quantize_weight_per_channel
 from weir_server.layers.int4_checkpoint import pack_awq, pack_gptq
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Llama's projections, and Phi-3's fused ones (its checkpoint stores q/k/v and gate/up as one tensor each).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 
 
 def tiny_llama_config() -> LlamaConfig:
@@ -46,11 +47,31 @@ def _random_int4(k: int, n: int, group_size: int, gen: torch.Generator, zero_low
     }
 
 
+def tiny_phi3_config() -> Any:
+    """tiny_llama_config's shape as a Phi-3 (fused q/k/v and gate/up in the checkpoint)."""
+    from transformers import Phi3Config
+
+    return Phi3Config(**{k: v for k, v in tiny_llama_config().to_dict().items() if k in _SHARED_KEYS}, pad_token_id=0)
+
+
+_SHARED_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_position_embeddings", "bos_token_id", "eos_token_id", "tie_word_embeddings",
+)  # fmt: skip
+
+
 def write_int4_checkpoint(
-    directory: Path, method: str, group_size: int = 128, fmt: str = "gptq", desc_act: bool = False, sym: bool = False
+    directory: Path,
+    method: str,
+    group_size: int = 128,
+    fmt: str = "gptq",
+    desc_act: bool = False,
+    sym: bool = False,
+    hf_config: Any = None,
 ) -> torch.nn.Module:
-    """A tiny Llama in AWQ (GEMM) or GPTQ (`fmt` gptq / gptq_v2) form; returns the transformers reference."""
-    hf_config = tiny_llama_config()
+    """A tiny Llama (or `hf_config`'s model) in AWQ (GEMM) or GPTQ (`fmt` gptq / gptq_v2) form; returns the
+    transformers reference."""
+    hf_config = hf_config or tiny_llama_config()
     model = random_causal_lm(hf_config)
     gen = torch.Generator().manual_seed(11)
     tensors = {name: t.contiguous() for name, t in model.state_dict().items()}
@@ -88,9 +109,12 @@ def write_int4_checkpoint(
     return model
 
 
-def write_fp8_checkpoint(directory: Path, per_channel: bool, static: bool = False) -> torch.nn.Module:
-    """A tiny Llama with e4m3 projection weights and per-tensor or per-channel scales; returns the reference."""
-    hf_config = tiny_llama_config()
+def write_fp8_checkpoint(
+    directory: Path, per_channel: bool, static: bool = False, hf_config: Any = None
+) -> torch.nn.Module:
+    """A tiny Llama (or `hf_config`'s model) with e4m3 projection weights and per-tensor or per-channel scales;
+    returns the reference."""
+    hf_config = hf_config or tiny_llama_config()
     model = random_causal_lm(hf_config)
     tensors = {name: t.contiguous() for name, t in model.state_dict().items()}
     for name, linear in _projections(model).items():

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 from family_checks import assert_chunked_prefill_and_decode_match, assert_engine_greedy_matches, random_causal_lm
 from paged_runner import save_tiny_tokenizer
-from quantized_checkpoints import fp8_on_load_reference, rewrite_config, tiny_llama_config, write_fp8_checkpoint
+from quantized_checkpoints import (
+    fp8_on_load_reference,
+    rewrite_config,
+    tiny_llama_config,
+    tiny_phi3_config,
+    write_fp8_checkpoint,
+)
 
 from weir_server.config import ModelConfig
 from weir_server.errors import ModelLoadError
@@ -23,9 +29,12 @@ def load(directory: Path, **options):
     return load_model(ModelConfig(str(directory), device="cpu", dtype="float32", **options))
 
 
-@pytest.mark.parametrize("scales", ["per-channel", "per-tensor-static"])
+@pytest.mark.parametrize("scales", ["per-channel", "per-tensor-static", "phi3-per-channel", "phi3-per-tensor"])
 def test_an_fp8_checkpoint_matches_its_dequantized_weights(tmp_path: Path, scales: str) -> None:
-    reference = write_fp8_checkpoint(tmp_path, per_channel=scales == "per-channel", static=scales.endswith("static"))
+    hf_config = tiny_phi3_config() if scales.startswith("phi3") else None  # fused q/k/v, gate/up in the checkpoint
+    reference = write_fp8_checkpoint(
+        tmp_path, per_channel=scales.endswith("per-channel"), static=scales.endswith("static"), hf_config=hf_config
+    )
     loaded = load(tmp_path)
     assert sum(isinstance(m, Fp8Linear) for m in loaded.model.modules()) == 8
     assert_chunked_prefill_and_decode_match(reference, loaded)
@@ -80,7 +89,7 @@ def test_a_float_weight_in_an_fp8_checkpoint_names_the_tensor(tmp_path: Path) ->
     name = "model.layers.0.self_attn.o_proj.weight"
     tensors[name] = tensors[name].float()
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ModelLoadError, match=f"{name}: weight of dtype F32, expected float8_e4m3fn"):
+    with pytest.raises(ModelLoadError, match=f"{name}: weight of dtype torch.float32, expected float8_e4m3fn"):
         load(tmp_path)
 
 
