@@ -12,6 +12,7 @@ so each part keeps its own. Once every part is in, the layer takes its form: on 
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from typing import Any
@@ -187,6 +188,22 @@ def _log_once(device: str) -> None:
     logger.info(
         "FP8 weights dequantized to the model's dtype: no FP8 matmul on %s (needs compute capability 8.9+)", device
     )
+
+
+def restore_dequantized_layers(model: nn.Module) -> int:
+    """Put the float layers back where FP8 weights were dequantized (no FP8 matmul here): the replaced layer
+    class with the dequantized weight, so the CPU's packed matmuls (layers/cpu_linear.py) and LoRA take it as
+    they take any float layer. Returns how many were put back."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Fp8Linear) and isinstance(module.form, DenseWeight):
+            layer = copy.copy(module._base)
+            layer._parameters = {"weight": nn.Parameter(module.form.weight, requires_grad=False), "bias": module.bias}
+            layer._buffers, layer._modules = dict(layer._buffers), dict(layer._modules)
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, layer)
+            count += 1
+    return count
 
 
 def quantize_fp8_layers(model: nn.Module, quant: QuantConfig) -> int:

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 
 from weir_server.config import ModelConfig
 from weir_server.errors import ModelLoadError
-from weir_server.layers.fp8_linear import quantize_fp8_layers
+from weir_server.layers.fp8_linear import quantize_fp8_layers, restore_dequantized_layers
 from weir_server.layers.int4_linear import quantize_int4_layers
 from weir_server.layers.quantized_linear import quantize_gguf_layers
 from weir_server.models.checkpoint_checks import check_gguf_tensors, check_safetensors_file, open_gguf
@@ -144,6 +144,8 @@ def _build_model(
             stream = _iter_weights(source, config.load_format, hf_config, lazy=lazy, keep_packed=keep_packed)
             weights = _WeightStream(stream)
             model.load_weights(weights)  # type: ignore[operator]
+        if quant is not None and quant.method == "fp8":
+            restore_dequantized_layers(model)  # no FP8 matmul here: plain float layers, packed like any other
     except (ValueError, OSError, RuntimeError, SafetensorError) as error:  # bad shapes or names, unreadable files
         where = (weights.where(error) if weights is not None else "") or f"model {config.model!r}: "
         message = " ".join(str(error).split())  # one line

@@ -14,6 +14,7 @@ from quantized_checkpoints import tiny_llama_config, write_int4_checkpoint
 
 from weir_server.config import ModelConfig
 from weir_server.kernels.fp8_matmul import fp8_matmul, fp8_matmul_reference, quantize_weight_per_channel
+from weir_server.layers.fp8_linear import Fp8Linear
 from weir_server.layers.int4_linear import Int4Linear, PackedInt4
 from weir_server.models.loader import load_model
 
@@ -55,8 +56,8 @@ def test_quantization_fp8_on_load_runs_scaled_mm_and_stays_close_to_bf16(tmp_pat
     common = dict(model=str(directory), device="cuda", dtype="bfloat16", load_format="dummy")
     fp8 = load_model(ModelConfig(**common, quantization="fp8"))
     bf16 = load_model(ModelConfig(**common))
-    kinds = {type(m.form).__name__ for m in fp8.model.modules() if hasattr(m, "form")}
-    assert kinds == ({"ScaledMMWeight"} if fp8_matmuls() else {"DenseWeight"})
+    kinds = {type(m.form).__name__ for m in fp8.model.modules() if isinstance(m, Fp8Linear)}
+    assert kinds == ({"ScaledMMWeight"} if fp8_matmuls() else set())  # dequantized: the float layers are back
     got = PagedRunner(fp8.model, fp8.hf_config).step([(0, PROMPTS[2])])[0]
     want = PagedRunner(bf16.model, bf16.hf_config).step([(0, PROMPTS[2])])[0]
     assert relative_error(got, want) < 0.1
