@@ -66,6 +66,11 @@ def decode_rate(core: Any, batch: int, prompt_tokens: int, steps: int, vocab: in
     return tokens / elapsed
 
 
+def _blocks_needed(batch: int, args: argparse.Namespace, block_size: int = 16) -> int:
+    per_sequence = -(-(args.prompt_tokens + args.steps + 16) // block_size)
+    return batch * per_sequence + 64
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weir_bench.quant_decode", description=__doc__)
     parser.add_argument("--shape", default="Llama-3.2-1B", choices=sorted(SHAPES))
@@ -94,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         config = EngineConfig(
             model=model,
-            cache=CacheConfig(cache_dtype=kv_dtype, gpu_memory_utilization=0.85),
+            # Blocks for every sequence's prompt and tokens, not a share of the GPU: rows never wait on the memory
+            # an earlier variant may still hold.
+            cache=CacheConfig(cache_dtype=kv_dtype, num_blocks=_blocks_needed(max(batches), args)),
             scheduler=SchedulerConfig(max_num_seqs=max(batches), max_num_batched_tokens=8192),
             executor=ExecutorConfig(cuda_graph_max_batch=max(batches)),
         )
