@@ -84,6 +84,11 @@ def _int4(method: str, raw: dict[str, Any]) -> QuantConfig:
         raise QuantConfigError(
             f"quantization_config: {method} group_size {group_size} is not supported; Weir runs group sizes {sizes}"
         )
+    if raw.get("lm_head"):
+        raise QuantConfigError(
+            f"quantization_config: {method} with a quantized lm_head is not supported; Weir runs "
+            "quantized decoder projections with a float lm_head"
+        )
     if method == "awq":
         version = str(raw.get("version", "gemm")).lower()
         if version != "gemm":

@@ -130,6 +130,11 @@ def test_an_unsupported_group_size_names_the_supported_ones(awq_dir: Path, tmp_p
     assert "group_size 96 is not supported; Weir runs group sizes 32, 64, 128" in load_error(tmp_path)
 
 
+def test_a_quantized_lm_head_is_refused(awq_dir: Path, tmp_path: Path) -> None:
+    rewrite_config(copy_of(awq_dir, tmp_path), lm_head=True)
+    assert "awq with a quantized lm_head is not supported" in load_error(tmp_path)
+
+
 def test_awq_gemv_is_refused(awq_dir: Path, tmp_path: Path) -> None:
     rewrite_config(copy_of(awq_dir, tmp_path), version="gemv")
     assert "AWQ version 'gemv' is not supported; Weir runs 'gemm'" in load_error(tmp_path)
