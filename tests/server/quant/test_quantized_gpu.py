@@ -60,7 +60,7 @@ def test_quantization_fp8_on_load_runs_scaled_mm_and_stays_close_to_bf16(tmp_pat
     assert kinds == ({"ScaledMMWeight"} if fp8_matmuls() else set())  # dequantized: the float layers are back
     got = PagedRunner(fp8.model, fp8.hf_config).step([(0, PROMPTS[2])])[0]
     want = PagedRunner(bf16.model, bf16.hf_config).step([(0, PROMPTS[2])])[0]
-    assert relative_error(got, want) < 0.1
+    assert relative_error(got, want) < 0.15  # e4m3 weights and activations: a few percent a layer
 
 
 @pytest.mark.parametrize("desc_act", [False, True], ids=["groups", "act-order"])
