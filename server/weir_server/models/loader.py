@@ -20,8 +20,8 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 
 from weir_server.config import ModelConfig
 from weir_server.errors import ModelLoadError
-from weir_server.layers.fp8_linear import quantize_fp8_layers, restore_dequantized_layers
-from weir_server.layers.int4_linear import quantize_int4_layers
+from weir_server.layers.fp8_linear import Fp8Linear, quantize_fp8_layers, restore_dequantized_layers
+from weir_server.layers.int4_linear import Int4Linear, quantize_int4_layers
 from weir_server.layers.quantized_linear import quantize_gguf_layers
 from weir_server.models.checkpoint_checks import check_gguf_tensors, check_safetensors_file, open_gguf
 from weir_server.models.gguf_sharing import shared_gguf_readers
@@ -103,7 +103,7 @@ def _load_model(config: ModelConfig, task: Task | None, weights: bool) -> Loaded
         eos_token_ids=_eos_token_ids(source, hf_config, tokenizer),
         pooling=_pooling(source) if entry.task == "embed" else "last",
     )
-    num_params = sum(p.numel() for p in model.parameters()) if model is not None else 0
+    num_params = _num_weights(model) if model is not None else 0
     logger.info(
         "Loaded %s: %.1fM parameters, max_model_len %d, in %.1fs",
         loaded.model_id,
@@ -112,6 +112,12 @@ def _load_model(config: ModelConfig, task: Task | None, weights: bool) -> Loaded
         time.perf_counter() - started,
     )
     return loaded
+
+
+def _num_weights(model: nn.Module) -> int:
+    """Parameters, counting each quantized projection's weights (held as packed buffers) one by one."""
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int4Linear | Fp8Linear))
+    return sum(p.numel() for p in model.parameters()) + quantized
 
 
 def _build_model(
