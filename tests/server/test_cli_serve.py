@@ -300,7 +300,7 @@ def _serve(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["/models/a", "--model", "/models/b"], "the model is given twice"),
         ([*NO_MODELS, "--api-key-file", "/no/such/keys"], "--api-key-file /no/such/keys: cannot read it"),
-        (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3: not implemented"),
+        (["--kv-cache-dtype", "int8"], "--kv-cache-dtype int8: not supported"),
     ],
 )
 def test_weir_serve_refuses_a_bad_configuration_with_one_line(argv: list[str], message: str) -> None:
