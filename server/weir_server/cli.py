@@ -35,7 +35,7 @@ from weir_server.engine.types import MAX_LOGPROBS
 from weir_server.errors import EngineUnavailableError, ModelLoadError
 from weir_server.logging_setup import configure_logging
 from weir_server.preflight import VALID_ADAPTER_NAME, check_config
-from weir_server.serve_args import DTYPE_ALIASES, build_parser
+from weir_server.serve_args import DTYPE_ALIASES, SAFETENSORS_QUANTIZATIONS, build_parser
 
 
 def _structured(args: argparse.Namespace) -> StructuredOutputConfig:
@@ -140,15 +140,20 @@ def _model_names(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _load_format(args: argparse.Namespace, model: str) -> str:
-    """--load-format once --quantization agrees with it: GGUF weights are Weir's one quantized format, so `-q gguf`
-    means GGUF weights (kept packed: ModelConfig.keep_quantized) and any other method is refused."""
+    """--load-format once --quantization agrees with it: `-q gguf` means GGUF weights (kept packed:
+    ModelConfig.keep_quantized); awq, gptq and fp8 take safetensors (or, fp8 only, dummy) weights."""
     method = (args.quantization or "none").strip().lower()
     if method in ("none", "auto"):
         return str(args.load_format)
+    if method in SAFETENSORS_QUANTIZATIONS:
+        if args.load_format == "gguf" or (args.load_format == "dummy" and method != "fp8"):
+            raise ValueError(f"--quantization {method} does not take --load-format {args.load_format}")
+        return str(args.load_format)
     if method != "gguf":
         raise ValueError(
-            f"--quantization {args.quantization}: not implemented; Weir loads unquantized weights and GGUF files: "
-            "use --quantization gguf with a .gguf model (kept quantized in memory), or none"
+            f"--quantization {args.quantization}: not supported; Weir runs gguf (a .gguf model kept quantized in "
+            "memory), awq and gptq (4-bit checkpoints), fp8 (FP8 checkpoints, or a float one quantized on load), "
+            "or none"
         )
     if args.load_format not in ("auto", "gguf"):
         raise ValueError(f"--quantization gguf needs GGUF weights, but --load-format is {args.load_format}")
@@ -158,12 +163,16 @@ def _load_format(args: argparse.Namespace, model: str) -> str:
     return "gguf"
 
 
+def _quantization(args: argparse.Namespace) -> str | None:
+    """--quantization for ModelConfig: awq, gptq or fp8, else None (gguf travels as keep_quantized)."""
+    method = (args.quantization or "none").strip().lower()
+    return method if method in SAFETENSORS_QUANTIZATIONS else None
+
+
 def _cache(args: argparse.Namespace) -> CacheConfig:
-    if args.kv_cache_dtype != "auto":
-        raise ValueError(
-            f"--kv-cache-dtype {args.kv_cache_dtype}: not implemented; Weir keeps the KV cache in the model's dtype "
-            "(--kv-cache-dtype auto)"
-        )
+    from weir_server.executor.kv_cache_dtype import check_kv_cache_dtype  # imports torch: only once it is needed
+
+    check_kv_cache_dtype(args.kv_cache_dtype, args.device)
     return CacheConfig(
         block_size=args.block_size,
         num_blocks=args.num_kv_blocks,
@@ -232,6 +241,7 @@ def _engine(args: argparse.Namespace, name: str) -> EngineConfig:
         served_name=args.served_model_name,
         load_format=_load_format(args, name),
         keep_quantized=(args.quantization or "").strip().lower() == "gguf",
+        quantization=_quantization(args),
         dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
         device=args.device,
         max_model_len=args.max_model_len,

@@ -29,6 +29,9 @@ class ModelConfig:
     # GGUF blocks kept packed in memory and read by quantized matmuls (`--quantization gguf`); otherwise dequantized at
     # load. Opt-in while the packed CPU path is slower than the dequantized one (bench/RESULTS.md, 2026-12-06 22:50).
     keep_quantized: bool = False
+    # `--quantization`: awq | gptq | fp8 (None: as the checkpoint's quantization_config says). fp8 on a float
+    # checkpoint quantizes its linear layers while loading (models/quant_config.py).
+    quantization: str | None = None
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None  # cap on prompt + output tokens; None = the model's own
@@ -52,7 +55,7 @@ class CacheConfig:
     kv_cache_memory_gb: float = 1.0  # CPU: bytes of RAM for KV blocks
     gpu_memory_utilization: float = 0.9  # GPU: fraction of total memory Weir may use
     enable_prefix_caching: bool = True
-    cache_dtype: str = "auto"  # the KV cache holds the model's dtype; no other is implemented
+    cache_dtype: str = "auto"  # auto: the model's dtype; fp8 (fp8_e4m3): float8_e4m3fn, scale 1.0 (CUDA, sm 8.9+)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ _LIMITS = LimitsConfig()
 _LORA = LoRAConfig()
 _DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's other spellings
+SAFETENSORS_QUANTIZATIONS = ("awq", "gptq", "fp8")  # --quantization methods read from safetensors checkpoints
 
 
 def build_parser(prog: str = "weir serve") -> argparse.ArgumentParser:
@@ -103,8 +104,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--quantization",
         "-q",
         metavar="METHOD",
-        help="gguf (GGUF weights kept quantized in memory, read by quantized matmuls) or none; other methods are "
-        "not implemented (default: a GGUF file is dequantized to --dtype at load, the faster path on CPU today)",
+        help="gguf (GGUF weights kept quantized in memory, read by quantized matmuls); awq, gptq (4-bit "
+        "checkpoints, also found from config.json's quantization_config); fp8 (an FP8 checkpoint, or a float one "
+        "quantized per channel on load; FP8 matmuls on compute capability 8.9+, dequantized elsewhere); or none "
+        "(default: as the checkpoint says; a GGUF file is dequantized to --dtype at load, the faster path on CPU "
+        "today)",
     )
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     group.add_argument("--max-model-len", type=int, help="cap on prompt + output tokens (default: the model's own)")
@@ -185,7 +189,8 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
         "--kv-cache-dtype",
         default=_CACHE.cache_dtype,
         metavar="DTYPE",
-        help="auto: the model's dtype, the only one implemented (default %(default)s)",
+        help="auto: the model's dtype; fp8 (or fp8_e4m3): float8 e4m3, scale 1.0, half a bf16 cache, on CUDA "
+        "GPUs of compute capability 8.9+ (refused on CPU) (default %(default)s)",
     )
 
 

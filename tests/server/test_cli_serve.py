@@ -134,17 +134,35 @@ def test_max_logprobs_is_a_request_limit() -> None:
         config("--max-logprobs", "21")
 
 
-def test_kv_cache_dtype_other_than_auto_is_not_implemented() -> None:
+def test_kv_cache_dtype_fp8_is_refused_on_cpu_and_unknown_dtypes_name_the_supported() -> None:
     assert config("--kv-cache-dtype", "auto").generate.cache.cache_dtype == "auto"
-    with pytest.raises(ValueError, match="--kv-cache-dtype fp8: not implemented"):
-        config("--kv-cache-dtype", "fp8")
+    with pytest.raises(ValueError, match="--kv-cache-dtype fp8 needs a CUDA GPU .*; on CPU use auto"):
+        config("--kv-cache-dtype", "fp8", "--device", "cpu")
+    with pytest.raises(ValueError, match="--kv-cache-dtype int8: not supported; Weir runs auto, fp8, fp8_e4m3"):
+        config("--kv-cache-dtype", "int8")
 
 
-def test_quantization_gguf_means_gguf_weights_and_other_methods_are_refused(tmp_path: Path) -> None:
+def test_kv_cache_dtype_fp8_on_cpu_exits_2_with_one_line_before_loading() -> None:
+    result = subprocess.run(
+        [str(WEIR), "serve", "--embed-model", "none", "--device", "cpu", "--kv-cache-dtype", "fp8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--kv-cache-dtype fp8 needs a CUDA GPU" in lines[0]
+
+
+def test_quantization_methods_reach_the_model_config(tmp_path: Path) -> None:
     assert config(str(tmp_path / "m.gguf"), "-q", "gguf").generate.model.load_format == "gguf"
     assert config("--quantization", "none").generate.model.load_format == "auto"
-    with pytest.raises(ValueError, match="--quantization awq: not implemented"):
-        config("--quantization", "awq")
+    assert config("--quantization", "awq").generate.model.quantization == "awq"
+    assert config("-q", "fp8", "--load-format", "dummy").generate.model.quantization == "fp8"
+    with pytest.raises(ValueError, match="--quantization bitsandbytes: not supported; Weir runs gguf"):
+        config("--quantization", "bitsandbytes")
+    with pytest.raises(ValueError, match="--quantization gptq does not take --load-format dummy"):
+        config("-q", "gptq", "--load-format", "dummy")
     with pytest.raises(ValueError, match="needs GGUF weights"):
         config("-q", "gguf", "--load-format", "safetensors")
 
@@ -282,7 +300,7 @@ def _serve(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["/models/a", "--model", "/models/b"], "the model is given twice"),
         ([*NO_MODELS, "--api-key-file", "/no/such/keys"], "--api-key-file /no/such/keys: cannot read it"),
-        (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3: not implemented"),
+        (["--kv-cache-dtype", "int8"], "--kv-cache-dtype int8: not supported"),
     ],
 )
 def test_weir_serve_refuses_a_bad_configuration_with_one_line(argv: list[str], message: str) -> None:

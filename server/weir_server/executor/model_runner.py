@@ -18,6 +18,7 @@ from weir_server.distributed.communication import min_across_ranks
 from weir_server.distributed.parallel_state import kv_heads_per_rank
 from weir_server.executor.batch import PLACEHOLDER, S, ScheduledSeq, StepPublisher, StepSeq, TokenWindow
 from weir_server.executor.cuda_graphs import DecodeGraphs
+from weir_server.executor.kv_cache_dtype import kv_cache_torch_dtype
 from weir_server.executor.transfer import to_device
 from weir_server.layers.attention_metadata import AttentionMetadata
 from weir_server.layers.cpu_linear import pack_linear_layers
@@ -91,6 +92,7 @@ class ModelRunner:
         self.hf_config = loaded.hf_config
         self.device = loaded.device
         self.dtype = loaded.dtype
+        self.kv_dtype = kv_cache_torch_dtype(config.cache.cache_dtype, loaded.dtype)  # --kv-cache-dtype
         self.config = config
         # Rank 0 of a tensor-parallel group sends each batch to the workers, which run the same `execute`.
         self.publisher = publisher
@@ -197,13 +199,13 @@ class ModelRunner:
 
     def _bytes_per_block(self) -> int:
         shape = kv_cache_shape(self.hf_config, 1, self.block_size, self.tp_size)
-        return self.num_layers * torch.Size(shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * torch.Size(shape).numel() * torch.empty((), dtype=self.kv_dtype).element_size()
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[torch.Tensor]:
         shape = kv_cache_shape(self.hf_config, num_blocks, self.block_size, self.tp_size)
         if self.device.type == "cpu":
-            return [_lazily_zeroed(shape, self.dtype) for _ in range(self.num_layers)]
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+            return [_lazily_zeroed(shape, self.kv_dtype) for _ in range(self.num_layers)]
+        return [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.num_layers)]
 
     def _decide_num_blocks(self) -> int:
         cache = self.config.cache

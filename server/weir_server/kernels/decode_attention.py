@@ -260,12 +260,12 @@ if HAS_TRITON:
                 k_cache_ptr + slot * stride_kb + in_block * stride_kt + kv_head * stride_kh + dims[None, :],
                 mask=load_mask,
                 other=0.0,
-            )
+            ).to(q.dtype)
             v = tl.load(
                 v_cache_ptr + slot * stride_vb + in_block * stride_vt + kv_head * stride_vh + dims[None, :],
                 mask=load_mask,
                 other=0.0,
-            )
+            ).to(q.dtype)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             if SOFTCAP:
                 qk = cap * tanh(qk)

@@ -268,7 +268,7 @@ if HAS_TRITON:
                 k_cache_ptr + slot * stride_kb + in_block * stride_kt + kv_head * stride_kh + dims[None, :],
                 mask=load_mask,
                 other=0.0,
-            )
+            ).to(q.dtype)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             if SOFTCAP:
                 qk = cap * tanh(qk)
@@ -283,7 +283,7 @@ if HAS_TRITON:
                 v_cache_ptr + slot * stride_vb + in_block * stride_vt + kv_head * stride_vh + dims[None, :],
                 mask=load_mask,
                 other=0.0,
-            )
+            ).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
         return acc, m_i, l_i

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import time
@@ -18,10 +20,13 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 
 from weir_server.config import ModelConfig
 from weir_server.errors import ModelLoadError
+from weir_server.layers.fp8_linear import Fp8Linear, quantize_fp8_layers, restore_dequantized_layers
+from weir_server.layers.int4_linear import Int4Linear, quantize_int4_layers
 from weir_server.layers.quantized_linear import quantize_gguf_layers
 from weir_server.models.checkpoint_checks import check_gguf_tensors, check_safetensors_file, open_gguf
 from weir_server.models.gguf_sharing import shared_gguf_readers
 from weir_server.models.gguf_tensors import iter_gguf_tensors
+from weir_server.models.quant_config import QuantConfig, QuantConfigError, quant_config_of
 from weir_server.models.registry import (
     ModelSource,
     Task,
@@ -98,7 +103,7 @@ def _load_model(config: ModelConfig, task: Task | None, weights: bool) -> Loaded
         eos_token_ids=_eos_token_ids(source, hf_config, tokenizer),
         pooling=_pooling(source) if entry.task == "embed" else "last",
     )
-    num_params = sum(p.numel() for p in model.parameters()) if model is not None else 0
+    num_params = _num_weights(model) if model is not None else 0
     logger.info(
         "Loaded %s: %.1fM parameters, max_model_len %d, in %.1fs",
         loaded.model_id,
@@ -107,6 +112,12 @@ def _load_model(config: ModelConfig, task: Task | None, weights: bool) -> Loaded
         time.perf_counter() - started,
     )
     return loaded
+
+
+def _num_weights(model: nn.Module) -> int:
+    """Parameters, counting each quantized projection's weights (held as packed buffers) one by one."""
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int4Linear | Fp8Linear))
+    return sum(p.numel() for p in model.parameters()) + quantized
 
 
 def _build_model(
@@ -122,7 +133,13 @@ def _build_model(
         keep_packed = (
             config.keep_quantized and source.is_gguf and config.load_format != "dummy" and _shards_on_load(model_class)
         )
-        model = _build_empty(model_class, hf_config, device, dtype, quantize_gguf_layers if keep_packed else None)
+        quant = _quant_config(config, source, hf_config, model_class)
+        prepare: Callable[[nn.Module], object] | None = quantize_gguf_layers if keep_packed else None
+        if quant is not None:
+            logger.info("Quantized linear layers: %s", quant)
+            swap = quantize_int4_layers if quant.is_int4 else quantize_fp8_layers
+            prepare = functools.partial(swap, quant=quant)
+        model = _build_empty(model_class, hf_config, device, dtype, prepare)
         std = float(getattr(hf_config, "initializer_range", 0.02))
         if config.load_format == "dummy" and _shards_on_load(model):
             model.load_weights(_dummy_checkpoint(hf_config, config.seed, std, device))  # type: ignore[operator]
@@ -133,11 +150,42 @@ def _build_model(
             stream = _iter_weights(source, config.load_format, hf_config, lazy=lazy, keep_packed=keep_packed)
             weights = _WeightStream(stream)
             model.load_weights(weights)  # type: ignore[operator]
+        if quant is not None and quant.method == "fp8":
+            restore_dequantized_layers(model)  # no FP8 matmul here: plain float layers, packed like any other
     except (ValueError, OSError, RuntimeError, SafetensorError) as error:  # bad shapes or names, unreadable files
         where = (weights.where(error) if weights is not None else "") or f"model {config.model!r}: "
         message = " ".join(str(error).split())  # one line
         raise ModelLoadError(f"{where}{message}") from error
     return model.eval()
+
+
+def _quant_config(
+    config: ModelConfig, source: ModelSource, hf_config: PretrainedConfig, model_class: type[nn.Module]
+) -> QuantConfig | None:
+    """The checkpoint's AWQ / GPTQ / FP8 quantization (or --quantization fp8's), checked against how it loads."""
+    requested = None if config.quantization in (None, "none", "auto", "gguf") else config.quantization
+    if source.is_gguf:
+        if requested is not None:
+            raise ModelLoadError(f"--quantization {requested} takes a safetensors checkpoint, not a GGUF file")
+        return None
+    try:
+        quant = quant_config_of(hf_config, requested)
+    except QuantConfigError as error:
+        raise ModelLoadError(f"model {config.model!r}: {error}") from error
+    if quant is None:
+        return None
+    if not _shards_on_load(model_class):
+        raise ModelLoadError(
+            f"model {config.model!r}: {quant.method} weights are not supported for {model_class.__name__}"
+        )
+    if config.load_format == "dummy":
+        if quant.is_int4:
+            raise ModelLoadError(
+                f"model {config.model!r}: --load-format dummy gives float weights; {quant.method} needs its checkpoint "
+                "(--quantization fp8 quantizes dummy weights)"
+            )
+        return dataclasses.replace(quant, quantize_on_load=True, static_input_scale=False)
+    return quant
 
 
 class _WeightStream:

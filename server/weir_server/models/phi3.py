@@ -36,6 +36,9 @@ class Phi3ForCausalLM(LlamaForCausalLM):
                 yield name, tensor
                 continue
             expected = sum(size for _, size in parts[fused])
+            if name.rpartition(".")[2] in _QUANTIZED_KINDS:  # AWQ / GPTQ / FP8 tensors: cut where their outputs lie
+                yield from _unfused_quantized(name, tensor, fused, parts[fused], expected)
+                continue
             if source_shape(tensor)[0] != expected:
                 raise ValueError(
                     f"{name}: checkpoint has {source_shape(tensor)[0]} rows, the config implies {expected}"
@@ -44,6 +47,33 @@ class Phi3ForCausalLM(LlamaForCausalLM):
             for fragment, size in parts[fused]:
                 yield name.replace(fused, fragment), _rows(tensor, start, size)
                 start += size
+
+
+# Quantized checkpoints' tensors of a projection besides `weight` (layers/int4_checkpoint.py, layers/fp8_linear.py).
+_QUANTIZED_KINDS = ("qweight", "qzeros", "scales", "g_idx", "weight_scale", "input_scale")
+
+
+def _unfused_quantized(
+    name: str, src: WeightSource, fused: str, parts: tuple[tuple[str, int], ...], expected: int
+) -> Iterator[tuple[str, WeightSource]]:
+    """A fused projection's quantized tensor cut per part: along the output columns (dim 1, eight to an int32 where
+    packed) for AWQ/GPTQ qweight, qzeros and scales, along the rows for a per-channel FP8 weight_scale; whole for
+    what every part shares (g_idx: one input, so one act-order; per-tensor scales)."""
+    tensor = read_full(src) if source_shape(src) else src[...]
+    kind = name.rpartition(".")[2]
+    if kind in ("weight_scale", "input_scale"):
+        dim, pack = (0, 1) if tensor.numel() == expected else (-1, 1)  # per channel, or per tensor
+    elif kind == "g_idx":
+        dim, pack = -1, 1
+    elif tensor.dim() == 2 and expected in (tensor.shape[1], tensor.shape[1] * 8):
+        dim, pack = 1, expected // tensor.shape[1]
+    else:
+        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} has no {expected} output columns")
+    start = 0
+    for fragment, size in parts:
+        part = tensor if dim < 0 else tensor.narrow(dim, start // pack, size // pack)
+        yield name.replace(fused, fragment), part
+        start += size
 
 
 def _rows(src: WeightSource, start: int, length: int) -> WeightSource:
