@@ -169,9 +169,15 @@ def assert_engine_greedy_matches(hf_model, loaded: LoadedModel, late: list[int],
 
 def assert_two_tensor_parallel_ranks_match(hf_model, directory: Path, max_tokens: int = 6) -> None:
     """Greedy tokens of PROMPTS from two CPU tensor-parallel ranks match transformers."""
+    save_tiny_model(hf_model, directory)
+    assert_checkpoint_on_two_ranks_matches(hf_model, directory, max_tokens)
+
+
+def assert_checkpoint_on_two_ranks_matches(reference, directory: Path, max_tokens: int = 6) -> None:
+    """Greedy tokens of PROMPTS from the checkpoint in `directory` on two CPU tensor-parallel ranks match
+    `reference` (a transformers model holding the same weights)."""
     from weir_server.executor.tp_executor import launch
 
-    save_tiny_model(hf_model, directory)
     config = EngineConfig(
         model=ModelConfig(str(directory), dtype="float32", device="cpu"),
         cache=CacheConfig(block_size=4, num_blocks=64),
@@ -186,4 +192,4 @@ def assert_two_tensor_parallel_ranks_match(hf_model, directory: Path, max_tokens
         outputs = run_greedy(engine, {0: PROMPTS}, max_tokens)
     finally:
         executor.shutdown()
-    assert_greedy_matches(hf_model, PROMPTS, outputs, max_tokens)
+    assert_greedy_matches(reference, PROMPTS, outputs, max_tokens)

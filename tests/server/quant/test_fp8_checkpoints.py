@@ -112,25 +112,7 @@ def test_quantization_awq_on_a_float_checkpoint_is_refused(tmp_path: Path) -> No
 
 def test_fp8_per_tensor_scales_over_two_tensor_parallel_ranks_match(tmp_path: Path) -> None:
     """Fused q/k/v parts keep their own per-tensor scales on each rank; row-parallel scales stay whole."""
-    from family_checks import PROMPTS, assert_greedy_matches, run_greedy
-
-    from weir_server.config import CacheConfig, EngineConfig, ExecutorConfig, ParallelConfig, SchedulerConfig
-    from weir_server.engine.core import EngineCore
-    from weir_server.executor.tp_executor import launch
+    from family_checks import assert_checkpoint_on_two_ranks_matches
 
     reference = write_fp8_checkpoint(tmp_path, per_channel=False)
-    config = EngineConfig(
-        model=ModelConfig(str(tmp_path), dtype="float32", device="cpu"),
-        cache=CacheConfig(block_size=4, num_blocks=64),
-        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16),
-        executor=ExecutorConfig(num_threads=1),
-        parallel=ParallelConfig(tensor_parallel_size=2, collective_timeout_s=60),
-    )
-    executor = launch(config, on_worker_death=lambda reason: None)
-    assert executor is not None
-    try:
-        engine = EngineCore(load_model(config.model), config, publisher=executor)
-        outputs = run_greedy(engine, {0: PROMPTS}, 6)
-    finally:
-        executor.shutdown()
-    assert_greedy_matches(reference, PROMPTS, outputs, 6)
+    assert_checkpoint_on_two_ranks_matches(reference, tmp_path)

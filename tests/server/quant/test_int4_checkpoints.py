@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from family_checks import (
-    PROMPTS,
+    assert_checkpoint_on_two_ranks_matches,
     assert_chunked_prefill_and_decode_match,
     assert_engine_greedy_matches,
-    assert_greedy_matches,
-    run_greedy,
 )
 from quantized_checkpoints import rewrite_config, tiny_phi3_config, write_int4_checkpoint
 
-from weir_server.config import CacheConfig, EngineConfig, ExecutorConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from weir_server.config import ModelConfig
 from weir_server.errors import ModelLoadError
 from weir_server.layers.int4_linear import Int4Linear
 from weir_server.models.loader import LoadedModel, load_model
@@ -69,25 +67,8 @@ def test_greedy_tokens_match_the_dequantized_reference(quantized) -> None:
 
 def test_act_order_over_two_tensor_parallel_ranks_matches(tmp_path: Path) -> None:
     """Row-parallel shards of an act-order weight keep their rows' g_idx and every group: greedy tokens hold."""
-    from weir_server.engine.core import EngineCore
-    from weir_server.executor.tp_executor import launch
-
     reference = write_int4_checkpoint(tmp_path, method="gptq", group_size=32, desc_act=True)
-    config = EngineConfig(
-        model=ModelConfig(str(tmp_path), dtype="float32", device="cpu"),
-        cache=CacheConfig(block_size=4, num_blocks=64),
-        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16),
-        executor=ExecutorConfig(num_threads=1),
-        parallel=ParallelConfig(tensor_parallel_size=2, collective_timeout_s=60),
-    )
-    executor = launch(config, on_worker_death=lambda reason: None)
-    assert executor is not None
-    try:
-        engine = EngineCore(load_model(config.model), config, publisher=executor)
-        outputs = run_greedy(engine, {0: PROMPTS}, 6)
-    finally:
-        executor.shutdown()
-    assert_greedy_matches(reference, PROMPTS, outputs, 6)
+    assert_checkpoint_on_two_ranks_matches(reference, tmp_path)
 
 
 # ---- bad checkpoints fail at load with one line naming what is supported --------------------------------------------
