@@ -47,6 +47,7 @@ class OpenAIDriver:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: aiohttp.ClientSession | None = None
         self._models: list[dict[str, Any]] | None = None
+        self._llama_tokenize = False  # POST /tokenize takes llama-server's body (found on first use)
 
     def peak_rss_pid(self) -> int | None:
         return self.pid
@@ -102,20 +103,30 @@ class OpenAIDriver:
         return int(n_vocab) if n_vocab else None
 
     async def tokenize(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
-        """Token ids of `texts` through vLLM's POST /tokenize (Weir's gateway and vLLM serve it)."""
+        """Token ids of `texts` through POST /tokenize: vLLM's body (Weir's gateway and vLLM), or llama-server's
+        (`content`, `add_special`) once a non-empty text came back with no tokens (llama-server ignores `prompt`)."""
+        model = await self.resolve_model()
         out = []
         for text in texts:
-            body = {"model": await self.resolve_model(), "prompt": text, "add_special_tokens": add_special_tokens}
-            try:
-                async with self._client().post(f"{self.base}/tokenize", json=body) as resp:
-                    if resp.status != 200:
-                        raise TargetError(
-                            f"{self.name}: POST /tokenize: HTTP {resp.status}: {(await resp.text())[:300]}"
-                        )
-                    out.append([int(t) for t in (await resp.json())["tokens"]])
-            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
-                raise TargetError(f"{self.name}: POST /tokenize failed: {exc!r}") from exc
+            tokens = await self._tokenize_one(text, add_special_tokens, model)
+            if not tokens and text and not self._llama_tokenize:
+                self._llama_tokenize = True
+                tokens = await self._tokenize_one(text, add_special_tokens, model)
+            out.append(tokens)
         return out
+
+    async def _tokenize_one(self, text: str, add_special_tokens: bool, model: str) -> list[int]:
+        if self._llama_tokenize:
+            body: dict[str, Any] = {"content": text, "add_special": add_special_tokens}
+        else:
+            body = {"model": model, "prompt": text, "add_special_tokens": add_special_tokens}
+        try:
+            async with self._client().post(f"{self.base}/tokenize", json=body) as resp:
+                if resp.status != 200:
+                    raise TargetError(f"{self.name}: POST /tokenize: HTTP {resp.status}: {(await resp.text())[:300]}")
+                return [int(t) for t in (await resp.json())["tokens"]]
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+            raise TargetError(f"{self.name}: POST /tokenize failed: {exc!r}") from exc
 
     def _body(self, prompt: list[int], output_tokens: int) -> dict[str, Any]:
         return {
