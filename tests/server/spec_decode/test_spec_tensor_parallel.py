@@ -4,7 +4,6 @@ which runs whole on rank 0."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from engine_helpers import TINY_VOCAB, run
 from spec_helpers import NGRAM, assert_same, random_workload
+from tiny_models import save_tiny_llama, save_word_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from weir_server.config import CacheConfig, EngineConfig, ExecutorConfig, ModelConfig, ParallelConfig, SchedulerConfig
@@ -20,9 +20,6 @@ from weir_server.engine.core import EngineCore
 from weir_server.engine.spec_decode.config import SpeculativeConfig
 from weir_server.executor.tp_executor import launch
 from weir_server.models.loader import load_model
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "distributed"))
-from tp_helpers import save_tiny_llama, save_word_tokenizer  # noqa: E402
 
 Outputs = dict[tuple[str, int], list]
 
