@@ -29,7 +29,7 @@ class AttentionMetadata:
     context_lens_cpu: list[int]
     # What the torch attention path derives from the above (gather indices, masks), built by the first layer of
     # a step and reused by the others.
-    derived: dict[object, torch.Tensor | None] = field(default_factory=dict, repr=False, compare=False)
+    derived: dict[object, torch.Tensor | int | None] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
