@@ -52,7 +52,7 @@ class CacheConfig:
 
     block_size: int = 16
     num_blocks: int | None = None  # None = size from kv_cache_memory_gb / gpu_memory_utilization
-    kv_cache_memory_gb: float = 1.0  # CPU: bytes of RAM for KV blocks
+    kv_cache_memory_gb: float | None = None  # CPU: GiB of RAM for KV blocks; None = from the model and the machine
     gpu_memory_utilization: float = 0.9  # GPU: fraction of total memory Weir may use
     enable_prefix_caching: bool = True
     cache_dtype: str = "auto"  # auto: the model's dtype; fp8 (fp8_e4m3): float8_e4m3fn, scale 1.0 (CUDA, sm 8.9+)

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -54,16 +54,3 @@ def _count(done: int, total: int | None, unit: str) -> str:
     if total:
         return f"{done}/{total} {unit} ({100 * done / total:.0f}%)"
     return f"{done} {unit}"
-
-
-class tqdm_compatible:  # noqa: N801 - stands in for the `tqdm` callable of a library module
-    """A `tqdm(iterable, desc=..., total=...)` look-alike over `progress`, for libraries that draw their own bar
-    unconditionally (transformers' GGUF reader): patched in for the call, it follows the rules above."""
-
-    def __init__(self, unit: str = "it") -> None:
-        self.unit = unit
-
-    def __call__(
-        self, iterable: Iterable[T], desc: str | None = None, total: int | None = None, **_: Any
-    ) -> Iterator[T]:
-        return progress(iterable, (desc or "working").rstrip(". "), total, self.unit)

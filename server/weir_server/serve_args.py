@@ -165,7 +165,14 @@ def _add_cache_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="KV blocks to allocate, on any device (default: sized from memory)",
     )
-    group.add_argument("--kv-cache-memory-gb", type=float, default=_CACHE.kv_cache_memory_gb, help="CPU: KV cache RAM")
+    group.add_argument(
+        "--kv-cache-memory-gb",
+        type=float,
+        default=_CACHE.kv_cache_memory_gb,
+        metavar="GIB",
+        help="CPU: KV cache RAM (default: max-num-seqs sequences of 128 tokens and one of max-model-len, "
+        "at most 1/8 of the RAM available at start)",
+    )
     group.add_argument(
         "--gpu-memory-utilization",
         type=float,

@@ -19,6 +19,7 @@ from weir_server.distributed.parallel_state import kv_heads_per_rank
 from weir_server.executor.batch import PLACEHOLDER, S, ScheduledSeq, StepPublisher, StepSeq, TokenWindow
 from weir_server.executor.cuda_graphs import DecodeGraphs
 from weir_server.executor.kv_cache_dtype import kv_cache_torch_dtype
+from weir_server.executor.kv_cache_size import available_memory_bytes, default_cpu_kv_cache_bytes
 from weir_server.executor.transfer import to_device
 from weir_server.layers.attention_metadata import AttentionMetadata
 from weir_server.layers.cpu_linear import pack_linear_layers
@@ -213,8 +214,15 @@ class ModelRunner:
             return cache.num_blocks
         if self.device.type == "cuda":
             available = self._profile_available_cuda_memory()
-        else:
+        elif cache.kv_cache_memory_gb is not None:
             available = int(cache.kv_cache_memory_gb * 2**30)
+        else:
+            # A draft model's cache shares the block count, so its bytes count per token too.
+            bytes_per_token = (self._bytes_per_block() + self.shared_block_bytes) // self.block_size
+            max_seqs = self.config.scheduler.max_num_seqs
+            available = default_cpu_kv_cache_bytes(
+                bytes_per_token, max_seqs, self.max_model_len, available_memory_bytes()
+            )
         # Every tensor-parallel rank must hold the same blocks, so all take the smallest that fits.
         num_blocks = min_across_ranks(available // (self._bytes_per_block() + self.shared_block_bytes))
         if num_blocks < 1:

@@ -8,7 +8,7 @@ The KV cache of one layer is a tensor [2, num_blocks, block_size, num_kv_heads, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,9 @@ class AttentionMetadata:
     # Host copies, so kernels and the torch path can size things without a device sync.
     query_lens_cpu: list[int]
     context_lens_cpu: list[int]
+    # What the torch attention path derives from the above (gather indices, masks), built by the first layer of
+    # a step and reused by the others.
+    derived: dict[object, torch.Tensor | int | None] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

@@ -124,7 +124,27 @@ class StepRope:
         assert self.cos is not None and self.sin is not None
         if self._wide is None:
             self._wide = (torch.cat((self.cos, self.cos), dim=-1), torch.cat((-self.sin, self.sin), dim=-1))
+        joined = _joined_heads(q, k)
+        if joined is not None:  # q and k side by side in one fused projection's rows: one pass rotates both
+            rotated = _apply_rotary_wide(joined, *self._wide)
+            return rotated[:, : q.shape[1]], rotated[:, q.shape[1] :]
         return _apply_rotary_wide(q, *self._wide), _apply_rotary_wide(k, *self._wide)
+
+
+def _joined_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """[T, Hq + Hk, D] over q [T, Hq, D] and k [T, Hk, D] where k's heads follow q's in the same rows (views of
+    a fused q/k/v projection's output), else None."""
+    if q.dim() != 3 or q.dtype != k.dtype or q.device != k.device:
+        return None
+    if q.stride(0) != k.stride(0) and q.shape[0] > 1:  # a single row's stride is arbitrary
+        return None
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        return None
+    if k.data_ptr() != q.data_ptr() + q.shape[1] * q.shape[2] * q.element_size():
+        return None
+    if q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from weir_server.models.registry import (
     lookup_architecture,
     resolve_source,
 )
-from weir_server.progress import progress, tqdm_compatible
+from weir_server.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -358,36 +358,21 @@ def _iter_gguf(
     source: ModelSource, hf_config: PretrainedConfig, keep_packed: bool = False
 ) -> Iterator[tuple[Path, str, Any]]:
     """GGUF tensors under HF names: with `keep_packed`, the types Weir has kernels for as QuantizedTensor
-    (models/gguf_tensors.py), else all dequantized via transformers' GGUF reader.
+    (models/gguf_tensors.py), else all dequantized, one tensor at a time.
 
     transformers maps GGUF tensor names by walking a model's state dict, so it gets a weightless
     (meta-device) transformers model of the same config; the weights themselves land in ours.
     """
     from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     path = source.directory / str(source.gguf_file)
-    logger.info("Dequantizing GGUF tensors from %s", path.name)
+    logger.info("%s GGUF tensors from %s", "Loading" if keep_packed else "Dequantizing", path.name)
     with torch.device("meta"):
         name_model = AutoModelForCausalLM.from_config(hf_config)
     reader = open_gguf(path)
     check_gguf_tensors(reader, path, name_model)  # transformers would drop unknown ones silently
-    if keep_packed:
-        tensors = iter_gguf_tensors(reader, name_model, hf_config)
-        for name, tensor in progress(tensors, "Loading GGUF tensors", len(reader.tensors), "tensors"):
-            yield path, name, tensor
-        return
-    # transformers draws its own tqdm bar here even into a log file; for this call it draws ours (a bar on a
-    # terminal, log lines elsewhere). Loads run one at a time, so patching the module global is safe.
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-    bar = gguf_utils.tqdm
-    gguf_utils.tqdm = tqdm_compatible("tensors")
-    try:
-        checkpoint = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=name_model)
-    finally:
-        gguf_utils.tqdm = bar
-    for name, tensor in checkpoint["tensors"].items():
+    tensors = iter_gguf_tensors(reader, name_model, hf_config, keep_packed=keep_packed)
+    for name, tensor in progress(tensors, "Loading GGUF tensors", len(reader.tensors), "tensors"):
         yield path, name, tensor
 
 

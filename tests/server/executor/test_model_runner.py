@@ -12,6 +12,7 @@ from weir_server.engine.block_manager import BlockManager
 from weir_server.engine.sequence import Sequence
 from weir_server.engine.types import SamplingParams
 from weir_server.executor.batch import ScheduledSeq
+from weir_server.executor.kv_cache_size import available_memory_bytes, default_cpu_kv_cache_bytes
 from weir_server.executor.model_runner import ModelRunner, kv_cache_shape
 from weir_server.models.llama import LlamaForCausalLM
 from weir_server.models.loader import LoadedModel
@@ -61,6 +62,14 @@ def test_kv_cache_is_sized_from_memory_budget_on_cpu(models):
     assert runner.num_blocks == int(0.001 * 2**30) // per_block
     assert len(runner.kv_caches) == 2
     assert runner.kv_caches[0].shape == kv_cache_shape(config, runner.num_blocks, 4) == (2, runner.num_blocks, 4, 2, 16)
+
+
+def test_kv_cache_without_a_budget_is_sized_from_the_model_and_the_machine(models):
+    config, model, _ = models
+    runner = _runner(config, model)
+    per_token = 2 * 2 * 2 * 16 * 4  # layers * (K, V) * kv_heads * head_dim * fp32
+    expected = default_cpu_kv_cache_bytes(per_token, 256, 128, available_memory_bytes())  # max_num_seqs, max len
+    assert runner.num_blocks == expected // (4 * per_token)
 
 
 def test_prepare_flattens_mixed_prefill_chunks_and_decodes(models):

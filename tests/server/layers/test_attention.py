@@ -76,6 +76,7 @@ def reference_attention(query, full_keys, full_values, query_lens, context_lens,
 CASES = {
     "mixed-prefill-chunks-and-decodes": ([1, 7, 1, 13, 3, 1], [9, 7, 30, 20, 3, 1]),
     "decode-only": ([1, 1, 1, 1], [1, 17, 33, 5]),
+    "one-decode": ([1], [23]),  # no mask at all unless a window cuts its context
     "prefill-only": ([5, 12], [5, 12]),
     "chunk-continuing-a-cached-prefix": ([6], [40]),
 }
@@ -115,6 +116,37 @@ def test_bfloat16_inputs_stay_close_to_float32():
     half = paged_attention_torch(query.bfloat16(), half_cache[0], half_cache[1], attn, scale)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), full, atol=5e-2, rtol=5e-2)
+
+
+def test_bfloat16_decode_is_as_close_to_exact_as_sdpa():
+    query_lens, context_lens = [1, 1, 1], [40, 7, 96]
+    query, k, v, kv_cache, attn, full_k, full_v = build_batch(query_lens, context_lens, 16, 64, seed=5)
+    write_kv_cache(k, v, kv_cache, attn.slot_mapping)
+    scale = HEAD_DIM**-0.5
+    exact = reference_attention(query, full_k, full_v, query_lens, context_lens, scale, None)
+    half_query, half_cache = query.bfloat16(), kv_cache.bfloat16()
+    ours = paged_attention_torch(half_query, half_cache[0], half_cache[1], attn, scale)
+    keys = [half_cache[0].view(-1, NUM_KV_HEADS, HEAD_DIM)[s] for s in _context_slots(attn)]
+    values = [half_cache[1].view(-1, NUM_KV_HEADS, HEAD_DIM)[s] for s in _context_slots(attn)]
+    sdpa = torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(
+                q.view(1, NUM_HEADS, 1, HEAD_DIM), kk.transpose(0, 1)[None], vv.transpose(0, 1)[None], scale=scale,
+                enable_gqa=True,
+            ).view(1, NUM_HEADS, HEAD_DIM)
+            for q, kk, vv in zip(half_query, keys, values, strict=True)
+        ]
+    )  # fmt: skip
+    assert (ours.double() - exact).abs().max() <= (sdpa.double() - exact).abs().max() * 1.01
+
+
+def _context_slots(attn: AttentionMetadata) -> list[torch.Tensor]:
+    """Each sequence's cache slots, position by position."""
+    slots = []
+    for table, length in zip(attn.block_tables.tolist(), attn.context_lens_cpu, strict=True):
+        positions = torch.arange(length)
+        slots.append(torch.tensor(table)[positions // attn.block_size] * attn.block_size + positions % attn.block_size)
+    return slots
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 from weir_server.layers.activation import SiluAndMul
 from weir_server.layers.norm import RMSNorm
-from weir_server.layers.rotary import apply_rotary, get_rope
+from weir_server.layers.rotary import StepRope, _joined_heads, apply_rotary, get_rope
 
 HEAD_DIM = 32
 ROPE_PARAMETERS = {
@@ -94,3 +94,17 @@ def test_rmsnorm_matches_transformers_and_fuses_the_residual_add():
 def test_silu_and_mul_gates_the_second_half_with_the_first():
     x = torch.randn(3, 10)
     torch.testing.assert_close(SiluAndMul()(x), F.silu(x[:, :5]) * x[:, 5:])
+
+
+@pytest.mark.parametrize("tokens", [1, 5], ids=["decode", "prefill"])
+def test_q_and_k_of_one_fused_projection_rotate_together_as_they_do_apart(tokens):
+    torch.manual_seed(4)
+    num_heads, num_kv_heads, head_dim = 6, 2, 16
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim)
+    q, k, _ = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q, k = q.view(tokens, num_heads, head_dim), k.view(tokens, num_kv_heads, head_dim)
+    assert _joined_heads(q, k) is not None
+    cos, sin = (torch.randn(tokens, 1, head_dim // 2) for _ in range(2))
+    rotated_q, rotated_k = StepRope(positions=torch.arange(tokens), cos=cos, sin=sin).rotate(q, k)
+    torch.testing.assert_close(rotated_q, apply_rotary(q, cos, sin))
+    torch.testing.assert_close(rotated_k, apply_rotary(k, cos, sin))
