@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import greedy, run, save_tiny_llama
+from engine_helpers import greedy, run
 from spec_helpers import NGRAM, assert_same, graphed_on_cpu, grounded_prompt, random_workload, spec_engine
+from tiny_models import save_tiny_llama
 
 from weir_server.config import ModelConfig
 from weir_server.engine.core import EngineCore
