@@ -23,13 +23,13 @@ from torch import nn
 
 from weir_server.distributed.communication import all_reduce
 from weir_server.kernels.fp8_matmul import FP8, fp8_matmul, quantize_weight_per_channel, scaled_mm_available
-from weir_server.layers.int4_linear import LINEAR_TYPES
 from weir_server.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
     WeightSource,
     source_shape,
+    swap_linear_layers,
 )
 from weir_server.models.quant_config import QuantConfig
 
@@ -209,10 +209,4 @@ def restore_dequantized_layers(model: nn.Module) -> int:
 def quantize_fp8_layers(model: nn.Module, quant: QuantConfig) -> int:
     """Swap the model's tensor-parallel linear layers (exactly those classes) for Fp8Linear before materializing;
     the embedding and LM head stay in the model's dtype. Returns how many were swapped."""
-    count = 0
-    for name, module in list(model.named_modules()):
-        if type(module) in LINEAR_TYPES:
-            owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, Fp8Linear(module, quant))
-            count += 1
-    return count
+    return swap_linear_layers(model, lambda layer: Fp8Linear(layer, quant))

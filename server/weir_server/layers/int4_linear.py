@@ -28,16 +28,13 @@ from weir_server.kernels.int4_matmul import dequantize_int4, int4_matmul, pack_r
 from weir_server.layers.gguf_weights import int4_available
 from weir_server.layers.int4_checkpoint import Int4Weight, read_int4
 from weir_server.layers.linear import (
-    ColumnParallelLinear,
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
     RowParallelLinear,
     WeightSource,
     read_full,
+    swap_linear_layers,
 )
 from weir_server.models.quant_config import QuantConfig
 
-LINEAR_TYPES = (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear)
 _TILE_WEIGHTS = 1 << 20  # weights dequantized at once on the CPU fallback
 
 
@@ -239,10 +236,4 @@ def _form(
 def quantize_int4_layers(model: nn.Module, quant: QuantConfig) -> int:
     """Swap the model's tensor-parallel linear layers (exactly those classes) for Int4Linear before
     materializing; the embedding and LM head stay float, as AWQ and GPTQ leave them. Returns how many."""
-    count = 0
-    for name, module in list(model.named_modules()):
-        if type(module) in LINEAR_TYPES:
-            owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, Int4Linear(module, quant))
-            count += 1
-    return count
+    return swap_linear_layers(model, lambda layer: Int4Linear(layer, quant))

@@ -185,3 +185,19 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.tp_size == 1:
             return logits
         return all_gather(logits)[..., : self.full_num_embeddings]
+
+
+# The dense tensor-parallel projections a quantized checkpoint replaces (exactly these classes: a family's own
+# subclass keeps its float path).
+LINEAR_TYPES = (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear)
+
+
+def swap_linear_layers(model: nn.Module, make: Any) -> int:
+    """Replace each of the model's LINEAR_TYPES layers by `make(layer)` (before materializing); how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if type(module) in LINEAR_TYPES:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, make(module))
+            count += 1
+    return count

@@ -26,10 +26,8 @@ from weir_server.distributed.communication import all_gather, all_reduce
 from weir_server.kernels.gguf_dequant import GGMLType, dequantize, row_bytes
 from weir_server.layers.gguf_weights import DenseRows, Int8BlockRows, PackedRows, RowsForm, rows_for_device
 from weir_server.layers.linear import (
-    ColumnParallelLinear,
-    MergedColumnParallelLinear,
+    LINEAR_TYPES,
     ParallelLMHead,
-    QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     WeightSource,
@@ -247,9 +245,6 @@ class GGUFEmbedding(_GGUFRowsLayer):
         return all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
 
 
-_LINEAR_TYPES = (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear)
-
-
 def quantize_gguf_layers(model: nn.Module) -> int:
     """Swap the model's tensor-parallel linear, embedding and LM-head layers (exactly those classes: a family's
     own subclass keeps its float path) for GGUF ones, before materializing. Returns how many were swapped."""
@@ -258,7 +253,7 @@ def quantize_gguf_layers(model: nn.Module) -> int:
     for name, module in list(model.named_modules()):
         owner_name, _, attr = name.rpartition(".")
         swapped: nn.Module
-        if type(module) in _LINEAR_TYPES:
+        if type(module) in LINEAR_TYPES:
             swapped = GGUFLinear(module)
         elif type(module) is VocabParallelEmbedding:
             swapped = embeddings[id(module.weight)] = GGUFEmbedding(module)
