@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weir_server.kernels.cpu_ops import cpu_ops
 from weir_server.layers.attention_metadata import AttentionMetadata
 from weir_server.layers.rotary import StepRope
 
@@ -57,8 +58,15 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """query [T, H, D], key/value [T, Hkv, D], kv_cache [2, blocks, block_size, Hkv, D] -> [T, H, D].
 
-        With `rope`, q and k are rotated first; on CUDA rotation and the cache write are one kernel.
+        With `rope`, q and k are rotated first; on CUDA rotation and the cache write are one kernel, and on CPU a
+        decode-only step does rotation, cache write and attention in one C++ op.
         """
+        if rope is not None and attn.is_decode_only and _cpu_decode_op(query, kv_cache, attn, rope):
+            cos, sin = rope.flat_cos_sin()
+            return cpu_ops().decode_attention(  # type: ignore[union-attr,no-any-return]
+                query, key, value, cos, sin, kv_cache[0], kv_cache[1], attn.block_tables, attn.context_lens,
+                attn.slot_mapping, self.scale, self.sliding_window or 0, self.logit_softcap or 0.0,
+            )  # fmt: skip
         if rope is not None and rope.fused:
             rope.rotate_and_cache(query, key, value, kv_cache, attn.slot_mapping)
         else:
@@ -74,6 +82,22 @@ class PagedAttention(nn.Module):
             f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
             f"sliding_window={self.sliding_window}, logit_softcap={self.logit_softcap}"
         )
+
+
+def _cpu_decode_op(query: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, rope: StepRope) -> bool:
+    """Whether this step's attention may take the CPU C++ op: CPU tensors of one dtype, torch-path rotary, the
+    metadata's usual index types."""
+    return (
+        query.device.type == "cpu"
+        and rope.cos is not None
+        and rope.cos.dtype == query.dtype
+        and kv_cache.dtype == query.dtype
+        and kv_cache.is_contiguous()
+        and attn.block_tables.dtype == torch.int32
+        and attn.context_lens.dtype == torch.int32
+        and attn.slot_mapping.dtype == torch.int64
+        and cpu_ops() is not None
+    )
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

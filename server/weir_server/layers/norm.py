@@ -9,13 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from weir_server.kernels import HAS_TRITON
+from weir_server.kernels.cpu_ops import cpu_ops
 from weir_server.kernels.rms_norm import fused_add_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dim, computed in fp32 like the reference implementations."""
 
-    fused_on_cuda = True  # whether forward may use the Triton kernels (a subclass with another formula may not)
+    fused_on_cuda = True  # whether forward may use the Triton/C++ kernels (a subclass with another formula may not)
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -33,13 +34,18 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with `residual`: (norm(x + residual), x + residual).
 
-        On CUDA one Triton kernel does it, writing in place: the sum over `residual`, the norm over `x`.
+        On CUDA one Triton kernel does it, on CPU one C++ op, writing in place: the sum over `residual`, the
+        norm over `x`.
         """
-        if self.fused_on_cuda and x.is_cuda and HAS_TRITON and x.is_contiguous():
-            if residual is None:
-                return rms_norm(x, self.weight, self.eps)
-            if residual.is_contiguous():
+        if self.fused_on_cuda and x.is_contiguous() and (residual is None or _same_layout(x, residual)):
+            if x.is_cuda and HAS_TRITON:
+                if residual is None:
+                    return rms_norm(x, self.weight, self.eps)
                 return fused_add_rms_norm(x, residual, self.weight, self.eps)
+            if x.device.type == "cpu" and x.dtype == self.weight.dtype and (ops := cpu_ops()) is not None:
+                if residual is None:
+                    return ops.rms_norm(x, self.weight, self.eps)  # type: ignore[no-any-return]
+                return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)  # type: ignore[no-any-return]
         if residual is None:
             return self._norm(x)
         summed = x + residual
@@ -51,6 +57,10 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def _same_layout(x: torch.Tensor, residual: torch.Tensor) -> bool:
+    return residual.is_contiguous() and residual.dtype == x.dtype and residual.shape == x.shape
 
 
 class GemmaRMSNorm(RMSNorm):

@@ -102,6 +102,7 @@ class StepRope:
     cos_sin_cache: torch.Tensor | None = None  # [max_positions, rotary_dim] fp32 (fused CUDA path)
     # Torch path: cos/sin widened once per step to [T, 1, rotary_dim] for every layer's `rotate`.
     _wide: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _flat: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def fused(self) -> bool:
@@ -118,6 +119,14 @@ class StepRope:
         """Fused path only: rotate q [T, H, D] and k [T, Hkv, D] in place and write k, v at their cache slots."""
         assert self.cos_sin_cache is not None
         rotary_and_cache(q, k, v, self.positions, self.cos_sin_cache, kv_cache, slot_mapping)
+
+    def flat_cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Torch path: cos and sin as contiguous [T, rotary_dim / 2] (what the CPU decode op reads)."""
+        assert self.cos is not None and self.sin is not None
+        if self._flat is None:
+            half = self.cos.shape[-1]
+            self._flat = (self.cos.reshape(-1, half).contiguous(), self.sin.reshape(-1, half).contiguous())
+        return self._flat
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Torch path: rotated copies of q and k."""

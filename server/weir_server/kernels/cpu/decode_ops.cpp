@@ -1,0 +1,336 @@
+// Weir's CPU decode ops: the small per-layer work of a decode step, one call each instead of tens of torch ops.
+//
+// At a few tokens per step a decoder layer's matmuls take about as long as the ~15 small torch ops around them
+// (norms, rotary, cache writes, the attention's gathers and dtype casts), each paying dispatch and allocation.
+// These ops do the same math in one pass each; weir_server/kernels/cpu_ops.py builds and loads them, and the
+// torch paths they replace stay the reference the tests compare against.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float to_f(T v) { return static_cast<float>(v); }
+
+// out = round(round(x / rms(x)) * w) per row; with a residual, first residual = round(x + residual) and the
+// norm is of that sum. Rounding points follow F.rms_norm on bf16 input (fp32 math, one rounding before the
+// weight), so the result matches the torch path bit for bit in most rows.
+template <typename T>
+void rms_rows(T* x, T* residual, const T* w, int64_t rows, int64_t n, double eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(n);
+    for (int64_t r = begin; r < end; ++r) {
+      T* xr = x + r * n;
+      float ss = 0.f;
+      if (residual != nullptr) {
+        T* rr = residual + r * n;
+        for (int64_t i = 0; i < n; ++i) {
+          T s = static_cast<T>(to_f(xr[i]) + to_f(rr[i]));
+          rr[i] = s;
+          buf[i] = to_f(s);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) buf[i] = to_f(xr[i]);
+      }
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < n; ++i) ss += buf[i] * buf[i];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+      for (int64_t i = 0; i < n; ++i) {
+        float normed = to_f(static_cast<T>(buf[i] * inv));
+        xr[i] = static_cast<T>(normed * to_f(w[i]));
+      }
+    }
+  });
+}
+
+void check_rows(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "x must be a contiguous CPU tensor");
+  TORCH_CHECK(w.dim() == 1 && w.is_contiguous() && w.numel() == x.size(-1), "weight must be [hidden]");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "weight and x must share a dtype");
+}
+
+}  // namespace
+
+// x [.., n] -> a new normed tensor.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  check_rows(x, w);
+  torch::Tensor out = x.clone();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    rms_rows<scalar_t>(out.data_ptr<scalar_t>(), nullptr, w.data_ptr<scalar_t>(), x.numel() / x.size(-1),
+                       x.size(-1), eps);
+  });
+  return out;
+}
+
+// In place: residual = x + residual, x = norm(residual). Returns (x, residual).
+std::tuple<torch::Tensor, torch::Tensor> fused_add_rms_norm(torch::Tensor x, torch::Tensor residual,
+                                                            const torch::Tensor& w, double eps) {
+  check_rows(x, w);
+  TORCH_CHECK(residual.is_contiguous() && residual.sizes() == x.sizes() &&
+                  residual.scalar_type() == x.scalar_type(), "residual must match x");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_add_rms_norm", [&] {
+    rms_rows<scalar_t>(x.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                       x.numel() / x.size(-1), x.size(-1), eps);
+  });
+  return {x, residual};
+}
+
+// One decode token per sequence (T == B): rotate q and k (rotate-half RoPE over the first rotary_dim features
+// of each head, cos/sin [T, rotary_dim / 2]), write k and v at slot_mapping into the paged caches
+// [blocks, block_size, Hkv, D], then attend over each sequence's context_lens[b] cached tokens (its own
+// included) in fp32, as the torch path does. Returns [T, H, D]. window > 0: only the last `window` keys;
+// softcap > 0: scores = softcap * tanh(scores / softcap).
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor key_cache,
+                               torch::Tensor value_cache, const torch::Tensor& block_tables,
+                               const torch::Tensor& context_lens, const torch::Tensor& slot_mapping, double scale,
+                               int64_t window, double softcap) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be [T, heads, D]");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "q, k, v rows must be contiguous");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(key_cache.scalar_type() == q.scalar_type() && k.scalar_type() == q.scalar_type() &&
+                  v.scalar_type() == q.scalar_type(), "q, k, v and the caches must share a dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt &&
+                  slot_mapping.scalar_type() == at::kLong, "int32 block tables and lengths, int64 slots");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1);
+  TORCH_CHECK(context_lens.numel() == T && slot_mapping.numel() == T, "one decode token per sequence");
+  TORCH_CHECK(H % Hkv == 0, "heads must be a multiple of kv heads");
+  const int64_t half = cos.size(-1), G = H / Hkv, block_size = key_cache.size(1);
+  TORCH_CHECK(cos.scalar_type() == q.scalar_type() && sin.scalar_type() == q.scalar_type(), "cos/sin dtype");
+  TORCH_CHECK(2 * half <= D && cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * half,
+              "cos/sin must be [T, rotary_dim / 2]");
+  const auto bt = block_tables.contiguous();
+  const int32_t* tables = bt.data_ptr<int32_t>();
+  const int64_t max_blocks = bt.size(1);
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  torch::Tensor out = torch::empty({T, H, D}, q.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    const scalar_t* cs = cos.data_ptr<scalar_t>();
+    const scalar_t* sn = sin.data_ptr<scalar_t>();
+    scalar_t* kc = key_cache.data_ptr<scalar_t>();
+    scalar_t* vc = value_cache.data_ptr<scalar_t>();
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    // Rotated copy of one head into `dst` (rounded to the dtype, as a rotated tensor would be).
+    auto rotate = [&](const scalar_t* src, const scalar_t* c, const scalar_t* s, float* dst) {
+      for (int64_t i = 0; i < half; ++i) {
+        float x1 = to_f(src[i]), x2 = to_f(src[i + half]);
+        dst[i] = to_f(static_cast<scalar_t>(x1 * to_f(c[i]) - x2 * to_f(s[i])));
+        dst[i + half] = to_f(static_cast<scalar_t>(x2 * to_f(c[i]) + x1 * to_f(s[i])));
+      }
+      for (int64_t i = 2 * half; i < D; ++i) dst[i] = to_f(src[i]);
+    };
+    at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(G * D), kf(D), scores, acc(G * D);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / Hkv, h = task % Hkv;
+        const scalar_t* c = cs + b * half;
+        const scalar_t* s = sn + b * half;
+        // This token's K and V into its slot (skipped for a padding slot < 0).
+        const int64_t slot = slots[b];
+        if (slot >= 0) {
+          rotate(kp + b * k.stride(0) + h * k.stride(1), c, s, kf.data());
+          scalar_t* kdst = kc + (slot * Hkv + h) * D;
+          scalar_t* vdst = vc + (slot * Hkv + h) * D;
+          const scalar_t* vsrc = vp + b * v.stride(0) + h * v.stride(1);
+          for (int64_t i = 0; i < D; ++i) {
+            kdst[i] = static_cast<scalar_t>(kf[i]);
+            vdst[i] = vsrc[i];
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) rotate(qp + b * q.stride(0) + (h * G + g) * q.stride(1), c, s, &qf[g * D]);
+        const int64_t length = lens[b];
+        const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0;
+        const int64_t n = length - first;
+        scores.assign(G * std::max<int64_t>(n, 1), 0.f);
+        const int32_t* table = tables + b * max_blocks;
+        for (int64_t t = first; t < length; ++t) {
+          const scalar_t* key = kc + ((static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) *
+                                          Hkv + h) * D;
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = &qf[g * D];
+            float dot = 0.f;
+_Pragma("omp simd reduction(+ : dot)")
+            for (int64_t i = 0; i < D; ++i) dot += qg[i] * to_f(key[i]);
+            scores[g * n + (t - first)] = dot * static_cast<float>(scale);
+          }
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t g = 0; g < G; ++g) {
+          float* sg = &scores[g * n];
+          if (softcap > 0) {
+            for (int64_t j = 0; j < n; ++j) sg[j] = std::tanh(sg[j] / softcap) * softcap;
+          }
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sg[j]);
+          float sum = 0.f;
+          for (int64_t j = 0; j < n; ++j) {
+            sg[j] = std::exp(sg[j] - mx);
+            sum += sg[j];
+          }
+          const float inv = 1.f / sum;
+          for (int64_t j = 0; j < n; ++j) sg[j] *= inv;
+        }
+        for (int64_t t = first; t < length; ++t) {
+          const scalar_t* val = vc + ((static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) *
+                                          Hkv + h) * D;
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = scores[g * n + (t - first)];
+            float* a = &acc[g * D];
+_Pragma("omp simd")
+            for (int64_t i = 0; i < D; ++i) a[i] += p * to_f(val[i]);
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          scalar_t* o = op + (b * H + h * G + g) * D;
+          for (int64_t i = 0; i < D; ++i) o[i] = static_cast<scalar_t>(acc[g * D + i]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// sum_k (q[k] * scale[k / group] - offset[k / group]) * x[k], the weight formed exactly in fp32.
+inline float int8_row_dot(const int8_t* q, const float* scale, const float* offset, const float* x, int64_t K,
+                          int64_t group) {
+  const int64_t groups = K / group;
+#if defined(__AVX512F__)
+  if (group % 16 == 0) {
+    __m512 total = _mm512_setzero_ps();
+    float offset_sum = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int8_t* qg = q + g * group;
+      const float* xg = x + g * group;
+      __m512 dot = _mm512_setzero_ps();
+      __m512 xs = _mm512_setzero_ps();
+      for (int64_t i = 0; i < group; i += 16) {
+        const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + i))));
+        const __m512 xv = _mm512_loadu_ps(xg + i);
+        dot = _mm512_fmadd_ps(qf, xv, dot);
+        if (offset != nullptr) xs = _mm512_add_ps(xs, xv);
+      }
+      total = _mm512_fmadd_ps(dot, _mm512_set1_ps(scale[g]), total);
+      if (offset != nullptr) offset_sum += offset[g] * _mm512_reduce_add_ps(xs);
+    }
+    return _mm512_reduce_add_ps(total) - offset_sum;
+  }
+#endif
+  float total = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    float dot = 0.f, xs = 0.f;
+    for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+      dot += static_cast<float>(q[i]) * x[i];
+      xs += x[i];
+    }
+    total += dot * scale[g] - (offset != nullptr ? offset[g] * xs : 0.f);
+  }
+  return total;
+}
+
+// w[k] = q[k] * scale[k / group] - offset[k / group], in fp32.
+inline void int8_row_to_float(const int8_t* q, const float* scale, const float* offset, float* w, int64_t K,
+                              int64_t group) {
+  for (int64_t g = 0; g < K / group; ++g) {
+    const float s = scale[g], o = offset != nullptr ? offset[g] : 0.f;
+#if defined(__AVX512F__)
+    if (group % 16 == 0) {
+      const __m512 vs = _mm512_set1_ps(s), vo = _mm512_set1_ps(o);
+      for (int64_t i = g * group; i < (g + 1) * group; i += 16) {
+        const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
+        _mm512_storeu_ps(w + i, _mm512_fmsub_ps(qf, vs, vo));
+      }
+      continue;
+    }
+#endif
+    _Pragma("omp simd")
+    for (int64_t i = g * group; i < (g + 1) * group; ++i) w[i] = static_cast<float>(q[i]) * s - o;
+  }
+}
+
+inline float float_dot(const float* a, const float* b, int64_t K) {
+#if defined(__AVX512F__)
+  if (K % 64 == 0) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
+           acc3 = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) {
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), acc1);
+      acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 32), _mm512_loadu_ps(b + k + 32), acc2);
+      acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 48), _mm512_loadu_ps(b + k + 48), acc3);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+  }
+#endif
+  float dot = 0.f;
+  _Pragma("omp simd reduction(+ : dot)")
+  for (int64_t k = 0; k < K; ++k) dot += a[k] * b[k];
+  return dot;
+}
+
+}  // namespace
+
+// x [T, K] times int8 rows q [N, K] with a scale (and optionally an offset) per group of `group` columns:
+// W[n, k] = q[n, k] * scales[n, k / group] - offsets[n, k / group]. Returns fp32 [T, N]. Each row of W is formed
+// in fp32 once (exactly: an int8 times a float, minus a float) and dotted with every x row while it sits in L1,
+// so a step of a few tokens reads the weights' int8 bytes once; GGUF's Q8_0, Q6_K and Q5_K rows come this way.
+torch::Tensor int8_group_matmul(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
+                                const c10::optional<torch::Tensor>& offsets) {
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(),
+              "x must be [T, K] and q int8 [N, K]");
+  const int64_t T = x.size(0), K = x.size(1), N = q.size(0);
+  TORCH_CHECK(q.size(1) == K, "x and q disagree on K");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && K % scales.size(1) == 0, "scales must be [N, K / group]");
+  const int64_t groups = scales.size(1), group = K / groups;
+  const torch::Tensor xf = x.to(at::kFloat).contiguous();
+  const torch::Tensor sf = scales.to(at::kFloat).contiguous();
+  torch::Tensor of;
+  if (offsets.has_value()) {
+    TORCH_CHECK(offsets->sizes() == scales.sizes(), "offsets must match scales");
+    of = offsets->to(at::kFloat).contiguous();
+  }
+  torch::Tensor out = torch::empty({T, N}, x.options().dtype(at::kFloat));
+  const float* xp = xf.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = sf.data_ptr<float>();
+  const float* op = of.defined() ? of.data_ptr<float>() : nullptr;
+  float* outp = out.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(K);
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* qn = qp + n * K;
+      const float* sn = sp + n * groups;
+      const float* on = op != nullptr ? op + n * groups : nullptr;
+      if (T == 1) {
+        outp[n] = int8_row_dot(qn, sn, on, xp, K, group);
+        continue;
+      }
+      int8_row_to_float(qn, sn, on, w.data(), K, group);  // once, then one FMA per weight and row of x
+      for (int64_t t = 0; t < T; ++t) outp[t * N + n] = float_dot(w.data(), xp + t * K, K);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row");
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = RMSNorm(residual), in place");
+  m.def("int8_group_matmul", &int8_group_matmul, "x times int8 rows with per-group scales (and offsets)",
+        py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("offsets") = py::none());
+  m.def("decode_attention", &decode_attention, "rotary, cache write and attention for one token per sequence");
+}

@@ -1,0 +1,201 @@
+"""The C++ CPU decode ops (weir_server/kernels/cpu) against the torch paths they replace, which stay the reference.
+
+The ops are built for this machine on first use (about 30 s once, then cached); where they cannot be built the
+layers keep their torch paths and these tests are skipped.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from weir_server.kernels.cpu_ops import cpu_ops
+from weir_server.layers.attention import PagedAttention, _decode_attention, write_kv_cache
+from weir_server.layers.attention_metadata import AttentionMetadata
+from weir_server.layers.norm import RMSNorm
+from weir_server.layers.rotary import RotaryEmbedding
+
+ops = cpu_ops()
+pytestmark = pytest.mark.skipif(ops is None, reason="the C++ CPU ops could not be built here")
+
+# (atol, rtol) against the torch path: bf16 rounds at other points (once where torch rounds twice), so one bf16
+# step of the value (rtol 2^-7) or, near zero, of the inputs' scale; fp32 differs only in the order of sums.
+TOLERANCE = {torch.bfloat16: {"atol": 3e-2, "rtol": 2**-7}, torch.float32: {"atol": 2e-5, "rtol": 1e-5}}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_rms_norm_and_the_fused_residual_add_match_torch(dtype: torch.dtype, rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 576, generator=gen).to(dtype)
+    residual = torch.randn(rows, 576, generator=gen).to(dtype)
+    weight = torch.randn(576, generator=gen).to(dtype)
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), F.rms_norm(x, (576,), weight, 1e-5), **TOLERANCE[dtype])
+    summed = x + residual
+    expected = F.rms_norm(summed, (576,), weight, 1e-5)
+    x_in, residual_in = x.clone(), residual.clone()
+    normed, new_residual = ops.fused_add_rms_norm(x_in, residual_in, weight, 1e-5)
+    assert normed.data_ptr() == x_in.data_ptr() and new_residual.data_ptr() == residual_in.data_ptr()  # in place
+    torch.testing.assert_close(new_residual, summed, atol=0, rtol=0)  # the sum rounds once, like torch's add
+    torch.testing.assert_close(normed, expected, **TOLERANCE[dtype])
+
+
+def test_the_norm_layer_takes_the_op_on_cpu_and_keeps_torch_semantics() -> None:
+    norm = RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+    x, residual = torch.randn(4, 64), torch.randn(4, 64)
+    expected = F.rms_norm(x + residual, (64,), norm.weight, 1e-6)
+    normed, summed = norm(x.clone(), residual.clone())
+    torch.testing.assert_close(summed, x + residual)
+    torch.testing.assert_close(normed, expected)
+    strided = torch.randn(4, 128)[:, :64]  # not contiguous: the torch path
+    torch.testing.assert_close(norm(strided), F.rms_norm(strided, (64,), norm.weight, 1e-6))
+
+
+def _decode_batch(
+    context_lens: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """One decode token per sequence: a fused q/k/v output (q, k, v are views of its rows, as in the models), a
+    cache with every earlier token in shuffled blocks, and the step's metadata."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(context_lens)
+    max_blocks = max(-(-n // block_size) for n in context_lens)
+    num_blocks = batch * max_blocks + 3
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = order[: batch * max_blocks].view(batch, max_blocks).to(torch.int32)
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    positions = (lens - 1).long()
+    slots = tables[torch.arange(batch), positions // block_size].long() * block_size + positions % block_size
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    attn = AttentionMetadata(
+        slot_mapping=slots,
+        block_tables=tables,
+        context_lens=lens,
+        query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
+        max_query_len=1,
+        max_context_len=max(context_lens),
+        block_size=block_size,
+        query_lens_cpu=[1] * batch,
+        context_lens_cpu=list(context_lens),
+    )
+    return qkv, cache, positions, slots, attn
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    ("context_lens", "heads", "kv_heads", "head_dim", "rotary_dim", "window", "softcap"),
+    [
+        ([37], 9, 3, 64, 64, None, None),  # SmolLM2's layout, one stream
+        ([5, 130, 64, 1], 8, 2, 32, 32, None, None),  # a block boundary, a one-token context
+        ([90, 17, 200], 4, 4, 16, 8, None, None),  # multi-head, partial rotary
+        ([300, 40], 8, 1, 32, 32, 64, None),  # multi-query, a sliding window shorter than one context
+        ([50, 75], 6, 2, 16, 16, None, 30.0),  # Gemma 2's soft-capped scores
+    ],
+)
+def test_decode_attention_matches_the_torch_rotary_cache_write_and_attention(
+    dtype: torch.dtype,
+    context_lens: list[int],
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    rotary_dim: int,
+    window: int | None,
+    softcap: float | None,
+) -> None:
+    block_size = 16
+    qkv, cache, positions, slots, attn = _decode_batch(
+        context_lens, heads, kv_heads, head_dim, block_size, dtype, seed=len(context_lens) + head_dim
+    )
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim), v.view(-1, kv_heads, head_dim)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    rope = RotaryEmbedding(head_dim, inv_freq).for_step(positions, dtype)
+    scale = head_dim**-0.5
+
+    reference_cache = cache.clone()
+    rq, rk = rope.rotate(q, k)
+    write_kv_cache(rk, v, reference_cache, slots)
+    expected = _decode_attention(rq, reference_cache[0], reference_cache[1], attn, scale, window, softcap)
+
+    layer = PagedAttention(heads, kv_heads, head_dim, scale, sliding_window=window, logit_softcap=softcap)
+    out = layer(q, k, v, cache, attn, rope)  # the layer picks the C++ op for a decode-only CPU step
+
+    torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
+    torch.testing.assert_close(cache, reference_cache, **TOLERANCE[dtype])  # the same K/V, same slots
+    untouched = torch.ones(cache.shape[1] * block_size, dtype=torch.bool)
+    untouched[slots] = False
+    flat = cache.view(2, -1, kv_heads, head_dim)
+    torch.testing.assert_close(flat[:, untouched], reference_cache.view(2, -1, kv_heads, head_dim)[:, untouched])
+
+
+def test_decode_attention_gives_each_sequence_the_same_bits_alone_or_batched() -> None:
+    """A sequence's output does not depend on what shares its step (the torch path's padded gathers do)."""
+    qkv, cache, positions, slots, attn = _decode_batch([70, 9, 33], 8, 2, 32, 16, torch.bfloat16, seed=3)
+    q, k, v = qkv.split([256, 64, 64], dim=-1)
+    q, k, v = q.view(-1, 8, 32), k.view(-1, 2, 32), v.view(-1, 2, 32)
+    rope = RotaryEmbedding(32, 1.0 / (10000.0 ** (torch.arange(0, 32, 2).float() / 32))).for_step(
+        positions, torch.bfloat16
+    )
+    cos, sin = rope.flat_cos_sin()
+    batched = ops.decode_attention(q, k, v, cos, sin, *cache.clone(), attn.block_tables, attn.context_lens, slots,
+                                   0.2, 0, 0.0)  # fmt: skip
+    for i in range(3):
+        alone = ops.decode_attention(
+            q[i : i + 1], k[i : i + 1], v[i : i + 1], cos[i : i + 1], sin[i : i + 1], *cache.clone(),
+            attn.block_tables[i : i + 1], attn.context_lens[i : i + 1], slots[i : i + 1], 0.2, 0, 0.0,
+        )  # fmt: skip
+        assert torch.equal(alone[0], batched[i])
+
+
+def test_bad_arguments_raise_instead_of_reading_out_of_bounds() -> None:
+    qkv, cache, positions, slots, attn = _decode_batch([10], 4, 2, 16, 16, torch.float32, seed=0)
+    q = qkv[:, :64].view(1, 4, 16)
+    k = qkv[:, 64:96].view(1, 2, 16)
+    v = qkv[:, 96:].view(1, 2, 16)
+    cos = sin = torch.zeros(1, 8)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.decode_attention(q, k, v, cos.bfloat16(), sin.bfloat16(), *cache, attn.block_tables, attn.context_lens,
+                             slots, 0.25, 0, 0.0)  # fmt: skip
+    with pytest.raises(RuntimeError, match="int32"):
+        ops.decode_attention(q, k, v, cos, sin, *cache, attn.block_tables.long(), attn.context_lens, slots, 0.25, 0,
+                             0.0)  # fmt: skip
+
+
+@pytest.mark.parametrize(("group", "with_offsets"), [(32, False), (16, False), (32, True)])  # Q8_0, Q6_K, Q5_K
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_group_matmul_equals_the_float32_dequantized_product(
+    group: int, with_offsets: bool, rows: int, dtype: torch.dtype
+) -> None:
+    gen = torch.Generator().manual_seed(group + rows)
+    n, k = 300, 256
+    q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    scales = torch.rand(n, k // group, generator=gen) / 64
+    offsets = torch.rand(n, k // group, generator=gen) / 8 if with_offsets else None
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    weight = q.float().view(n, -1, group) * scales.unsqueeze(-1)
+    if offsets is not None:
+        weight = weight - offsets.unsqueeze(-1)
+    expected = x.double() @ weight.view(n, k).double().t()
+    out = ops.int8_group_matmul(x, q, scales, offsets)
+    assert out.dtype == torch.float32 and out.shape == (rows, n)
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)  # fp32 sums of exact products
+
+
+def test_gguf_int8_rows_take_the_op_for_a_decode_row_and_the_tiles_for_more() -> None:
+    from weir_server.kernels.gguf_dequant import Q8_0, dequantize
+    from weir_server.layers.gguf_weights import INT8_OP_MAX_ROWS, Int8BlockRows
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = 96, 128
+    blocks = torch.randint(0, 256, (n, k // 32, 34), generator=gen, dtype=torch.uint8)
+    blocks[..., :2] = torch.tensor([0x00, 0x20], dtype=torch.uint8)  # every block's fp16 scale = 2**-7
+    raw = blocks.reshape(n, -1)
+    rows = Int8BlockRows(raw, Q8_0, torch.float32)
+    weight = dequantize(raw, Q8_0).float()
+    for batch in (1, INT8_OP_MAX_ROWS + 3):
+        x = torch.randn(batch, k, generator=gen)
+        torch.testing.assert_close(rows.matmul(x), x @ weight.t(), atol=1e-4, rtol=1e-5)
