@@ -23,6 +23,10 @@ from weir_server.layers.rotary import StepRope
 
 logger = logging.getLogger(__name__)
 
+# CPU: steps with at most this many query tokens per sequence take the C++ op, whose per-token loops beat SDPA's
+# kernel for a few queries (a decode, a speculative verify of K + 1); longer prefill chunks go to SDPA.
+CPU_OP_MAX_QUERY_LEN = 8
+
 
 class PagedAttention(nn.Module):
     """Attention of one layer over the paged KV cache; holds no weights, only the head layout."""
@@ -59,13 +63,19 @@ class PagedAttention(nn.Module):
         """query [T, H, D], key/value [T, Hkv, D], kv_cache [2, blocks, block_size, Hkv, D] -> [T, H, D].
 
         With `rope`, q and k are rotated first; on CUDA rotation and the cache write are one kernel, and on CPU a
-        decode-only step does rotation, cache write and attention in one C++ op.
+        step of at most CPU_OP_MAX_QUERY_LEN tokens per sequence (decode, speculative verify) does rotation, cache
+        write and attention in one C++ op.
         """
-        if rope is not None and attn.is_decode_only and _cpu_decode_op(query, kv_cache, attn, rope):
+        if (
+            rope is not None
+            and attn.max_query_len <= CPU_OP_MAX_QUERY_LEN
+            and _cpu_op_fits(query, kv_cache, attn, rope)
+        ):
             cos, sin = rope.flat_cos_sin()
             return cpu_ops().decode_attention(  # type: ignore[union-attr,no-any-return]
                 query, key, value, cos, sin, kv_cache[0], kv_cache[1], attn.block_tables, attn.context_lens,
-                attn.slot_mapping, self.scale, self.sliding_window or 0, self.logit_softcap or 0.0,
+                attn.query_start_loc, attn.slot_mapping, self.scale, self.sliding_window or 0,
+                self.logit_softcap or 0.0,
             )  # fmt: skip
         if rope is not None and rope.fused:
             rope.rotate_and_cache(query, key, value, kv_cache, attn.slot_mapping)
@@ -84,7 +94,7 @@ class PagedAttention(nn.Module):
         )
 
 
-def _cpu_decode_op(query: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, rope: StepRope) -> bool:
+def _cpu_op_fits(query: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, rope: StepRope) -> bool:
     """Whether this step's attention may take the CPU C++ op: CPU tensors of one dtype, torch-path rotary, the
     metadata's usual index types."""
     return (
@@ -95,6 +105,7 @@ def _cpu_decode_op(query: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionM
         and kv_cache.is_contiguous()
         and attn.block_tables.dtype == torch.int32
         and attn.context_lens.dtype == torch.int32
+        and attn.query_start_loc.dtype == torch.int32
         and attn.slot_mapping.dtype == torch.int64
         and cpu_ops() is not None
     )

@@ -140,12 +140,13 @@ def test_decode_attention_gives_each_sequence_the_same_bits_alone_or_batched() -
         positions, torch.bfloat16
     )
     cos, sin = rope.flat_cos_sin()
-    batched = ops.decode_attention(q, k, v, cos, sin, *cache.clone(), attn.block_tables, attn.context_lens, slots,
-                                   0.2, 0, 0.0)  # fmt: skip
+    batched = ops.decode_attention(q, k, v, cos, sin, *cache.clone(), attn.block_tables, attn.context_lens,
+                                   attn.query_start_loc, slots, 0.2, 0, 0.0)  # fmt: skip
     for i in range(3):
         alone = ops.decode_attention(
             q[i : i + 1], k[i : i + 1], v[i : i + 1], cos[i : i + 1], sin[i : i + 1], *cache.clone(),
-            attn.block_tables[i : i + 1], attn.context_lens[i : i + 1], slots[i : i + 1], 0.2, 0, 0.0,
+            attn.block_tables[i : i + 1], attn.context_lens[i : i + 1], attn.query_start_loc[:2], slots[i : i + 1],
+            0.2, 0, 0.0,
         )  # fmt: skip
         assert torch.equal(alone[0], batched[i])
 
@@ -158,10 +159,13 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds() -> None:
     cos = sin = torch.zeros(1, 8)
     with pytest.raises(RuntimeError, match="dtype"):
         ops.decode_attention(q, k, v, cos.bfloat16(), sin.bfloat16(), *cache, attn.block_tables, attn.context_lens,
-                             slots, 0.25, 0, 0.0)  # fmt: skip
+                             attn.query_start_loc, slots, 0.25, 0, 0.0)  # fmt: skip
     with pytest.raises(RuntimeError, match="int32"):
-        ops.decode_attention(q, k, v, cos, sin, *cache, attn.block_tables.long(), attn.context_lens, slots, 0.25, 0,
-                             0.0)  # fmt: skip
+        ops.decode_attention(q, k, v, cos, sin, *cache, attn.block_tables.long(), attn.context_lens,
+                             attn.query_start_loc, slots, 0.25, 0, 0.0)  # fmt: skip
+    with pytest.raises(RuntimeError, match="disagree"):  # more query tokens than the context holds
+        ops.decode_attention(q, k, v, cos, sin, *cache, attn.block_tables, torch.zeros(1, dtype=torch.int32),
+                             attn.query_start_loc, slots, 0.25, 0, 0.0)  # fmt: skip
 
 
 @pytest.mark.parametrize(("group", "with_offsets"), [(32, False), (16, False), (32, True)])  # Q8_0, Q6_K, Q5_K
@@ -199,3 +203,54 @@ def test_gguf_int8_rows_take_the_op_for_a_decode_row_and_the_tiles_for_more() ->
     for batch in (1, INT8_OP_MAX_ROWS + 3):
         x = torch.randn(batch, k, generator=gen)
         torch.testing.assert_close(rows.matmul(x), x @ weight.t(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [None, 6])
+def test_short_query_chunks_match_the_torch_path_and_each_token_equals_its_decode(
+    dtype: torch.dtype, window: int | None
+) -> None:
+    """A speculative verify step (a few query tokens per sequence, decodes beside them): the same outputs as the
+    torch path, and each token's row the same bits as decoding that token alone after the ones before it."""
+    from weir_server.layers.attention import CPU_OP_MAX_QUERY_LEN, paged_attention_torch
+
+    query_lens, context_lens = [4, 1, CPU_OP_MAX_QUERY_LEN], [40, 23, 17]
+    heads, kv_heads, head_dim, block_size = 6, 2, 32, 16
+    gen = torch.Generator().manual_seed(7)
+    batch, total = len(query_lens), sum(query_lens)
+    max_blocks = max(-(-n // block_size) for n in context_lens)
+    cache = torch.randn(2, batch * max_blocks + 2, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    tables = torch.randperm(cache.shape[1], generator=gen)[: batch * max_blocks].view(batch, -1).to(torch.int32)
+    positions = torch.cat([torch.arange(c - q, c) for q, c in zip(query_lens, context_lens, strict=True)])
+    seq_of = torch.repeat_interleave(torch.arange(batch), torch.tensor(query_lens))
+    slots = tables[seq_of, positions // block_size].long() * block_size + positions % block_size
+    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
+    attn = AttentionMetadata(slots, tables, torch.tensor(context_lens, dtype=torch.int32), starts, max(query_lens),
+                             max(context_lens), block_size, list(query_lens), list(context_lens))  # fmt: skip
+    qkv = torch.randn(total, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim), v.view(-1, kv_heads, head_dim)
+    rope = RotaryEmbedding(head_dim, 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)))
+    step_rope = rope.for_step(positions, dtype)
+
+    reference_cache = cache.clone()
+    rq, rk = step_rope.rotate(q, k)
+    write_kv_cache(rk, v, reference_cache, slots)
+    expected = paged_attention_torch(rq, reference_cache[0], reference_cache[1], attn, head_dim**-0.5, window)
+    layer = PagedAttention(heads, kv_heads, head_dim, sliding_window=window)
+    chunked_cache = cache.clone()
+    out = layer(q, k, v, chunked_cache, attn, step_rope)
+    torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
+    torch.testing.assert_close(chunked_cache, reference_cache, **TOLERANCE[dtype])
+
+    cos, sin = step_rope.flat_cos_sin()
+    one = torch.tensor([0, 1], dtype=torch.int32)
+    decoded_cache = cache.clone()
+    for t in range(total):  # token by token, in order, as plain decoding would run them
+        b = int(seq_of[t])
+        alone = ops.decode_attention(
+            q[t : t + 1], k[t : t + 1], v[t : t + 1], cos[t : t + 1], sin[t : t + 1], *decoded_cache,
+            tables[b : b + 1], (positions[t : t + 1] + 1).to(torch.int32), one, slots[t : t + 1],
+            head_dim**-0.5, window or 0, 0.0,
+        )  # fmt: skip
+        assert torch.equal(alone[0], out[t])

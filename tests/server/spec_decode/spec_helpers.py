@@ -26,7 +26,11 @@ def spec_engine(loaded: LoadedModel, spec: SpeculativeConfig | None, **kwargs: i
     base = make_engine(loaded, **kwargs)  # type: ignore[arg-type]
     if spec is None:
         return base
-    return EngineCore(loaded, dataclasses.replace(base.config, speculative=spec))
+    # A draft model loads in the config's dtype: the loaded target's, as `weir serve` would have it.
+    assert loaded.model is not None
+    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    model = dataclasses.replace(base.config.model, dtype=dtype)
+    return EngineCore(loaded, dataclasses.replace(base.config, model=model, speculative=spec))
 
 
 def grounded_prompt(seed: int, length: int = 24) -> list[int]:

@@ -80,25 +80,28 @@ std::tuple<torch::Tensor, torch::Tensor> fused_add_rms_norm(torch::Tensor x, tor
   return {x, residual};
 }
 
-// One decode token per sequence (T == B): rotate q and k (rotate-half RoPE over the first rotary_dim features
-// of each head, cos/sin [T, rotary_dim / 2]), write k and v at slot_mapping into the paged caches
-// [blocks, block_size, Hkv, D], then attend over each sequence's context_lens[b] cached tokens (its own
-// included) in fp32, as the torch path does. Returns [T, H, D]. window > 0: only the last `window` keys;
-// softcap > 0: scores = softcap * tanh(scores / softcap).
+// Attention for steps of a few query tokens per sequence (decode, speculative verify): sequence b owns query tokens
+// query_start_loc[b]..query_start_loc[b+1], the last of its context_lens[b] positions. Rotates q and k (rotate-half
+// RoPE over the first 2 * cos.size(-1) features of each head; cos/sin [T, rotary_dim / 2]), writes k and v at
+// slot_mapping into the paged caches [blocks, block_size, Hkv, D], then lets each query token attend, in fp32 as
+// the torch path does, to its sequence's keys up to its own position. Returns [T, H, D]. window > 0: only the
+// last `window` keys; softcap > 0: scores = softcap * tanh(scores / softcap). A token's output comes from the
+// same loops whatever else shares the step, so a verify row equals the decode of that token.
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor key_cache,
                                torch::Tensor value_cache, const torch::Tensor& block_tables,
-                               const torch::Tensor& context_lens, const torch::Tensor& slot_mapping, double scale,
-                               int64_t window, double softcap) {
+                               const torch::Tensor& context_lens, const torch::Tensor& query_start_loc,
+                               const torch::Tensor& slot_mapping, double scale, int64_t window, double softcap) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be [T, heads, D]");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "q, k, v rows must be contiguous");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(key_cache.scalar_type() == q.scalar_type() && k.scalar_type() == q.scalar_type() &&
                   v.scalar_type() == q.scalar_type(), "q, k, v and the caches must share a dtype");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt &&
-                  slot_mapping.scalar_type() == at::kLong, "int32 block tables and lengths, int64 slots");
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1);
-  TORCH_CHECK(context_lens.numel() == T && slot_mapping.numel() == T, "one decode token per sequence");
+                  query_start_loc.scalar_type() == at::kInt && slot_mapping.scalar_type() == at::kLong,
+              "int32 block tables, lengths and query starts, int64 slots");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), B = context_lens.numel();
+  TORCH_CHECK(query_start_loc.numel() == B + 1 && slot_mapping.numel() == T, "query_start_loc must be [B + 1]");
   TORCH_CHECK(H % Hkv == 0, "heads must be a multiple of kv heads");
   const int64_t half = cos.size(-1), G = H / Hkv, block_size = key_cache.size(1);
   TORCH_CHECK(cos.scalar_type() == q.scalar_type() && sin.scalar_type() == q.scalar_type(), "cos/sin dtype");
@@ -108,6 +111,13 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   const int32_t* tables = bt.data_ptr<int32_t>();
   const int64_t max_blocks = bt.size(1);
   const int32_t* lens = context_lens.data_ptr<int32_t>();
+  const int32_t* starts = query_start_loc.data_ptr<int32_t>();
+  TORCH_CHECK(starts[0] == 0 && starts[B] == T, "query_start_loc must run from 0 to T");
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(starts[b + 1] >= starts[b] && starts[b + 1] - starts[b] <= lens[b] &&
+                    (lens[b] + block_size - 1) / block_size <= max_blocks,
+                "sequence ", b, ": its query tokens, context length and block table disagree");
+  }
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   torch::Tensor out = torch::empty({T, H, D}, q.options());
 
@@ -129,70 +139,75 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
       }
       for (int64_t i = 2 * half; i < D; ++i) dst[i] = to_f(src[i]);
     };
-    at::parallel_for(0, T * Hkv, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> qf(G * D), kf(D), scores, acc(G * D);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / Hkv, h = task % Hkv;
-        const scalar_t* c = cs + b * half;
-        const scalar_t* s = sn + b * half;
-        // This token's K and V into its slot (skipped for a padding slot < 0).
-        const int64_t slot = slots[b];
-        if (slot >= 0) {
-          rotate(kp + b * k.stride(0) + h * k.stride(1), c, s, kf.data());
+        const int64_t length = lens[b], first_token = starts[b], num_tokens = starts[b + 1] - starts[b];
+        const int32_t* table = tables + b * max_blocks;
+        auto cache_row = [&](int64_t position) {
+          return (static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size) * Hkv + h;
+        };
+        // This step's K and V into their slots first (skipping padding slots < 0): later tokens see earlier ones.
+        for (int64_t t = first_token; t < first_token + num_tokens; ++t) {
+          const int64_t slot = slots[t];
+          if (slot < 0) continue;
+          rotate(kp + t * k.stride(0) + h * k.stride(1), cs + t * half, sn + t * half, kf.data());
           scalar_t* kdst = kc + (slot * Hkv + h) * D;
           scalar_t* vdst = vc + (slot * Hkv + h) * D;
-          const scalar_t* vsrc = vp + b * v.stride(0) + h * v.stride(1);
+          const scalar_t* vsrc = vp + t * v.stride(0) + h * v.stride(1);
           for (int64_t i = 0; i < D; ++i) {
             kdst[i] = static_cast<scalar_t>(kf[i]);
             vdst[i] = vsrc[i];
           }
         }
-        for (int64_t g = 0; g < G; ++g) rotate(qp + b * q.stride(0) + (h * G + g) * q.stride(1), c, s, &qf[g * D]);
-        const int64_t length = lens[b];
-        const int64_t first = window > 0 ? std::max<int64_t>(0, length - window) : 0;
-        const int64_t n = length - first;
-        scores.assign(G * std::max<int64_t>(n, 1), 0.f);
-        const int32_t* table = tables + b * max_blocks;
-        for (int64_t t = first; t < length; ++t) {
-          const scalar_t* key = kc + ((static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) *
-                                          Hkv + h) * D;
+        for (int64_t t = first_token; t < first_token + num_tokens; ++t) {
+          const int64_t position = length - num_tokens + (t - first_token);
           for (int64_t g = 0; g < G; ++g) {
-            const float* qg = &qf[g * D];
-            float dot = 0.f;
-_Pragma("omp simd reduction(+ : dot)")
-            for (int64_t i = 0; i < D; ++i) dot += qg[i] * to_f(key[i]);
-            scores[g * n + (t - first)] = dot * static_cast<float>(scale);
+            rotate(qp + t * q.stride(0) + (h * G + g) * q.stride(1), cs + t * half, sn + t * half, &qf[g * D]);
           }
-        }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t g = 0; g < G; ++g) {
-          float* sg = &scores[g * n];
-          if (softcap > 0) {
-            for (int64_t j = 0; j < n; ++j) sg[j] = std::tanh(sg[j] / softcap) * softcap;
+          const int64_t first = window > 0 ? std::max<int64_t>(0, position + 1 - window) : 0;
+          const int64_t n = position + 1 - first;
+          scores.assign(G * n, 0.f);
+          for (int64_t j = first; j <= position; ++j) {
+            const scalar_t* key = kc + cache_row(j) * D;
+            for (int64_t g = 0; g < G; ++g) {
+              const float* qg = &qf[g * D];
+              float dot = 0.f;
+              _Pragma("omp simd reduction(+ : dot)")
+              for (int64_t i = 0; i < D; ++i) dot += qg[i] * to_f(key[i]);
+              scores[g * n + (j - first)] = dot * static_cast<float>(scale);
+            }
           }
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sg[j]);
-          float sum = 0.f;
-          for (int64_t j = 0; j < n; ++j) {
-            sg[j] = std::exp(sg[j] - mx);
-            sum += sg[j];
-          }
-          const float inv = 1.f / sum;
-          for (int64_t j = 0; j < n; ++j) sg[j] *= inv;
-        }
-        for (int64_t t = first; t < length; ++t) {
-          const scalar_t* val = vc + ((static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) *
-                                          Hkv + h) * D;
+          std::fill(acc.begin(), acc.end(), 0.f);
           for (int64_t g = 0; g < G; ++g) {
-            const float p = scores[g * n + (t - first)];
-            float* a = &acc[g * D];
-_Pragma("omp simd")
-            for (int64_t i = 0; i < D; ++i) a[i] += p * to_f(val[i]);
+            float* sg = &scores[g * n];
+            if (softcap > 0) {
+              for (int64_t j = 0; j < n; ++j) sg[j] = std::tanh(sg[j] / softcap) * softcap;
+            }
+            float mx = -std::numeric_limits<float>::infinity();
+            for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sg[j]);
+            float sum = 0.f;
+            for (int64_t j = 0; j < n; ++j) {
+              sg[j] = std::exp(sg[j] - mx);
+              sum += sg[j];
+            }
+            const float inv = 1.f / sum;
+            for (int64_t j = 0; j < n; ++j) sg[j] *= inv;
           }
-        }
-        for (int64_t g = 0; g < G; ++g) {
-          scalar_t* o = op + (b * H + h * G + g) * D;
-          for (int64_t i = 0; i < D; ++i) o[i] = static_cast<scalar_t>(acc[g * D + i]);
+          for (int64_t j = first; j <= position; ++j) {
+            const scalar_t* val = vc + cache_row(j) * D;
+            for (int64_t g = 0; g < G; ++g) {
+              const float p = scores[g * n + (j - first)];
+              float* a = &acc[g * D];
+              _Pragma("omp simd")
+              for (int64_t i = 0; i < D; ++i) a[i] += p * to_f(val[i]);
+            }
+          }
+          for (int64_t g = 0; g < G; ++g) {
+            scalar_t* o = op + (t * H + h * G + g) * D;
+            for (int64_t i = 0; i < D; ++i) o[i] = static_cast<scalar_t>(acc[g * D + i]);
+          }
         }
       }
     });
@@ -332,5 +347,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = RMSNorm(residual), in place");
   m.def("int8_group_matmul", &int8_group_matmul, "x times int8 rows with per-group scales (and offsets)",
         py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("offsets") = py::none());
-  m.def("decode_attention", &decode_attention, "rotary, cache write and attention for one token per sequence");
+  m.def("decode_attention", &decode_attention,
+        "rotary, cache write and attention for a few query tokens per sequence (decode, speculative verify)");
 }
