@@ -21,6 +21,7 @@ from weir_server.executor.cuda_graphs import DecodeGraphs
 from weir_server.executor.kv_cache_dtype import kv_cache_torch_dtype
 from weir_server.executor.kv_cache_size import available_memory_bytes, default_cpu_kv_cache_bytes
 from weir_server.executor.transfer import to_device
+from weir_server.kernels.cpu_ops import cpu_ops
 from weir_server.layers.attention_metadata import AttentionMetadata
 from weir_server.layers.cpu_linear import pack_linear_layers
 from weir_server.layers.lora import LoRALinear, LoRAState, lora_spec, uses_kernel, wrap_lora_layers
@@ -137,11 +138,12 @@ class ModelRunner:
         torch.set_num_threads(threads)
         packed = pack_linear_layers(self.model) if self.dtype == torch.bfloat16 else 0
         logger.info(
-            "CPU: %d torch threads (%d for steps of <= %d tokens), %d linear layers packed for oneDNN",
+            "CPU: %d torch threads (%d for steps of <= %d tokens), %d linear layers packed for oneDNN, %s",
             threads,
             self._cpu_threads[0],
             SMALL_STEP_TOKENS,
             packed,
+            "C++ decode ops" if cpu_ops() is not None else "torch paths only",  # built here, at start, if need be
         )
 
     def _set_cpu_threads(self, num_tokens: int) -> None:

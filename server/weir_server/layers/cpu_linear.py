@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weir_server.kernels.cpu_ops import cpu_ops
 from weir_server.layers.activation import SiluAndMul
 
 logger = logging.getLogger(__name__)
@@ -140,15 +141,20 @@ class PackedGateUpSilu(nn.Module):
 
 
 class PackedLMHead(nn.Module):
-    """The output projection with a packed copy of its weight (the embedding keeps the plain one if tied)."""
+    """The output projection with a packed copy of its weight (the embedding keeps the plain one if tied), and
+    where the GGUF file stored it as int8 blocks, those rows for one-token steps (half the bytes of bf16, and
+    the file's exact values)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, int8_rows: nn.Module | None = None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
         self.packed_weight = _pack(weight)
+        self.int8_rows = int8_rows
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] in the model's dtype."""
+        """hidden [N, hidden] -> logits [N, vocab] in the model's dtype (float32 from the int8 rows)."""
+        if self.int8_rows is not None and hidden.shape[0] == 1 and cpu_ops() is not None:
+            return self.int8_rows.matmul(hidden)  # type: ignore[no-any-return,operator]
         return _packed_matmul(hidden, self.packed_weight, None)
 
     def extra_repr(self) -> str:
@@ -189,7 +195,7 @@ def pack_linear_layers(model: nn.Module) -> int:
         elif isinstance(module, nn.Linear):
             setattr(owner, attr, PackedLinear(module.weight, module.bias))
         elif attr == "lm_head" and hasattr(module, "compute_logits"):
-            setattr(owner, attr, PackedLMHead(module.weight))  # type: ignore[arg-type]
+            setattr(owner, attr, PackedLMHead(module.weight, getattr(module, "int8_rows", None)))  # type: ignore[arg-type]
         else:
             continue
         count += 1

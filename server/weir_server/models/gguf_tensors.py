@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from weir_server.kernels.gguf_dequant import PACKED_TYPES
+from weir_server.kernels.gguf_dequant import INT8_TYPES, PACKED_TYPES, GGMLType
 from weir_server.layers.quantized_linear import QuantizedTensor
 
 logger = logging.getLogger(__name__)
@@ -75,3 +75,15 @@ def iter_gguf_tensors(
             yield mapping[result.name], torch.from_numpy(np.copy(result.weights))
     for name, stacked in parsed["tensors"].items():  # complete only now: experts arrive one tensor at a time
         yield name, torch.as_tensor(stacked)
+
+
+def int8_head_rows(reader: Any, tied: bool) -> tuple[torch.Tensor, GGMLType] | None:
+    """The LM head's raw rows [vocab, row_bytes] where the file stores them as Q8_0, Q6_K or Q5_K (the output
+    tensor, or the token embedding of a tied model), else None. A dequantized model keeps them for one-token
+    steps, where the C++ op reads these bytes (about a quarter of bf16's for Q8_0) instead of the bf16 copy."""
+    wanted = "token_embd.weight" if tied else "output.weight"
+    for tensor in reader.tensors:
+        if tensor.name == wanted and len(tensor.shape) == 2 and int(tensor.tensor_type) in INT8_TYPES:
+            rows = int(tensor.shape[1])
+            return torch.from_numpy(np.asarray(tensor.data).reshape(rows, -1)), PACKED_TYPES[int(tensor.tensor_type)]
+    return None

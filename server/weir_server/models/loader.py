@@ -21,11 +21,12 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, Pretrained
 from weir_server.config import ModelConfig
 from weir_server.errors import ModelLoadError
 from weir_server.layers.fp8_linear import Fp8Linear, quantize_fp8_layers, restore_dequantized_layers
+from weir_server.layers.gguf_weights import Int8BlockRows
 from weir_server.layers.int4_linear import Int4Linear, quantize_int4_layers
 from weir_server.layers.quantized_linear import quantize_gguf_layers
 from weir_server.models.checkpoint_checks import check_gguf_tensors, check_safetensors_file, open_gguf
 from weir_server.models.gguf_sharing import shared_gguf_readers
-from weir_server.models.gguf_tensors import iter_gguf_tensors
+from weir_server.models.gguf_tensors import int8_head_rows, iter_gguf_tensors
 from weir_server.models.quant_config import QuantConfig, QuantConfigError, quant_config_of
 from weir_server.models.registry import (
     ModelSource,
@@ -152,11 +153,29 @@ def _build_model(
             model.load_weights(weights)  # type: ignore[operator]
         if quant is not None and quant.method == "fp8":
             restore_dequantized_layers(model)  # no FP8 matmul here: plain float layers, packed like any other
+        if source.is_gguf and not keep_packed and config.load_format != "dummy" and device.type == "cpu":
+            if dtype == torch.bfloat16:  # the dtype whose CPU head is packed (layers/cpu_linear.py)
+                _keep_int8_head(model, source)
     except (ValueError, OSError, RuntimeError, SafetensorError) as error:  # bad shapes or names, unreadable files
         where = (weights.where(error) if weights is not None else "") or f"model {config.model!r}: "
         message = " ".join(str(error).split())  # one line
         raise ModelLoadError(f"{where}{message}") from error
     return model.eval()
+
+
+def _keep_int8_head(model: nn.Module, source: ModelSource) -> None:
+    """A dequantized GGUF whose head the file stores as int8 blocks (Q8_0, Q6_K, Q5_K) keeps those rows too, as
+    `lm_head.int8_rows`: the CPU's packed head reads them for one-token steps (cpu_linear.PackedLMHead)."""
+    head = getattr(model, "lm_head", None)
+    if head is None or getattr(head, "tp_size", 1) != 1 or not hasattr(head, "compute_logits"):
+        return
+    tied = bool(getattr(model, "tie_word_embeddings", False))
+    found = int8_head_rows(open_gguf(source.directory / str(source.gguf_file)), tied)
+    if found is None or found[0].shape[0] != head.weight.shape[0]:
+        return
+    raw, qtype = found
+    head.int8_rows = Int8BlockRows(raw, qtype, head.weight.dtype)
+    logger.info("LM head: the file's %s rows kept for one-token CPU steps", qtype.name)
 
 
 def _quant_config(

@@ -57,3 +57,24 @@ def test_greedy_answer_matches_transformers_and_names_paris(smollm2):
     expected = logits[len(prompt) - 1 :].argmax(-1).tolist()
     assert ours == expected
     assert "Paris" in loaded.tokenizer.decode(ours, skip_special_tokens=True)
+
+
+def test_bf16_cpu_head_reads_the_files_q8_0_rows_for_one_token_steps():
+    """The packaged file's head (its tied Q8_0 embedding) stays int8 beside the bf16 copy: a one-token step's
+    logits come from the file's values, and agree with the bf16 head to bf16's rounding."""
+    from weir_server.kernels.cpu_ops import cpu_ops
+    from weir_server.layers.cpu_linear import PackedLMHead, pack_linear_layers
+
+    loaded = load_model(ModelConfig("smollm2-135m-instruct", device="cpu", dtype="bfloat16"))
+    model = loaded.model
+    assert model.lm_head.int8_rows.qtype.name == "Q8_0"
+    if pack_linear_layers(model) == 0 or cpu_ops() is None:
+        pytest.skip("no oneDNN packing or C++ ops in this torch build")
+    head = model.lm_head
+    assert isinstance(head, PackedLMHead)
+    hidden = torch.randn(3, 576, generator=torch.Generator().manual_seed(0)).bfloat16()
+    batched = head.compute_logits(hidden).float()  # three rows: the packed bf16 weight
+    for i in range(3):
+        one = head.compute_logits(hidden[i : i + 1]).float()[0]  # one row: the int8 rows
+        torch.testing.assert_close(one, batched[i], atol=0.1, rtol=2**-7)
+        assert one.argmax() == batched[i].argmax()

@@ -17,9 +17,9 @@ namespace {
 template <typename T>
 inline float to_f(T v) { return static_cast<float>(v); }
 
-// out = round(round(x / rms(x)) * w) per row; with a residual, first residual = round(x + residual) and the
-// norm is of that sum. Rounding points follow F.rms_norm on bf16 input (fp32 math, one rounding before the
-// weight), so the result matches the torch path bit for bit in most rows.
+// out = round(x / rms(x) * w) per row; with a residual, first residual = round(x + residual) and the norm is of
+// that sum. Rounding points follow F.rms_norm on bf16 input (fp32 math, one rounding at the end), so the result
+// matches the torch path bit for bit in most rows.
 template <typename T>
 void rms_rows(T* x, T* residual, const T* w, int64_t rows, int64_t n, double eps) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
@@ -40,10 +40,7 @@ void rms_rows(T* x, T* residual, const T* w, int64_t rows, int64_t n, double eps
 #pragma omp simd reduction(+ : ss)
       for (int64_t i = 0; i < n; ++i) ss += buf[i] * buf[i];
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
-      for (int64_t i = 0; i < n; ++i) {
-        float normed = to_f(static_cast<T>(buf[i] * inv));
-        xr[i] = static_cast<T>(normed * to_f(w[i]));
-      }
+      for (int64_t i = 0; i < n; ++i) xr[i] = static_cast<T>(buf[i] * inv * to_f(w[i]));
     }
   });
 }
