@@ -7,6 +7,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -49,6 +53,111 @@ void check_rows(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "x must be a contiguous CPU tensor");
   TORCH_CHECK(w.dim() == 1 && w.is_contiguous() && w.numel() == x.size(-1), "weight must be [hidden]");
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "weight and x must share a dtype");
+}
+
+}  // namespace
+
+namespace {
+
+// sum_k (q[k] * scale[k / group] - offset[k / group]) * x[k], the weight formed exactly in fp32.
+inline float int8_row_dot(const int8_t* q, const float* scale, const float* offset, const float* x, int64_t K,
+                          int64_t group) {
+  const int64_t groups = K / group;
+#if defined(__AVX512F__)
+  if (group % 16 == 0) {
+    __m512 total = _mm512_setzero_ps();
+    float offset_sum = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int8_t* qg = q + g * group;
+      const float* xg = x + g * group;
+      __m512 dot = _mm512_setzero_ps();
+      __m512 xs = _mm512_setzero_ps();
+      for (int64_t i = 0; i < group; i += 16) {
+        const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + i))));
+        const __m512 xv = _mm512_loadu_ps(xg + i);
+        dot = _mm512_fmadd_ps(qf, xv, dot);
+        if (offset != nullptr) xs = _mm512_add_ps(xs, xv);
+      }
+      total = _mm512_fmadd_ps(dot, _mm512_set1_ps(scale[g]), total);
+      if (offset != nullptr) offset_sum += offset[g] * _mm512_reduce_add_ps(xs);
+    }
+    return _mm512_reduce_add_ps(total) - offset_sum;
+  }
+#endif
+  float total = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    float dot = 0.f, xs = 0.f;
+    for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+      dot += static_cast<float>(q[i]) * x[i];
+      xs += x[i];
+    }
+    total += dot * scale[g] - (offset != nullptr ? offset[g] * xs : 0.f);
+  }
+  return total;
+}
+
+// w[k] = q[k] * scale[k / group] - offset[k / group], in fp32.
+inline void int8_row_to_float(const int8_t* q, const float* scale, const float* offset, float* w, int64_t K,
+                              int64_t group) {
+  for (int64_t g = 0; g < K / group; ++g) {
+    const float s = scale[g], o = offset != nullptr ? offset[g] : 0.f;
+#if defined(__AVX512F__)
+    if (group % 16 == 0) {
+      const __m512 vs = _mm512_set1_ps(s), vo = _mm512_set1_ps(o);
+      for (int64_t i = g * group; i < (g + 1) * group; i += 16) {
+        const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
+        _mm512_storeu_ps(w + i, _mm512_fmsub_ps(qf, vs, vo));
+      }
+      continue;
+    }
+#endif
+    _Pragma("omp simd")
+    for (int64_t i = g * group; i < (g + 1) * group; ++i) w[i] = static_cast<float>(q[i]) * s - o;
+  }
+}
+
+inline float float_dot(const float* a, const float* b, int64_t K) {
+#if defined(__AVX512F__)
+  if (K % 64 == 0) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
+           acc3 = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) {
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), acc1);
+      acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 32), _mm512_loadu_ps(b + k + 32), acc2);
+      acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 48), _mm512_loadu_ps(b + k + 48), acc3);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+  }
+#endif
+  float dot = 0.f;
+  _Pragma("omp simd reduction(+ : dot)")
+  for (int64_t k = 0; k < K; ++k) dot += a[k] * b[k];
+  return dot;
+}
+
+
+// dst[0:n] = src[0:n] in fp32 (bf16 widens by a shift; AVX-512 does 16 at a time).
+template <typename T>
+inline void to_float_row(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <>
+inline void to_float_row<float>(const float* src, float* dst, int64_t n) {
+  std::copy(src, src + n, dst);
+}
+
+template <>
+inline void to_float_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 }  // namespace
@@ -137,7 +246,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
       for (int64_t i = 2 * half; i < D; ++i) dst[i] = to_f(src[i]);
     };
     at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf(G * D), kf(D), scores, acc(G * D);
+      std::vector<float> qf(G * D), kf(D), row(D), scores, acc(G * D);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / Hkv, h = task % Hkv;
         const int64_t length = lens[b], first_token = starts[b], num_tokens = starts[b + 1] - starts[b];
@@ -167,13 +276,9 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
           const int64_t n = position + 1 - first;
           scores.assign(G * n, 0.f);
           for (int64_t j = first; j <= position; ++j) {
-            const scalar_t* key = kc + cache_row(j) * D;
+            to_float_row(kc + cache_row(j) * D, row.data(), D);  // widened once for the group's G queries
             for (int64_t g = 0; g < G; ++g) {
-              const float* qg = &qf[g * D];
-              float dot = 0.f;
-              _Pragma("omp simd reduction(+ : dot)")
-              for (int64_t i = 0; i < D; ++i) dot += qg[i] * to_f(key[i]);
-              scores[g * n + (j - first)] = dot * static_cast<float>(scale);
+              scores[g * n + (j - first)] = float_dot(&qf[g * D], row.data(), D) * static_cast<float>(scale);
             }
           }
           std::fill(acc.begin(), acc.end(), 0.f);
@@ -193,12 +298,13 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
             for (int64_t j = 0; j < n; ++j) sg[j] *= inv;
           }
           for (int64_t j = first; j <= position; ++j) {
-            const scalar_t* val = vc + cache_row(j) * D;
+            to_float_row(vc + cache_row(j) * D, row.data(), D);
             for (int64_t g = 0; g < G; ++g) {
               const float p = scores[g * n + (j - first)];
               float* a = &acc[g * D];
+              const float* r = row.data();
               _Pragma("omp simd")
-              for (int64_t i = 0; i < D; ++i) a[i] += p * to_f(val[i]);
+              for (int64_t i = 0; i < D; ++i) a[i] += p * r[i];
             }
           }
           for (int64_t g = 0; g < G; ++g) {
@@ -212,90 +318,6 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   return out;
 }
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-namespace {
-
-// sum_k (q[k] * scale[k / group] - offset[k / group]) * x[k], the weight formed exactly in fp32.
-inline float int8_row_dot(const int8_t* q, const float* scale, const float* offset, const float* x, int64_t K,
-                          int64_t group) {
-  const int64_t groups = K / group;
-#if defined(__AVX512F__)
-  if (group % 16 == 0) {
-    __m512 total = _mm512_setzero_ps();
-    float offset_sum = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      const int8_t* qg = q + g * group;
-      const float* xg = x + g * group;
-      __m512 dot = _mm512_setzero_ps();
-      __m512 xs = _mm512_setzero_ps();
-      for (int64_t i = 0; i < group; i += 16) {
-        const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + i))));
-        const __m512 xv = _mm512_loadu_ps(xg + i);
-        dot = _mm512_fmadd_ps(qf, xv, dot);
-        if (offset != nullptr) xs = _mm512_add_ps(xs, xv);
-      }
-      total = _mm512_fmadd_ps(dot, _mm512_set1_ps(scale[g]), total);
-      if (offset != nullptr) offset_sum += offset[g] * _mm512_reduce_add_ps(xs);
-    }
-    return _mm512_reduce_add_ps(total) - offset_sum;
-  }
-#endif
-  float total = 0.f;
-  for (int64_t g = 0; g < groups; ++g) {
-    float dot = 0.f, xs = 0.f;
-    for (int64_t i = g * group; i < (g + 1) * group; ++i) {
-      dot += static_cast<float>(q[i]) * x[i];
-      xs += x[i];
-    }
-    total += dot * scale[g] - (offset != nullptr ? offset[g] * xs : 0.f);
-  }
-  return total;
-}
-
-// w[k] = q[k] * scale[k / group] - offset[k / group], in fp32.
-inline void int8_row_to_float(const int8_t* q, const float* scale, const float* offset, float* w, int64_t K,
-                              int64_t group) {
-  for (int64_t g = 0; g < K / group; ++g) {
-    const float s = scale[g], o = offset != nullptr ? offset[g] : 0.f;
-#if defined(__AVX512F__)
-    if (group % 16 == 0) {
-      const __m512 vs = _mm512_set1_ps(s), vo = _mm512_set1_ps(o);
-      for (int64_t i = g * group; i < (g + 1) * group; i += 16) {
-        const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
-        _mm512_storeu_ps(w + i, _mm512_fmsub_ps(qf, vs, vo));
-      }
-      continue;
-    }
-#endif
-    _Pragma("omp simd")
-    for (int64_t i = g * group; i < (g + 1) * group; ++i) w[i] = static_cast<float>(q[i]) * s - o;
-  }
-}
-
-inline float float_dot(const float* a, const float* b, int64_t K) {
-#if defined(__AVX512F__)
-  if (K % 64 == 0) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
-           acc3 = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 64) {
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 16), _mm512_loadu_ps(b + k + 16), acc1);
-      acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 32), _mm512_loadu_ps(b + k + 32), acc2);
-      acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + k + 48), _mm512_loadu_ps(b + k + 48), acc3);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
-  }
-#endif
-  float dot = 0.f;
-  _Pragma("omp simd reduction(+ : dot)")
-  for (int64_t k = 0; k < K; ++k) dot += a[k] * b[k];
-  return dot;
-}
-
-}  // namespace
 
 // x [T, K] times int8 rows q [N, K] with a scale (and optionally an offset) per group of `group` columns:
 // W[n, k] = q[n, k] * scales[n, k / group] - offsets[n, k / group]. Returns fp32 [T, N]. Each row of W is formed
