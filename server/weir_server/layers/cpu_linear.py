@@ -142,8 +142,9 @@ class PackedGateUpSilu(nn.Module):
 
 class PackedLMHead(nn.Module):
     """The output projection with a packed copy of its weight (the embedding keeps the plain one if tied), and
-    where the GGUF file stored it as int8 blocks, those rows for one-token steps (half the bytes of bf16, and
-    the file's exact values)."""
+    where the GGUF file stored it as int8 blocks, those rows for steps of up to INT4_MAX_ROWS rows (half the
+    bytes of bf16, the file's exact values, and the same bits for a row whatever shares its step, as the 4-bit
+    copies give)."""
 
     def __init__(self, weight: torch.Tensor, int8_rows: nn.Module | None = None) -> None:
         super().__init__()
@@ -153,7 +154,7 @@ class PackedLMHead(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in the model's dtype (float32 from the int8 rows)."""
-        if self.int8_rows is not None and hidden.shape[0] == 1 and cpu_ops() is not None:
+        if self.int8_rows is not None and hidden.shape[0] <= INT4_MAX_ROWS and cpu_ops() is not None:
             return self.int8_rows.matmul(hidden)  # type: ignore[no-any-return,operator]
         return _packed_matmul(hidden, self.packed_weight, None)
 

@@ -79,7 +79,7 @@ def iter_gguf_tensors(
 
 def int8_head_rows(reader: Any, tied: bool) -> tuple[torch.Tensor, GGMLType] | None:
     """The LM head's raw rows [vocab, row_bytes] where the file stores them as Q8_0, Q6_K or Q5_K (the output
-    tensor, or the token embedding of a tied model), else None. A dequantized model keeps them for one-token
+    tensor, or the token embedding of a tied model), else None. A dequantized model keeps them for few-row
     steps, where the C++ op reads these bytes (about a quarter of bf16's for Q8_0) instead of the bf16 copy."""
     wanted = "token_embd.weight" if tied else "output.weight"
     for tensor in reader.tensors:

@@ -165,7 +165,7 @@ def _build_model(
 
 def _keep_int8_head(model: nn.Module, source: ModelSource) -> None:
     """A dequantized GGUF whose head the file stores as int8 blocks (Q8_0, Q6_K, Q5_K) keeps those rows too, as
-    `lm_head.int8_rows`: the CPU's packed head reads them for one-token steps (cpu_linear.PackedLMHead)."""
+    `lm_head.int8_rows`: the CPU's packed head reads them for steps of a few rows (cpu_linear.PackedLMHead)."""
     head = getattr(model, "lm_head", None)
     if head is None or getattr(head, "tp_size", 1) != 1 or not hasattr(head, "compute_logits"):
         return
@@ -175,7 +175,7 @@ def _keep_int8_head(model: nn.Module, source: ModelSource) -> None:
         return
     raw, qtype = found
     head.int8_rows = Int8BlockRows(raw, qtype, head.weight.dtype)
-    logger.info("LM head: the file's %s rows kept for one-token CPU steps", qtype.name)
+    logger.info("LM head: the file's %s rows kept for CPU steps of a few rows", qtype.name)
 
 
 def _quant_config(

@@ -169,7 +169,7 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds() -> None:
 
 
 @pytest.mark.parametrize(("group", "with_offsets"), [(32, False), (16, False), (32, True)])  # Q8_0, Q6_K, Q5_K
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 6])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int8_group_matmul_equals_the_float32_dequantized_product(
     group: int, with_offsets: bool, rows: int, dtype: torch.dtype
@@ -187,6 +187,8 @@ def test_int8_group_matmul_equals_the_float32_dequantized_product(
     out = ops.int8_group_matmul(x, q, scales, offsets)
     assert out.dtype == torch.float32 and out.shape == (rows, n)
     torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-5)  # fp32 sums of exact products
+    for i in range(rows):  # a row's logits do not depend on the rows beside it (a verify row = its decode)
+        assert torch.equal(ops.int8_group_matmul(x[i : i + 1], q, scales, offsets)[0], out[i])
 
 
 def test_gguf_int8_rows_take_the_op_for_a_decode_row_and_the_tiles_for_more() -> None:

@@ -59,60 +59,55 @@ void check_rows(const torch::Tensor& x, const torch::Tensor& w) {
 
 namespace {
 
-// sum_k (q[k] * scale[k / group] - offset[k / group]) * x[k], the weight formed exactly in fp32.
-inline float int8_row_dot(const int8_t* q, const float* scale, const float* offset, const float* x, int64_t K,
-                          int64_t group) {
+// out[r] = sum_k (q[k] * scale[k / group] - offset[k / group]) * x[r][k] for R rows of x (x[r] = x + r * K), the
+// weight formed exactly in fp32. Each int8 chunk is widened once for all R rows, and every row sees the same
+// operations in the same order whatever R is: a row's result does not depend on the rows beside it.
+template <int R>
+inline void int8_rows_dot(const int8_t* q, const float* scale, const float* offset, const float* x, int64_t K,
+                          int64_t group, float* out) {
   const int64_t groups = K / group;
 #if defined(__AVX512F__)
   if (group % 16 == 0) {
-    __m512 total = _mm512_setzero_ps();
-    float offset_sum = 0.f;
+    __m512 total[R];
+    float offset_sum[R];
+    for (int r = 0; r < R; ++r) {
+      total[r] = _mm512_setzero_ps();
+      offset_sum[r] = 0.f;
+    }
     for (int64_t g = 0; g < groups; ++g) {
       const int8_t* qg = q + g * group;
-      const float* xg = x + g * group;
-      __m512 dot = _mm512_setzero_ps();
-      __m512 xs = _mm512_setzero_ps();
+      __m512 dot[R], xs[R];
+      for (int r = 0; r < R; ++r) dot[r] = xs[r] = _mm512_setzero_ps();
       for (int64_t i = 0; i < group; i += 16) {
         const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + i))));
-        const __m512 xv = _mm512_loadu_ps(xg + i);
-        dot = _mm512_fmadd_ps(qf, xv, dot);
-        if (offset != nullptr) xs = _mm512_add_ps(xs, xv);
+        for (int r = 0; r < R; ++r) {
+          const __m512 xv = _mm512_loadu_ps(x + r * K + g * group + i);
+          dot[r] = _mm512_fmadd_ps(qf, xv, dot[r]);
+          if (offset != nullptr) xs[r] = _mm512_add_ps(xs[r], xv);
+        }
       }
-      total = _mm512_fmadd_ps(dot, _mm512_set1_ps(scale[g]), total);
-      if (offset != nullptr) offset_sum += offset[g] * _mm512_reduce_add_ps(xs);
+      const __m512 vs = _mm512_set1_ps(scale[g]);
+      for (int r = 0; r < R; ++r) {
+        total[r] = _mm512_fmadd_ps(dot[r], vs, total[r]);
+        if (offset != nullptr) offset_sum[r] += offset[g] * _mm512_reduce_add_ps(xs[r]);
+      }
     }
-    return _mm512_reduce_add_ps(total) - offset_sum;
+    for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(total[r]) - offset_sum[r];
+    return;
   }
 #endif
-  float total = 0.f;
-  for (int64_t g = 0; g < groups; ++g) {
-    float dot = 0.f, xs = 0.f;
-    for (int64_t i = g * group; i < (g + 1) * group; ++i) {
-      dot += static_cast<float>(q[i]) * x[i];
-      xs += x[i];
-    }
-    total += dot * scale[g] - (offset != nullptr ? offset[g] * xs : 0.f);
-  }
-  return total;
-}
-
-// w[k] = q[k] * scale[k / group] - offset[k / group], in fp32.
-inline void int8_row_to_float(const int8_t* q, const float* scale, const float* offset, float* w, int64_t K,
-                              int64_t group) {
-  for (int64_t g = 0; g < K / group; ++g) {
-    const float s = scale[g], o = offset != nullptr ? offset[g] : 0.f;
-#if defined(__AVX512F__)
-    if (group % 16 == 0) {
-      const __m512 vs = _mm512_set1_ps(s), vo = _mm512_set1_ps(o);
-      for (int64_t i = g * group; i < (g + 1) * group; i += 16) {
-        const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
-        _mm512_storeu_ps(w + i, _mm512_fmsub_ps(qf, vs, vo));
+  for (int r = 0; r < R; ++r) {
+    const float* xr = x + r * K;
+    float total = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      float dot = 0.f, xs = 0.f;
+      for (int64_t i = g * group; i < (g + 1) * group; ++i) {
+        dot += static_cast<float>(q[i]) * xr[i];
+        xs += xr[i];
       }
-      continue;
+      total += dot * scale[g] - (offset != nullptr ? offset[g] * xs : 0.f);
     }
-#endif
-    _Pragma("omp simd")
-    for (int64_t i = g * group; i < (g + 1) * group; ++i) w[i] = static_cast<float>(q[i]) * s - o;
+    out[r] = total;
   }
 }
 
@@ -135,7 +130,6 @@ inline float float_dot(const float* a, const float* b, int64_t K) {
   for (int64_t k = 0; k < K; ++k) dot += a[k] * b[k];
   return dot;
 }
-
 
 // dst[0:n] = src[0:n] in fp32 (bf16 widens by a shift; AVX-512 does 16 at a time).
 template <typename T>
@@ -345,17 +339,20 @@ torch::Tensor int8_group_matmul(const torch::Tensor& x, const torch::Tensor& q, 
   const float* op = of.defined() ? of.data_ptr<float>() : nullptr;
   float* outp = out.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(K);
     for (int64_t n = begin; n < end; ++n) {
       const int8_t* qn = qp + n * K;
       const float* sn = sp + n * groups;
       const float* on = op != nullptr ? op + n * groups : nullptr;
-      if (T == 1) {
-        outp[n] = int8_row_dot(qn, sn, on, xp, K, group);
-        continue;
+      float dots[4];
+      int64_t t = 0;
+      for (; t + 4 <= T; t += 4) {  // four rows of x per pass over the weight row
+        int8_rows_dot<4>(qn, sn, on, xp + t * K, K, group, dots);
+        for (int r = 0; r < 4; ++r) outp[(t + r) * N + n] = dots[r];
       }
-      int8_row_to_float(qn, sn, on, w.data(), K, group);  // once, then one FMA per weight and row of x
-      for (int64_t t = 0; t < T; ++t) outp[t * N + n] = float_dot(w.data(), xp + t * K, K);
+      for (; t < T; ++t) {
+        int8_rows_dot<1>(qn, sn, on, xp + t * K, K, group, dots);
+        outp[t * N + n] = dots[0];
+      }
     }
   });
   return out;
