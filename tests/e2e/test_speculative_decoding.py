@@ -29,10 +29,10 @@ PASSAGE = (
 MESSAGES = [{"role": "user", "content": f"Repeat this passage word for word, changing nothing:\n\n{PASSAGE}"}]
 
 
-# float32 on both sides: in bf16 a verify step (1 + K rows a sequence) takes other CPU kernels than a one-row decode
-# (bf16 weight copies instead of the 4-bit ones, batched attention instead of the decode path), so near-ties may
-# flip; in float32 both read the same weights and differ only by rounding far below a token's margin. Exactness of
-# the mechanism itself is tested on tiny float32 models in tests/server/spec_decode.
+# float32 on both sides: in bf16 a verify step of more than 4 rows a sequence (K = 4 here) takes other CPU
+# kernels than a one-row decode (the bf16 weights and head, not the 4-bit copies and the file's int8 head), so
+# near-ties may flip; in float32 both read the same weights and differ only by rounding far below a token's
+# margin. Exactness of the mechanism itself is tested on tiny float32 models in tests/server/spec_decode.
 def _generate_config(**kwargs: Any) -> EngineConfig:
     return EngineConfig(
         ModelConfig("smollm2-135m-instruct", dtype="float32", max_model_len=1024),

@@ -21,6 +21,7 @@ from torch import nn
 
 from weir_server.kernels.cpu_ops import cpu_ops
 from weir_server.layers.activation import SiluAndMul
+from weir_server.layers.gguf_weights import INT8_OP_MAX_ROWS
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class PackedGateUpSilu(nn.Module):
 
 class PackedLMHead(nn.Module):
     """The output projection with a packed copy of its weight (the embedding keeps the plain one if tied), and
-    where the GGUF file stored it as int8 blocks, those rows for steps of up to INT4_MAX_ROWS rows (half the
+    where the GGUF file stored it as int8 blocks, those rows for steps of up to INT8_OP_MAX_ROWS rows (half the
     bytes of bf16, the file's exact values, and the same bits for a row whatever shares its step, as the 4-bit
     copies give)."""
 
@@ -153,8 +154,8 @@ class PackedLMHead(nn.Module):
         self.int8_rows = int8_rows
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] in the model's dtype (float32 from the int8 rows)."""
-        if self.int8_rows is not None and hidden.shape[0] <= INT4_MAX_ROWS and cpu_ops() is not None:
+        """hidden [N, hidden] -> logits [N, vocab] in the model's dtype."""
+        if self.int8_rows is not None and hidden.shape[0] <= INT8_OP_MAX_ROWS and cpu_ops() is not None:
             return self.int8_rows.matmul(hidden)  # type: ignore[no-any-return,operator]
         return _packed_matmul(hidden, self.packed_weight, None)
 

@@ -85,5 +85,6 @@ def int8_head_rows(reader: Any, tied: bool) -> tuple[torch.Tensor, GGMLType] | N
     for tensor in reader.tensors:
         if tensor.name == wanted and len(tensor.shape) == 2 and int(tensor.tensor_type) in INT8_TYPES:
             rows = int(tensor.shape[1])
-            return torch.from_numpy(np.asarray(tensor.data).reshape(rows, -1)), PACKED_TYPES[int(tensor.tensor_type)]
+            raw = np.array(tensor.data).reshape(rows, -1)  # a copy: torch warns on the read-only memory map
+            return torch.from_numpy(raw), PACKED_TYPES[int(tensor.tensor_type)]
     return None

@@ -153,9 +153,9 @@ def _build_model(
             model.load_weights(weights)  # type: ignore[operator]
         if quant is not None and quant.method == "fp8":
             restore_dequantized_layers(model)  # no FP8 matmul here: plain float layers, packed like any other
-        if source.is_gguf and not keep_packed and config.load_format != "dummy" and device.type == "cpu":
-            if dtype == torch.bfloat16:  # the dtype whose CPU head is packed (layers/cpu_linear.py)
-                _keep_int8_head(model, source)
+        cpu_bf16 = device.type == "cpu" and dtype == torch.bfloat16  # whose head is packed (layers/cpu_linear.py)
+        if source.is_gguf and not keep_packed and config.load_format != "dummy" and cpu_bf16:
+            _keep_int8_head(model, source)
     except (ValueError, OSError, RuntimeError, SafetensorError) as error:  # bad shapes or names, unreadable files
         where = (weights.where(error) if weights is not None else "") or f"model {config.model!r}: "
         message = " ".join(str(error).split())  # one line

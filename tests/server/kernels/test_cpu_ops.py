@@ -55,10 +55,19 @@ def test_the_norm_layer_takes_the_op_on_cpu_and_keeps_torch_semantics() -> None:
 
 
 def _decode_batch(
-    context_lens: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, seed: int
+    context_lens: list[int],
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    seed: int,
+    query_lens: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """One decode token per sequence: a fused q/k/v output (q, k, v are views of its rows, as in the models), a
-    cache with every earlier token in shuffled blocks, and the step's metadata."""
+    """A step of query_lens[b] tokens per sequence (default one: a decode), the last of its context_lens[b]: a fused
+    q/k/v output (q, k, v are views of its rows, as in the models), a cache with every earlier token in shuffled
+    blocks, the tokens' positions and slots, and the step's metadata."""
+    query_lens = query_lens or [1] * len(context_lens)
     gen = torch.Generator().manual_seed(seed)
     batch = len(context_lens)
     max_blocks = max(-(-n // block_size) for n in context_lens)
@@ -66,19 +75,19 @@ def _decode_batch(
     cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
     order = torch.randperm(num_blocks, generator=gen)
     tables = order[: batch * max_blocks].view(batch, max_blocks).to(torch.int32)
-    lens = torch.tensor(context_lens, dtype=torch.int32)
-    positions = (lens - 1).long()
-    slots = tables[torch.arange(batch), positions // block_size].long() * block_size + positions % block_size
-    qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    positions = torch.cat([torch.arange(c - q, c) for q, c in zip(query_lens, context_lens, strict=True)])
+    seq_of = torch.repeat_interleave(torch.arange(batch), torch.tensor(query_lens))
+    slots = tables[seq_of, positions // block_size].long() * block_size + positions % block_size
+    qkv = torch.randn(len(positions), (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
     attn = AttentionMetadata(
         slot_mapping=slots,
         block_tables=tables,
-        context_lens=lens,
-        query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
-        max_query_len=1,
+        context_lens=torch.tensor(context_lens, dtype=torch.int32),
+        query_start_loc=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32),
+        max_query_len=max(query_lens),
         max_context_len=max(context_lens),
         block_size=block_size,
-        query_lens_cpu=[1] * batch,
+        query_lens_cpu=list(query_lens),
         context_lens_cpu=list(context_lens),
     )
     return qkv, cache, positions, slots, attn
@@ -217,19 +226,12 @@ def test_short_query_chunks_match_the_torch_path_and_each_token_equals_its_decod
     from weir_server.layers.attention import CPU_OP_MAX_QUERY_LEN, paged_attention_torch
 
     query_lens, context_lens = [4, 1, CPU_OP_MAX_QUERY_LEN], [40, 23, 17]
-    heads, kv_heads, head_dim, block_size = 6, 2, 32, 16
-    gen = torch.Generator().manual_seed(7)
-    batch, total = len(query_lens), sum(query_lens)
-    max_blocks = max(-(-n // block_size) for n in context_lens)
-    cache = torch.randn(2, batch * max_blocks + 2, block_size, kv_heads, head_dim, generator=gen).to(dtype)
-    tables = torch.randperm(cache.shape[1], generator=gen)[: batch * max_blocks].view(batch, -1).to(torch.int32)
-    positions = torch.cat([torch.arange(c - q, c) for q, c in zip(query_lens, context_lens, strict=True)])
-    seq_of = torch.repeat_interleave(torch.arange(batch), torch.tensor(query_lens))
-    slots = tables[seq_of, positions // block_size].long() * block_size + positions % block_size
-    starts = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
-    attn = AttentionMetadata(slots, tables, torch.tensor(context_lens, dtype=torch.int32), starts, max(query_lens),
-                             max(context_lens), block_size, list(query_lens), list(context_lens))  # fmt: skip
-    qkv = torch.randn(total, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    heads, kv_heads, head_dim = 6, 2, 32
+    qkv, cache, positions, slots, attn = _decode_batch(
+        context_lens, heads, kv_heads, head_dim, 16, dtype, seed=7, query_lens=query_lens
+    )
+    tables, total = attn.block_tables, len(positions)
+    seq_of = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens))
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k, v = q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim), v.view(-1, kv_heads, head_dim)
     rope = RotaryEmbedding(head_dim, 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)))

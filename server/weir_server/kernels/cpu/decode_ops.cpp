@@ -55,10 +55,6 @@ void check_rows(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "weight and x must share a dtype");
 }
 
-}  // namespace
-
-namespace {
-
 // out[r] = sum_k (q[k] * scale[k / group] - offset[k / group]) * x[r][k] for R rows of x (x[r] = x + r * K), the
 // weight formed exactly in fp32. Each int8 chunk is widened once for all R rows, and every row sees the same
 // operations in the same order whatever R is: a row's result does not depend on the rows beside it.
@@ -312,11 +308,10 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   return out;
 }
 
-
 // x [T, K] times int8 rows q [N, K] with a scale (and optionally an offset) per group of `group` columns:
-// W[n, k] = q[n, k] * scales[n, k / group] - offsets[n, k / group]. Returns fp32 [T, N]. Each row of W is formed
-// in fp32 once (exactly: an int8 times a float, minus a float) and dotted with every x row while it sits in L1,
-// so a step of a few tokens reads the weights' int8 bytes once; GGUF's Q8_0, Q6_K and Q5_K rows come this way.
+// W[n, k] = q[n, k] * scales[n, k / group] - offsets[n, k / group], exact in fp32. Returns fp32 [T, N]. Each weight
+// row is read once per four rows of x (int8_rows_dot), so a step of a few tokens reads the int8 bytes about once;
+// GGUF's Q8_0, Q6_K and Q5_K rows come this way.
 torch::Tensor int8_group_matmul(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
                                 const c10::optional<torch::Tensor>& offsets) {
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(),
