@@ -21,7 +21,7 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "cpu" / "decode_ops.cpp"
+SOURCES = tuple(Path(__file__).parent / "cpu" / name for name in ("decode_ops.cpp", "int4_matmul.cpp"))
 ENV_SWITCH = "WEIR_CPU_KERNELS"  # "0" keeps every layer on its torch path
 
 
@@ -65,7 +65,7 @@ def cpu_ops() -> ModuleType | None:
 
         module = load(
             name=f"weir_cpu_ops_{_cpu_identity()}",
-            sources=[str(SOURCE)],
+            sources=[str(path) for path in SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
             verbose=False,
         )

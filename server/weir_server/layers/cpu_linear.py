@@ -55,7 +55,32 @@ def int4_available() -> bool:
     return hasattr(ops, "_convert_weight_to_int4pack_for_cpu") and hasattr(ops, "_weight_int4pack_mm_for_cpu")
 
 
-Int4Weight = tuple[torch.Tensor, torch.Tensor]  # (packed 4-bit weight, scales_and_zeros [K / group, N, 2])
+class Int4Weight:
+    """A weight on the 4-bit grid (groups of 32 along the input dim: W = (q - 8) * scale + zero), held for one of
+    two kernels: Weir's C++ op (kernels/cpu/int4_matmul.cpp: integer dot products, about twice torch's speed at one
+    row, the same bits for a row whatever shares its step) where it is built and the output dim is a multiple of
+    8, else torch's int4 CPU kernel."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        """q uint8 [N, K] in 0..15; scales and zeros [N, K / 32] in the weight's dtype."""
+        rows, cols = q.shape
+        ops = cpu_ops()
+        self.packed: torch.Tensor | None = None
+        self.torch_pack: tuple[torch.Tensor, torch.Tensor] | None = None
+        if ops is not None and rows % 8 == 0:
+            self.packed = ops.int4_pack(q, scales, zeros)
+        else:
+            scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8)
+            self.torch_pack = (packed, scales_and_zeros)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is not None:
+            out = cpu_ops().int4_group_matmul(x, self.packed)  # type: ignore[union-attr]
+        else:
+            assert self.torch_pack is not None
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.torch_pack[0], _INT4_GROUP, self.torch_pack[1])
+        return out if bias is None else out + bias
 
 
 def lossless_int4(weight: torch.Tensor) -> Int4Weight | None:
@@ -68,22 +93,15 @@ def lossless_int4(weight: torch.Tensor) -> Int4Weight | None:
     low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
     q = ((w - low) / scale).round_().clamp_(0, 15)
-    scale16, zero16 = scale.to(weight.dtype), (low + 8 * scale).to(weight.dtype)  # the kernel's (q - 8) * s + z
+    scale16, zero16 = scale.to(weight.dtype), (low + 8 * scale).to(weight.dtype)  # the kernels' (q - 8) * s + z
     restored = (q - 8) * scale16.float() + zero16.float()
     if bool(((restored - w).abs() > _INT4_MAX_STEP_ERROR * scale).any()):
         return None
-    scales_and_zeros = torch.cat((scale16, zero16), dim=-1).transpose(0, 1).contiguous()
     try:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(rows, cols).to(torch.int32), 8)
+        return Int4Weight(q.reshape(rows, cols).to(torch.uint8), scale16.reshape(rows, -1), zero16.reshape(rows, -1))
     except RuntimeError as error:  # a shape the kernel does not take
         logger.info("no 4-bit copy of a [%d, %d] weight: %s", rows, cols, error)
         return None
-    return packed, scales_and_zeros
-
-
-def _int4_matmul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight[0], _INT4_GROUP, weight[1])
-    return out if bias is None else out + bias
 
 
 def _few_rows(x: torch.Tensor) -> bool:
@@ -106,7 +124,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4_weight is not None and _few_rows(x):
-            return _int4_matmul(x, self.int4_weight, self.bias)
+            return self.int4_weight.matmul(x, self.bias)
         return _packed_matmul(x, self.packed_weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -131,7 +149,7 @@ class PackedGateUpSilu(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4_weight is not None and _few_rows(x):
-            gate, up = _int4_matmul(x, self.int4_weight, self.bias).chunk(2, dim=-1)
+            gate, up = self.int4_weight.matmul(x, self.bias).chunk(2, dim=-1)
             return F.silu(gate) * up
         gate = torch.ops.mkldnn._linear_pointwise(x, self.packed_gate, self.gate_bias, "swish", [], "")
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.packed_up, self.up_bias, "mul")

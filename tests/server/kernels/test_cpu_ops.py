@@ -200,6 +200,50 @@ def test_int8_group_matmul_equals_the_float32_dequantized_product(
         assert torch.equal(ops.int8_group_matmul(x[i : i + 1], q, scales, offsets)[0], out[i])
 
 
+def _q4_weight(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q uint8 [n, k] in 0..15 and bf16 scales, zeros [n, k / 32] (W = (q - 8) * scale + zero, as Q4_1 gives)."""
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(n, k // 32, generator=gen) / 32 + 1e-3).bfloat16()
+    zeros = (torch.randn(n, k // 32, generator=gen) / 16).bfloat16()
+    return q, scales, zeros
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("n", "k"), [(64, 96), (200, 576)])
+def test_int4_group_matmul_equals_the_dequantized_product(rows: int, dtype: torch.dtype, n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(rows + n)
+    q, scales, zeros = _q4_weight(n, k, gen)
+    weight = ((q.float() - 8).view(n, -1, 32) * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)).view(n, k)
+    x = (torch.randn(rows, k, generator=gen) * torch.rand(rows, k, generator=gen) * 4).to(dtype)
+    x[0, :32] = 0  # a group of zeros
+    expected = x.double() @ weight.double().t()
+    packed = ops.int4_pack(q, scales, zeros)
+    out = ops.int4_group_matmul(x, packed)
+    assert out.dtype == dtype and out.shape == (rows, n)
+    # x's two int8 levels err by at most 1/(127 * 254) of a group's largest |x| (under bf16's own rounding of x);
+    # in fp32 that bounds the difference, in bf16 the output's rounding dominates.
+    group_max = x.double().abs().view(rows, -1, 32).amax(-1, keepdim=True).expand(-1, -1, 32).reshape(rows, k)
+    bound = (group_max / (127 * 254)) @ weight.double().abs().t() + 1e-5 * expected.abs() + 1e-6
+    if dtype == torch.float32:
+        assert bool(((out.double() - expected).abs() <= bound).all())
+    else:
+        torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
+    assert torch.equal(ops.int4_group_matmul(x, packed, portable=True), out)  # the scalar path: the same bits
+    for i in range(rows):  # a row's output does not depend on the rows beside it (a verify row = its decode)
+        assert torch.equal(ops.int4_group_matmul(x[i : i + 1], packed)[0], out[i])
+
+
+def test_int4_pack_refuses_shapes_it_cannot_lay_out() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, scales, zeros = _q4_weight(60, 64, gen)  # 60 rows: not a multiple of 8
+    with pytest.raises(RuntimeError, match="N % 8"):
+        ops.int4_pack(q, scales, zeros)
+    q, scales, zeros = _q4_weight(64, 64, gen)
+    with pytest.raises(RuntimeError, match="disagree on K"):
+        ops.int4_group_matmul(torch.randn(1, 96), ops.int4_pack(q, scales, zeros))
+
+
 def test_gguf_int8_rows_take_the_op_for_a_decode_row_and_the_tiles_for_more() -> None:
     from weir_server.kernels.gguf_dequant import Q8_0, dequantize
     from weir_server.layers.gguf_weights import INT8_OP_MAX_ROWS, Int8BlockRows

@@ -7,6 +7,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "int4_matmul.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -358,6 +360,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = RMSNorm(residual), in place");
   m.def("int8_group_matmul", &int8_group_matmul, "x times int8 rows with per-group scales (and offsets)",
         py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("offsets") = py::none());
+  m.def("int4_pack", &int4_pack, "4-bit weights (q, scales, zeros per group of 32) in int4_group_matmul's layout");
+  m.def("int4_group_matmul", &int4_group_matmul, "x times packed 4-bit weights, for steps of a few rows",
+        py::arg("x"), py::arg("packed"), py::arg("portable") = false);
   m.def("decode_attention", &decode_attention,
         "rotary, cache write and attention for a few query tokens per sequence (decode, speculative verify)");
 }
