@@ -21,7 +21,7 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).parent / "cpu" / name for name in ("decode_ops.cpp", "int4_matmul.cpp"))
+SOURCES = tuple(Path(__file__).parent / "cpu" / name for name in ("decode_ops.cpp", "quant_matmul.cpp"))
 ENV_SWITCH = "WEIR_CPU_KERNELS"  # "0" keeps every layer on its torch path
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from weir_server.kernels.cpu_ops import cpu_ops
 from weir_server.layers.activation import SiluAndMul
-from weir_server.layers.gguf_weights import INT8_OP_MAX_ROWS
+from weir_server.layers.gguf_weights import INT8_OP_MAX_ROWS, Int8BlockRows
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def int4_available() -> bool:
 
 class Int4Weight:
     """A weight on the 4-bit grid (groups of 32 along the input dim: W = (q - 8) * scale + zero), held for one of
-    two kernels: Weir's C++ op (kernels/cpu/int4_matmul.cpp: integer dot products, about twice torch's speed at one
+    two kernels: Weir's C++ op (kernels/cpu/quant_matmul.cpp: integer dot products, about twice torch's speed at one
     row, the same bits for a row whatever shares its step) where it is built and the output dim is a multiple of
     8, else torch's int4 CPU kernel."""
 
@@ -163,18 +163,25 @@ class PackedLMHead(nn.Module):
     """The output projection with a packed copy of its weight (the embedding keeps the plain one if tied), and
     where the GGUF file stored it as int8 blocks, those rows for steps of up to INT8_OP_MAX_ROWS rows (half the
     bytes of bf16, the file's exact values, and the same bits for a row whatever shares its step, as the 4-bit
-    copies give)."""
+    copies give). Groups of 32 (Q8_0, Q5_K) go to the integer-dot op's layout; others (Q6_K) keep theirs."""
 
-    def __init__(self, weight: torch.Tensor, int8_rows: nn.Module | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, int8_rows: Int8BlockRows | None = None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
         self.packed_weight = _pack(weight)
-        self.int8_rows = int8_rows
+        self.int8_rows, self.int8_packed = int8_rows, None
+        ops = cpu_ops()
+        if int8_rows is not None and ops is not None and int8_rows.group == 32 and int8_rows.rows % 8 == 0:
+            self.int8_packed = ops.int8_pack(*int8_rows.plain_layout())
+            self.int8_rows = None  # its bytes are freed unless a tied embedding still reads them
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in the model's dtype."""
-        if self.int8_rows is not None and hidden.shape[0] <= INT8_OP_MAX_ROWS and cpu_ops() is not None:
-            return self.int8_rows.matmul(hidden)  # type: ignore[no-any-return,operator]
+        if hidden.shape[0] <= INT8_OP_MAX_ROWS:
+            if self.int8_packed is not None:
+                return cpu_ops().int8_packed_matmul(hidden.contiguous(), self.int8_packed)  # type: ignore[no-any-return,union-attr]
+            if self.int8_rows is not None and cpu_ops() is not None:
+                return self.int8_rows.matmul(hidden)
         return _packed_matmul(hidden, self.packed_weight, None)
 
     def extra_repr(self) -> str:

@@ -200,6 +200,15 @@ def test_int8_group_matmul_equals_the_float32_dequantized_product(
         assert torch.equal(ops.int8_group_matmul(x[i : i + 1], q, scales, offsets)[0], out[i])
 
 
+def _within_two_level_error(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, expected: torch.Tensor) -> bool:
+    """x's two int8 levels err by at most 1/(127 * 254) of their group's largest |x| (under bf16's own rounding
+    of x); with fp32 sums that bounds how far the integer-dot ops may land from the exact product."""
+    rows, k = x.shape
+    group_max = x.double().abs().view(rows, -1, 32).amax(-1, keepdim=True).expand(-1, -1, 32).reshape(rows, k)
+    bound = (group_max / (127 * 254)) @ weight.double().abs().t() + 1e-5 * expected.abs() + 1e-5
+    return bool(((out.double() - expected).abs() <= bound).all())
+
+
 def _q4_weight(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q uint8 [n, k] in 0..15 and bf16 scales, zeros [n, k / 32] (W = (q - 8) * scale + zero, as Q4_1 gives)."""
     q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
@@ -221,17 +230,36 @@ def test_int4_group_matmul_equals_the_dequantized_product(rows: int, dtype: torc
     packed = ops.int4_pack(q, scales, zeros)
     out = ops.int4_group_matmul(x, packed)
     assert out.dtype == dtype and out.shape == (rows, n)
-    # x's two int8 levels err by at most 1/(127 * 254) of a group's largest |x| (under bf16's own rounding of x);
-    # in fp32 that bounds the difference, in bf16 the output's rounding dominates.
-    group_max = x.double().abs().view(rows, -1, 32).amax(-1, keepdim=True).expand(-1, -1, 32).reshape(rows, k)
-    bound = (group_max / (127 * 254)) @ weight.double().abs().t() + 1e-5 * expected.abs() + 1e-6
+    # In fp32 the levels' error bounds the difference; in bf16 the output's rounding dominates.
     if dtype == torch.float32:
-        assert bool(((out.double() - expected).abs() <= bound).all())
+        assert _within_two_level_error(out, x, weight, expected)
     else:
         torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
     assert torch.equal(ops.int4_group_matmul(x, packed, portable=True), out)  # the scalar path: the same bits
     for i in range(rows):  # a row's output does not depend on the rows beside it (a verify row = its decode)
         assert torch.equal(ops.int4_group_matmul(x[i : i + 1], packed)[0], out[i])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+@pytest.mark.parametrize("with_offsets", [False, True])  # Q8_0, Q5_K
+def test_int8_packed_matmul_equals_the_dequantized_product(rows: int, with_offsets: bool) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    n, k = 96, 192
+    q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    q[0, :32] = -128  # the extreme that |q| and q + 128 must both get right
+    scales = torch.rand(n, k // 32, generator=gen) / 64
+    offsets = torch.rand(n, k // 32, generator=gen) / 8 if with_offsets else None
+    weight = (q.float().view(n, -1, 32) * scales.unsqueeze(-1)).view(n, k)
+    if offsets is not None:
+        weight = weight - offsets.repeat_interleave(32, dim=1)
+    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, k, generator=gen) * 4
+    packed = ops.int8_pack(q, scales, offsets)
+    out = ops.int8_packed_matmul(x, packed)
+    assert out.dtype == torch.float32 and out.shape == (rows, n)
+    assert _within_two_level_error(out, x, weight, x.double() @ weight.double().t())
+    assert torch.equal(ops.int8_packed_matmul(x, packed, portable=True), out)
+    for i in range(rows):
+        assert torch.equal(ops.int8_packed_matmul(x[i : i + 1], packed)[0], out[i])
 
 
 def test_int4_pack_refuses_shapes_it_cannot_lay_out() -> None:

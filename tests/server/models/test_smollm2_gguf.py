@@ -64,6 +64,7 @@ def test_bf16_cpu_head_reads_the_files_q8_0_rows_for_one_token_steps():
     logits come from the file's values, and agree with the bf16 head to bf16's rounding."""
     from weir_server.kernels.cpu_ops import cpu_ops
     from weir_server.layers.cpu_linear import PackedLMHead, pack_linear_layers
+    from weir_server.layers.gguf_weights import INT8_OP_MAX_ROWS
 
     loaded = load_model(ModelConfig("smollm2-135m-instruct", device="cpu", dtype="bfloat16"))
     model = loaded.model
@@ -72,9 +73,11 @@ def test_bf16_cpu_head_reads_the_files_q8_0_rows_for_one_token_steps():
         pytest.skip("no oneDNN packing or C++ ops in this torch build")
     head = model.lm_head
     assert isinstance(head, PackedLMHead)
-    hidden = torch.randn(3, 576, generator=torch.Generator().manual_seed(0)).bfloat16()
-    batched = head.compute_logits(hidden).float()  # three rows: the packed bf16 weight
-    for i in range(3):
+    assert head.int8_packed is not None  # Q8_0's groups of 32 take the integer-dot op's layout
+    rows = INT8_OP_MAX_ROWS + 1
+    hidden = torch.randn(rows, 576, generator=torch.Generator().manual_seed(0)).bfloat16()
+    batched = head.compute_logits(hidden).float()  # more rows than the op takes: the packed bf16 weight
+    for i in range(rows):
         one = head.compute_logits(hidden[i : i + 1]).float()[0]  # one row: the int8 rows
         torch.testing.assert_close(one, batched[i], atol=0.1, rtol=2**-7)
         assert one.argmax() == batched[i].argmax()

@@ -7,7 +7,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include "int4_matmul.h"
+#include "quant_matmul.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -55,58 +55,6 @@ void check_rows(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "x must be a contiguous CPU tensor");
   TORCH_CHECK(w.dim() == 1 && w.is_contiguous() && w.numel() == x.size(-1), "weight must be [hidden]");
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "weight and x must share a dtype");
-}
-
-// out[r] = sum_k (q[k] * scale[k / group] - offset[k / group]) * x[r][k] for R rows of x (x[r] = x + r * K), the
-// weight formed exactly in fp32. Each int8 chunk is widened once for all R rows, and every row sees the same
-// operations in the same order whatever R is: a row's result does not depend on the rows beside it.
-template <int R>
-inline void int8_rows_dot(const int8_t* q, const float* scale, const float* offset, const float* x, int64_t K,
-                          int64_t group, float* out) {
-  const int64_t groups = K / group;
-#if defined(__AVX512F__)
-  if (group % 16 == 0) {
-    __m512 total[R];
-    float offset_sum[R];
-    for (int r = 0; r < R; ++r) {
-      total[r] = _mm512_setzero_ps();
-      offset_sum[r] = 0.f;
-    }
-    for (int64_t g = 0; g < groups; ++g) {
-      const int8_t* qg = q + g * group;
-      __m512 dot[R], xs[R];
-      for (int r = 0; r < R; ++r) dot[r] = xs[r] = _mm512_setzero_ps();
-      for (int64_t i = 0; i < group; i += 16) {
-        const __m512 qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qg + i))));
-        for (int r = 0; r < R; ++r) {
-          const __m512 xv = _mm512_loadu_ps(x + r * K + g * group + i);
-          dot[r] = _mm512_fmadd_ps(qf, xv, dot[r]);
-          if (offset != nullptr) xs[r] = _mm512_add_ps(xs[r], xv);
-        }
-      }
-      const __m512 vs = _mm512_set1_ps(scale[g]);
-      for (int r = 0; r < R; ++r) {
-        total[r] = _mm512_fmadd_ps(dot[r], vs, total[r]);
-        if (offset != nullptr) offset_sum[r] += offset[g] * _mm512_reduce_add_ps(xs[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(total[r]) - offset_sum[r];
-    return;
-  }
-#endif
-  for (int r = 0; r < R; ++r) {
-    const float* xr = x + r * K;
-    float total = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      float dot = 0.f, xs = 0.f;
-      for (int64_t i = g * group; i < (g + 1) * group; ++i) {
-        dot += static_cast<float>(q[i]) * xr[i];
-        xs += xr[i];
-      }
-      total += dot * scale[g] - (offset != nullptr ? offset[g] * xs : 0.f);
-    }
-    out[r] = total;
-  }
 }
 
 inline float float_dot(const float* a, const float* b, int64_t K) {
@@ -310,56 +258,15 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   return out;
 }
 
-// x [T, K] times int8 rows q [N, K] with a scale (and optionally an offset) per group of `group` columns:
-// W[n, k] = q[n, k] * scales[n, k / group] - offsets[n, k / group], exact in fp32. Returns fp32 [T, N]. Each weight
-// row is read once per four rows of x (int8_rows_dot), so a step of a few tokens reads the int8 bytes about once;
-// GGUF's Q8_0, Q6_K and Q5_K rows come this way.
-torch::Tensor int8_group_matmul(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
-                                const c10::optional<torch::Tensor>& offsets) {
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(),
-              "x must be [T, K] and q int8 [N, K]");
-  const int64_t T = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(q.size(1) == K, "x and q disagree on K");
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && K % scales.size(1) == 0, "scales must be [N, K / group]");
-  const int64_t groups = scales.size(1), group = K / groups;
-  const torch::Tensor xf = x.to(at::kFloat).contiguous();
-  const torch::Tensor sf = scales.to(at::kFloat).contiguous();
-  torch::Tensor of;
-  if (offsets.has_value()) {
-    TORCH_CHECK(offsets->sizes() == scales.sizes(), "offsets must match scales");
-    of = offsets->to(at::kFloat).contiguous();
-  }
-  torch::Tensor out = torch::empty({T, N}, x.options().dtype(at::kFloat));
-  const float* xp = xf.data_ptr<float>();
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = sf.data_ptr<float>();
-  const float* op = of.defined() ? of.data_ptr<float>() : nullptr;
-  float* outp = out.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int8_t* qn = qp + n * K;
-      const float* sn = sp + n * groups;
-      const float* on = op != nullptr ? op + n * groups : nullptr;
-      float dots[4];
-      int64_t t = 0;
-      for (; t + 4 <= T; t += 4) {  // four rows of x per pass over the weight row
-        int8_rows_dot<4>(qn, sn, on, xp + t * K, K, group, dots);
-        for (int r = 0; r < 4; ++r) outp[(t + r) * N + n] = dots[r];
-      }
-      for (; t < T; ++t) {
-        int8_rows_dot<1>(qn, sn, on, xp + t * K, K, group, dots);
-        outp[t * N + n] = dots[0];
-      }
-    }
-  });
-  return out;
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of each row");
   m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = RMSNorm(residual), in place");
   m.def("int8_group_matmul", &int8_group_matmul, "x times int8 rows with per-group scales (and offsets)",
         py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("offsets") = py::none());
+  m.def("int8_pack", &int8_pack, "int8 weights (q, scales, offsets per group of 32) in int8_packed_matmul's layout",
+        py::arg("q"), py::arg("scales"), py::arg("offsets") = py::none());
+  m.def("int8_packed_matmul", &int8_packed_matmul, "x times packed int8 weights, for steps of a few rows",
+        py::arg("x"), py::arg("packed"), py::arg("portable") = false);
   m.def("int4_pack", &int4_pack, "4-bit weights (q, scales, zeros per group of 32) in int4_group_matmul's layout");
   m.def("int4_group_matmul", &int4_group_matmul, "x times packed 4-bit weights, for steps of a few rows",
         py::arg("x"), py::arg("packed"), py::arg("portable") = false);

@@ -1,0 +1,21 @@
+// The quantized matmuls' entry points (quant_matmul.cpp), bound in decode_ops.cpp's module.
+#pragma once
+#include <torch/extension.h>
+
+// q uint8 [N, K] (values 0..15), scales and zeros [N, K / 32]: W = (q - 8) * scale + zero -> the kernel's layout.
+torch::Tensor int4_pack(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& zeros);
+
+// x [T, K] times the packed W [N, K] transposed -> [T, N] in x's dtype. `portable` takes the scalar path (the
+// tests check it gives the vector path's bits).
+torch::Tensor int4_group_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool portable = false);
+
+// q int8 [N, K], scales and offsets [N, K / 32]: W = q * scale - offset -> int8_packed_matmul's layout.
+torch::Tensor int8_pack(const torch::Tensor& q, const torch::Tensor& scales, const c10::optional<torch::Tensor>& offsets);
+
+// x [T, K] times the packed int8 W [N, K] transposed -> [T, N] in x's dtype. `portable` as above.
+torch::Tensor int8_packed_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool portable = false);
+
+// x [T, K] times int8 rows q [N, K] in their plain layout, W = q * scales - offsets per group of any size (scales,
+// offsets [N, K / group]) -> fp32 [T, N], the weights exact in fp32.
+torch::Tensor int8_group_matmul(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
+                                const c10::optional<torch::Tensor>& offsets);
