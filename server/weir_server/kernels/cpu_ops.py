@@ -1,11 +1,12 @@
-"""Weir's C++ CPU ops (kernels/cpu/decode_ops.cpp), compiled for this machine on first use and cached.
+"""Weir's C++ CPU ops (kernels/cpu/: decode_ops.cpp, quant_matmul.cpp), compiled for this machine on first use.
 
 A decode step of a few tokens spends as long in a layer's small torch ops (norms, rotary, cache writes, the
-attention's gathers and casts) as in its matmuls; these ops do each group in one call. They are built with
-torch's extension builder (a C++ compiler and ninja; about 30 s once per machine and source version, then
-loaded from torch's extension cache) for the host CPU (`-march=native`, so the cache name carries the CPU's
-identity). Where the build fails, or `WEIR_CPU_KERNELS=0`, `cpu_ops()` is None and the layers keep their torch
-paths, which stay the reference the tests compare the ops against.
+attention's gathers and casts) as in its matmuls; these ops do each group in one call, and the quantized matmuls
+use integer dot products. They are built with torch's extension builder (a C++ compiler and ninja; about 30 s
+once per machine and source version, then loaded from torch's extension cache) for the host CPU (`-march=native`,
+so the cache name carries the CPU's identity and the sources' hash). Where the build fails, or
+`WEIR_CPU_KERNELS=0`, `cpu_ops()` is None and the layers keep their torch paths, which stay the reference the
+tests compare the ops against.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).parent / "cpu" / name for name in ("decode_ops.cpp", "quant_matmul.cpp"))
+HEADERS = (Path(__file__).parent / "cpu" / "quant_matmul.h",)
 ENV_SWITCH = "WEIR_CPU_KERNELS"  # "0" keeps every layer on its torch path
 
 
@@ -38,6 +40,15 @@ def _cpu_identity() -> str:
     except OSError:
         pass
     return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _source_identity() -> str:
+    """The sources' own hash: two Weir versions (two venvs, two checkouts) on one machine build side by side
+    instead of rebuilding over each other in torch's shared extension cache."""
+    digest = hashlib.sha1()
+    for path in SOURCES + HEADERS:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:8]
 
 
 def _put_ninja_on_path() -> None:
@@ -64,7 +75,7 @@ def cpu_ops() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         module = load(
-            name=f"weir_cpu_ops_{_cpu_identity()}",
+            name=f"weir_cpu_ops_{_cpu_identity()}_{_source_identity()}",
             sources=[str(path) for path in SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
             verbose=False,

@@ -82,6 +82,13 @@ class Int4Weight:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.torch_pack[0], _INT4_GROUP, self.torch_pack[1])
         return out if bias is None else out + bias
 
+    def silu_and_mul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """silu(gate) * up for a [gate; up] weight; the C++ op does it inside the matmul."""
+        if self.packed is not None and bias is None:
+            return cpu_ops().int4_group_matmul(x, self.packed, silu_and_mul=True)  # type: ignore[no-any-return,union-attr]
+        gate, up = self.matmul(x, bias).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
 
 def lossless_int4(weight: torch.Tensor) -> Int4Weight | None:
     """A 4-bit copy (groups of 32, min/max) of a weight already on that grid, such as a dequantized Q4_1 GGUF
@@ -149,8 +156,7 @@ class PackedGateUpSilu(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4_weight is not None and _few_rows(x):
-            gate, up = self.int4_weight.matmul(x, self.bias).chunk(2, dim=-1)
-            return F.silu(gate) * up
+            return self.int4_weight.silu_and_mul(x, self.bias)
         gate = torch.ops.mkldnn._linear_pointwise(x, self.packed_gate, self.gate_bias, "swish", [], "")
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.packed_up, self.up_bias, "mul")
 

@@ -262,6 +262,20 @@ def test_int8_packed_matmul_equals_the_dequantized_product(rows: int, with_offse
         assert torch.equal(ops.int8_packed_matmul(x[i : i + 1], packed)[0], out[i])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_group_matmul_applies_silu_and_mul_to_a_gate_up_pair(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(7)
+    q, scales, zeros = _q4_weight(128, 96, gen)  # [gate; up], 64 rows each
+    packed = ops.int4_pack(q, scales, zeros)
+    x = torch.randn(3, 96, generator=gen).to(dtype)
+    gate, up = ops.int4_group_matmul(x, packed).float().chunk(2, dim=-1)
+    fused = ops.int4_group_matmul(x, packed, silu_and_mul=True)
+    assert fused.dtype == dtype and fused.shape == (3, 64)
+    # fp32 inside and one rounding, where the reference rounds gate and up first
+    torch.testing.assert_close(fused.float(), F.silu(gate) * up, **TOLERANCE[dtype])
+    assert torch.equal(ops.int4_group_matmul(x[1:2], packed, silu_and_mul=True)[0], fused[1])
+
+
 def test_int4_pack_refuses_shapes_it_cannot_lay_out() -> None:
     gen = torch.Generator().manual_seed(0)
     q, scales, zeros = _q4_weight(60, 64, gen)  # 60 rows: not a multiple of 8

@@ -269,7 +269,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("packed"), py::arg("portable") = false);
   m.def("int4_pack", &int4_pack, "4-bit weights (q, scales, zeros per group of 32) in int4_group_matmul's layout");
   m.def("int4_group_matmul", &int4_group_matmul, "x times packed 4-bit weights, for steps of a few rows",
-        py::arg("x"), py::arg("packed"), py::arg("portable") = false);
+        py::arg("x"), py::arg("packed"), py::arg("portable") = false, py::arg("silu_and_mul") = false);
   m.def("decode_attention", &decode_attention,
         "rotary, cache write and attention for a few query tokens per sequence (decode, speculative verify)");
 }

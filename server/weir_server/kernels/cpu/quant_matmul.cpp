@@ -298,20 +298,26 @@ void block_rows(const uint8_t* w, int64_t groups, const QuantRow* rows, int T, f
   block_rows_scalar<Format>(w, groups, rows, T, out);
 }
 
-// packed [N / 8, groups, Format::kBlockBytes] times x [T, K] -> [T, N] in x's dtype, kMaxRows rows of x per pass.
+// packed [N / 8, groups, Format::kBlockBytes] times x [T, K] -> [T, N] in x's dtype, Format::kRowsPerPass rows of x
+// per pass. With `silu_and_mul` the weight is a [gate; up] pair and the result [T, N / 2] = silu(gate) * up, formed
+// in fp32 and rounded once (a gated MLP's activation without three more torch ops and passes over memory).
 template <typename Format>
-torch::Tensor packed_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool portable) {
+torch::Tensor packed_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool portable, bool silu_and_mul) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && packed.dim() == 3 && packed.scalar_type() == at::kByte &&
                   packed.is_contiguous() && packed.size(2) == Format::kBlockBytes,
               "x must be contiguous [T, K] and the packed weight come from its pack op");
   const int64_t T = x.size(0), K = x.size(1), blocks = packed.size(0), groups = packed.size(1);
   TORCH_CHECK(groups * kGroup == K, "x and the packed weight disagree on K");
   const int64_t N = blocks * kRowBlock;
-  torch::Tensor out = torch::empty({T, N}, x.options());
+  TORCH_CHECK(!silu_and_mul || N % 2 == 0, "silu_and_mul needs a [gate; up] weight");
+  torch::Tensor out = torch::empty({T, silu_and_mul ? N / 2 : N}, x.options());
   const uint8_t* wp = packed.data_ptr<uint8_t>();
+  thread_local std::vector<float> scratch;  // [T, N] in fp32 before silu_and_mul
+  if (silu_and_mul) scratch.resize(T * N);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "packed_matmul", [&] {
     const QuantRow* rows = quantize_rows(x.data_ptr<scalar_t>(), T, K);
     scalar_t* outp = out.data_ptr<scalar_t>();
+    float* full = silu_and_mul ? scratch.data() : nullptr;
     at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
       float tile[kMaxRows * 8];
       for (int64_t blk = begin; blk < end; ++blk) {
@@ -319,11 +325,28 @@ torch::Tensor packed_matmul(const torch::Tensor& x, const torch::Tensor& packed,
           const int rows_here = static_cast<int>(std::min<int64_t>(Format::kRowsPerPass, T - t0));
           block_rows<Format>(wp + blk * groups * Format::kBlockBytes, groups, rows + t0, rows_here, tile, portable);
           for (int t = 0; t < rows_here; ++t) {
-            for (int j = 0; j < 8; ++j) outp[(t0 + t) * N + blk * kRowBlock + j] = static_cast<scalar_t>(tile[t * 8 + j]);
+            const int64_t at = (t0 + t) * N + blk * kRowBlock;
+            for (int j = 0; j < 8; ++j) {
+              if (full != nullptr) {
+                full[at + j] = tile[t * 8 + j];
+              } else {
+                outp[at + j] = static_cast<scalar_t>(tile[t * 8 + j]);
+              }
+            }
           }
         }
       }
     });
+    if (full != nullptr) {
+      const int64_t half = N / 2;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* gate = full + t * N;
+        for (int64_t i = 0; i < half; ++i) {
+          const float g = gate[i];
+          outp[t * half + i] = static_cast<scalar_t>(g / (1.f + std::exp(-g)) * gate[half + i]);
+        }
+      }
+    }
   });
   return out;
 }
@@ -415,8 +438,9 @@ torch::Tensor int4_pack(const torch::Tensor& q, const torch::Tensor& scales, con
   return packed;
 }
 
-torch::Tensor int4_group_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool portable) {
-  return packed_matmul<Int4Format>(x, packed, portable);
+torch::Tensor int4_group_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool portable,
+                                bool silu_and_mul) {
+  return packed_matmul<Int4Format>(x, packed, portable, silu_and_mul);
 }
 
 torch::Tensor int8_pack(const torch::Tensor& q, const torch::Tensor& scales, const c10::optional<torch::Tensor>& offsets) {
@@ -450,7 +474,7 @@ torch::Tensor int8_pack(const torch::Tensor& q, const torch::Tensor& scales, con
 }
 
 torch::Tensor int8_packed_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool portable) {
-  return packed_matmul<Int8Format>(x, packed, portable);
+  return packed_matmul<Int8Format>(x, packed, portable, false);
 }
 
 // x [T, K] times int8 rows q [N, K] with a scale (and optionally an offset) per group of `group` columns:

@@ -6,8 +6,10 @@
 torch::Tensor int4_pack(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& zeros);
 
 // x [T, K] times the packed W [N, K] transposed -> [T, N] in x's dtype. `portable` takes the scalar path (the
-// tests check it gives the vector path's bits).
-torch::Tensor int4_group_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool portable = false);
+// tests check it gives the vector path's bits); `silu_and_mul` treats W as [gate; up] and returns
+// silu(gate) * up [T, N / 2].
+torch::Tensor int4_group_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool portable = false,
+                                bool silu_and_mul = false);
 
 // q int8 [N, K], scales and offsets [N, K / 32]: W = q * scale - offset -> int8_packed_matmul's layout.
 torch::Tensor int8_pack(const torch::Tensor& q, const torch::Tensor& scales, const c10::optional<torch::Tensor>& offsets);
