@@ -140,13 +140,16 @@ class ModelRunner:
         self._threads_now = threads
         torch.set_num_threads(threads)
         packed = pack_linear_layers(self.model) if self.dtype == torch.bfloat16 else 0
+        prepare_cpu_decode = getattr(self.model, "prepare_cpu_decode", None)
+        one_call = packed > 0 and prepare_cpu_decode is not None and prepare_cpu_decode()
         logger.info(
-            "CPU: %d torch threads (%d for steps of <= %d tokens), %d linear layers packed for oneDNN, %s",
+            "CPU: %d torch threads (%d for steps of <= %d tokens), %d linear layers packed for oneDNN, %s%s",
             threads,
             self._cpu_threads[0],
             SMALL_STEP_TOKENS,
             packed,
             "C++ decode ops" if cpu_ops() is not None else "torch paths only",  # built here, at start, if need be
+            ", decode layers in one C++ call" if one_call else "",
         )
 
     def _set_cpu_threads(self, num_tokens: int) -> None:

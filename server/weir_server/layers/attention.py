@@ -69,7 +69,7 @@ class PagedAttention(nn.Module):
         if (
             rope is not None
             and attn.max_query_len <= CPU_OP_MAX_QUERY_LEN
-            and _cpu_op_fits(query, kv_cache, attn, rope)
+            and cpu_op_fits(query, kv_cache, attn, rope)
         ):
             cos, sin = rope.flat_cos_sin()
             return cpu_ops().decode_attention(  # type: ignore[union-attr,no-any-return]
@@ -94,7 +94,7 @@ class PagedAttention(nn.Module):
         )
 
 
-def _cpu_op_fits(query: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, rope: StepRope) -> bool:
+def cpu_op_fits(query: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, rope: StepRope) -> bool:
     """Whether this step's attention may take the CPU C++ op: CPU tensors of one dtype, torch-path rotary, the
     metadata's usual index types."""
     return (

@@ -26,6 +26,7 @@ from weir_server.layers.linear import (
 )
 from weir_server.layers.norm import RMSNorm
 from weir_server.layers.rotary import StepRope, get_rope
+from weir_server.models.cpu_decode import CpuDecodeLayers
 
 # HF name fragment -> (our fused parameter, shard id for its weight_loader); q/k/v and gate/up each fill one
 # fused parameter, per tensor-parallel rank.
@@ -148,6 +149,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = get_rope(config, head_dim_of(config))
+        # Set by LlamaForCausalLM.prepare_cpu_decode once the CPU's weights are packed: decode steps' layers in
+        # one C++ call.
+        self.cpu_decode: CpuDecodeLayers | None = None
 
     def forward(
         self,
@@ -158,9 +162,12 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary_emb.for_step(positions, hidden.dtype)  # shared by every layer
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(rope, hidden, residual, kv_cache, attn)
+        if self.cpu_decode is not None and self.cpu_decode.fits(hidden, kv_caches, attn, rope):
+            hidden, residual = self.cpu_decode.run(hidden, kv_caches, attn, rope)
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                hidden, residual = layer(rope, hidden, residual, kv_cache, attn)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -193,6 +200,12 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab] (gathered from every tensor-parallel rank)."""
         return self.lm_head.compute_logits(hidden).float()
+
+    def prepare_cpu_decode(self) -> bool:
+        """After the CPU's weight packing: whether every layer can run decode steps in one C++ call (see
+        models/cpu_decode.py), and if so, from now on they do."""
+        self.model.cpu_decode = CpuDecodeLayers.build(self.model.layers)
+        return self.model.cpu_decode is not None
 
     def load_weights(self, weights: Iterable[tuple[str, WeightSource]]) -> None:
         """Copy Hugging Face-named tensors in, this rank's slice of each, fusing q/k/v and gate/up; raise if any
