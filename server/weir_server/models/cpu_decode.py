@@ -89,7 +89,9 @@ class CpuDecodeLayers:
             dtype=layers[0].input_layernorm.weight.dtype,
         )
 
-    def fits(self, hidden: torch.Tensor, kv_caches: list[torch.Tensor], attn: AttentionMetadata, rope: StepRope) -> bool:
+    def fits(
+        self, hidden: torch.Tensor, kv_caches: list[torch.Tensor], attn: AttentionMetadata, rope: StepRope
+    ) -> bool:
         """Whether the module path would take the C++ ops in every layer for this step (the same conditions)."""
         return (
             hidden.dim() == 2
