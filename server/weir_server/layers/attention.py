@@ -66,11 +66,7 @@ class PagedAttention(nn.Module):
         step of at most CPU_OP_MAX_QUERY_LEN tokens per sequence (decode, speculative verify) does rotation, cache
         write and attention in one C++ op.
         """
-        if (
-            rope is not None
-            and attn.max_query_len <= CPU_OP_MAX_QUERY_LEN
-            and cpu_op_fits(query, kv_cache, attn, rope)
-        ):
+        if rope is not None and attn.max_query_len <= CPU_OP_MAX_QUERY_LEN and cpu_op_fits(query, kv_cache, attn, rope):
             cos, sin = rope.flat_cos_sin()
             return cpu_ops().decode_attention(  # type: ignore[union-attr,no-any-return]
                 query, key, value, cos, sin, kv_cache[0], kv_cache[1], attn.block_tables, attn.context_lens,
