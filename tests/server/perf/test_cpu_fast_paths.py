@@ -11,6 +11,7 @@ from transformers import LlamaConfig
 from weir_server.executor.model_runner import physical_cores
 from weir_server.layers.attention_metadata import AttentionMetadata
 from weir_server.layers.cpu_linear import (
+    INT4_MAX_ROWS,
     PackedGateUpSilu,
     PackedLinear,
     int4_available,
@@ -124,7 +125,7 @@ def test_a_4bit_copy_is_kept_only_where_it_reproduces_the_weights():
 
 @needs_packing
 @pytest.mark.skipif(not int4_available(), reason="this torch build has no CPU int4 matmul")
-@pytest.mark.parametrize("rows", [1, 4, 9], ids=["decode-1", "int4-limit", "oneDNN"])
+@pytest.mark.parametrize("rows", [1, INT4_MAX_ROWS, INT4_MAX_ROWS + 1], ids=["decode-1", "int4-limit", "oneDNN"])
 def test_packed_linear_matches_the_plain_matmul_at_every_batch_size(rows):
     weight, bias = q4_grid_weight(64, 96), torch.randn(64).bfloat16()
     layer = PackedLinear(weight, bias)
