@@ -136,7 +136,8 @@ def decode_outputs(packed: list[tuple[Any, ...]]) -> list[GenerationOutput]:
 
 
 # Prefix-cache events cross as tuples for the same reason: a frozen slotted dataclass pickles through Python-level
-# __getstate__/__setstate__, about 1.5 us each way per event, and a 512-sequence step completes about 32 blocks.
+# __getstate__/__setstate__, about 1.5 us each way per event, and sequences decoding together fill their blocks
+# together (at 512 streams of equal prompts, 512 events every 16th step: 0.8 ms to pickle, 0.75 to unpickle).
 _STORED, _REMOVED, _CLEARED = 0, 1, 2
 
 
