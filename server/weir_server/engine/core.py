@@ -413,9 +413,9 @@ class EngineCore:
         if reason is not None:
             seq.finish(reason)
             self.scheduler.finish(seq)
-        self._pending_text.append(
-            PendingText(seq, [token_id] if keep else [], reason is not None, may_stop(seq, index))
-        )
+        # Stop strings are looked for only in the text made here.
+        can_stop = seq.detokenizer is not None and may_stop(seq, index)
+        self._pending_text.append(PendingText(seq, [token_id] if keep else [], reason is not None, can_stop))
 
     def _flush(self) -> list[GenerationOutput]:
         """Make the text of the sampled tokens not yet handed out (a stop string may end a choice) and their
@@ -427,6 +427,9 @@ class EngineCore:
             if seq.finish_reason in _ENDED_ELSEWHERE:  # cancelled or failed since: its last output is out
                 continue
             try:
+                if seq.detokenizer is None:  # its text is made in front of the core, so no stop string ends it here
+                    outputs.append(choice_output(seq, ""))
+                    continue
                 running = not seq.is_finished
                 text = make_text(item)
                 if running and seq.is_finished:  # a stop string ended it

@@ -37,6 +37,7 @@ from weir_server.engine.wire import (
     StopCore,
     ToCore,
     UnloadAdapter,
+    decode_kv_events,
     decode_outputs,
 )
 from weir_server.errors import EngineUnavailableError, ModelLoadError
@@ -270,7 +271,7 @@ class ProcessClient:
                 match conn.recv():
                     case CoreOutputs(packed, stats, kv_events):
                         self._stats = stats
-                        deliver(decode_outputs(packed), list(kv_events))
+                        deliver(decode_outputs(packed), decode_kv_events(kv_events))
                     case AdapterReply() as reply:
                         self._answer(reply)
                     case other:

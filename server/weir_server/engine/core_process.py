@@ -34,6 +34,7 @@ from weir_server.engine.wire import (
     LoadAdapter,
     StopCore,
     UnloadAdapter,
+    encode_kv_events,
     encode_outputs,
 )
 from weir_server.errors import WeirError
@@ -102,7 +103,7 @@ def _send(conn: Connection, outbox: queue.SimpleQueue[Outgoing]) -> None:
 def _send_step(conn: Connection, step: Step | None) -> None:
     if step is not None:
         outputs, stats, events = step
-        conn.send(CoreOutputs(encode_outputs(outputs), stats, tuple(events)))
+        conn.send(CoreOutputs(encode_outputs(outputs), stats, encode_kv_events(events)))
 
 
 def _load_adapter(loop: CoreLoop, outbox: queue.SimpleQueue[Outgoing], message: LoadAdapter) -> None:

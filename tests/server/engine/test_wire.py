@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 
+from weir_server.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.types import (
     FinishReason,
@@ -25,7 +26,9 @@ from weir_server.engine.wire import (
     CoreOutputs,
     CoreReady,
     StopCore,
+    decode_kv_events,
     decode_outputs,
+    encode_kv_events,
     encode_outputs,
 )
 
@@ -60,6 +63,17 @@ def test_outputs_round_trip_through_their_packing_and_the_pipe():
 
 def test_outputs_are_packed_as_plain_tuples():
     assert all(type(packed) is tuple for packed in encode_outputs(_outputs()))
+
+
+def test_kv_events_round_trip_through_their_packing_and_the_pipe():
+    events = [BlockStored((11, 12), None, 32), BlockStored((13,), 12, 16), BlockRemoved((11,)), AllBlocksCleared()]
+    message = pickle.loads(pickle.dumps(CoreOutputs([], STATS, encode_kv_events(events))))
+    assert decode_kv_events(message.kv_events) == events
+
+
+def test_kv_events_are_packed_as_plain_tuples():
+    packed = encode_kv_events([BlockStored((1,), None, 16), BlockRemoved((1,)), AllBlocksCleared()])
+    assert all(type(fields) is tuple for fields in packed)
 
 
 @pytest.mark.parametrize(
