@@ -187,7 +187,10 @@ def test_a_smollm2_adapter_through_the_gateway_with_the_openai_sdk(
     )
     generate = EngineConfig(
         ModelConfig("smollm2-135m-instruct", max_model_len=512),
-        cache=CacheConfig(kv_cache_memory_gb=0.1),
+        # Without the prefix cache the direct request prefills its whole prompt as the gateway's did; with it, its
+        # last prompt tokens would run in a step of a few rows (other kernels, other roundings) and a near-tie of
+        # this random adapter's output could go either way.
+        cache=CacheConfig(kv_cache_memory_gb=0.1, enable_prefix_caching=False),
         lora=LoRAConfig(max_lora_rank=8),
     )
     target = start_server(ServerConfig(host="127.0.0.1", port=0, generate=generate, embed=None)).target

@@ -297,19 +297,25 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layers(
   return {hidden, residual};
 }
 
+// Every op releases the GIL while it computes, as torch's own ops do: the engine runs its steps on a thread
+// beside the server's event loop, which would otherwise wait out each call (a whole step, for decode_layers).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm of each row");
-  m.def("fused_add_rms_norm", &fused_add_rms_norm, "residual += x; x = RMSNorm(residual), in place");
-  m.def("int8_group_matmul", &int8_group_matmul, "x times int8 rows with per-group scales (and offsets)",
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("rms_norm", &rms_norm, release, "RMSNorm of each row");
+  m.def("fused_add_rms_norm", &fused_add_rms_norm, release, "residual += x; x = RMSNorm(residual), in place");
+  m.def("int8_group_matmul", &int8_group_matmul, release, "x times int8 rows with per-group scales (and offsets)",
         py::arg("x"), py::arg("q"), py::arg("scales"), py::arg("offsets") = py::none());
-  m.def("int8_pack", &int8_pack, "int8 weights (q, scales, offsets per group of 32) in int8_packed_matmul's layout",
+  m.def("int8_pack", &int8_pack, release,
+        "int8 weights (q, scales, offsets per group of 32) in int8_packed_matmul's layout",
         py::arg("q"), py::arg("scales"), py::arg("offsets") = py::none());
-  m.def("int8_packed_matmul", &int8_packed_matmul, "x times packed int8 weights, for steps of a few rows",
+  m.def("int8_packed_matmul", &int8_packed_matmul, release, "x times packed int8 weights, for steps of a few rows",
         py::arg("x"), py::arg("packed"), py::arg("portable") = false);
-  m.def("int4_pack", &int4_pack, "4-bit weights (q, scales, zeros per group of 32) in int4_group_matmul's layout");
-  m.def("int4_group_matmul", &int4_group_matmul, "x times packed 4-bit weights, for steps of a few rows",
+  m.def("int4_pack", &int4_pack, release,
+        "4-bit weights (q, scales, zeros per group of 32) in int4_group_matmul's layout");
+  m.def("int4_group_matmul", &int4_group_matmul, release, "x times packed 4-bit weights, for steps of a few rows",
         py::arg("x"), py::arg("packed"), py::arg("portable") = false, py::arg("silu_and_mul") = false);
-  m.def("decode_layers", &decode_layers, "every decoder layer of a Llama-shaped model for a step of a few tokens");
-  m.def("decode_attention", &decode_attention,
+  m.def("decode_layers", &decode_layers, release,
+        "every decoder layer of a Llama-shaped model for a step of a few tokens");
+  m.def("decode_attention", &decode_attention, release,
         "rotary, cache write and attention for a few query tokens per sequence (decode, speculative verify)");
 }
