@@ -70,11 +70,6 @@ class PackedRows(nn.Module):
         self.register_buffer("raw", raw)
         self.qtype, self.rows, self.cols = qtype, raw.shape[0], cols
 
-    def plain_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """q [rows, cols], scales and offsets (or None) [rows, groups]: the C++ ops' arguments."""
-        offsets = None if self.offsets is None else self.offsets.view(self.rows, self.groups)
-        return self.qs.view(self.rows, self.cols), self.scales.view(self.rows, self.groups), offsets
-
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.cols)
         if flat.is_cuda and HAS_TRITON:
@@ -136,11 +131,6 @@ class Int4Rows(nn.Module):
         scales_and_zeros = torch.stack((scale, zero), dim=-1).transpose(0, 1).to(dtype).contiguous()
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # [cols / 32, rows, 2]
-
-    def plain_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """q [rows, cols], scales and offsets (or None) [rows, groups]: the C++ ops' arguments."""
-        offsets = None if self.offsets is None else self.offsets.view(self.rows, self.groups)
-        return self.qs.view(self.rows, self.cols), self.scales.view(self.rows, self.groups), offsets
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.cols).to(self.scales_and_zeros.dtype)
