@@ -20,7 +20,9 @@ from weir_server.models.loader import LoadedModel, load_model
 pytestmark = pytest.mark.gpu
 
 VOCAB = 320  # tiny_model's
-NGRAM = SpeculativeConfig("ngram", 4, prompt_lookup_min=1, prompt_lookup_max=3, disable_by_batch_size=None)
+NGRAM = SpeculativeConfig(
+    "ngram", 4, prompt_lookup_min=1, prompt_lookup_max=3, disable_by_batch_size=None, adaptive=False
+)
 
 
 def spec_core(loaded: LoadedModel, spec: SpeculativeConfig | None, enforce_eager: bool, **executor: Any) -> Any:
@@ -92,7 +94,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_draft_model_steps_replay_graphs_and_keep_the_eager_greedy_tokens(model_dir, run) -> None:
     target = load_model(ModelConfig(str(model_dir), device="cuda", dtype="float32"), "generate")
-    spec = SpeculativeConfig("draft_model", 4, model=str(model_dir), disable_by_batch_size=None)
+    spec = SpeculativeConfig("draft_model", 4, model=str(model_dir), disable_by_batch_size=None, adaptive=False)
     base = run(spec_core(target, None, enforce_eager=True), repeating_requests(8))
     graphed = spec_core(target, spec, enforce_eager=False)
     draft_runner = graphed.spec.proposer.runner
@@ -107,7 +109,9 @@ def test_draft_model_steps_replay_graphs_and_keep_the_eager_greedy_tokens(model_
 def test_the_engine_runs_ahead_while_speculation_backs_off(tiny_model, run) -> None:
     loaded = tiny_model("cuda")
     base = run(spec_core(loaded, None, enforce_eager=True), repeating_requests(12, 8, stagger=4))
-    spec = SpeculativeConfig("ngram", 4, prompt_lookup_min=1, prompt_lookup_max=3, disable_by_batch_size=4)
+    spec = SpeculativeConfig(
+        "ngram", 4, prompt_lookup_min=1, prompt_lookup_max=3, disable_by_batch_size=4, adaptive=False
+    )
     core = spec_core(loaded, spec, enforce_eager=False)
     assert core.run_ahead
     ahead = []

@@ -15,9 +15,15 @@ from weir_server.executor.cuda_graphs import DecodeGraphs
 from weir_server.executor.model_runner import ModelRunner
 from weir_server.models.loader import LoadedModel
 
-# Never backing off: the workloads' batches speculate at every size (test_back_off.py tests backing off).
+# Never backing off: the workloads' batches speculate at every size and every step (test_back_off.py tests backing
+# off, test_policy.py the measured choice).
 NGRAM = SpeculativeConfig(
-    "ngram", num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=3, disable_by_batch_size=None
+    "ngram",
+    num_speculative_tokens=4,
+    prompt_lookup_min=1,
+    prompt_lookup_max=3,
+    disable_by_batch_size=None,
+    adaptive=False,
 )
 
 

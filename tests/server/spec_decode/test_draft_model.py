@@ -22,7 +22,9 @@ from weir_server.models.loader import load_model
 
 
 def draft_spec(directory: Path, k: int = 3) -> SpeculativeConfig:
-    return SpeculativeConfig("draft_model", num_speculative_tokens=k, model=str(directory), disable_by_batch_size=None)
+    return SpeculativeConfig(
+        "draft_model", num_speculative_tokens=k, model=str(directory), disable_by_batch_size=None, adaptive=False
+    )
 
 
 @pytest.fixture(scope="module")

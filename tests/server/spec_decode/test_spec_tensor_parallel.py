@@ -76,7 +76,7 @@ def test_ngram_speculation_under_two_ranks_gives_the_same_greedy_outputs(model_d
 def test_a_draft_model_under_two_ranks_runs_whole_on_rank_0_and_gives_the_same_outputs(
     model_dirs, without_speculation
 ) -> None:
-    spec = SpeculativeConfig("draft_model", 3, model=str(model_dirs[1]), disable_by_batch_size=None)
+    spec = SpeculativeConfig("draft_model", 3, model=str(model_dirs[1]), disable_by_batch_size=None, adaptive=False)
     outputs, engine = two_rank_run(model_dirs[0], spec, seed=5)
     assert_same(without_speculation, outputs)
     draft = engine.spec.proposer.draft.model  # type: ignore[union-attr]
@@ -85,7 +85,7 @@ def test_a_draft_model_under_two_ranks_runs_whole_on_rank_0_and_gives_the_same_o
 
 
 def test_the_draft_as_its_own_target_is_accepted_in_full_under_two_ranks(model_dirs) -> None:
-    spec = SpeculativeConfig("draft_model", 3, model=str(model_dirs[0]), disable_by_batch_size=None)
+    spec = SpeculativeConfig("draft_model", 3, model=str(model_dirs[0]), disable_by_batch_size=None, adaptive=False)
     _, engine = two_rank_run(model_dirs[0], spec, seed=6)
     stats = engine.stats()
     # The same weights unsharded and sharded: equal but for float sums in another order.

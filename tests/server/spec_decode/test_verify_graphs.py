@@ -96,7 +96,9 @@ def draft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_draft_model_steps_through_the_graph_layout_give_the_eager_greedy_outputs(draft_dir) -> None:
     """The target as its own draft: proposals are accepted in full, so the draft's catch-up steps run two tokens."""
     target = load_model(ModelConfig(str(draft_dir), device="cpu", dtype="float32"))
-    spec = SpeculativeConfig("draft_model", num_speculative_tokens=3, model=str(draft_dir), disable_by_batch_size=None)
+    spec = SpeculativeConfig(
+        "draft_model", num_speculative_tokens=3, model=str(draft_dir), disable_by_batch_size=None, adaptive=False
+    )
     base = run(spec_engine(target, None), random_workload(3))
     engine: EngineCore = spec_engine(target, spec)
     verify = graphed_on_cpu(engine.runner, (1, 4))

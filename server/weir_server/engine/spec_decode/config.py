@@ -20,6 +20,7 @@ _KEYS = (
     "prompt_lookup_max",
     "model",
     "disable_by_batch_size",
+    "adaptive",
 )
 
 
@@ -34,6 +35,9 @@ class SpeculativeConfig:
     model: str | None = None  # draft_model: packaged short name, directory, .gguf file or hub id
     # Steps with more running sequences than this propose nothing; None: never back off (JSON null).
     disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
+    # Weir's key: propose only in steps where speculation is measured to pay (spec_decode/policy.py); false:
+    # whenever the batch is at most disable_by_batch_size, as vLLM does.
+    adaptive: bool = True
 
     def backs_off(self, num_running: int) -> bool:
         """Whether a step of `num_running` sequences decodes without proposals."""
@@ -72,13 +76,16 @@ def parse_speculative_config(text: str) -> SpeculativeConfig:
             raise ValueError(
                 f"--speculative-config: disable_by_batch_size must be at least 1 (or null: never), got {back_off}"
             )
+    adaptive = raw.get("adaptive", True)
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"--speculative-config: adaptive must be true or false, got {adaptive!r}")
     if method == "draft_model":
         if not isinstance(model, str) or not model:
             raise ValueError('--speculative-config: method draft_model needs "model": a path or name')
         for key in ("prompt_lookup_min", "prompt_lookup_max"):
             if key in raw:
                 raise ValueError(f"--speculative-config: {key} is for method ngram, not draft_model")
-        return SpeculativeConfig(method, k, model=model, disable_by_batch_size=back_off)
+        return SpeculativeConfig(method, k, model=model, disable_by_batch_size=back_off, adaptive=adaptive)
     if model is not None:
         raise ValueError('--speculative-config: method ngram takes no "model"')
     # One bound given: the other defaults around it (shortest 2, longest 5) without crossing it.
@@ -90,7 +97,9 @@ def parse_speculative_config(text: str) -> SpeculativeConfig:
         raise ValueError(f"--speculative-config: prompt_lookup_min must be at least 1, got {lo}")
     if hi < lo:
         raise ValueError(f"--speculative-config: prompt_lookup_max ({hi}) must be at least prompt_lookup_min ({lo})")
-    return SpeculativeConfig(method, k, prompt_lookup_min=lo, prompt_lookup_max=hi, disable_by_batch_size=back_off)
+    return SpeculativeConfig(
+        method, k, prompt_lookup_min=lo, prompt_lookup_max=hi, disable_by_batch_size=back_off, adaptive=adaptive
+    )
 
 
 def _int(raw: dict[str, Any], key: str, default: Any) -> int:

@@ -22,6 +22,7 @@ from weir_server.engine.sampler import Sampler
 from weir_server.engine.sequence import Sequence, SequenceStatus
 from weir_server.engine.spec_decode.config import SpeculativeConfig
 from weir_server.engine.spec_decode.ngram import NgramProposer
+from weir_server.engine.spec_decode.policy import SpeculationPolicy
 from weir_server.engine.spec_decode.rejection_sampler import verify
 from weir_server.engine.structured import TokenMask
 from weir_server.engine.types import TokenLogprob
@@ -97,7 +98,11 @@ class SpecDecoder:
         self.proposer = proposer
         self.stats = SpecDecodeStats()
         self._drafts: dict[int, tuple[Sequence, list[int]]] = {}  # seq_id -> proposal riding in token_ids
-        self.backed_off = False  # this step proposes nothing: the batch is too large for speculation to pay
+        # This step proposes nothing: the batch is too large for speculation to pay, or the policy measured that it
+        # does not.
+        self.backed_off = False
+        self.policy = SpeculationPolicy() if config.adaptive else None
+        self._measures = False  # the policy chose this step's kind
 
     @property
     def has_drafts(self) -> bool:
@@ -111,6 +116,14 @@ class SpecDecoder:
         self._drafts.clear()  # left only by a step that failed, whose sequences were failed with it
         self.proposer.retain({seq.seq_id for seq in running})
         self.backed_off = self.config.backs_off(len(running))
+        self._measures = (
+            self.policy is not None and bool(running) and not self.backed_off and not _any_seeded_sampling(running)
+        )
+        if self._measures:
+            assert self.policy is not None
+            self.backed_off = not self.policy.speculates(running)
+        elif self.policy is not None:
+            self.policy.forget_step()
         if self.backed_off:
             return
         seqs: list[Sequence] = []
@@ -138,6 +151,14 @@ class SpecDecoder:
     def fit(self, output: SchedulerOutput) -> None:
         """Cut proposals to what the schedule computes: all of one, its head (token budget), or none (preempted,
         not scheduled); mark the verified sequences' logits rows."""
+        if self._measures:
+            assert self.policy is not None
+            decode_only = bool(output.scheduled) and all(
+                s.num_new_tokens == 1 + len(self._drafts[s.seq.seq_id][1] if s.seq.seq_id in self._drafts else ())
+                for s in output.scheduled
+            )
+            # A speculating step that found nothing to propose measures neither kind.
+            self.policy.observe(decode_only and (self.backed_off or bool(self._drafts)))
         if not self._drafts:
             return
         scheduled = {s.seq.seq_id: s for s in output.scheduled}
@@ -207,7 +228,18 @@ class SpecDecoder:
                 self.stats.num_drafts += 1
                 self.stats.num_draft_tokens += len(draft)
                 self.stats.num_accepted_tokens += v.num_accepted
-        return [runs[s.seq.seq_id] for s in result.sample_seqs]
+        sampled = [runs[s.seq.seq_id] for s in result.sample_seqs]
+        if self._measures and sampled:
+            assert self.policy is not None
+            self.policy.observe(True, sum(len(run.token_ids) for run in sampled) / len(sampled))
+        return sampled
+
+
+def _any_seeded_sampling(running: Seq[Sequence]) -> bool:
+    """Whether a running sequence samples from its own seed. Its tokens depend on which steps speculate (a
+    verified position draws differently from a plain one), so while one runs the policy does not choose: timing
+    must not change what a seeded request returns."""
+    return any(seq.params.seed is not None and not seq.params.greedy for seq in running)
 
 
 def _rows_of(mask: TokenMask | None, picked: list[int]) -> TokenMask | None:
