@@ -191,7 +191,8 @@ class LoRALinear(nn.Module):
             from weir_server.kernels.lora import SGMV_BLOCK_T, lora_apply, lora_apply_sgmv, lora_segments
 
             if self.block_n is not None:
-                if not any(self.slot_ranks) and not torch.cuda.is_current_stream_capturing():
+                capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+                if not any(self.slot_ranks) and not capturing:
                     return  # an eager step and no adapter here (a graph keeps the kernels for adapters loaded later)
                 if state.segments is None:  # once per step: every layer groups the same tokens
                     state.segments = lora_segments(state.slots, self.lora_a.shape[0], SGMV_BLOCK_T)
