@@ -4,6 +4,10 @@ Punica's BGMV in two kernels: `shrink` (x [T, K] @ A[s]^T -> [T, S*R], float32) 
 that product belonging to each output row, @ B[s]^T). A layer fusing S projections (q/k/v, gate/up) keeps the
 A of slice i in rows i*R:(i+1)*R of its [S*R, K] stack, and `row_offset[n]` (= slice of row n times R) tells the
 expand which of them output row n reads. Tokens of slot -1 (the base model) are skipped. Padding ranks are zero.
+
+The grouped (SGMV) pair also splits the shrink's K over programs (its partial sums, summed by the expand in a fixed
+order) and reads each slot's rank in this layer from the device, so a slot whose adapter leaves the layer alone
+costs nothing even inside a CUDA graph captured before that adapter was loaded.
 """
 
 import torch
