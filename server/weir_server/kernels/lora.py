@@ -4,6 +4,10 @@ Punica's BGMV in two kernels: `shrink` (x [T, K] @ A[s]^T -> [T, S*R], float32) 
 that product belonging to each output row, @ B[s]^T). A layer fusing S projections (q/k/v, gate/up) keeps the
 A of slice i in rows i*R:(i+1)*R of its [S*R, K] stack, and `row_offset[n]` (= slice of row n times R) tells the
 expand which of them output row n reads. Tokens of slot -1 (the base model) are skipped. Padding ranks are zero.
+
+The grouped (SGMV) pair also splits the shrink's K over programs (its partial sums, summed by the expand in a fixed
+order) and reads each slot's rank in this layer from the device, so a slot whose adapter leaves the layer alone
+costs nothing even inside a CUDA graph captured before that adapter was loaded.
 """
 
 import torch
@@ -109,6 +113,13 @@ if HAS_TRITON:
 
 
 SGMV_BLOCK_T = 16  # tokens of one slot per program (the rows of its tensor-core tiles)
+# Split-K aims a decode step's shrink at this many programs: 256 rows of one adapter are 16 tiles, and 16 programs
+# each reducing all of K left an H100's 132 SMs nearly idle. The expand sums the splits' partial products, so the
+# result stays deterministic (no atomics) and each token's sum runs in the same order in any batch.
+SGMV_SHRINK_PROGRAMS = 256
+SGMV_MAX_SPLIT_K = 16
+SGMV_MIN_SPLIT = 256  # the shortest stretch of K one split reduces
+SGMV_EXPAND_PROGRAMS = 1024  # past this many, an expand program takes several tiles of output rows in turn
 
 
 def lora_segments(slots: torch.Tensor, num_loras: int, block_t: int) -> tuple[torch.Tensor, ...]:
@@ -125,6 +136,12 @@ def lora_segments(slots: torch.Tensor, num_loras: int, block_t: int) -> tuple[to
     return order, counts, block_end, token_start
 
 
+def sgmv_split_k(k: int, tiles: int) -> int:
+    """How many stretches of K the shrink splits into, for `tiles` (token tiles x rank tiles) programs: enough to
+    fill the GPU at decode sizes, one for prefills (their partial sums would cost more traffic than they save)."""
+    return max(1, min(SGMV_MAX_SPLIT_K, k // SGMV_MIN_SPLIT, SGMV_SHRINK_PROGRAMS // max(tiles, 1)))
+
+
 def lora_apply_sgmv(
     x: torch.Tensor,
     out: torch.Tensor,
@@ -134,11 +151,16 @@ def lora_apply_sgmv(
     row_offset: torch.Tensor,
     block_n: int,
     segments: tuple[torch.Tensor, ...] | None = None,
+    slot_ranks: torch.Tensor | None = None,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """Punica's SGMV: `lora_apply` with tokens grouped by slot, so a program multiplies a tile of tokens of one
     adapter (tensor-core dots) and reads that adapter's matrices once per tile instead of once per token.
     `block_n` must divide every output slice (so a tile of output rows reads one slice's columns). `segments`:
-    `lora_segments(slots, len(lora_a), SGMV_BLOCK_T)`, made once per step for all layers (or here)."""
+    `lora_segments(slots, len(lora_a), SGMV_BLOCK_T)`, made once per step for all layers (or here). `slot_ranks`
+    [L] int32: the rank each slot's adapter uses in this layer (0: it leaves the layer alone and its programs exit
+    at once; the matrices past it must be zeros); None: every slot at the full rank. `split_k`: None picks one
+    (`sgmv_split_k`); 1 reduces all of K in one program, as the kernel first did."""
     require_triton()
     num_tokens, k = x.shape
     n = out.shape[1]
@@ -148,20 +170,30 @@ def lora_apply_sgmv(
         return out
     block_t = SGMV_BLOCK_T
     order, counts, block_end, token_start = segments or lora_segments(slots, num_loras, block_t)
+    if slot_ranks is None:
+        slot_ranks = torch.full((num_loras,), rank, dtype=torch.int32, device=x.device)
     programs = triton.cdiv(num_tokens, block_t) + num_loras  # sum over slots of ceil(count / block_t), at most
-    shrink = torch.empty((num_tokens, sr), dtype=torch.float32, device=x.device)
     ieee = x.dtype == torch.float32
     block_seg = next_power_of_2(num_loras + 1)
     block_r = min(max(next_power_of_2(sr), 16), 64)
-    _sgmv_shrink_kernel[(programs, triton.cdiv(sr, block_r))](
-        x, lora_a, order, counts, block_end, token_start, shrink, k, sr, num_loras,
-        x.stride(0), lora_a.stride(0), lora_a.stride(1), shrink.stride(0),
-        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=64, BLOCK_SEG=block_seg, IEEE=ieee,
+    block_k = 64
+    r_tiles = triton.cdiv(sr, block_r)
+    split = split_k or sgmv_split_k(k, programs * r_tiles)
+    k_chunk = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_chunk)  # no empty splits: each one writes its partial sums
+    partials = torch.empty((split, num_tokens, sr), dtype=torch.float32, device=x.device)
+    _sgmv_shrink_kernel[(programs, r_tiles, split)](
+        x, lora_a, order, counts, block_end, token_start, slot_ranks, partials, k, k_chunk, sr, rank, num_loras,
+        x.stride(0), lora_a.stride(0), lora_a.stride(1), partials.stride(0), partials.stride(1),
+        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_SEG=block_seg, IEEE=ieee,
     )  # fmt: skip
-    _sgmv_expand_kernel[(programs, triton.cdiv(n, block_n))](
-        shrink, lora_b, order, counts, block_end, token_start, row_offset, out, n, rank, num_loras,
-        shrink.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0),
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_RANK=max(next_power_of_2(rank), 16), BLOCK_SEG=block_seg, IEEE=ieee,
+    n_tiles = triton.cdiv(n, block_n)
+    tiles_per_program = max(1, min(8, n_tiles * programs // SGMV_EXPAND_PROGRAMS))
+    _sgmv_expand_kernel[(programs, triton.cdiv(n_tiles, tiles_per_program))](
+        partials, lora_b, order, counts, block_end, token_start, slot_ranks, row_offset, out, n, rank, num_loras,
+        partials.stride(0), partials.stride(1), lora_b.stride(0), lora_b.stride(1), out.stride(0),
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_RANK=max(next_power_of_2(rank), 16), BLOCK_SEG=block_seg,
+        SPLIT_K=split, TILES=tiles_per_program, IEEE=ieee,
     )  # fmt: skip
     return out
 
@@ -171,7 +203,7 @@ if HAS_TRITON:
     @triton.jit
     def _sgmv_tile(pid, counts_ptr, block_end_ptr, token_start_ptr, order_ptr, NUM_LORAS,
                    BLOCK_T: tl.constexpr, BLOCK_SEG: tl.constexpr):  # fmt: skip
-        """Which slot program `pid` serves (-1: none) and its tile's token rows and mask."""
+        """Which slot program `pid` serves (NUM_LORAS: none) and its tile's token rows and mask."""
         segs = tl.arange(0, BLOCK_SEG)
         ends = tl.load(block_end_ptr + segs, mask=segs <= NUM_LORAS, other=2**30)
         seg = tl.sum((ends <= pid).to(tl.int32))  # ends[0] == 0, so seg >= 1: a slot's programs
@@ -186,8 +218,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _sgmv_shrink_kernel(
-        x_ptr, a_ptr, order_ptr, counts_ptr, block_end_ptr, token_start_ptr, out_ptr, K, SR, NUM_LORAS,
-        stride_x, stride_al, stride_ar, stride_o,
+        x_ptr, a_ptr, order_ptr, counts_ptr, block_end_ptr, token_start_ptr, ranks_ptr, out_ptr, K, K_CHUNK, SR,
+        RANK, NUM_LORAS, stride_x, stride_al, stride_ar, stride_os, stride_o,
         BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_SEG: tl.constexpr,
         IEEE: tl.constexpr,
     ):  # fmt: skip
@@ -196,50 +228,64 @@ if HAS_TRITON:
         )
         if slot >= NUM_LORAS:
             return
+        slot_rank = tl.load(ranks_ptr + slot)
+        if slot_rank == 0:  # this adapter leaves the layer alone (the expand skips it too)
+            return
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        live = (r < SR) & (r % RANK < slot_rank)  # each slice's rows past the adapter's rank are zeros: unread
+        k_start = tl.program_id(2) * K_CHUNK
+        k_end = tl.minimum(k_start + K_CHUNK, K)
         acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
         x_rows = x_ptr + tokens.to(tl.int64)[:, None] * stride_x
         a_rows = a_ptr + slot.to(tl.int64) * stride_al + r[None, :] * stride_ar
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            xv = tl.load(x_rows + k[None, :], mask=valid[:, None] & (k[None, :] < K), other=0.0)
-            av = tl.load(a_rows + k[:, None], mask=(k[:, None] < K) & (r[None, :] < SR), other=0.0)
+            xv = tl.load(x_rows + k[None, :], mask=valid[:, None] & (k[None, :] < k_end), other=0.0)
+            av = tl.load(a_rows + k[:, None], mask=(k[:, None] < k_end) & live[None, :], other=0.0)
             if IEEE:
                 acc += tl.dot(xv, av, input_precision="ieee")
             else:
                 acc += tl.dot(xv, av)
-        out = out_ptr + tokens.to(tl.int64)[:, None] * stride_o + r[None, :]
+        out = out_ptr + tl.program_id(2) * stride_os + tokens.to(tl.int64)[:, None] * stride_o + r[None, :]
         tl.store(out, acc, mask=valid[:, None] & (r[None, :] < SR))
 
     @triton.jit
     def _sgmv_expand_kernel(
-        s_ptr, b_ptr, order_ptr, counts_ptr, block_end_ptr, token_start_ptr, offset_ptr, out_ptr, N, RANK, NUM_LORAS,
-        stride_s, stride_bl, stride_bn, stride_o,
+        s_ptr, b_ptr, order_ptr, counts_ptr, block_end_ptr, token_start_ptr, ranks_ptr, offset_ptr, out_ptr, N, RANK,
+        NUM_LORAS, stride_ss, stride_s, stride_bl, stride_bn, stride_o,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_SEG: tl.constexpr,
-        IEEE: tl.constexpr,
+        SPLIT_K: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         slot, tokens, valid = _sgmv_tile(
             tl.program_id(0), counts_ptr, block_end_ptr, token_start_ptr, order_ptr, NUM_LORAS, BLOCK_T, BLOCK_SEG
         )
         if slot >= NUM_LORAS:
             return
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        slot_rank = tl.load(ranks_ptr + slot)
+        if slot_rank == 0:
+            return
         r = tl.arange(0, BLOCK_RANK)
-        offset = tl.load(offset_ptr + tl.program_id(1) * BLOCK_N)  # one slice per tile of rows
         rows = tokens.to(tl.int64)
-        sv = tl.load(
-            s_ptr + rows[:, None] * stride_s + offset + r[None, :], mask=valid[:, None] & (r[None, :] < RANK), other=0.0
-        )
-        bv = tl.load(
-            b_ptr + slot.to(tl.int64) * stride_bl + n[None, :] * stride_bn + r[:, None],
-            mask=(n[None, :] < N) & (r[:, None] < RANK),
-            other=0.0,
-        )
-        if IEEE:
-            delta = tl.dot(sv, bv.to(tl.float32), input_precision="ieee")
-        else:
-            delta = tl.dot(sv.to(bv.dtype), bv)
-        out = out_ptr + rows[:, None] * stride_o + n[None, :]
-        mask = valid[:, None] & (n[None, :] < N)
-        previous = tl.load(out, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out, (previous + delta).to(out_ptr.dtype.element_ty), mask=mask)
+        r_mask = r < slot_rank
+        s_rows = s_ptr + rows[:, None] * stride_s + r[None, :]
+        b_slot = b_ptr + slot.to(tl.int64) * stride_bl
+        for t in tl.static_range(TILES):
+            n0 = (tl.program_id(1) * TILES + t) * BLOCK_N
+            if n0 < N:
+                n = n0 + tl.arange(0, BLOCK_N)
+                offset = tl.load(offset_ptr + n0)  # one slice per tile of rows
+                s_mask = valid[:, None] & r_mask[None, :]
+                sv = tl.load(s_rows + offset, mask=s_mask, other=0.0)
+                for split in tl.static_range(1, SPLIT_K):  # the shrink's partial sums, in a fixed order
+                    sv += tl.load(s_rows + split * stride_ss + offset, mask=s_mask, other=0.0)
+                bv = tl.load(
+                    b_slot + n[None, :] * stride_bn + r[:, None], mask=(n[None, :] < N) & r_mask[:, None], other=0.0
+                )
+                if IEEE:
+                    delta = tl.dot(sv, bv.to(tl.float32), input_precision="ieee")
+                else:
+                    delta = tl.dot(sv.to(bv.dtype), bv)
+                out = out_ptr + rows[:, None] * stride_o + n[None, :]
+                mask = valid[:, None] & (n[None, :] < N)
+                previous = tl.load(out, mask=mask, other=0.0).to(tl.float32)
+                tl.store(out, (previous + delta).to(out_ptr.dtype.element_ty), mask=mask)

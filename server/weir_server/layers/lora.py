@@ -112,6 +112,7 @@ class LoRALinear(nn.Module):
     lora_a: torch.Tensor  # [max_loras, slices * max_rank, in (this rank's)]
     lora_b: torch.Tensor  # [max_loras, out (this rank's), max_rank], scaled
     row_offset: torch.Tensor  # [out] int32: the first column of the shrink product each output row reads
+    lora_ranks: torch.Tensor  # [max_loras] int32: `slot_ranks` on the device, which the grouped kernels read
 
     def __init__(
         self,
@@ -147,6 +148,9 @@ class LoRALinear(nn.Module):
         if not USE_SGMV:
             self.block_n = None
         self.slot_ranks = [0] * max_loras  # the highest rank a slot's adapter uses here (0: leaves it alone)
+        # Read by the captured kernels on every replay, so a slot whose adapter leaves this layer alone (an
+        # attention-only adapter in an MLP layer) costs no work there, whatever was loaded since the capture.
+        self.register_buffer("lora_ranks", torch.zeros(max_loras, dtype=torch.int32, device=device), persistent=False)
 
     def set_slot(self, slot: int, weights: SlotWeights | None) -> None:
         """Fill a slot with this rank's shard of an adapter's matrices (None or missing slices: zeros)."""
@@ -166,6 +170,7 @@ class LoRALinear(nn.Module):
             a[i * rank : i * rank + r].copy_(full_a)
             b[start : start + rows, :r].copy_(full_b[source : source + rows])
             self.slot_ranks[slot] = max(self.slot_ranks[slot], r)
+        self.lora_ranks[slot] = self.slot_ranks[slot]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -186,10 +191,13 @@ class LoRALinear(nn.Module):
             from weir_server.kernels.lora import SGMV_BLOCK_T, lora_apply, lora_apply_sgmv, lora_segments
 
             if self.block_n is not None:
+                capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+                if not any(self.slot_ranks) and not capturing:
+                    return  # an eager step and no adapter here (a graph keeps the kernels for adapters loaded later)
                 if state.segments is None:  # once per step: every layer groups the same tokens
                     state.segments = lora_segments(state.slots, self.lora_a.shape[0], SGMV_BLOCK_T)
-                a, b, slots = self.lora_a, self.lora_b, state.slots
-                lora_apply_sgmv(x, out, a, b, slots, self.row_offset, self.block_n, state.segments)
+                a, b, slots, ranks = self.lora_a, self.lora_b, state.slots, self.lora_ranks
+                lora_apply_sgmv(x, out, a, b, slots, self.row_offset, self.block_n, state.segments, ranks)
             else:
                 lora_apply(x, out, self.lora_a, self.lora_b, state.slots, self.row_offset)
             return
