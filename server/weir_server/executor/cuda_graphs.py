@@ -52,6 +52,20 @@ def is_graphable_decode(batch: Sequence[ScheduledSeq[S]]) -> bool:
     return all(s.num_new_tokens == 1 for s in batch)
 
 
+HOST_STAGES = 2  # host mirrors taking turns: the host prepares a batch while the last one's copy may still wait
+
+
+class _HostStage:
+    """One set of the pinned host mirrors of the graphs' input buffers, and when its last copy ran."""
+
+    def __init__(self, rows: int, max_batch: int, max_blocks: int, pin: bool) -> None:
+        # (the CPU tests run the same preparation without pinned memory)
+        self.i64 = torch.full((4, rows), -1, dtype=torch.int64, pin_memory=pin)
+        self.ctx = torch.ones(max_batch, dtype=torch.int32, pin_memory=pin)
+        self.tables = torch.zeros(max_batch * max_blocks, dtype=torch.int32, pin_memory=pin)
+        self.copied: torch.cuda.Event | None = None
+
+
 def graph_query_len(batch: Sequence[ScheduledSeq[S]], query_lens: Sequence[int]) -> int | None:
     """The captured query length (sorted `query_lens`) a batch replays with: 1 for plain decodes, else the smallest
     q holding every sequence's new tokens with q - n front rows at positions >= 0; None when none does."""
@@ -117,14 +131,12 @@ class DecodeGraphs:
             q: torch.arange(0, (mb + 1) * q, q, dtype=torch.int32, device=device) for q in self.query_lens
         }
         self._table_stage = torch.zeros(mb * self.max_blocks, dtype=torch.int32, device=device)
-        # Pinned host mirrors, written through numpy views, copied with non_blocking=True.
-        pin = device.type == "cuda"  # (the CPU tests run the same preparation without pinned memory)
-        self._host_i64 = torch.full((4, rows), -1, dtype=torch.int64, pin_memory=pin)
-        self._host_ctx = torch.ones(mb, dtype=torch.int32, pin_memory=pin)
-        self._host_tables = torch.zeros(mb * self.max_blocks, dtype=torch.int32, pin_memory=pin)
-        self._np_i64 = self._host_i64.numpy()
-        self._np_ctx = self._host_ctx.numpy()
-        self._np_tables = self._host_tables.numpy()
+        # Pinned host mirrors, written through numpy views, copied with non_blocking=True. A copy reads its mirror
+        # when the stream reaches it, which may be after the host has prepared the next batch (a draft model's steps
+        # are launched back to back), so the mirrors take turns, each written again only once its last copy is done.
+        self._stages = [_HostStage(rows, mb, self.max_blocks, pin=device.type == "cuda") for _ in range(HOST_STAGES)]
+        self._stage = 0
+        self._use_stage(0)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (query_len, batch size) -> graph
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -186,8 +198,18 @@ class DecodeGraphs:
 
     # ---- one step ---------------------------------------------------------------------------------------
 
+    def _use_stage(self, index: int) -> None:
+        """Write the next batch into host mirror `index`, once the copy that last read it has run."""
+        stage = self._stages[index]
+        if stage.copied is not None:
+            stage.copied.synchronize()
+        self._stage = index
+        self._host_i64, self._host_ctx, self._host_tables = stage.i64, stage.ctx, stage.tables
+        self._np_i64, self._np_ctx, self._np_tables = stage.i64.numpy(), stage.ctx.numpy(), stage.tables.numpy()
+
     def prepare(self, batch: Sequence[ScheduledSeq[S]]) -> DecodeInput | None:
         """Lay a decode batch into the static buffers (async copies); None when no graph fits it."""
+        self._use_stage((self._stage + 1) % len(self._stages))
         n = len(batch)
         if not is_graphable_decode(batch):
             q = graph_query_len(batch, self.query_lens)
@@ -272,6 +294,9 @@ class DecodeGraphs:
         stage = self._table_stage[: bs * width]
         stage.copy_(self._host_tables[: bs * width], non_blocking=True)
         self.block_tables[:bs, :width].copy_(stage.view(bs, width))
+        if self.device.type == "cuda":
+            copied = self._stages[self._stage].copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            copied.record()
 
     def replay(self, decode: DecodeInput) -> torch.Tensor:
         """Run the graph; the first `num_seqs * query_len` rows of its static output [padded * query_len, hidden]
