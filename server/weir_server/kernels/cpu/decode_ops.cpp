@@ -261,8 +261,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 // Every decoder layer of a Llama-shaped model for a step of a few tokens per sequence, with the ops the layers'
 // Python modules call, in the same order and on the same tensors (so the same bits), and no Python in between:
 // at one stream the modules' calls, splits and views cost about a third of a step. Per layer, `weights` holds the
-// input norm's weight, the packed 4-bit qkv, o, the post-attention norm's weight, the packed [gate; up] and down
-// projections; kv_caches[l] is [2, blocks, block_size, Hkv, D]; windows[l] > 0 is a sliding window. `residual`
+// input norm's weight, the packed qkv, o, the post-attention norm's weight, the packed [gate; up] and down
+// projections, each in int4_pack's or int8_pack's layout (a GGUF mixing Q4_K with Q6_K/Q8_0 projections); kv_caches[l] is [2, blocks, block_size, Hkv, D]; windows[l] > 0 is a sliding window. `residual`
 // is None before the first layer. Returns (hidden, residual) for the final norm.
 std::tuple<torch::Tensor, torch::Tensor> decode_layers(
     torch::Tensor hidden, c10::optional<torch::Tensor> residual_in, const std::vector<torch::Tensor>& weights,
@@ -284,15 +284,15 @@ std::tuple<torch::Tensor, torch::Tensor> decode_layers(
     } else {
       std::tie(hidden, residual) = fused_add_rms_norm(hidden, residual, w[0], eps);
     }
-    const torch::Tensor qkv = int4_group_matmul(hidden, w[1]);
+    const torch::Tensor qkv = packed_group_matmul(hidden, w[1]);
     const torch::Tensor attn = decode_attention(
         qkv.narrow(1, 0, q_size).view({T, num_heads, head_dim}),
         qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads, head_dim}),
         qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads, head_dim}), cos, sin, kv_caches[l][0],
         kv_caches[l][1], block_tables, context_lens, query_start_loc, slot_mapping, scale, windows[l], softcap);
-    hidden = int4_group_matmul(attn.view({T, q_size}), w[2]);
+    hidden = packed_group_matmul(attn.view({T, q_size}), w[2]);
     std::tie(hidden, residual) = fused_add_rms_norm(hidden, residual, w[3], eps);
-    hidden = int4_group_matmul(int4_group_matmul(hidden, w[4], false, true), w[5]);
+    hidden = packed_group_matmul(packed_group_matmul(hidden, w[4], true), w[5]);
   }
   return {hidden, residual};
 }
@@ -309,7 +309,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "int8 weights (q, scales, offsets per group of 32) in int8_packed_matmul's layout",
         py::arg("q"), py::arg("scales"), py::arg("offsets") = py::none());
   m.def("int8_packed_matmul", &int8_packed_matmul, release, "x times packed int8 weights, for steps of a few rows",
-        py::arg("x"), py::arg("packed"), py::arg("portable") = false);
+        py::arg("x"), py::arg("packed"), py::arg("portable") = false, py::arg("silu_and_mul") = false);
   m.def("int4_pack", &int4_pack, release,
         "4-bit weights (q, scales, zeros per group of 32) in int4_group_matmul's layout");
   m.def("int4_group_matmul", &int4_group_matmul, release, "x times packed 4-bit weights, for steps of a few rows",
