@@ -4,6 +4,10 @@ At one stream the packaged model's decode step spends about 5.5 ms in its kernel
 them: some 330 module calls, splits and views. `decode_layers` (kernels/cpu/decode_ops.cpp) calls the same C++ ops
 on the same tensors in the same order, so a step through it gives the module path's bits; the modules stay the
 path for everything else (prefill, larger batches, LoRA, tensor parallelism, any layer it does not cover).
+
+A GGUF kept quantized (`--quantization gguf`) comes too where each projection's parts share one C++ layout: Q4_0,
+Q4_1 and Q4_K as int4, Q5_0, Q8_0, Q5_K and Q6_K as int8. There the op forms silu(gate) * up in fp32 where the
+modules round gate and up to bf16 first, so those steps agree with the module path to bf16's rounding, not in bits.
 """
 
 from __future__ import annotations
@@ -15,19 +19,41 @@ import torch
 from torch import nn
 
 from weir_server.kernels.cpu_ops import cpu_ops
+from weir_server.layers.activation import SiluAndMul
 from weir_server.layers.attention import CPU_OP_MAX_QUERY_LEN, cpu_op_fits
 from weir_server.layers.attention_metadata import AttentionMetadata
 from weir_server.layers.cpu_linear import INT4_MAX_ROWS, Int4Weight, PackedGateUpSilu, PackedLinear
+from weir_server.layers.gguf_weights import Int4Rows, Int8BlockRows
 from weir_server.layers.norm import RMSNorm
+from weir_server.layers.quantized_linear import GGUFLinear
 from weir_server.layers.rotary import StepRope
 
 
-def _packed_int4(module: nn.Module, kind: type[nn.Module]) -> torch.Tensor | None:
-    """The C++ op's 4-bit weight of a bias-free packed projection of exactly `kind`, else None."""
-    if type(module) is not kind or getattr(module, "bias", None) is not None:
+def _packed_weight(module: nn.Module, kind: type[nn.Module]) -> torch.Tensor | None:
+    """The C++ op's weight (int4 or int8 layout) of a bias-free projection: a packed bf16 one of exactly `kind`
+    with its 4-bit copy, or a whole (one-rank) GGUF one whose parts all hold one layout (a fused q/k/v of Q5_0
+    and Q8_0 parts becomes one weight; Q4_K beside Q6_K does not). None otherwise."""
+    if getattr(module, "bias", None) is not None:
         return None
-    weight = getattr(module, "int4_weight", None)
-    return weight.packed if isinstance(weight, Int4Weight) else None
+    if type(module) is kind:
+        weight = getattr(module, "int4_weight", None)
+        return weight.packed if isinstance(weight, Int4Weight) else None
+    if type(module) is not GGUFLinear or module.tp_size != 1:
+        return None
+    packed = [part.packed for part in module.parts if isinstance(part, Int4Rows | Int8BlockRows)]
+    if len(packed) != len(module.parts) or any(p is None for p in packed):
+        return None
+    if len({p.shape[1:] for p in packed}) != 1:  # not one layout (int4 beside int8, or Q6_K beside Q8_0)
+        return None
+    return packed[0] if len(packed) == 1 else torch.cat(packed)  # type: ignore[arg-type]
+
+
+def _gate_up(mlp: nn.Module) -> torch.Tensor | None:
+    """The [gate; up] weight whose op applies silu(gate) * up: the packed layer's (its act_fn is gone), or a GGUF
+    one followed by the plain SiluAndMul."""
+    if type(mlp.gate_up_proj) is GGUFLinear and type(getattr(mlp, "act_fn", None)) is not SiluAndMul:
+        return None
+    return _packed_weight(mlp.gate_up_proj, PackedGateUpSilu)
 
 
 def _plain_norm(module: nn.Module) -> torch.Tensor | None:
@@ -50,8 +76,8 @@ class CpuDecodeLayers:
 
     @classmethod
     def build(cls, layers: Sequence[nn.Module]) -> CpuDecodeLayers | None:
-        """A plan for Llama decoder layers whose projections all hold the C++ op's 4-bit weights and whose norms
-        and attention are the plain ones (no q/k norm, no biases, no LoRA wrapper); None otherwise."""
+        """A plan for Llama decoder layers whose projections all hold the C++ op's int4 or int8 weights and whose
+        norms and attention are the plain ones (no q/k norm, no biases, no LoRA wrapper); None otherwise."""
         if cpu_ops() is None or not layers:
             return None
         weights: list[torch.Tensor] = []
@@ -65,11 +91,11 @@ class CpuDecodeLayers:
             attn = layer.self_attn
             parts = (
                 _plain_norm(layer.input_layernorm),
-                _packed_int4(attn.qkv_proj, PackedLinear),
-                _packed_int4(attn.o_proj, PackedLinear),
+                _packed_weight(attn.qkv_proj, PackedLinear),
+                _packed_weight(attn.o_proj, PackedLinear),
                 _plain_norm(layer.post_attention_layernorm),
-                _packed_int4(layer.mlp.gate_up_proj, PackedGateUpSilu),
-                _packed_int4(layer.mlp.down_proj, PackedLinear),
+                _gate_up(layer.mlp),
+                _packed_weight(layer.mlp.down_proj, PackedLinear),
             )
             if any(part is None for part in parts) or getattr(attn, "qk_norm", False):
                 return None
