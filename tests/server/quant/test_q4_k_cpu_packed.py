@@ -136,3 +136,17 @@ def test_a_q4_k_m_model_decodes_in_one_call_with_the_greedy_tokens_of_its_float3
     modules = PagedRunner(model, loaded.hf_config).greedy(PROMPTS, max_new_tokens=8)
     reference = PagedRunner(served.model, served.hf_config).greedy(PROMPTS, max_new_tokens=8)
     assert one_call == modules == reference
+
+
+def test_a_dequantized_q4_k_tensor_keeps_a_4_bit_copy_even_where_a_group_stops_short_of_16_levels(gguf_rows):
+    from weir_server.layers.cpu_linear import lossless_int4
+
+    raw = gguf_rows["q4_k"].clone()
+    raw[0, 16:48] &= 0xEE  # sub-blocks 0 and 1 of row 0: even quants 0..14, no 15
+    assert int4_grid(raw, Q4_K)[0][0, :64].max() < 15
+    weight = dequantize(raw, Q4_K).bfloat16()  # what the default (dequantizing) load holds
+    copy = lossless_int4(weight)
+    assert copy is not None and copy.packed is not None
+    x = _x(2, 0).bfloat16()
+    torch.testing.assert_close(copy.matmul(x, None).float(), (x.float() @ weight.float().t()), atol=0.05, rtol=2**-7)
+    assert lossless_int4(torch.randn(ROWS, COLS).bfloat16()) is None  # weights on no 4-bit grid
