@@ -193,7 +193,7 @@ class Int8BlockRows(nn.Module):
     embedding reads it, and the op takes every step."""
 
     qs: torch.Tensor | None
-    scales: torch.Tensor
+    scales: torch.Tensor | None
     offsets: torch.Tensor | None
     packed: torch.Tensor | None
 
@@ -218,12 +218,13 @@ class Int8BlockRows(nn.Module):
             self.packed = ops.int8_pack(*self.plain_layout())
 
     def drop_plain_rows(self) -> None:
-        """Free the plain int8 rows once the op's layout holds them (a projection's; an embedding's stay)."""
+        """Free the plain int8 rows and their scales once the op's layout holds them (a projection's; an
+        embedding's stay)."""
         if self.packed is not None:
-            self.qs = None
+            self.qs = self.scales = self.offsets = None
 
     def _tile(self, index: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        assert self.qs is not None, "the plain rows were dropped"
+        assert self.qs is not None and self.scales is not None, "the plain rows were dropped"
         tile = self.qs[index].to(dtype).mul_(self.scales[index].to(dtype))
         if self.offsets is not None:
             tile.sub_(self.offsets[index].to(dtype))
@@ -231,7 +232,7 @@ class Int8BlockRows(nn.Module):
 
     def plain_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """q [rows, cols], scales and offsets (or None) [rows, groups]: the C++ ops' arguments."""
-        assert self.qs is not None, "the plain rows were dropped"
+        assert self.qs is not None and self.scales is not None, "the plain rows were dropped"
         offsets = None if self.offsets is None else self.offsets.view(self.rows, self.groups)
         return self.qs.view(self.rows, self.cols), self.scales.view(self.rows, self.groups), offsets
 
