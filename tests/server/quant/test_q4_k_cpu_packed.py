@@ -150,3 +150,15 @@ def test_a_dequantized_q4_k_tensor_keeps_a_4_bit_copy_even_where_a_group_stops_s
     x = _x(2, 0).bfloat16()
     torch.testing.assert_close(copy.matmul(x, None).float(), (x.float() @ weight.float().t()), atol=0.05, rtol=2**-7)
     assert lossless_int4(torch.randn(ROWS, COLS).bfloat16()) is None  # weights on no 4-bit grid
+
+
+@pytest.mark.parametrize("name", ["q6_k", "q5_0"])
+def test_int8_rows_apply_silu_and_mul_to_a_gate_up_pair_inside_the_op(gguf_rows, name):
+    qtype = {"q6_k": Q6_K, "q5_0": Q5_0}[name]
+    form = Int8BlockRows(gguf_rows[name], qtype, torch.bfloat16)  # rows 0..31 as gate, 32..63 as up
+    form.pack_for_cpu(torch.bfloat16)
+    x = _x(3, 1)
+    gate, up = ops.int8_packed_matmul(x, form.packed).chunk(2, dim=-1)
+    fused = ops.int8_packed_matmul(x, form.packed, silu_and_mul=True)
+    torch.testing.assert_close(fused, torch.nn.functional.silu(gate) * up, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ops.int8_packed_matmul(x[1:2], form.packed, silu_and_mul=True)[0], fused[1])
