@@ -22,7 +22,7 @@ from test_q4_k_m_greedy import PROMPTS, q4_k_m_file, served  # noqa: F401 (fixtu
 from weir_server.config import ModelConfig
 from weir_server.kernels.cpu_ops import cpu_ops
 from weir_server.kernels.gguf_dequant import Q4_K, Q5_0, Q6_K, GGMLType, dequantize
-from weir_server.layers.gguf_weights import Int4Rows, Int8BlockRows, int4_grid
+from weir_server.layers.gguf_weights import INT4_MAX_ROWS, Int4Rows, Int8BlockRows, int4_grid
 from weir_server.models.loader import load_model
 
 ops = cpu_ops()
@@ -87,6 +87,9 @@ def test_q4_k_rows_take_the_int4_op_within_the_two_level_bound(gguf_rows, rows):
     x = _x(rows, rows)
     out = form.matmul(x)
     assert out.dtype == torch.float32 and out.shape == (rows, ROWS)
+    if rows > INT4_MAX_ROWS:  # tiles of the same weights, dequantized, for steps of many rows
+        torch.testing.assert_close(out.double(), x.double() @ weight.double().t(), atol=1e-4, rtol=1e-5)
+        return
     assert _within_two_level_error(out, x, weight)
     assert torch.equal(ops.int4_group_matmul(x, form.packed, portable=True), out)  # the scalar path's bits
     assert torch.equal(form.matmul(x[-1:])[0], out[-1])  # a row's result does not depend on its neighbours
@@ -111,7 +114,11 @@ def test_q6_k_and_q5_0_rows_take_the_int8_op_within_the_two_level_bound(gguf_row
     assert form.qs is None
     x = _x(rows, rows)
     out = form.matmul(x)
-    assert _within_two_level_error(out, x, dequantize(raw, qtype))  # the file's exact weights
+    weight = dequantize(raw, qtype)  # the file's exact weights
+    if rows > INT4_MAX_ROWS:  # tiles of them, dequantized, for steps of many rows
+        torch.testing.assert_close(out.double(), x.double() @ weight.double().t(), atol=1e-4, rtol=1e-5)
+        return
+    assert _within_two_level_error(out, x, weight)
     assert torch.equal(ops.int8_packed_matmul(x, form.packed, portable=True), out)
 
 
@@ -119,7 +126,7 @@ def _forms(module: torch.nn.Module) -> list[tuple[str, GGMLType]]:
     return [(type(part).__name__, part.qtype) for part in module.parts]
 
 
-def test_a_q4_k_m_model_decodes_in_one_call_with_the_greedy_tokens_of_its_float32_run(q4_k_m_file, served):  # noqa: F811
+def test_a_q4_k_m_model_decodes_in_one_call_with_its_modules_and_its_float32_runs_greedy_tokens(q4_k_m_file, served):  # noqa: F811
     path, folder, _ = q4_k_m_file
     loaded = load_model(
         ModelConfig(str(path), device="cpu", dtype="bfloat16", tokenizer=str(folder), keep_quantized=True)
@@ -133,9 +140,15 @@ def test_a_q4_k_m_model_decodes_in_one_call_with_the_greedy_tokens_of_its_float3
     assert plan.parts == [2, 1, 1, 1, 3, 1, 2, 1]  # per layer: qkv, o, gate_up, down
     one_call = PagedRunner(model, loaded.hf_config).greedy(PROMPTS, max_new_tokens=8)
     model.model.cpu_decode = None
-    modules = PagedRunner(model, loaded.hf_config).greedy(PROMPTS, max_new_tokens=8)
-    reference = PagedRunner(served.model, served.hf_config).greedy(PROMPTS, max_new_tokens=8)
-    assert one_call == modules == reference
+    assert PagedRunner(model, loaded.hf_config).greedy(PROMPTS, max_new_tokens=8) == one_call
+    # The float32 run of the same file, teacher-forced on these tokens, picks each of them up to near-ties (this
+    # random model has one at 0.012 that bf16 flips).
+    reference = PagedRunner(served.model, served.hf_config)
+    for i, (prompt, tokens) in enumerate(zip(PROMPTS, one_call, strict=True)):
+        logits = reference.step([(i, prompt + tokens[:-1])])[0][len(prompt) - 1 :]
+        top2 = logits.topk(2, dim=-1).values
+        for j, token in enumerate(tokens):
+            assert token == int(logits[j].argmax()) or float(top2[j, 0] - top2[j, 1]) < 0.05
 
 
 def test_a_dequantized_q4_k_tensor_keeps_a_4_bit_copy_even_where_a_group_stops_short_of_16_levels(gguf_rows):

@@ -334,6 +334,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("packed"), py::arg("portable") = false, py::arg("silu_and_mul") = false);
   m.def("int4_pack", &int4_pack, release,
         "4-bit weights (q, scales, zeros per group of 32) in int4_group_matmul's layout");
+  m.def("packed_dequantize", &packed_dequantize, release, "the weights of an int4_pack or int8_pack layout",
+        py::arg("packed"), py::arg("dtype"));
   m.def("int4_group_matmul", &int4_group_matmul, release, "x times packed 4-bit weights, for steps of a few rows",
         py::arg("x"), py::arg("packed"), py::arg("portable") = false, py::arg("silu_and_mul") = false);
   m.def("decode_layers", &decode_layers, release,

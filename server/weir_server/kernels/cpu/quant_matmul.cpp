@@ -529,6 +529,91 @@ torch::Tensor int8_packed_matmul(const torch::Tensor& x, const torch::Tensor& pa
   return packed_matmul<Int8Format>(x, packed, portable, silu_and_mul);
 }
 
+namespace {
+
+// Every weight of a packed [blocks, groups, Format::kBlockBytes] as `out` [blocks * 8, groups * 32] (fp32 math, one
+// rounding to out's dtype), for steps of many rows, which multiply tiles of these instead. A (block, group) is first
+// unpacked to its 8 rows' quants, so the per-row loop over 32 weights is plain arithmetic the compiler vectorizes.
+template <typename T>
+inline T round_to(float value) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // round to nearest even, as the cast does (no NaNs here)
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    bits += 0x7FFF + ((bits >> 16) & 1);
+    return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<T>(value);
+  }
+}
+
+template <typename Format, typename T>
+void dequantize_blocks(const uint8_t* w, int64_t blocks, int64_t groups, T* out) {
+  const int64_t K = groups * kGroup;
+  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
+    float uq[8][kGroup];
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* blk = w + (b * groups + g) * Format::kBlockBytes;
+        if constexpr (std::is_same_v<Format, Int4Format>) {  // the layouts of the top, read byte by byte
+          for (int s = 0; s < 4; ++s) {
+            for (int j = 0; j < 8; ++j) {
+              for (int b = 0; b < 4; ++b) {
+                const uint8_t byte = blk[32 * s + 4 * j + b];
+                uq[j][8 * s + b] = static_cast<float>(byte & 15);
+                uq[j][8 * s + 4 + b] = static_cast<float>(byte >> 4);
+              }
+            }
+          }
+        } else {
+          for (int s = 0; s < 8; ++s) {
+            for (int j = 0; j < 8; ++j) {
+              for (int b = 0; b < 4; ++b) uq[j][4 * s + b] = static_cast<float>(blk[32 * s + 4 * j + b]);
+            }
+          }
+        }
+        for (int j = 0; j < 8; ++j) {
+          T* row = out + (b * kRowBlock + j) * K + g * kGroup;
+          if constexpr (std::is_same_v<Format, Int4Format>) {
+            const float scale = Format::scale(blk, j), zero = Format::zero(blk, j);
+            for (int i = 0; i < kGroup; ++i) row[i] = round_to<T>(std::fma(uq[j][i] - 8.f, scale, zero));
+          } else if constexpr (std::is_same_v<Format, Int8Format>) {
+            const float scale = Format::scales(blk)[j], offset = Format::scales(blk)[8 + j];
+            for (int i = 0; i < kGroup; ++i) row[i] = round_to<T>(std::fma(uq[j][i] - 128.f, scale, -offset));
+          } else {
+            const float* sc = Format::scales(blk);
+            const float offset = sc[16 + j];
+            for (int i = 0; i < kGroup; ++i) {
+              row[i] = round_to<T>(std::fma(uq[j][i] - 128.f, sc[8 * (i / 16) + j], -offset));
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor packed_dequantize(const torch::Tensor& packed, at::ScalarType dtype) {
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "packed must come from int4_pack or int8_pack");
+  const int64_t blocks = packed.size(0), groups = packed.size(1), bytes = packed.size(2);
+  torch::Tensor out = torch::empty({blocks * kRowBlock, groups * kGroup}, packed.options().dtype(dtype));
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "packed_dequantize", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    if (bytes == Int4Format::kBlockBytes) {
+      dequantize_blocks<Int4Format>(w, blocks, groups, o);
+    } else if (bytes == Int8Format::kBlockBytes) {
+      dequantize_blocks<Int8Format>(w, blocks, groups, o);
+    } else {
+      TORCH_CHECK(bytes == Int8HalvesFormat::kBlockBytes, "packed must come from int4_pack or int8_pack");
+      dequantize_blocks<Int8HalvesFormat>(w, blocks, groups, o);
+    }
+  });
+  return out;
+}
+
 torch::Tensor packed_group_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool silu_and_mul) {
   if (packed.dim() == 3 && packed.size(2) == Int4Format::kBlockBytes) {
     return packed_matmul<Int4Format>(x, packed, false, silu_and_mul);

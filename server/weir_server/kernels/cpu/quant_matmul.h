@@ -19,6 +19,9 @@ torch::Tensor int8_pack(const torch::Tensor& q, const torch::Tensor& scales, con
 torch::Tensor int8_packed_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool portable = false,
                                  bool silu_and_mul = false);
 
+// The weights [N, K] of either packed format in `dtype`: steps of many rows multiply tiles of these instead.
+torch::Tensor packed_dequantize(const torch::Tensor& packed, at::ScalarType dtype);
+
 // Either packed format (int4_pack's or int8_pack's, told apart by their block bytes): a decode layer's projection.
 torch::Tensor packed_group_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool silu_and_mul = false);
 
