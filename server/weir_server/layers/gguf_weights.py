@@ -52,6 +52,11 @@ INT4_TYPES = (Q4_0.id, Q4_1.id, Q4_K.id)
 # the C++ op (about 15 us more per row on a 1728 x 576 weight) 8 rows still beat the bf16 copy: 8 sequences of the
 # packaged model decoded at 31-33 ms a step against 37-40 ms with 4 (in process, this 2-core Zen 4).
 INT4_MAX_ROWS = 8
+# A GGUF projection kept only in the C++ layouts takes the integer-dot op up to this many rows and multiplies
+# dequantized tiles beyond. A [3072, 576] weight, 2 threads, this Zen 4: the int4 op 0.53 / 1.09 / 2.11 ms at
+# 16 / 32 / 64 rows, dequantized tiles 1.08 / 1.18 / 1.61 ms (oneDNN on a bf16 copy packed at load: 0.19 / 0.28
+# / 0.59 ms, the dequantizing load's price for holding 2 bytes a weight).
+PACKED_OP_MAX_ROWS = 32
 
 
 def packed_tiles_matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -191,7 +196,7 @@ class Int4Rows(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.cols).contiguous()
-        if self.int4.packed is not None and flat.shape[0] > INT4_MAX_ROWS:
+        if self.int4.packed is not None and flat.shape[0] > PACKED_OP_MAX_ROWS:
             return packed_tiles_matmul(flat, self.int4.packed).reshape(*x.shape[:-1], self.rows)
         if self.int4.torch_pack is not None:  # torch's kernel takes x in its scales' dtype
             flat = flat.to(self.int4.torch_pack[1].dtype)
@@ -252,7 +257,8 @@ class Int8BlockRows(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.cols)
-        if self.packed is not None and flat.shape[0] <= INT4_MAX_ROWS:
+        few = flat.shape[0] <= (PACKED_OP_MAX_ROWS if self.qs is None else INT4_MAX_ROWS)
+        if self.packed is not None and few:
             out = cpu_ops().int8_packed_matmul(flat.contiguous(), self.packed)  # type: ignore[union-attr]
             return out.reshape(*x.shape[:-1], self.rows).to(x.dtype)  # type: ignore[no-any-return]
         if self.packed is not None and self.qs is None:

@@ -22,7 +22,7 @@ from test_q4_k_m_greedy import PROMPTS, q4_k_m_file, served  # noqa: F401 (fixtu
 from weir_server.config import ModelConfig
 from weir_server.kernels.cpu_ops import cpu_ops
 from weir_server.kernels.gguf_dequant import Q4_K, Q5_0, Q6_K, GGMLType, dequantize
-from weir_server.layers.gguf_weights import INT4_MAX_ROWS, Int4Rows, Int8BlockRows, int4_grid
+from weir_server.layers.gguf_weights import PACKED_OP_MAX_ROWS, Int4Rows, Int8BlockRows, int4_grid
 from weir_server.models.loader import load_model
 
 ops = cpu_ops()
@@ -76,7 +76,7 @@ def test_q4_k_scales_and_zeros_in_bf16_stay_within_their_rounding_of_the_file(gg
     assert ((held - dequantize(raw, Q4_K)).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+@pytest.mark.parametrize("rows", [1, 3, 11, 40])
 def test_q4_k_rows_take_the_int4_op_within_the_two_level_bound(gguf_rows, rows):
     raw = gguf_rows["q4_k"]
     form = Int4Rows(raw, Q4_K, torch.bfloat16)
@@ -87,7 +87,7 @@ def test_q4_k_rows_take_the_int4_op_within_the_two_level_bound(gguf_rows, rows):
     x = _x(rows, rows)
     out = form.matmul(x)
     assert out.dtype == torch.float32 and out.shape == (rows, ROWS)
-    if rows > INT4_MAX_ROWS:  # tiles of the same weights, dequantized, for steps of many rows
+    if rows > PACKED_OP_MAX_ROWS:  # tiles of the same weights, dequantized, for steps of many rows
         torch.testing.assert_close(out.double(), x.double() @ weight.double().t(), atol=1e-4, rtol=1e-5)
         return
     assert _within_two_level_error(out, x, weight)
@@ -104,7 +104,7 @@ def test_a_float32_model_keeps_torchs_int4_kernel_with_exact_scales(gguf_rows):
 
 
 @pytest.mark.parametrize(("name", "qtype", "block_bytes"), [("q6_k", Q6_K, 352), ("q5_0", Q5_0, 320)])
-@pytest.mark.parametrize("rows", [1, 3, 11])
+@pytest.mark.parametrize("rows", [1, 11, 40])
 def test_q6_k_and_q5_0_rows_take_the_int8_op_within_the_two_level_bound(gguf_rows, name, qtype, block_bytes, rows):
     raw = gguf_rows[name]
     form = Int8BlockRows(raw, qtype, torch.bfloat16)
@@ -115,7 +115,7 @@ def test_q6_k_and_q5_0_rows_take_the_int8_op_within_the_two_level_bound(gguf_row
     x = _x(rows, rows)
     out = form.matmul(x)
     weight = dequantize(raw, qtype)  # the file's exact weights
-    if rows > INT4_MAX_ROWS:  # tiles of them, dequantized, for steps of many rows
+    if rows > PACKED_OP_MAX_ROWS:  # tiles of them, dequantized, for steps of many rows
         torch.testing.assert_close(out.double(), x.double() @ weight.double().t(), atol=1e-4, rtol=1e-5)
         return
     assert _within_two_level_error(out, x, weight)
