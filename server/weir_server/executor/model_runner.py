@@ -141,7 +141,8 @@ class ModelRunner:
         torch.set_num_threads(threads)
         packed = pack_linear_layers(self.model) if self.dtype == torch.bfloat16 else 0
         prepare_cpu_decode = getattr(self.model, "prepare_cpu_decode", None)
-        one_call = packed > 0 and prepare_cpu_decode is not None and prepare_cpu_decode()
+        # A GGUF kept quantized has no bf16 layer to pack, and may still run in one call.
+        one_call = prepare_cpu_decode is not None and self.dtype == torch.bfloat16 and prepare_cpu_decode()
         logger.info(
             "CPU: %d torch threads (%d for steps of <= %d tokens), %d linear layers packed for oneDNN, %s%s",
             threads,

@@ -29,13 +29,17 @@ class GGMLType:
 
 Q4_0 = GGMLType(2, "Q4_0", 32, 18)
 Q4_1 = GGMLType(3, "Q4_1", 32, 20)
+Q5_0 = GGMLType(6, "Q5_0", 32, 22)
 Q8_0 = GGMLType(8, "Q8_0", 32, 34)
 Q4_K = GGMLType(12, "Q4_K", 256, 144)
 Q5_K = GGMLType(13, "Q5_K", 256, 176)
 Q6_K = GGMLType(14, "Q6_K", 256, 210)
 
-# The types of llama.cpp's Q4_0/Q4_1/Q8_0 and Q4_K_M files; everything else is dequantized at load.
-PACKED_TYPES: dict[int, GGMLType] = {t.id: t for t in (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)}
+# The types of llama.cpp's Q4_0/Q4_1/Q8_0 and Q4_K_M files; everything else is dequantized at load. Q5_0 is what
+# llama-quantize writes for Q4_K (and Q5_1... for Q5_K) where a row's length is no multiple of 256 (SmolLM2's 576).
+PACKED_TYPES: dict[int, GGMLType] = {t.id: t for t in (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K)}
+# The types the Triton kernel (kernels/gguf_matmul.py) reads; others are dequantized on CUDA.
+TRITON_TYPES = frozenset(t.id for t in (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K))
 
 
 def row_bytes(qtype: GGMLType, cols: int) -> int:
@@ -73,6 +77,18 @@ Int8Grid = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 def _q8_0_grid(b: torch.Tensor) -> Int8Grid:
     return b[:, 2:].contiguous().view(torch.int8).unsqueeze(1), _f16(b[:, :2]).unsqueeze(1), None
+
+
+def _q5_0_grid(b: torch.Tensor) -> Int8Grid:
+    """d, then 32 high bits (bit i for weight i), then 16 bytes of low nibbles: w = d * (q - 16)."""
+    high = (b[:, 2:6].contiguous().view(torch.int32) >> torch.arange(32, device=b.device)) & 1
+    q = (_nibbles(b[:, 6:]).to(torch.int32) | (high << 4)) - 16
+    return q.to(torch.int8).unsqueeze(1), _f16(b[:, :2]).unsqueeze(1), None
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    q, scale, _ = _q5_0_grid(b)
+    return (scale * q.float()).reshape(-1, 32)
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
@@ -142,6 +158,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
 _DEQUANTIZERS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
     Q4_0.id: _q4_0,
     Q4_1.id: _q4_1,
+    Q5_0.id: _q5_0,
     Q8_0.id: _q8_0,
     Q4_K.id: _q4_k,
     Q5_K.id: _q5_k,
@@ -159,6 +176,7 @@ def dequantize(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
 
 
 _INT8_GRIDS: dict[int, Callable[[torch.Tensor], Int8Grid]] = {
+    Q5_0.id: _q5_0_grid,
     Q8_0.id: _q8_0_grid,
     Q5_K.id: _q5_k_grid,
     Q6_K.id: _q6_k_grid,
@@ -167,7 +185,7 @@ INT8_TYPES = tuple(_INT8_GRIDS)
 
 
 def int8_grid(raw: torch.Tensor, qtype: GGMLType) -> Int8Grid:
-    """Q8_0/Q5_K/Q6_K rows [rows, row_bytes] -> (q [rows, groups, group] int8, scale, offset or None [rows,
+    """Q5_0/Q8_0/Q5_K/Q6_K rows [rows, row_bytes] -> (q [rows, groups, group] int8, scale, offset or None [rows,
     groups, 1] float32) with w = scale * q - offset: the same numbers as `dequantize`, unpacked to bytes."""
     rows = raw.shape[0]
     q, scale, offset = _INT8_GRIDS[qtype.id](_blocks(raw, qtype))

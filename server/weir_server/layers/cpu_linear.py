@@ -6,8 +6,8 @@ loaded model's linear layers for `PackedLinear` (same math), its LM head for `Pa
 fused gate/up projection plus `SiluAndMul` for `PackedGateUpSilu`, where oneDNN applies silu and the product
 inside the matmuls instead of in separate passes over memory.
 
-Where a weight already sits on a 4-bit grid (a dequantized Q4_1 GGUF tensor) a layer also keeps a 4-bit copy
-for steps of at most INT4_MAX_ROWS rows: those are bound by reading weights, and the copy reads 4x less.
+Where a weight already sits on a 4-bit grid (a dequantized Q4_0, Q4_1 or Q4_K GGUF tensor) a layer also keeps a
+4-bit copy for steps of at most INT4_MAX_ROWS rows: those are bound by reading weights, and the copy reads 4x less.
 """
 
 from __future__ import annotations
@@ -16,22 +16,17 @@ import functools
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from weir_server.kernels.cpu_ops import cpu_ops
 from weir_server.layers.activation import SiluAndMul
-from weir_server.layers.gguf_weights import INT8_OP_MAX_ROWS, Int8BlockRows
+from weir_server.layers.gguf_weights import INT4_MAX_ROWS, INT8_OP_MAX_ROWS, Int4Weight, Int8BlockRows
 
 logger = logging.getLogger(__name__)
 
 # oneDNN picks the blocked layout for a typical row count; any count runs on it (decode batches are small).
 _ROWS_HINT = 32
-# Up to this many rows a step is bound by reading the weights, and 4-bit copies read 4x less than bf16 ones. With
-# the C++ op (about 15 us more per row on a 1728 x 576 weight) 8 rows still beat the bf16 copy: 8 sequences of the
-# packaged model decoded at 31-33 ms a step against 37-40 ms with 4 (in process, this 2-core Zen 4).
-INT4_MAX_ROWS = 8
-_INT4_GROUP = 32  # the group of GGUF's Q4_0/Q4_1 blocks, along the input dim
+_INT4_GROUP = 32  # the group of GGUF's Q4_0/Q4_1 blocks and Q4_K's sub-blocks, along the input dim
 # A 4-bit copy is kept only where it reproduces the loaded weights: its error must stay under this fraction of
 # a quantization step (bf16 rounding of a Q4 checkpoint gives ~0.08; requantizing real bf16 weights ~0.5).
 _INT4_MAX_STEP_ERROR = 0.15
@@ -57,54 +52,45 @@ def int4_available() -> bool:
     return hasattr(ops, "_convert_weight_to_int4pack_for_cpu") and hasattr(ops, "_weight_int4pack_mm_for_cpu")
 
 
-class Int4Weight:
-    """A weight on the 4-bit grid (groups of 32 along the input dim: W = (q - 8) * scale + zero), held for one of
-    two kernels: Weir's C++ op (kernels/cpu/quant_matmul.cpp: integer dot products, about twice torch's speed at one
-    row, the same bits for a row whatever shares its step) where it is built and the output dim is a multiple of
-    8, else torch's int4 CPU kernel."""
+def _grid_fit(w: torch.Tensor, levels: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Groups w [G, 32] on a min/max grid of levels + 1 values: (q, scale, zero in `dtype`, which groups it
+    reproduces within _INT4_MAX_STEP_ERROR of a step)."""
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((high - low) / levels).clamp(min=torch.finfo(torch.float32).tiny)
+    q = ((w - low) / scale).round_().clamp_(0, levels)
+    scale16, zero16 = scale.to(dtype), (low + 8 * scale).to(dtype)  # the kernels' (q - 8) * s + z
+    restored = (q - 8) * scale16.float() + zero16.float()
+    fits = ((restored - w).abs() <= _INT4_MAX_STEP_ERROR * scale).all(-1)
+    return q, scale16, zero16, fits
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
-        """q uint8 [N, K] in 0..15; scales and zeros [N, K / 32] in the weight's dtype."""
-        rows, cols = q.shape
-        ops = cpu_ops()
-        self.packed: torch.Tensor | None = None
-        self.torch_pack: tuple[torch.Tensor, torch.Tensor] | None = None
-        if ops is not None and rows % 8 == 0:
-            self.packed = ops.int4_pack(q, scales, zeros)
-        else:
-            scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8)
-            self.torch_pack = (packed, scales_and_zeros)
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.packed is not None:
-            out = cpu_ops().int4_group_matmul(x, self.packed)  # type: ignore[union-attr]
-        else:
-            assert self.torch_pack is not None
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.torch_pack[0], _INT4_GROUP, self.torch_pack[1])
-        return out if bias is None else out + bias
-
-    def silu_and_mul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """silu(gate) * up for a [gate; up] weight; the C++ op does it inside the matmul."""
-        if self.packed is not None and bias is None:
-            return cpu_ops().int4_group_matmul(x, self.packed, silu_and_mul=True)  # type: ignore[no-any-return,union-attr]
-        gate, up = self.matmul(x, bias).chunk(2, dim=-1)
-        return F.silu(gate) * up
+# At most this share of groups may need fewer than 16 levels: Q4_K's six-bit sub-block scales leave some of its
+# groups short of a full range (7 in 27,648 in a llama-quantize Q4_K_M of SmolLM2, 6% from the tests' simpler
+# quantizer), while a checkpoint that is not on a 4-bit grid misses in nearly every group, and is turned away
+# after one pass.
+_MAX_SHORT_GROUPS = 0.25
 
 
 def lossless_int4(weight: torch.Tensor) -> Int4Weight | None:
-    """A 4-bit copy (groups of 32, min/max) of a weight already on that grid, such as a dequantized Q4_1 GGUF
-    tensor; None where it would change the weights (any ordinary bf16 or fp32 checkpoint)."""
+    """A 4-bit copy (groups of 32) of a weight already on that grid, such as a dequantized Q4_0, Q4_1 or Q4_K GGUF
+    tensor; None where it would change the weights (any ordinary bf16 or fp32 checkpoint). A group spanning fewer
+    than 16 levels (a Q4_K sub-block whose quants stop short of 0 or 15) is fitted with the levels it spans."""
     rows, cols = weight.shape
     if not int4_available() or cols % _INT4_GROUP:
         return None
-    w = weight.detach().float().reshape(rows, cols // _INT4_GROUP, _INT4_GROUP)
-    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
-    q = ((w - low) / scale).round_().clamp_(0, 15)
-    scale16, zero16 = scale.to(weight.dtype), (low + 8 * scale).to(weight.dtype)  # the kernels' (q - 8) * s + z
-    restored = (q - 8) * scale16.float() + zero16.float()
-    if bool(((restored - w).abs() > _INT4_MAX_STEP_ERROR * scale).any()):
+    w = weight.detach().float().reshape(-1, _INT4_GROUP)
+    q, scale16, zero16, fits = _grid_fit(w, 15, weight.dtype)
+    short = (~fits).nonzero()[:, 0]
+    if len(short) > _MAX_SHORT_GROUPS * len(w):
+        return None
+    for levels in range(14, 0, -1):
+        if len(short) == 0:
+            break
+        q_s, scale_s, zero_s, fits_s = _grid_fit(w[short], levels, weight.dtype)
+        done = short[fits_s]
+        q[done], scale16[done], zero16[done] = q_s[fits_s], scale_s[fits_s], zero_s[fits_s]
+        short = short[~fits_s]
+    if len(short):
         return None
     try:
         return Int4Weight(q.reshape(rows, cols).to(torch.uint8), scale16.reshape(rows, -1), zero16.reshape(rows, -1))

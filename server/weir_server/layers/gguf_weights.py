@@ -3,10 +3,13 @@
 - `PackedRows`: raw GGUF blocks. On CUDA the Triton kernel reads them; on a CPU (a 4-bit type where the
   int4 kernel is missing) a tile of rows at a time is dequantized and multiplied, so memory stays at the
   file's size plus one tile.
-- `Int8BlockRows` (CPU): Q8_0, Q5_K and Q6_K as int8 quants and per-group scales, dequantized a tile at a
-  time (1.1 bytes a weight against the file's 0.7 to 1.06).
-- `Int4Rows` (CPU): Q4_0, Q4_1 and Q4_K repacked into torch's int4 weight-only format (groups of 32, a scale
-  and a zero each), which is exact in float32: Q4_K's six-bit sub-block scales and mins fold into per-32 ones.
+- `Int8BlockRows` (CPU): Q5_0, Q8_0, Q5_K and Q6_K as int8 quants and per-group scales. A bf16 model's rows go
+  to the C++ integer-dot op's layout (kernels/cpu/quant_matmul.cpp; Q6_K's scales per 16 in its two-scale
+  variant, 1.25 to 1.5 bytes a weight against the file's 0.69 to 1.06); otherwise a tile is dequantized per call.
+- `Int4Rows` (CPU): Q4_0, Q4_1 and Q4_K on the int4 grid of groups of 32, w = (q - 8) * scale + zero: Q4_K's
+  sub-block of 32 has scale = d * sc and zero = 8 * scale - dmin * m (exact in float32). A bf16 model holds them
+  in the C++ op's layout with bf16 scales and zeros (`Int4Weight`), as the dequantized Q4_0/Q4_1 path does;
+  a float32 model in torch's int4 layout with float32 ones.
 - `DenseRows`: a float weight (F16/F32 tensors, types without a kernel, and tensor-parallel shards that cut
   through a block).
 """
@@ -27,6 +30,7 @@ from weir_server.kernels.gguf_dequant import (
     Q4_0,
     Q4_1,
     Q4_K,
+    TRITON_TYPES,
     GGMLType,
     dequantize,
     int8_grid,
@@ -44,6 +48,27 @@ _TILE_WEIGHTS = 1 << 20  # weights dequantized at once on the CPU path (4 MiB in
 # 2.4 and 4.9, the packed bf16 head 2.8-3.6 and 3.1; from 8 rows oneDNN on a dequantized tile is faster.
 INT8_OP_MAX_ROWS = 4
 INT4_TYPES = (Q4_0.id, Q4_1.id, Q4_K.id)
+# Up to this many rows a step is bound by reading the weights, and 4-bit copies read 4x less than bf16 ones. With
+# the C++ op (about 15 us more per row on a 1728 x 576 weight) 8 rows still beat the bf16 copy: 8 sequences of the
+# packaged model decoded at 31-33 ms a step against 37-40 ms with 4 (in process, this 2-core Zen 4).
+INT4_MAX_ROWS = 8
+# A GGUF projection kept only in the C++ layouts takes the integer-dot op up to this many rows and multiplies
+# dequantized tiles beyond. A [3072, 576] weight, 2 threads, this Zen 4: the int4 op 0.53 / 1.09 / 2.11 ms at
+# 16 / 32 / 64 rows, dequantized tiles 1.08 / 1.18 / 1.61 ms (oneDNN on a bf16 copy packed at load: 0.19 / 0.28
+# / 0.59 ms, the dequantizing load's price for holding 2 bytes a weight).
+PACKED_OP_MAX_ROWS = 32
+
+
+def packed_tiles_matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [T, K] times a C++ op layout's weights for a step of many rows: a tile of rows at a time dequantized to
+    x's dtype and multiplied by oneDNN, several times faster there than the integer-dot op (built for a few rows)."""
+    rows = packed.shape[0] * 8
+    out = torch.empty((x.shape[0], rows), dtype=x.dtype, device=x.device)
+    step = max(1, _TILE_WEIGHTS // (8 * x.shape[1]))  # blocks of 8 rows per tile
+    for start in range(0, packed.shape[0], step):
+        tile = cpu_ops().packed_dequantize(packed[start : start + step], x.dtype)  # type: ignore[union-attr]
+        out[:, start * 8 : (start + step) * 8] = x @ tile.t()
+    return out
 
 
 class DenseRows(nn.Module):
@@ -117,35 +142,79 @@ def int4_grid(raw: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.T
     return q.reshape(rows, -1), scale.reshape(rows, -1), zero.reshape(rows, -1)
 
 
-class Int4Rows(nn.Module):
-    """CPU rows in torch's int4 weight-only layout (`_weight_int4pack_mm_for_cpu`, groups of 32)."""
+class Int4Weight:
+    """A weight on the 4-bit grid (groups of 32 along the input dim: W = (q - 8) * scale + zero), held for one of
+    two kernels: Weir's C++ op (kernels/cpu/quant_matmul.cpp: integer dot products, about twice torch's speed at one
+    row, the same bits for a row whatever shares its step) where it is built, the output dim is a multiple of 8
+    and the scales are bf16 (the op's), else torch's int4 CPU kernel (exact with float32 scales)."""
 
-    packed: torch.Tensor
-    scales_and_zeros: torch.Tensor
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        """q uint8 [N, K] in 0..15; scales and zeros [N, K / 32] in the weight's dtype."""
+        rows, cols = q.shape
+        ops = cpu_ops()
+        self.packed: torch.Tensor | None = None
+        self.torch_pack: tuple[torch.Tensor, torch.Tensor] | None = None
+        if ops is not None and rows % 8 == 0 and scales.dtype == torch.bfloat16:
+            self.packed = ops.int4_pack(q, scales, zeros)
+        else:
+            scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8)
+            self.torch_pack = (packed, scales_and_zeros)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is not None:
+            out = cpu_ops().int4_group_matmul(x, self.packed)  # type: ignore[union-attr]
+        else:
+            assert self.torch_pack is not None
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.torch_pack[0], INT4_GROUP, self.torch_pack[1])
+        return out if bias is None else out + bias
+
+    def silu_and_mul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """silu(gate) * up for a [gate; up] weight; the C++ op does it inside the matmul."""
+        if self.packed is not None and bias is None:
+            return cpu_ops().int4_group_matmul(x, self.packed, silu_and_mul=True)  # type: ignore[no-any-return,union-attr]
+        gate, up = self.matmul(x, bias).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class Int4Rows(nn.Module):
+    """CPU rows on the int4 grid of groups of 32, held for the C++ op or torch's kernel (`Int4Weight`)."""
 
     def __init__(self, raw: torch.Tensor, qtype: GGMLType, dtype: torch.dtype) -> None:
         super().__init__()
         q, scale, zero = int4_grid(raw, qtype)
         self.qtype, (self.rows, self.cols) = qtype, q.shape
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8)
-        scales_and_zeros = torch.stack((scale, zero), dim=-1).transpose(0, 1).to(dtype).contiguous()
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [cols / 32, rows, 2]
+        self.int4 = Int4Weight(q.to(torch.uint8), scale.to(dtype), zero.to(dtype))
+        held = (self.int4.packed,) if self.int4.packed is not None else self.int4.torch_pack or ()
+        for i, tensor in enumerate(held):  # buffers, so that .to() and the memory count see them
+            self.register_buffer(f"int4_{i}", tensor, persistent=False)
+
+    @property
+    def packed(self) -> torch.Tensor | None:
+        """The C++ op's layout, or None where torch's kernel holds the rows."""
+        return self.int4.packed
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.cols).to(self.scales_and_zeros.dtype)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales_and_zeros)
+        flat = x.reshape(-1, self.cols).contiguous()
+        if self.int4.packed is not None and flat.shape[0] > PACKED_OP_MAX_ROWS:
+            return packed_tiles_matmul(flat, self.int4.packed).reshape(*x.shape[:-1], self.rows)
+        if self.int4.torch_pack is not None:  # torch's kernel takes x in its scales' dtype
+            flat = flat.to(self.int4.torch_pack[1].dtype)
+        out = self.int4.matmul(flat, None)
         return out.reshape(*x.shape[:-1], self.rows).to(x.dtype)
 
 
 class Int8BlockRows(nn.Module):
-    """CPU Q8_0, Q5_K and Q6_K rows as int8 quants with a scale (and for Q5_K an offset) per group of 32 or 16,
-    in the model's dtype (exact in float32): a tile is dequantized by a convert and a multiply, several times
-    faster than parsing the raw blocks. A tied embedding looks its rows up here, so the bytes are held once."""
+    """CPU Q5_0, Q8_0, Q5_K and Q6_K rows as int8 quants with a scale (and for Q5_K an offset) per group of 32 or
+    16, in the model's dtype (exact in float32): a tile is dequantized by a convert and a multiply, several times
+    faster than parsing the raw blocks. A tied embedding looks its rows up here, so the bytes are held once.
+    `pack_for_cpu` adds the C++ op's layout (bf16 models); `drop_plain_rows` then frees the plain one where no
+    embedding reads it, and the op takes every step."""
 
-    qs: torch.Tensor
-    scales: torch.Tensor
+    qs: torch.Tensor | None
+    scales: torch.Tensor | None
     offsets: torch.Tensor | None
+    packed: torch.Tensor | None
 
     def __init__(self, raw: torch.Tensor, qtype: GGMLType, dtype: torch.dtype) -> None:
         super().__init__()
@@ -156,8 +225,25 @@ class Int8BlockRows(nn.Module):
         # float32 (a few % of the int8 bytes): the C++ op forms each weight exactly from them.
         self.register_buffer("scales", scale.float())
         self.register_buffer("offsets", None if offset is None else offset.float())
+        self.register_buffer("packed", None)
+
+    def pack_for_cpu(self, dtype: torch.dtype) -> None:
+        """Lay the rows out for the C++ integer-dot op (groups of 32, or Q6_K's 16 as two scales a group) where it
+        is built and fits: a bf16 model (the op's activations are split into int8 levels, an error far under
+        bf16's own rounding), rows a multiple of 8."""
+        ops = cpu_ops()
+        fits = self.rows % 8 == 0 and self.cols % 32 == 0 and self.group in (16, 32)
+        if ops is not None and dtype == torch.bfloat16 and fits and self.qs is not None:
+            self.packed = ops.int8_pack(*self.plain_layout())
+
+    def drop_plain_rows(self) -> None:
+        """Free the plain int8 rows and their scales once the op's layout holds them (a projection's; an
+        embedding's stay)."""
+        if self.packed is not None:
+            self.qs = self.scales = self.offsets = None
 
     def _tile(self, index: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        assert self.qs is not None and self.scales is not None, "the plain rows were dropped"
         tile = self.qs[index].to(dtype).mul_(self.scales[index].to(dtype))
         if self.offsets is not None:
             tile.sub_(self.offsets[index].to(dtype))
@@ -165,11 +251,18 @@ class Int8BlockRows(nn.Module):
 
     def plain_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """q [rows, cols], scales and offsets (or None) [rows, groups]: the C++ ops' arguments."""
+        assert self.qs is not None and self.scales is not None, "the plain rows were dropped"
         offsets = None if self.offsets is None else self.offsets.view(self.rows, self.groups)
         return self.qs.view(self.rows, self.cols), self.scales.view(self.rows, self.groups), offsets
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.cols)
+        few = flat.shape[0] <= (PACKED_OP_MAX_ROWS if self.qs is None else INT4_MAX_ROWS)
+        if self.packed is not None and few:
+            out = cpu_ops().int8_packed_matmul(flat.contiguous(), self.packed)  # type: ignore[union-attr]
+            return out.reshape(*x.shape[:-1], self.rows).to(x.dtype)  # type: ignore[no-any-return]
+        if self.packed is not None and self.qs is None:
+            return packed_tiles_matmul(flat.contiguous(), self.packed).reshape(*x.shape[:-1], self.rows)
         if flat.shape[0] <= INT8_OP_MAX_ROWS and (ops := cpu_ops()) is not None:
             out = ops.int8_group_matmul(flat, *self.plain_layout())
             return out.reshape(*x.shape[:-1], self.rows).to(x.dtype)
@@ -189,10 +282,18 @@ RowsForm = DenseRows | PackedRows | Int4Rows | Int8BlockRows
 
 def rows_for_device(raw: torch.Tensor, qtype: GGMLType, cols: int, dtype: torch.dtype) -> RowsForm:
     """The form packed rows take on raw's device: on a CPU Int4Rows for the 4-bit types and Int8BlockRows for
-    Q8_0, Q5_K and Q6_K; PackedRows otherwise (the Triton kernel reads them on CUDA)."""
-    if raw.device.type == "cpu" and qtype.id in INT8_TYPES:
-        return Int8BlockRows(raw, qtype, dtype)
-    if raw.device.type == "cpu" and qtype.id in INT4_TYPES and int4_available():
+    Q5_0, Q8_0, Q5_K and Q6_K; on CUDA PackedRows (the Triton kernel reads them) or, for a type it does not
+    read, the dequantized rows."""
+    if raw.device.type != "cpu":
+        if qtype.id in TRITON_TYPES:
+            return PackedRows(raw, qtype, cols)
+        logger.info("no %s kernel on %s: dequantizing a [%d, %d] weight", qtype.name, raw.device, len(raw), cols)
+        return DenseRows(dequantize(raw, qtype).to(dtype))
+    if qtype.id in INT8_TYPES:
+        rows = Int8BlockRows(raw, qtype, dtype)
+        rows.pack_for_cpu(dtype)
+        return rows
+    if qtype.id in INT4_TYPES and int4_available():
         try:
             return Int4Rows(raw, qtype, dtype)
         except RuntimeError as error:  # a shape the 4-bit kernel does not take

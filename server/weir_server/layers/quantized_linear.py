@@ -190,6 +190,13 @@ class GGUFLinear(_GGUFRowsLayer):
             )
         return read_slice(src, 1, start, length), None
 
+    def _finalize(self, runs: list[_Entry]) -> None:
+        super()._finalize(runs)
+        if not self.lm_head:  # only a (tied) head's rows may also serve embedding lookups
+            for part in self.parts:
+                if isinstance(part, Int8BlockRows):
+                    part.drop_plain_rows()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._matmul(x)
         if self.row_parallel and self.tp_size > 1:

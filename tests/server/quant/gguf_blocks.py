@@ -8,7 +8,7 @@ import torch
 from weir_server.kernels.gguf_dequant import GGMLType, row_bytes
 
 # Byte offsets of each type's float16 fields (d, dmin or m), kept finite and small in random blocks.
-_F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+_F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
 def random_rows(qtype: GGMLType, rows: int, cols: int, seed: int = 0, scale: float = 0.01) -> torch.Tensor:

@@ -261,38 +261,60 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 // Every decoder layer of a Llama-shaped model for a step of a few tokens per sequence, with the ops the layers'
 // Python modules call, in the same order and on the same tensors (so the same bits), and no Python in between:
 // at one stream the modules' calls, splits and views cost about a third of a step. Per layer, `weights` holds the
-// input norm's weight, the packed 4-bit qkv, o, the post-attention norm's weight, the packed [gate; up] and down
-// projections; kv_caches[l] is [2, blocks, block_size, Hkv, D]; windows[l] > 0 is a sliding window. `residual`
-// is None before the first layer. Returns (hidden, residual) for the final norm.
+// input norm's weight, the packed qkv, o, the post-attention norm's weight, the packed [gate; up] and down
+// projections, each in int4_pack's or int8_pack's layout; `parts` gives, per layer and projection (qkv, o,
+// gate_up, down), how many packed weights it is made of: a GGUF projection mixing types (Q4_K_M's q and k in Q4_K
+// beside v in Q6_K) runs each part and concatenates, as its module does. kv_caches[l] is [2, blocks, block_size,
+// Hkv, D]; windows[l] > 0 is a sliding window. `residual` is None before the first layer. Returns (hidden,
+// residual) for the final norm.
 std::tuple<torch::Tensor, torch::Tensor> decode_layers(
     torch::Tensor hidden, c10::optional<torch::Tensor> residual_in, const std::vector<torch::Tensor>& weights,
-    const std::vector<torch::Tensor>& kv_caches, const torch::Tensor& cos, const torch::Tensor& sin,
-    const torch::Tensor& block_tables, const torch::Tensor& context_lens, const torch::Tensor& query_start_loc,
-    const torch::Tensor& slot_mapping, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps,
-    double scale, const std::vector<int64_t>& windows, double softcap) {
+    const std::vector<int64_t>& parts, const std::vector<torch::Tensor>& kv_caches, const torch::Tensor& cos,
+    const torch::Tensor& sin, const torch::Tensor& block_tables, const torch::Tensor& context_lens,
+    const torch::Tensor& query_start_loc, const torch::Tensor& slot_mapping, int64_t num_heads, int64_t num_kv_heads,
+    int64_t head_dim, double eps, double scale, const std::vector<int64_t>& windows, double softcap) {
   const int64_t layers = static_cast<int64_t>(kv_caches.size());
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 6 * layers && static_cast<int64_t>(windows.size()) == layers,
-              "decode_layers needs 6 weights and a window per layer");
+  TORCH_CHECK(static_cast<int64_t>(parts.size()) == 4 * layers && static_cast<int64_t>(windows.size()) == layers,
+              "decode_layers needs 4 part counts and a window per layer");
+  int64_t expected = 2 * layers;  // the norms
+  for (int64_t count : parts) {
+    TORCH_CHECK(count >= 1, "a projection needs a packed weight");
+    expected += count;
+  }
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == expected, "decode_layers: weights and part counts disagree");
   TORCH_CHECK(hidden.dim() == 2, "hidden must be [T, hidden]");
   const int64_t T = hidden.size(0), q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  size_t at = 0;
+  // One projection's parts in order; with silu_and_mul on a [gate; up] split over parts, the module path's
+  // bf16 silu(gate) * up after the concatenation.
+  auto project = [&](const torch::Tensor& x, int64_t count, bool silu_and_mul) {
+    if (count == 1) return packed_group_matmul(x, weights[at++], silu_and_mul);
+    std::vector<torch::Tensor> outs;
+    for (int64_t c = 0; c < count; ++c) outs.push_back(packed_group_matmul(x, weights[at++]));
+    torch::Tensor out = torch::cat(outs, 1);
+    if (!silu_and_mul) return out;
+    const auto halves = out.chunk(2, 1);
+    return torch::silu(halves[0]) * halves[1];
+  };
   torch::Tensor residual = residual_in.has_value() ? *residual_in : torch::Tensor();
   for (int64_t l = 0; l < layers; ++l) {
-    const torch::Tensor* w = &weights[6 * l];
+    const int64_t* count = &parts[4 * l];
+    const torch::Tensor& input_norm = weights[at++];
     if (!residual.defined()) {
       residual = hidden;
-      hidden = rms_norm(hidden, w[0], eps);
+      hidden = rms_norm(hidden, input_norm, eps);
     } else {
-      std::tie(hidden, residual) = fused_add_rms_norm(hidden, residual, w[0], eps);
+      std::tie(hidden, residual) = fused_add_rms_norm(hidden, residual, input_norm, eps);
     }
-    const torch::Tensor qkv = int4_group_matmul(hidden, w[1]);
+    const torch::Tensor qkv = project(hidden, count[0], false);
     const torch::Tensor attn = decode_attention(
         qkv.narrow(1, 0, q_size).view({T, num_heads, head_dim}),
         qkv.narrow(1, q_size, kv_size).view({T, num_kv_heads, head_dim}),
         qkv.narrow(1, q_size + kv_size, kv_size).view({T, num_kv_heads, head_dim}), cos, sin, kv_caches[l][0],
         kv_caches[l][1], block_tables, context_lens, query_start_loc, slot_mapping, scale, windows[l], softcap);
-    hidden = int4_group_matmul(attn.view({T, q_size}), w[2]);
-    std::tie(hidden, residual) = fused_add_rms_norm(hidden, residual, w[3], eps);
-    hidden = int4_group_matmul(int4_group_matmul(hidden, w[4], false, true), w[5]);
+    hidden = project(attn.view({T, q_size}), count[1], false);
+    std::tie(hidden, residual) = fused_add_rms_norm(hidden, residual, weights[at++], eps);
+    hidden = project(project(hidden, count[2], true), count[3], false);
   }
   return {hidden, residual};
 }
@@ -309,9 +331,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "int8 weights (q, scales, offsets per group of 32) in int8_packed_matmul's layout",
         py::arg("q"), py::arg("scales"), py::arg("offsets") = py::none());
   m.def("int8_packed_matmul", &int8_packed_matmul, release, "x times packed int8 weights, for steps of a few rows",
-        py::arg("x"), py::arg("packed"), py::arg("portable") = false);
+        py::arg("x"), py::arg("packed"), py::arg("portable") = false, py::arg("silu_and_mul") = false);
   m.def("int4_pack", &int4_pack, release,
         "4-bit weights (q, scales, zeros per group of 32) in int4_group_matmul's layout");
+  m.def("packed_dequantize", &packed_dequantize, release, "the weights of an int4_pack or int8_pack layout",
+        py::arg("packed"), py::arg("dtype"));
   m.def("int4_group_matmul", &int4_group_matmul, release, "x times packed 4-bit weights, for steps of a few rows",
         py::arg("x"), py::arg("packed"), py::arg("portable") = false, py::arg("silu_and_mul") = false);
   m.def("decode_layers", &decode_layers, release,

@@ -17,7 +17,8 @@
 //
 // 8-bit (int8_pack, int8_packed_matmul): GGUF's Q8_0 and Q5_K rows (int8 with a float scale and offset per group
 // of 32), laid out the same way with q + 128 as the unsigned operand (the 128 * sum of x's levels it adds is taken
-// off in integers); an LM head's rows for one-token steps. int8_group_matmul keeps the plain [N, K] layout an
+// off in integers); an LM head's rows for one-token steps, and a GGUF's int8 projections. Q6_K's scales per 16
+// weights take a variant with two scales per group (Int8HalvesFormat): each half's integer dot is kept apart. int8_group_matmul keeps the plain [N, K] layout an
 // embedding looks rows up in, any group size (Q6_K's 16), and exact fp32 weights times fp32 x.
 #include "quant_matmul.h"
 
@@ -54,19 +55,20 @@ struct QuantRow {
   const float* sum;    // exact sum of x per group
   const float* sum8;   // 8 * sum: the (q - 8) offset folded into one fused multiply-subtract
   const int32_t* level_sum;  // 256 * sum(x1) + sum(x2) per group: the 8-bit path's q + 128 correction
+  const int32_t* half_level_sum;  // the same per half group (2 per group): Q6_K's scales of 16
 };
 
 // The rows' storage, reused from call to call (a step makes ~120 of these calls; allocations would show).
 struct QuantRows {
   std::vector<int8_t> x1, x2;
   std::vector<float> step, sum, sum8;
-  std::vector<int32_t> level_sum;
+  std::vector<int32_t> level_sum, half_level_sum;
   std::vector<QuantRow> rows;
 };
 
 template <typename T>
 void quantize_row(const T* x, int64_t K, int8_t* x1, int8_t* x2, float* step, float* sums, float* sums8,
-                  int32_t* level_sums) {
+                  int32_t* level_sums, int32_t* half_level_sums) {
   const int64_t groups = K / kGroup;
   float xs[kGroup];
   for (int64_t g = 0; g < groups; ++g) {
@@ -80,6 +82,7 @@ void quantize_row(const T* x, int64_t K, int8_t* x1, int8_t* x2, float* step, fl
     sums8[g] = 8.f * sum;
     step[g] = 0.f;
     level_sums[g] = 0;
+    half_level_sums[2 * g] = half_level_sums[2 * g + 1] = 0;
     int8_t* q1 = x1 + g * kGroup;
     int8_t* q2 = x2 + g * kGroup;
     if (amax == 0.f) {
@@ -89,15 +92,17 @@ void quantize_row(const T* x, int64_t K, int8_t* x1, int8_t* x2, float* step, fl
     }
     const float dx = amax / 127.f, inv = 127.f / amax;
     step[g] = dx / 256.f;
-    int32_t level_sum = 0;
+    int32_t halves[2] = {0, 0};
     for (int64_t i = 0; i < kGroup; ++i) {
       const float first = std::nearbyint(xs[i] * inv);
       const float rest = std::fma(-first, dx, xs[i]);
       q1[i] = static_cast<int8_t>(first);
       q2[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(rest * inv * 256.f))));
-      level_sum += 256 * q1[i] + q2[i];
+      halves[i >= kGroup / 2] += 256 * q1[i] + q2[i];
     }
-    level_sums[g] = level_sum;
+    level_sums[g] = halves[0] + halves[1];
+    half_level_sums[2 * g] = halves[0];
+    half_level_sums[2 * g + 1] = halves[1];
   }
 }
 
@@ -111,13 +116,14 @@ const QuantRow* quantize_rows(const T* x, int64_t rows, int64_t K) {
   buf.sum.resize(rows * groups);
   buf.sum8.resize(rows * groups);
   buf.level_sum.resize(rows * groups);
+  buf.half_level_sum.resize(rows * groups * 2);
   buf.rows.resize(rows);
   for (int64_t t = 0; t < rows; ++t) {
     const int64_t g0 = t * groups;
     quantize_row(x + t * K, K, &buf.x1[t * K], &buf.x2[t * K], &buf.step[g0], &buf.sum[g0], &buf.sum8[g0],
-                 &buf.level_sum[g0]);
+                 &buf.level_sum[g0], &buf.half_level_sum[2 * g0]);
     buf.rows[t] = QuantRow{&buf.x1[t * K], &buf.x2[t * K], &buf.step[g0], &buf.sum[g0], &buf.sum8[g0],
-                           &buf.level_sum[g0]};
+                           &buf.level_sum[g0], &buf.half_level_sum[2 * g0]};
   }
   return buf.rows.data();
 }
@@ -135,9 +141,9 @@ struct Int4Format {
   }
   static float scale(const uint8_t* blk, int j) { return bf16_to_float(reinterpret_cast<const uint16_t*>(blk + 128)[j]); }
   static float zero(const uint8_t* blk, int j) { return bf16_to_float(reinterpret_cast<const uint16_t*>(blk + 144)[j]); }
-  // acc + scale * (step * S - 8 * sum) + zero * sum
-  static float finish(float acc, int32_t s, const uint8_t* blk, int j, const QuantRow& row, int64_t g) {
-    const float a = std::fma(static_cast<float>(s), row.step[g], -row.sum8[g]);
+  // acc + scale * (step * S - 8 * sum) + zero * sum, S = half[0] + half[1]
+  static float finish(float acc, const int32_t* half, const uint8_t* blk, int j, const QuantRow& row, int64_t g) {
+    const float a = std::fma(static_cast<float>(half[0] + half[1]), row.step[g], -row.sum8[g]);
     return std::fma(zero(blk, j), row.sum[g], std::fma(a, scale(blk, j), acc));
   }
 };
@@ -151,12 +157,30 @@ struct Int8Format {
   static constexpr int kRowsPerPass = 2;
   static int u(const uint8_t* blk, int j, int i) { return blk[32 * (i / 4) + 4 * j + i % 4]; }
   static const float* scales(const uint8_t* blk) { return reinterpret_cast<const float*>(blk + 256); }
-  // acc + scale * step * (S - 128 * levels) - offset * sum
-  static float finish(float acc, int32_t s, const uint8_t* blk, int j, const QuantRow& row, int64_t g) {
-    const float a = static_cast<float>(s - 128 * row.level_sum[g]) * row.step[g];
+  // acc + scale * step * (S - 128 * levels) - offset * sum, S = half[0] + half[1]
+  static float finish(float acc, const int32_t* half, const uint8_t* blk, int j, const QuantRow& row, int64_t g) {
+    const float a = static_cast<float>(half[0] + half[1] - 128 * row.level_sum[g]) * row.step[g];
     return std::fma(-scales(blk)[8 + j], row.sum[g], std::fma(a, scales(blk)[j], acc));
   }
 };
+
+// 8-bit with a scale per half group (GGUF's Q6_K: scales per 16 weights): the 8-bit layout, then 16 fp32 scales
+// (8 rows' first halves, then their second halves) and 8 fp32 offsets; W = q * scale[half] - offset.
+struct Int8HalvesFormat {
+  static constexpr int64_t kBlockBytes = 256 + 16 * 4 + 8 * 4;
+  static constexpr int kRowsPerPass = Int8Format::kRowsPerPass;
+  static int u(const uint8_t* blk, int j, int i) { return Int8Format::u(blk, j, i); }
+  static const float* scales(const uint8_t* blk) { return reinterpret_cast<const float*>(blk + 256); }
+  static float finish(float acc, const int32_t* half, const uint8_t* blk, int j, const QuantRow& row, int64_t g) {
+    const float a0 = static_cast<float>(half[0] - 128 * row.half_level_sum[2 * g]) * row.step[g];
+    const float a1 = static_cast<float>(half[1] - 128 * row.half_level_sum[2 * g + 1]) * row.step[g];
+    acc = std::fma(a1, scales(blk)[8 + j], std::fma(a0, scales(blk)[j], acc));
+    return std::fma(-scales(blk)[16 + j], row.sum[g], acc);
+  }
+};
+
+template <typename Format>
+constexpr bool kIsInt8 = !std::is_same_v<Format, Int4Format>;
 
 // The scalar path: the same integers and the same float operations, in the same order, as the vector one.
 template <typename Format>
@@ -170,12 +194,16 @@ void block_rows_scalar(const uint8_t* w, int64_t groups, const QuantRow* rows, i
       const int8_t* x1 = rows[t].x1 + g * kGroup;
       const int8_t* x2 = rows[t].x2 + g * kGroup;
       for (int j = 0; j < 8; ++j) {
-        int32_t s1 = 0, s2 = 0;
-        for (int i = 0; i < kGroup; ++i) {
-          s1 += Format::u(blk, j, i) * x1[i];
-          s2 += Format::u(blk, j, i) * x2[i];
+        int32_t half[2];
+        for (int h = 0; h < 2; ++h) {
+          int32_t s1 = 0, s2 = 0;
+          for (int i = h * kGroup / 2; i < (h + 1) * kGroup / 2; ++i) {
+            s1 += Format::u(blk, j, i) * x1[i];
+            s2 += Format::u(blk, j, i) * x2[i];
+          }
+          half[h] = s1 * 256 + s2;
         }
-        out[t * 8 + j] = Format::finish(out[t * 8 + j], s1 * 256 + s2, blk, j, rows[t], g);
+        out[t * 8 + j] = Format::finish(out[t * 8 + j], half, blk, j, rows[t], g);
       }
     }
   }
@@ -216,7 +244,7 @@ inline int32_t word(const int8_t* p) {
 // the 8-bit format gives |q| and keeps q itself in sign[] to flip x's signs with.
 template <typename Format>
 inline void load_group(const uint8_t* blk, __m256i* u, __m256i* sign) {
-  if constexpr (std::is_same_v<Format, Int4Format>) {
+  if constexpr (!kIsInt8<Format>) {
     const __m256i low = _mm256_set1_epi8(15);
     for (int s = 0; s < 4; ++s) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * s));
@@ -236,7 +264,7 @@ inline void load_group(const uint8_t* blk, __m256i* u, __m256i* sign) {
 
 template <typename Format, int T>
 void block_rows_avx2(const uint8_t* w, int64_t groups, const QuantRow* rows, float* out /* [T][8] */) {
-  constexpr bool kSignTrick = !kVnni && std::is_same_v<Format, Int8Format>;
+  constexpr bool kSignTrick = !kVnni && kIsInt8<Format>;
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -248,20 +276,36 @@ void block_rows_avx2(const uint8_t* w, int64_t groups, const QuantRow* rows, flo
       const int8_t* x2 = rows[t].x2 + g * kGroup;
       __m256i s1a = _mm256_setzero_si256(), s1b = _mm256_setzero_si256();
       __m256i s2a = _mm256_setzero_si256(), s2b = _mm256_setzero_si256();
-      for (int i = 0; i < 8; i += 2) {
-        __m256i a1 = _mm256_set1_epi32(word(x1 + 4 * i)), b1 = _mm256_set1_epi32(word(x1 + 4 * i + 4));
-        __m256i a2 = _mm256_set1_epi32(word(x2 + 4 * i)), b2 = _mm256_set1_epi32(word(x2 + 4 * i + 4));
+      // a: weights 0..15 of the group, b: 16..31 (the halves Q6_K scales apart; integer sums, so the order of
+      // the other formats' additions does not change their bits).
+      for (int i = 0; i < 4; ++i) {
+        __m256i a1 = _mm256_set1_epi32(word(x1 + 4 * i)), b1 = _mm256_set1_epi32(word(x1 + 4 * i + 16));
+        __m256i a2 = _mm256_set1_epi32(word(x2 + 4 * i)), b2 = _mm256_set1_epi32(word(x2 + 4 * i + 16));
         if constexpr (kSignTrick) {
-          a1 = _mm256_sign_epi8(a1, sign[i]), b1 = _mm256_sign_epi8(b1, sign[i + 1]);
-          a2 = _mm256_sign_epi8(a2, sign[i]), b2 = _mm256_sign_epi8(b2, sign[i + 1]);
+          a1 = _mm256_sign_epi8(a1, sign[i]), b1 = _mm256_sign_epi8(b1, sign[i + 4]);
+          a2 = _mm256_sign_epi8(a2, sign[i]), b2 = _mm256_sign_epi8(b2, sign[i + 4]);
         }
         s1a = dot_u8s8(s1a, u[i], a1);
-        s1b = dot_u8s8(s1b, u[i + 1], b1);
+        s1b = dot_u8s8(s1b, u[i + 4], b1);
         s2a = dot_u8s8(s2a, u[i], a2);
-        s2b = dot_u8s8(s2b, u[i + 1], b2);
+        s2b = dot_u8s8(s2b, u[i + 4], b2);
       }
       const __m256i s = _mm256_add_epi32(_mm256_slli_epi32(_mm256_add_epi32(s1a, s1b), 8), _mm256_add_epi32(s2a, s2b));
-      if constexpr (std::is_same_v<Format, Int4Format>) {
+      if constexpr (std::is_same_v<Format, Int8HalvesFormat>) {
+        const int64_t hl = 2 * g;
+        const __m256i lo = _mm256_add_epi32(_mm256_slli_epi32(s1a, 8), s2a);
+        const __m256i hi = _mm256_add_epi32(_mm256_slli_epi32(s1b, 8), s2b);
+        const int levels = kSignTrick ? 0 : 128;
+        const __m256 step = _mm256_set1_ps(rows[t].step[g]);
+        const __m256 a0 = _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(lo, _mm256_set1_epi32(levels * rows[t].half_level_sum[hl]))), step);
+        const __m256 a1 = _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(hi, _mm256_set1_epi32(levels * rows[t].half_level_sum[hl + 1]))), step);
+        const float* scales = Int8HalvesFormat::scales(blk);
+        acc[t] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(scales), acc[t]);
+        acc[t] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(scales + 8), acc[t]);
+        acc[t] = _mm256_fnmadd_ps(_mm256_loadu_ps(scales + 16), _mm256_set1_ps(rows[t].sum[g]), acc[t]);
+      } else if constexpr (std::is_same_v<Format, Int4Format>) {
         const __m256 a = _mm256_fmsub_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(rows[t].step[g]),
                                          _mm256_set1_ps(rows[t].sum8[g]));
         acc[t] = _mm256_fmadd_ps(a, load_bf16x8(blk + 128), acc[t]);
@@ -447,34 +491,134 @@ torch::Tensor int8_pack(const torch::Tensor& q, const torch::Tensor& scales, con
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar, "q must be int8 [N, K]");
   const int64_t N = q.size(0), K = q.size(1), groups = K / kGroup;
   TORCH_CHECK(N % kRowBlock == 0 && K % kGroup == 0, "int8_pack needs N % 8 == 0 and K % 32 == 0");
-  TORCH_CHECK(scales.sizes() == torch::IntArrayRef({N, groups}), "scales must be [N, K / 32]");
-  TORCH_CHECK(!offsets.has_value() || offsets->sizes() == scales.sizes(), "offsets must match scales");
+  const bool halves = scales.dim() == 2 && scales.size(1) == 2 * groups;
+  TORCH_CHECK(scales.sizes() == torch::IntArrayRef({N, groups}) || (halves && scales.size(0) == N),
+              "scales must be [N, K / 32] or [N, K / 16]");
+  TORCH_CHECK(!offsets.has_value() || offsets->sizes() == torch::IntArrayRef({N, groups}), "offsets must be [N, K / 32]");
+  const int64_t block_bytes = halves ? Int8HalvesFormat::kBlockBytes : Int8Format::kBlockBytes;
+  const int64_t per_group = halves ? 2 : 1;  // scales per group
   const torch::Tensor qc = q.contiguous();
   const torch::Tensor sf = scales.to(at::kFloat).contiguous();
-  const torch::Tensor of = offsets.has_value() ? offsets->to(at::kFloat).contiguous() : torch::zeros_like(sf);
-  torch::Tensor packed = torch::empty({N / kRowBlock, groups, Int8Format::kBlockBytes}, q.options().dtype(at::kByte));
+  const torch::Tensor of = offsets.has_value() ? offsets->to(at::kFloat).contiguous()
+                                               : torch::zeros({N, groups}, sf.options());
+  torch::Tensor packed = torch::empty({N / kRowBlock, groups, block_bytes}, q.options().dtype(at::kByte));
   const int8_t* qp = qc.data_ptr<int8_t>();
   const float* sp = sf.data_ptr<float>();
   const float* op = of.data_ptr<float>();
   uint8_t* out = packed.data_ptr<uint8_t>();
   for (int64_t blk = 0; blk < N / kRowBlock; ++blk) {
     for (int64_t g = 0; g < groups; ++g) {
-      uint8_t* o = out + (blk * groups + g) * Int8Format::kBlockBytes;
+      uint8_t* o = out + (blk * groups + g) * block_bytes;
       float* os = reinterpret_cast<float*>(o + 256);
       for (int j = 0; j < 8; ++j) {
         const int64_t n = blk * kRowBlock + j;
         const int8_t* qr = qp + n * K + g * kGroup;
         for (int i = 0; i < kGroup; ++i) o[32 * (i / 4) + 4 * j + i % 4] = static_cast<uint8_t>(qr[i] + 128);
-        os[j] = sp[n * groups + g];
-        os[8 + j] = op[n * groups + g];
+        for (int64_t h = 0; h < per_group; ++h) os[8 * h + j] = sp[(n * groups + g) * per_group + h];
+        os[8 * per_group + j] = op[n * groups + g];
       }
     }
   }
   return packed;
 }
 
-torch::Tensor int8_packed_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool portable) {
-  return packed_matmul<Int8Format>(x, packed, portable, false);
+torch::Tensor int8_packed_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool portable, bool silu_and_mul) {
+  if (packed.dim() == 3 && packed.size(2) == Int8HalvesFormat::kBlockBytes) {
+    return packed_matmul<Int8HalvesFormat>(x, packed, portable, silu_and_mul);
+  }
+  return packed_matmul<Int8Format>(x, packed, portable, silu_and_mul);
+}
+
+namespace {
+
+// Every weight of a packed [blocks, groups, Format::kBlockBytes] as `out` [blocks * 8, groups * 32] (fp32 math, one
+// rounding to out's dtype), for steps of many rows, which multiply tiles of these instead. A (block, group) is first
+// unpacked to its 8 rows' quants, so the per-row loop over 32 weights is plain arithmetic the compiler vectorizes.
+template <typename T>
+inline T round_to(float value) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // round to nearest even, as the cast does (no NaNs here)
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    bits += 0x7FFF + ((bits >> 16) & 1);
+    return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<T>(value);
+  }
+}
+
+template <typename Format, typename T>
+void dequantize_blocks(const uint8_t* w, int64_t blocks, int64_t groups, T* out) {
+  const int64_t K = groups * kGroup;
+  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
+    float uq[8][kGroup];
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* blk = w + (b * groups + g) * Format::kBlockBytes;
+        if constexpr (std::is_same_v<Format, Int4Format>) {  // the layouts of the top, read byte by byte
+          for (int s = 0; s < 4; ++s) {
+            for (int j = 0; j < 8; ++j) {
+              for (int b = 0; b < 4; ++b) {
+                const uint8_t byte = blk[32 * s + 4 * j + b];
+                uq[j][8 * s + b] = static_cast<float>(byte & 15);
+                uq[j][8 * s + 4 + b] = static_cast<float>(byte >> 4);
+              }
+            }
+          }
+        } else {
+          for (int s = 0; s < 8; ++s) {
+            for (int j = 0; j < 8; ++j) {
+              for (int b = 0; b < 4; ++b) uq[j][4 * s + b] = static_cast<float>(blk[32 * s + 4 * j + b]);
+            }
+          }
+        }
+        for (int j = 0; j < 8; ++j) {
+          T* row = out + (b * kRowBlock + j) * K + g * kGroup;
+          if constexpr (std::is_same_v<Format, Int4Format>) {
+            const float scale = Format::scale(blk, j), zero = Format::zero(blk, j);
+            for (int i = 0; i < kGroup; ++i) row[i] = round_to<T>(std::fma(uq[j][i] - 8.f, scale, zero));
+          } else if constexpr (std::is_same_v<Format, Int8Format>) {
+            const float scale = Format::scales(blk)[j], offset = Format::scales(blk)[8 + j];
+            for (int i = 0; i < kGroup; ++i) row[i] = round_to<T>(std::fma(uq[j][i] - 128.f, scale, -offset));
+          } else {
+            const float* sc = Format::scales(blk);
+            const float offset = sc[16 + j];
+            for (int i = 0; i < kGroup; ++i) {
+              row[i] = round_to<T>(std::fma(uq[j][i] - 128.f, sc[8 * (i / 16) + j], -offset));
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor packed_dequantize(const torch::Tensor& packed, at::ScalarType dtype) {
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "packed must come from int4_pack or int8_pack");
+  const int64_t blocks = packed.size(0), groups = packed.size(1), bytes = packed.size(2);
+  torch::Tensor out = torch::empty({blocks * kRowBlock, groups * kGroup}, packed.options().dtype(dtype));
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "packed_dequantize", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    if (bytes == Int4Format::kBlockBytes) {
+      dequantize_blocks<Int4Format>(w, blocks, groups, o);
+    } else if (bytes == Int8Format::kBlockBytes) {
+      dequantize_blocks<Int8Format>(w, blocks, groups, o);
+    } else {
+      TORCH_CHECK(bytes == Int8HalvesFormat::kBlockBytes, "packed must come from int4_pack or int8_pack");
+      dequantize_blocks<Int8HalvesFormat>(w, blocks, groups, o);
+    }
+  });
+  return out;
+}
+
+torch::Tensor packed_group_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool silu_and_mul) {
+  if (packed.dim() == 3 && packed.size(2) == Int4Format::kBlockBytes) {
+    return packed_matmul<Int4Format>(x, packed, false, silu_and_mul);
+  }
+  return int8_packed_matmul(x, packed, false, silu_and_mul);
 }
 
 // x [T, K] times int8 rows q [N, K] with a scale (and optionally an offset) per group of `group` columns:
