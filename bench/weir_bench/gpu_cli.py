@@ -29,39 +29,43 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from weir_bench.floor import Floor, ModelCost, gpu_peak, row_floor
 from weir_bench.gpu import SHAPES, cuda_missing, save_report
 from weir_bench.gpu_targets import WARMUP_REQUESTS, Measured
 from weir_bench.report import Row
 
 logger = logging.getLogger("weir_bench.gpu")
-TableRow = tuple[str, Row, float | None]  # shape, row, peak GPU MiB
+TableRow = tuple[str, Row, float | None, Floor | None]  # shape, row, peak GPU MiB, what the GPU allows the row
 
 
 def table(rows: list[TableRow]) -> str:
     """The Markdown table of bench/RESULTS.md's GPU sections."""
     head = (
-        "| shape | target | conc. | ok/err | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | peak GPU MiB |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|"
+        "| shape | target | conc. | ok/err | output tok/s | floor tok/s (reached) | TTFT p50 / p99 ms | "
+        "ITL p50 / p99 ms | ITL floor ms | peak GPU MiB |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
-    for shape, row, mem in rows:
+    for shape, row, mem, floor in rows:
+        tput = row.output_tokens_per_s
+        bound = "" if floor is None else f"{floor.output_tokens_per_s:,.0f} ({tput / floor.output_tokens_per_s:.0%})"
         lines.append(
-            f"| {shape} | {row.target} | {row.concurrency} | {row.requests}/{row.errors} | "
-            f"{row.output_tokens_per_s:,.0f} | {row.ttft_p50_ms:,.1f} / {row.ttft_p99_ms:,.1f} | "
-            f"{row.itl_p50_ms:,.2f} / {row.itl_p99_ms:,.2f} | {'' if mem is None else f'{mem:,.0f}'} |"
+            f"| {shape} | {row.target} | {row.concurrency} | {row.requests}/{row.errors} | {tput:,.0f} | {bound} | "
+            f"{row.ttft_p50_ms:,.1f} / {row.ttft_p99_ms:,.1f} | {row.itl_p50_ms:,.2f} / {row.itl_p99_ms:,.2f} | "
+            f"{'' if floor is None else f'{floor.itl_ms:.2f}'} | {'' if mem is None else f'{mem:,.0f}'} |"
         )
     return "\n".join(lines)
 
 
 def ratios(rows: list[TableRow]) -> list[str]:
     """gRPC against HF static batch 256 and against in-process, and batch 1 against HF batch 1, per shape."""
-    by = {(shape, row.target.split(" (")[0]): row.output_tokens_per_s for shape, row, _ in rows}
+    by = {(shape, row.target.split(" (")[0]): row.output_tokens_per_s for shape, row, _, _ in rows}
     lines = []
-    for shape in dict.fromkeys(s for s, _, _ in rows):
+    for shape in dict.fromkeys(s for s, _, _, _ in rows):
         inproc = by.get((shape, "weir in-process"))
         static, hf1 = by.get((shape, "HF generate static batch 256")), by.get((shape, "HF generate batch 1"))
         b1 = by.get((shape, "weir gRPC batch 1")) or by.get((shape, "weir in-process batch 1"))
-        for _, row, _ in (r for r in rows if r[0] == shape and r[1].target.startswith("weir gRPC (")):
+        for _, row, _, _ in (r for r in rows if r[0] == shape and r[1].target.startswith("weir gRPC (")):
             grpc, parts = row.output_tokens_per_s, []
             if static:
                 parts.append(f"gRPC / HF static-256 = {grpc / static:.1f}x")
@@ -75,10 +79,13 @@ def ratios(rows: list[TableRow]) -> list[str]:
 
 async def _measure_shape(name: str, model_dir: Path, args: argparse.Namespace, notes: list[str]) -> list[TableRow]:
     """Every target of one shape, in order; a failing target becomes a note and the others still run."""
+    import torch
+
     from weir_bench.gpu_targets import hf_rows, weir_grpc, weir_inprocess
     from weir_bench.load import make_prompts
 
     shape = SHAPES[name]
+    gpu, cost = gpu_peak(torch.cuda.get_device_name()), ModelCost.of(shape.config)
     prompts = make_prompts(args.num_requests + WARMUP_REQUESTS, args.prompt_tokens, shape.config["vocab_size"], seed=0)
     # The in-process engine is one GPU's; with -tp > 1 only the server has the workers.
     inprocess = not args.skip_inprocess and args.tensor_parallel_size == 1
@@ -96,8 +103,13 @@ async def _measure_shape(name: str, model_dir: Path, args: argparse.Namespace, n
             else:
                 produced = await asyncio.to_thread(hf_rows, shape, args, prompts)
             for row, mem in produced:
-                rows.append((name, row, mem))
-                print(table([(name, row, mem)]).splitlines()[-1], flush=True)
+                floor = (
+                    None
+                    if gpu is None
+                    else row_floor(cost, gpu, row.concurrency, args.prompt_tokens, args.output_tokens)
+                )
+                rows.append((name, row, mem, floor))
+                print(table([rows[-1]]).splitlines()[-1], flush=True)
         except Exception:
             logger.exception("%s %s failed", name, label)
             notes.append(f"{name} {label} FAILED: " + traceback.format_exc(limit=4).replace("\n", " | "))
@@ -113,7 +125,16 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from weir_bench.greedy import greedy_check, greedy_shape
 
     work = Path(tempfile.mkdtemp(prefix="weir-gpu-bench-"))
-    notes: list[str] = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}"]
+    device = torch.cuda.get_device_name()
+    peak = gpu_peak(device)
+    notes: list[str] = [f"device: {device}, torch {torch.__version__}"]
+    notes.append(
+        "floor: not known for this GPU (bench/weir_bench/floor.py's table)"
+        if peak is None
+        else f"floor ({peak.name}: {peak.bytes_per_s / 1e12:.2f} TB/s, {peak.flops / 1e12:.0f} TFLOP/s bf16): each "
+        "decode step reads the weights and the batch's KV once and does 2 x params FLOPs a token; one prefill of "
+        "the batch (bench/weir_bench/floor.py)"
+    )
     if args.reference:
         try:
             notes += greedy_check(write_model_dir(greedy_shape(), args.tokenizer, work / "greedy"), args.reference)
@@ -131,7 +152,15 @@ async def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         *notes, "", table(rows), "", *ratios(rows),
     ])  # fmt: skip
     print("\n" + report, flush=True)
-    save_report(args.out_dir, "gpu", report, [{"shape": s, **r.__dict__, "peak_gpu_mib": m} for s, r, m in rows])
+    save_report(
+        args.out_dir,
+        "gpu",
+        report,
+        [
+            {"shape": s, **r.__dict__, "peak_gpu_mib": m, "floor_tokens_per_s": f and f.output_tokens_per_s}
+            for s, r, m, f in rows
+        ],
+    )
     return 0
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from weir_bench import cli, gpu_cli, sampling, tp
-from weir_bench.gpu import save_report
+from weir_bench.floor import Floor, ModelCost, gpu_peak, row_floor
+from weir_bench.gpu import LLAMA_32_1B, save_report
 from weir_bench.report import Row
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "RESULTS.md"
@@ -109,20 +110,44 @@ def _row(target: str, tok_s: float, concurrency: int = 512) -> Row:
     return Row(target, concurrency, 512, 0, 128, 128, 1.0, tok_s, 4.0, 203.25, 279.2, 11.574, 26.85, 0)
 
 
-def test_gpu_table_keeps_the_results_columns():
-    text = gpu_cli.table([("SmolLM2-135M", _row("weir in-process", 37295.4), 25566.2)])
+def test_gpu_table_keeps_the_results_columns_and_adds_the_floor():
+    floor = Floor(output_tokens_per_s=74590.8, itl_ms=3.456)
+    text = gpu_cli.table([("SmolLM2-135M", _row("weir in-process", 37295.4), 25566.2, floor)])
     head, rule, line = text.splitlines()
-    assert head.startswith("| shape | target | conc. | ok/err | output tok/s |") and rule.startswith("|---|")
-    assert line == "| SmolLM2-135M | weir in-process | 512 | 512/0 | 37,295 | 203.2 / 279.2 | 11.57 / 26.85 | 25,566 |"
+    assert head.startswith("| shape | target | conc. | ok/err | output tok/s | floor tok/s (reached) |")
+    assert rule.startswith("|---|")
+    assert line == (
+        "| SmolLM2-135M | weir in-process | 512 | 512/0 | 37,295 | 74,591 (50%) | 203.2 / 279.2 | 11.57 / 26.85 | "
+        "3.46 | 25,566 |"
+    )
+    unknown = gpu_cli.table([("S", _row("weir in-process", 1.0), None, None)]).splitlines()[-1]
+    assert unknown == "| S | weir in-process | 512 | 512/0 | 1 |  | 203.2 / 279.2 | 11.57 / 26.85 |  |  |"
+
+
+def test_the_floor_of_the_1b_shape_on_an_h100_is_the_issues_arithmetic():
+    """Issue 20: at batch 1 the 1B shape's weight read is about 0.75 ms; at 512 sequences of about 190 tokens a step
+    reads about 2.5 GB of weights and 3.1 GB of KV, about 2 ms, about 250k tok/s."""
+    h100 = gpu_peak("NVIDIA H100 80GB HBM3")
+    assert h100 is not None and h100.bytes_per_s == 3.35e12 and gpu_peak("NVIDIA H100 PCIe").name == "H100 PCIe"
+    assert gpu_peak("Tesla T4") is None
+    cost = ModelCost.of(LLAMA_32_1B.config)
+    assert 2.4e9 < cost.weight_bytes < 2.5e9 and cost.kv_bytes_per_token == 32768
+    assert 0.72e-3 < cost.decode_step_s(1, 200, h100) < 0.76e-3
+    step = cost.decode_step_s(512, 190, h100)
+    assert 1.6e-3 < step < 1.8e-3 and 280e3 < 512 / step < 310e3
+    # The row also prefills its 512 x 128 prompt tokens at 2.5 GFLOP each, 0.16 s beside 128 steps of about 1.7 ms.
+    floor = row_floor(cost, h100, 512, 128, 128)
+    assert 165e3 < floor.output_tokens_per_s < 180e3 and 1.6 < floor.itl_ms < 1.8
+    assert row_floor(cost, h100, 1, 128, 128).itl_ms < 0.76
 
 
 def test_gpu_ratios_compare_grpc_with_hf_static_and_in_process():
     rows = [
-        ("S", _row("weir in-process", 40000.0), None),
-        ("S", _row("weir gRPC (512 streams, engine process)", 60000.0), None),
-        ("S", _row("weir gRPC batch 1 (engine process)", 850.0, 1), None),
-        ("S", _row("HF generate batch 1", 21.25, 1), None),
-        ("S", _row("HF generate static batch 256", 6000.0, 256), None),
+        ("S", _row("weir in-process", 40000.0), None, None),
+        ("S", _row("weir gRPC (512 streams, engine process)", 60000.0), None, None),
+        ("S", _row("weir gRPC batch 1 (engine process)", 850.0, 1), None, None),
+        ("S", _row("HF generate batch 1", 21.25, 1), None, None),
+        ("S", _row("HF generate static batch 256", 6000.0, 256), None, None),
     ]
     assert gpu_cli.ratios(rows) == [
         "S, weir gRPC (512 streams, engine process): gRPC / HF static-256 = 10.0x, gRPC / in-process = 150%",
