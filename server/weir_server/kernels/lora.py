@@ -191,9 +191,9 @@ def lora_apply_sgmv(
     tiles_per_program = max(1, min(8, n_tiles * programs // SGMV_EXPAND_PROGRAMS))
     _sgmv_expand_kernel[(programs, triton.cdiv(n_tiles, tiles_per_program))](
         partials, lora_b, order, counts, block_end, token_start, slot_ranks, row_offset, out, n, rank, num_loras,
-        partials.stride(0), partials.stride(1), lora_b.stride(0), lora_b.stride(1), out.stride(0),
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_RANK=max(next_power_of_2(rank), 16), BLOCK_SEG=block_seg,
-        SPLIT_K=split, TILES=tiles_per_program, IEEE=ieee,
+        partials.stride(0), partials.stride(1), lora_b.stride(0), lora_b.stride(1), out.stride(0), split,
+        tiles_per_program, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_RANK=max(next_power_of_2(rank), 16),
+        BLOCK_SEG=block_seg, IEEE=ieee,
     )  # fmt: skip
     return out
 
@@ -249,12 +249,14 @@ if HAS_TRITON:
         out = out_ptr + tl.program_id(2) * stride_os + tokens.to(tl.int64)[:, None] * stride_o + r[None, :]
         tl.store(out, acc, mask=valid[:, None] & (r[None, :] < SR))
 
-    @triton.jit
+    # SPLIT_K and TILES follow the step's token count: as constants (or specialised at 1) every new count would
+    # compile another kernel in the middle of serving (about a second each, in the first steps that use adapters).
+    @triton.jit(do_not_specialize=["SPLIT_K", "TILES"])
     def _sgmv_expand_kernel(
         s_ptr, b_ptr, order_ptr, counts_ptr, block_end_ptr, token_start_ptr, ranks_ptr, offset_ptr, out_ptr, N, RANK,
-        NUM_LORAS, stride_ss, stride_s, stride_bl, stride_bn, stride_o,
+        NUM_LORAS, stride_ss, stride_s, stride_bl, stride_bn, stride_o, SPLIT_K, TILES,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_SEG: tl.constexpr,
-        SPLIT_K: tl.constexpr, TILES: tl.constexpr, IEEE: tl.constexpr,
+        IEEE: tl.constexpr,
     ):  # fmt: skip
         slot, tokens, valid = _sgmv_tile(
             tl.program_id(0), counts_ptr, block_end_ptr, token_start_ptr, order_ptr, NUM_LORAS, BLOCK_T, BLOCK_SEG
@@ -269,14 +271,14 @@ if HAS_TRITON:
         r_mask = r < slot_rank
         s_rows = s_ptr + rows[:, None] * stride_s + r[None, :]
         b_slot = b_ptr + slot.to(tl.int64) * stride_bl
-        for t in tl.static_range(TILES):
+        for t in range(TILES):
             n0 = (tl.program_id(1) * TILES + t) * BLOCK_N
             if n0 < N:
                 n = n0 + tl.arange(0, BLOCK_N)
                 offset = tl.load(offset_ptr + n0)  # one slice per tile of rows
                 s_mask = valid[:, None] & r_mask[None, :]
                 sv = tl.load(s_rows + offset, mask=s_mask, other=0.0)
-                for split in tl.static_range(1, SPLIT_K):  # the shrink's partial sums, in a fixed order
+                for split in range(1, SPLIT_K):  # the shrink's partial sums, in a fixed order
                     sv += tl.load(s_rows + split * stride_ss + offset, mask=s_mask, other=0.0)
                 bv = tl.load(
                     b_slot + n[None, :] * stride_bn + r[:, None], mask=(n[None, :] < N) & r_mask[:, None], other=0.0
