@@ -43,7 +43,7 @@ def simulate(policy: SpeculationPolicy, clock: Clock, steps: int, spec_seconds: 
 def test_it_keeps_speculating_where_speculation_is_faster() -> None:
     clock = Clock()
     choices = simulate(SpeculationPolicy(clock), clock, 400, spec_seconds=1.5e-3, spec_tokens=2.5)
-    assert sum(choices[20:]) >= 0.97 * len(choices[20:])
+    assert sum(choices[20:]) >= 0.93 * len(choices[20:])
 
 
 def test_it_backs_off_where_speculation_is_slower_and_probes_ever_less_often() -> None:
@@ -72,7 +72,7 @@ def test_bands_are_measured_apart() -> None:
     policy = SpeculationPolicy(clock)
     simulate(policy, clock, 200, spec_seconds=4e-3, spec_tokens=1.0)  # one sequence: slower
     eight = simulate(policy, clock, 200, spec_seconds=1.2e-3, spec_tokens=3.0, running=batch(8))
-    assert sum(eight[20:]) >= 0.97 * len(eight[20:])
+    assert sum(eight[20:]) >= 0.93 * len(eight[20:])
     assert not policy._bands[1].speculates and policy._bands[4].speculates
 
 

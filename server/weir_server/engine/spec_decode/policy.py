@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from weir_server.engine.sequence import Sequence
 
 WARM_STEPS = 3  # measured steps of each kind before a band compares them
-PROBE_STEPS = 2  # steps of the slower kind in a probe: the first is a switch, the second is measured
-FIRST_PROBE_AFTER = 32  # steps of the faster kind before the first probe; doubles while probes change nothing
-LAST_PROBE_AFTER = 512
-SMOOTHING = 0.2  # weight of a new measurement in a kind's rate
+PROBE_STEPS = 3  # steps of the slower kind in a probe: the first is a switch, the others are measured
+# Steps of the faster kind before a probe; doubles while probes change nothing. Short at first because what pays
+# follows the text (a passage being copied, then new words), so a probe must come within a request's span.
+FIRST_PROBE_AFTER = 8
+LAST_PROBE_AFTER = 256
+SMOOTHING = 0.3  # weight of a new measurement in a kind's rate
 SWITCH_MARGIN = 0.05  # the other kind must be this much faster to take over (no flapping on noise)
 OUTLIER = 8.0  # a step this many times slower than its kind's rate waited for something else (idle, a stall)
 
@@ -37,12 +39,15 @@ class _Rate:
 
     value: float = 0.0
     samples: int = 0
+    stale: bool = False  # not measured since the last probe began: the next measurement replaces the rate
 
     def add(self, rate: float) -> None:
-        if self.samples and rate * OUTLIER < self.value:
+        if self.samples and not self.stale and rate * OUTLIER < self.value:
             return
-        self.value = rate if not self.samples else self.value + SMOOTHING * (rate - self.value)
+        fresh = not self.samples or self.stale
+        self.value = rate if fresh else self.value + SMOOTHING * (rate - self.value)
         self.samples += 1
+        self.stale = False
 
 
 @dataclass(slots=True)
@@ -75,6 +80,7 @@ class _Band:
         self.since_probe += 1
         if self.since_probe >= self.probe_after:
             self.probing = PROBE_STEPS
+            (self.plain if self.speculates else self.spec).stale = True  # its rate is from before the text moved on
             return not self.speculates
         return self.speculates
 
