@@ -71,3 +71,14 @@ def test_a_bad_speculative_config_is_one_line_and_exit_code_2(capsys, value, mes
     assert main(["--speculative-config", value]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and err.startswith("weir serve: error: --speculative-config")
+
+
+def test_adaptive_defaults_to_measuring_a_draft_model_and_not_n_gram_lookup():
+    draft = parse_speculative_config('{"model": "tiny", "num_speculative_tokens": 3}')
+    ngram = parse_speculative_config('{"method": "ngram", "num_speculative_tokens": 3}')
+    assert draft.adaptive is None and draft.measures and not ngram.measures
+    assert parse_speculative_config('{"method": "ngram", "num_speculative_tokens": 3, "adaptive": true}').measures
+    fixed = parse_speculative_config('{"model": "tiny", "num_speculative_tokens": 3, "adaptive": false}')
+    assert not fixed.measures
+    with pytest.raises(ValueError, match="adaptive must be true or false"):
+        parse_speculative_config('{"method": "ngram", "num_speculative_tokens": 3, "adaptive": "yes"}')

@@ -36,8 +36,16 @@ class SpeculativeConfig:
     # Steps with more running sequences than this propose nothing; None: never back off (JSON null).
     disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
     # Weir's key: propose only in steps where speculation is measured to pay (spec_decode/policy.py); false:
-    # whenever the batch is at most disable_by_batch_size, as vLLM does.
-    adaptive: bool = True
+    # whenever the batch is at most disable_by_batch_size, as vLLM does. None: on for a draft model, whose K forward
+    # passes a step are worth measuring against; off for n-gram lookup, which costs nothing to propose and proposes
+    # only where the text repeats (measured per step, its gains and losses follow the text too closely to track:
+    # on the rewrite workload it kept throughput but not the inter-token latency of speculating every step).
+    adaptive: bool | None = None
+
+    @property
+    def measures(self) -> bool:
+        """Whether the policy chooses which steps propose (`adaptive`, or its default for the method)."""
+        return self.adaptive if self.adaptive is not None else not self.use_ngram
 
     def backs_off(self, num_running: int) -> bool:
         """Whether a step of `num_running` sequences decodes without proposals."""
@@ -76,8 +84,8 @@ def parse_speculative_config(text: str) -> SpeculativeConfig:
             raise ValueError(
                 f"--speculative-config: disable_by_batch_size must be at least 1 (or null: never), got {back_off}"
             )
-    adaptive = raw.get("adaptive", True)
-    if not isinstance(adaptive, bool):
+    adaptive = raw.get("adaptive")
+    if adaptive is not None and not isinstance(adaptive, bool):
         raise ValueError(f"--speculative-config: adaptive must be true or false, got {adaptive!r}")
     if method == "draft_model":
         if not isinstance(model, str) or not model:

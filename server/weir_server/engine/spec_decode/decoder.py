@@ -101,7 +101,7 @@ class SpecDecoder:
         # This step proposes nothing: the batch is too large for speculation to pay, or the policy measured that it
         # does not.
         self.backed_off = False
-        self.policy = SpeculationPolicy() if config.adaptive else None
+        self.policy = SpeculationPolicy() if config.measures else None
         self._measures = False  # the policy chose this step's kind
 
     @property
