@@ -1,5 +1,9 @@
-"""Random paged-attention batches for the kernel tests and the GPU check script (no Triton needed)."""
+"""Random paged-attention batches for the kernel tests and the GPU check script (no Triton needed), and a runner
+for kernel tests in Triton's CPU interpreter."""
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -59,3 +63,12 @@ def random_paged_batch(
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
         max_query_len=max(query_lens, default=0),
     )
+
+
+def run_in_triton_interpreter(script: str, test_dir: str, timeout: float = 300) -> None:
+    """Run `script` in a fresh Python with TRITON_INTERPRET=1 (read when a kernel is defined, so not in this
+    process) and `test_dir` importable; AssertionError with the end of its stderr unless it prints "ok"."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([test_dir, env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]

@@ -5,14 +5,13 @@ bf16 dot is wrong in Triton 3.9, so it checks the indexing, padding and routing 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from weir_server.kernels import HAS_TRITON
 from weir_server.kernels.fused_moe import fused_experts, moe_align_block_size
+from weir_server.kernels.testing import run_in_triton_interpreter
 from weir_server.layers.fused_moe import fused_experts_torch, select_experts
 
 CASES = [  # tokens, experts, hidden, intermediate, top_k
@@ -77,7 +76,4 @@ print("ok")
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_fused_experts_kernel_logic_in_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    run_in_triton_interpreter(_INTERPRETED, os.path.dirname(__file__), timeout=120)

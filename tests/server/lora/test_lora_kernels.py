@@ -5,14 +5,13 @@ float32 and bfloat16 at the 1B Llama's decode shapes."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from weir_server.kernels import HAS_TRITON
 from weir_server.kernels.lora import lora_ref
+from weir_server.kernels.testing import run_in_triton_interpreter
 
 
 def random_lora_case(
@@ -76,10 +75,7 @@ print("ok")
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_sgmv_kernels_split_k_and_slot_ranks_in_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernels are defined: a fresh process
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    run_in_triton_interpreter(_INTERPRETED, os.path.dirname(__file__), timeout=300)
 
 
 @pytest.mark.gpu
@@ -151,8 +147,4 @@ def test_lora_ranks_follow_the_slots_fills():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_layer_through_the_grouped_kernels_in_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    command = [sys.executable, "-c", _INTERPRETED_LAYER]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    run_in_triton_interpreter(_INTERPRETED_LAYER, os.path.dirname(__file__), timeout=300)

@@ -4,8 +4,6 @@ the GPU (marked `gpu`) and, for the kernel's logic, in the Triton interpreter on
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from gguf_blocks import random_rows
 from weir_server.kernels import HAS_TRITON
 from weir_server.kernels.gguf_dequant import PACKED_TYPES, Q4_K, Q6_K, TRITON_TYPES
 from weir_server.kernels.gguf_matmul import gguf_matmul, gguf_matmul_reference
+from weir_server.kernels.testing import run_in_triton_interpreter
 
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 SHAPES = [(1, 96, 512), (5, 64, 256), (70, 130, 768)]  # (M, N, K): decode, small batch, prefill with ragged N
@@ -72,10 +71,7 @@ print("ok")
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_gguf_matmul_kernel_logic_in_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    run_in_triton_interpreter(_INTERPRETED, os.path.dirname(__file__), timeout=300)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")

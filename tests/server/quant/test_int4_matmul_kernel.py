@@ -5,14 +5,13 @@ logic, in the Triton interpreter on the CPU."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from weir_server.kernels import HAS_TRITON
 from weir_server.kernels.int4_matmul import int4_matmul, int4_matmul_reference, pack_rows
+from weir_server.kernels.testing import run_in_triton_interpreter
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 SHAPES = [(1, 2048, 2048), (7, 96, 256), (16, 512, 8192), (70, 136, 768), (256, 2048, 2048)]  # (M, N, K)
@@ -80,7 +79,4 @@ print("ok")
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_int4_matmul_kernel_logic_in_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    run_in_triton_interpreter(_INTERPRETED, os.path.dirname(__file__), timeout=300)
