@@ -179,7 +179,9 @@ class Sampler:
             rep = to_device([p.repetition_penalty for p in params], device).unsqueeze(1).expand_as(logits)
             penalized = torch.where(logits > 0, logits / rep, logits * rep)
             logits = torch.where(seen, penalized, logits)
-        return logits
+        # A large logit over a tiny penalty overflows to +inf, and one +inf makes its row's softmax all NaN (a draw
+        # could then land on a masked token): the largest float keeps it the likeliest.
+        return logits.clamp(max=torch.finfo(logits.dtype).max)
 
     @staticmethod
     def _mask_stops_before_min_tokens(
@@ -259,7 +261,7 @@ def filtered_probs(logits: torch.Tensor, params: Seq[SamplingParams]) -> torch.T
     rows get temperature 1)."""
     device, vocab = logits.device, logits.shape[-1]
     temps = to_device([1.0 if p.greedy else p.temperature for p in params], device)
-    logits = logits / temps.unsqueeze(1)
+    logits = (logits / temps.unsqueeze(1)).clamp(max=torch.finfo(logits.dtype).max)  # a small temperature overflows
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     top_p = [p.top_p for p in params]
     if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):

@@ -176,3 +176,19 @@ def test_gpu_sampler_follows_the_distribution():
     tokens = torch.tensor(_hashed(probs.log().expand(4000, 4).contiguous(), seqs))
     freq = torch.bincount(tokens, minlength=4).float() / 4000
     assert torch.allclose(freq, probs, atol=0.03)
+
+
+def test_an_overflowing_penalty_or_temperature_never_draws_a_masked_token():
+    """A positive logit over the smallest repetition penalty (or a huge one over a small temperature) overflows to
+    +inf, which made the row's softmax NaN and let the draw land anywhere, masked tokens too (found by
+    tests/reliability/test_fuzz.py)."""
+    row = torch.full((VOCAB,), float("-inf"))
+    row[[2, 5]] = torch.tensor([1.0, 0.0])
+    for params in (
+        SamplingParams(temperature=1.0, repetition_penalty=1.401298464324817e-45),
+        SamplingParams(temperature=1e-30),
+    ):
+        for seed in range(20):
+            seq = _seq(SamplingParams(**{**params.__dict__, "seed": seed}), prompt=[2])
+            token = Sampler()(row.clone().unsqueeze(0), [seq], eos_token_ids=()).token_ids[0]
+            assert token == 2  # the overflowing one stays the likeliest; 5 never wins against it
