@@ -56,13 +56,15 @@ HOST_STAGES = 2  # host mirrors taking turns: the host prepares a batch while th
 
 
 class _HostStage:
-    """One set of the pinned host mirrors of the graphs' input buffers, and when its last copy ran."""
+    """One set of the pinned host mirrors of the graphs' input buffers (written through their numpy views), and
+    when its last copy ran."""
 
     def __init__(self, rows: int, max_batch: int, max_blocks: int, pin: bool) -> None:
         # (the CPU tests run the same preparation without pinned memory)
         self.i64 = torch.full((4, rows), -1, dtype=torch.int64, pin_memory=pin)
         self.ctx = torch.ones(max_batch, dtype=torch.int32, pin_memory=pin)
         self.tables = torch.zeros(max_batch * max_blocks, dtype=torch.int32, pin_memory=pin)
+        self.np_i64, self.np_ctx, self.np_tables = self.i64.numpy(), self.ctx.numpy(), self.tables.numpy()
         self.copied: torch.cuda.Event | None = None
 
 
@@ -135,8 +137,7 @@ class DecodeGraphs:
         # when the stream reaches it, which may be after the host has prepared the next batch (a draft model's steps
         # are launched back to back), so the mirrors take turns, each written again only once its last copy is done.
         self._stages = [_HostStage(rows, mb, self.max_blocks, pin=device.type == "cuda") for _ in range(HOST_STAGES)]
-        self._stage = 0
-        self._use_stage(0)
+        self._host = self._stages[0]  # the mirror the batch being prepared is written into
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (query_len, batch size) -> graph
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -153,7 +154,7 @@ class DecodeGraphs:
             block_size=self.block_size,
             query_lens_cpu=[q] * bs,
             # Only the torch path reads these (the CPU tests); the kernels read the device lengths.
-            context_lens_cpu=self._np_ctx[:bs].tolist(),
+            context_lens_cpu=self._host.np_ctx[:bs].tolist(),
         )
 
     def run_eager(self, bs: int, q: int = 1) -> torch.Tensor:
@@ -173,7 +174,7 @@ class DecodeGraphs:
         pool = None
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        self._np_ctx[:] = self.query_lens[-1]  # padding sequences' rows sit at positions 0..q-1
+        self._host.np_ctx[:] = self.query_lens[-1]  # padding sequences' rows sit at positions 0..q-1
         self.context_lens.fill_(self.query_lens[-1])
         shapes = [(q, bs) for q in self.query_lens[::-1] for bs in (self.multi_sizes if q > 1 else self.sizes)[::-1]]
         with torch.cuda.stream(stream):
@@ -198,18 +199,16 @@ class DecodeGraphs:
 
     # ---- one step ---------------------------------------------------------------------------------------
 
-    def _use_stage(self, index: int) -> None:
-        """Write the next batch into host mirror `index`, once the copy that last read it has run."""
-        stage = self._stages[index]
+    def _next_stage(self) -> None:
+        """Write the next batch into the next host mirror, once the copy that last read it has run."""
+        stage = self._stages[(self._stages.index(self._host) + 1) % len(self._stages)]
         if stage.copied is not None:
             stage.copied.synchronize()
-        self._stage = index
-        self._host_i64, self._host_ctx, self._host_tables = stage.i64, stage.ctx, stage.tables
-        self._np_i64, self._np_ctx, self._np_tables = stage.i64.numpy(), stage.ctx.numpy(), stage.tables.numpy()
+        self._host = stage
 
     def prepare(self, batch: Sequence[ScheduledSeq[S]]) -> DecodeInput | None:
         """Lay a decode batch into the static buffers (async copies); None when no graph fits it."""
-        self._use_stage((self._stage + 1) % len(self._stages))
+        self._next_stage()
         n = len(batch)
         if not is_graphable_decode(batch):
             q = graph_query_len(batch, self.query_lens)
@@ -226,7 +225,7 @@ class DecodeGraphs:
         width = max(widths)
         if width > self.max_blocks:
             return None
-        i64 = self._np_i64
+        i64 = self._host.np_i64
         i64[0, :n] = [seq.token_ids[p] for seq, p in zip(seqs, positions, strict=True)]
         i64[1, :n] = positions
         i64[2, :n] = [t[p // bsz] * bsz + p % bsz for t, p in zip(tables, positions, strict=True)]
@@ -234,9 +233,10 @@ class DecodeGraphs:
         if self.lora:
             i64[3, :n] = [seq.lora_slot for seq in seqs]
             i64[3, n:bs] = -1
-        self._np_ctx[:n] = positions
-        self._np_ctx[:n] += 1
-        self._np_ctx[n:bs] = 1
+        ctx = self._host.np_ctx
+        ctx[:n] = positions
+        ctx[:n] += 1
+        ctx[n:bs] = 1
         self._stage_tables(tables, bs)
         self._copy_in(bs, width)
         return DecodeInput(n, bs)
@@ -261,7 +261,7 @@ class DecodeGraphs:
         )
         slots = staged[np.arange(n)[:, None], positions // bsz].astype(np.int64) * bsz + positions % bsz
         slots[~real] = -1  # the padding rows' K/V is already in the cache: never rewritten
-        i64 = self._np_i64
+        i64 = self._host.np_i64
         rows = n * q
         i64[0, :rows] = tokens.ravel()
         i64[1, :rows] = positions.ravel()
@@ -271,8 +271,8 @@ class DecodeGraphs:
         if self.lora:
             i64[3, :rows] = np.where(real, np.array([s.seq.lora_slot for s in batch])[:, None], -1).ravel()
             i64[3, rows : bs * q] = -1
-        self._np_ctx[:n] = ends
-        self._np_ctx[n:bs] = q
+        self._host.np_ctx[:n] = ends
+        self._host.np_ctx[n:bs] = q
         self._copy_in(bs, width)
         return DecodeInput(n, bs, q)
 
@@ -283,20 +283,21 @@ class DecodeGraphs:
         flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=sum(widths))
         rows = np.repeat(np.arange(n), widths)
         starts = np.repeat(np.cumsum(widths) - widths, widths)
-        staged = self._np_tables[: bs * width].reshape(bs, width)
+        staged = self._host.np_tables[: bs * width].reshape(bs, width)
         staged[n:] = 0
         staged[rows, np.arange(flat.size) - starts] = flat
         return staged
 
     def _copy_in(self, bs: int, width: int) -> None:
-        self.i64.copy_(self._host_i64, non_blocking=True)
-        self.context_lens.copy_(self._host_ctx, non_blocking=True)
+        host = self._host
+        self.i64.copy_(host.i64, non_blocking=True)
+        self.context_lens.copy_(host.ctx, non_blocking=True)
         stage = self._table_stage[: bs * width]
-        stage.copy_(self._host_tables[: bs * width], non_blocking=True)
+        stage.copy_(host.tables[: bs * width], non_blocking=True)
         self.block_tables[:bs, :width].copy_(stage.view(bs, width))
         if self.device.type == "cuda":
-            copied = self._stages[self._stage].copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            copied.record()
+            host.copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            host.copied.record()
 
     def replay(self, decode: DecodeInput) -> torch.Tensor:
         """Run the graph; the first `num_seqs * query_len` rows of its static output [padded * query_len, hidden]
