@@ -92,21 +92,16 @@ class CpuDecodeLayers:
         for layer in layers:
             attn = layer.self_attn
             input_norm, post_norm = _plain_norm(layer.input_layernorm), _plain_norm(layer.post_attention_layernorm)
-            projections = (
-                _packed_parts(attn.qkv_proj, PackedLinear),
-                _packed_parts(attn.o_proj, PackedLinear),
-                _gate_up(layer.mlp),
-                _packed_parts(layer.mlp.down_proj, PackedLinear),
-            )
+            qkv, o = _packed_parts(attn.qkv_proj, PackedLinear), _packed_parts(attn.o_proj, PackedLinear)
+            gate_up, down = _gate_up(layer.mlp), _packed_parts(layer.mlp.down_proj, PackedLinear)
             if input_norm is None or post_norm is None or getattr(attn, "qk_norm", False):
                 return None
-            qkv, o, gate_up, down = projections
             if qkv is None or o is None or gate_up is None or down is None:
                 return None
             if shape(attn) != shape(first) or layer.input_layernorm.eps != layers[0].input_layernorm.eps:
                 return None  # one call takes one head layout, scale and eps
             weights.extend((input_norm, *qkv, *o, post_norm, *gate_up, *down))
-            parts.extend(len(p) for p in projections if p is not None)
+            parts.extend((len(qkv), len(o), len(gate_up), len(down)))
             windows.append(attn.attn.sliding_window or 0)
         return cls(
             weights=weights,

@@ -93,7 +93,7 @@ class _Band:
 
 def band_of(num_running: int) -> int:
     """1 -> 1, 2 -> 2, 3-4 -> 3, 5-8 -> 4, ...: steps whose cost per sequence is alike."""
-    return max(num_running - 1, 0).bit_length() + 1 if num_running > 1 else 1
+    return (num_running - 1).bit_length() + 1 if num_running > 1 else 1
 
 
 @dataclass(slots=True)
