@@ -77,7 +77,8 @@ def cpu_ops() -> ModuleType | None:
         module = load(
             name=f"weir_cpu_ops_{_cpu_identity()}_{_source_identity()}",
             sources=[str(path) for path in SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as error:  # no compiler, no ninja, an unsupported platform: the torch paths still work

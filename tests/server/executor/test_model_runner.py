@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -13,7 +16,7 @@ from weir_server.engine.sequence import Sequence
 from weir_server.engine.types import SamplingParams
 from weir_server.executor.batch import ScheduledSeq
 from weir_server.executor.kv_cache_size import available_memory_bytes, default_cpu_kv_cache_bytes
-from weir_server.executor.model_runner import ModelRunner, kv_cache_shape
+from weir_server.executor.model_runner import CPU_STEP_NICENESS, ModelRunner, kv_cache_shape
 from weir_server.models.llama import LlamaForCausalLM
 from weir_server.models.loader import LoadedModel
 
@@ -154,3 +157,24 @@ def test_the_runner_hands_each_batch_to_the_publisher_it_was_given_before_runnin
     seq.num_computed_tokens = 3
     runner.execute([ScheduledSeq(seq, 2, 3)])
     assert published == [[(0, 3)], [(3, 2)]]
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are a Linux/Unix facility")
+def test_the_thread_stepping_a_cpu_model_runs_below_normal_priority_and_other_threads_do_not(models):
+    """The server's event loop shares the cores with the steps: the stepping thread (and the OpenMP team it
+    starts, which inherits it) gives way to it, while the thread that built the runner keeps its priority."""
+    config, model, _ = models
+    runner = _runner(config, model, num_blocks=64)
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: list[int] = []
+
+    def step() -> None:
+        _run_to_end(runner, BlockManager(64, 4), [Sequence("s", 0, [1, 2, 3], SamplingParams())], chunk=3)
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    for _ in range(2):  # a second thread stepping the same runner is lowered too, and once
+        thread = threading.Thread(target=step)
+        thread.start()
+        thread.join()
+    assert seen == [min(19, before + CPU_STEP_NICENESS)] * 2
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before

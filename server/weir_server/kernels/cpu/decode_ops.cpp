@@ -100,6 +100,61 @@ inline void to_float_row<c10::BFloat16>(const c10::BFloat16* src, float* dst, in
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+#if defined(__AVX512F__)
+// exp of 16 floats: n = round(x log2 e), r = x - n ln 2 in two steps (Cody-Waite), exp(r) by Cephes's degree-5
+// polynomial, then 2^n by scalef (which underflows to 0 below about -103). Within 2 ulp of expf over the
+// range a softmax sees (x <= 0).
+inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// s[0:n] = softmax(s[0:n]) in place, fp32. Every element takes the same vector path (the tail through a mask),
+// so a score's result does not depend on where it sits in the row.
+inline void softmax_row(float* s, int64_t n) {
+#if defined(__AVX512F__)
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, s + j));
+  }
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), top));
+    _mm512_mask_storeu_ps(s + j, m, e);
+    sum = _mm512_mask_add_ps(sum, m, sum, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    _mm512_mask_storeu_ps(s + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), inv));
+  }
+#else
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+#endif
+}
+
 }  // namespace
 
 // x [.., n] -> a new normed tensor.
@@ -191,8 +246,13 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
         const int64_t b = task / Hkv, h = task % Hkv;
         const int64_t length = lens[b], first_token = starts[b], num_tokens = starts[b + 1] - starts[b];
         const int32_t* table = tables + b * max_blocks;
-        auto cache_row = [&](int64_t position) {
-          return (static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size) * Hkv + h;
+        // Calls fn(j, row) for the cache rows of positions first..last, a block at a time (no division per key).
+        auto for_each_key = [&](int64_t first, int64_t last, auto&& fn) {
+          for (int64_t j = first; j <= last;) {
+            const int64_t block = j / block_size, stop = std::min(last + 1, (block + 1) * block_size);
+            int64_t row = (static_cast<int64_t>(table[block]) * block_size + j % block_size) * Hkv + h;
+            for (; j < stop; ++j, row += Hkv) fn(j, row * D);
+          }
         };
         // This step's K and V into their slots first (skipping padding slots < 0): later tokens see earlier ones.
         for (int64_t t = first_token; t < first_token + num_tokens; ++t) {
@@ -214,31 +274,23 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
           }
           const int64_t first = window > 0 ? std::max<int64_t>(0, position + 1 - window) : 0;
           const int64_t n = position + 1 - first;
-          scores.assign(G * n, 0.f);
-          for (int64_t j = first; j <= position; ++j) {
-            to_float_row(kc + cache_row(j) * D, row.data(), D);  // widened once for the group's G queries
+          scores.resize(G * n);
+          for_each_key(first, position, [&](int64_t j, int64_t offset) {
+            to_float_row(kc + offset, row.data(), D);  // widened once for the group's G queries
             for (int64_t g = 0; g < G; ++g) {
               scores[g * n + (j - first)] = float_dot(&qf[g * D], row.data(), D) * static_cast<float>(scale);
             }
-          }
+          });
           std::fill(acc.begin(), acc.end(), 0.f);
           for (int64_t g = 0; g < G; ++g) {
             float* sg = &scores[g * n];
             if (softcap > 0) {
               for (int64_t j = 0; j < n; ++j) sg[j] = std::tanh(sg[j] / softcap) * softcap;
             }
-            float mx = -std::numeric_limits<float>::infinity();
-            for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sg[j]);
-            float sum = 0.f;
-            for (int64_t j = 0; j < n; ++j) {
-              sg[j] = std::exp(sg[j] - mx);
-              sum += sg[j];
-            }
-            const float inv = 1.f / sum;
-            for (int64_t j = 0; j < n; ++j) sg[j] *= inv;
+            softmax_row(sg, n);
           }
-          for (int64_t j = first; j <= position; ++j) {
-            to_float_row(vc + cache_row(j) * D, row.data(), D);
+          for_each_key(first, position, [&](int64_t j, int64_t offset) {
+            to_float_row(vc + offset, row.data(), D);
             for (int64_t g = 0; g < G; ++g) {
               const float p = scores[g * n + (j - first)];
               float* a = &acc[g * D];
@@ -246,7 +298,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
               _Pragma("omp simd")
               for (int64_t i = 0; i < D; ++i) a[i] += p * r[i];
             }
-          }
+          });
           for (int64_t g = 0; g < G; ++g) {
             scalar_t* o = op + (t * H + h * G + g) * D;
             for (int64_t i = 0; i < D; ++i) o[i] = static_cast<scalar_t>(acc[g * D + i]);
