@@ -208,8 +208,8 @@ class Int8BlockRows(nn.Module):
     """CPU Q5_0, Q8_0, Q5_K and Q6_K rows as int8 quants with a scale (and for Q5_K an offset) per group of 32 or
     16, in the model's dtype (exact in float32): a tile is dequantized by a convert and a multiply, several times
     faster than parsing the raw blocks. A tied embedding looks its rows up here, so the bytes are held once.
-    `pack_for_cpu` adds the C++ op's layout (bf16 models); `drop_plain_rows` then frees the plain one where no
-    embedding reads it, and the op takes every step."""
+    `pack_for_cpu` adds the C++ op's layout (bf16 models); `drop_plain_rows` then frees the plain one, the op takes
+    every step and lookups read the op's layout."""
 
     qs: torch.Tensor | None
     scales: torch.Tensor | None
@@ -237,8 +237,8 @@ class Int8BlockRows(nn.Module):
             self.packed = ops.int8_pack(*self.plain_layout())
 
     def drop_plain_rows(self) -> None:
-        """Free the plain int8 rows and their scales once the op's layout holds them (a projection's; an
-        embedding's stay)."""
+        """Free the plain int8 rows and their scales once the op's layout holds them (a tied embedding then looks
+        its rows up in that layout)."""
         if self.packed is not None:
             self.qs = self.scales = self.offsets = None
 
@@ -273,8 +273,15 @@ class Int8BlockRows(nn.Module):
         return out.reshape(*x.shape[:-1], self.rows)
 
     def dequantize_rows(self, index: torch.Tensor) -> torch.Tensor:
-        """The rows `index` names, in float32 (an embedding lookup)."""
-        return self._tile(index.reshape(-1), torch.float32).reshape(*index.shape, self.cols)
+        """The rows `index` names, in float32 (an embedding lookup). Without the plain rows, the op layout's blocks
+        of 8 rows that hold them are dequantized (the same values: q * scale - offset in float32)."""
+        flat = index.reshape(-1)
+        if self.qs is not None or self.packed is None:
+            return self._tile(flat, torch.float32).reshape(*index.shape, self.cols)
+        blocks, within = flat.div(8, rounding_mode="floor"), flat.remainder(8)
+        unique, which = torch.unique(blocks, return_inverse=True)
+        tiles = cpu_ops().packed_dequantize(self.packed[unique], torch.float32)  # type: ignore[union-attr]
+        return tiles.view(len(unique), 8, self.cols)[which, within].reshape(*index.shape, self.cols)
 
 
 RowsForm = DenseRows | PackedRows | Int4Rows | Int8BlockRows

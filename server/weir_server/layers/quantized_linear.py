@@ -192,10 +192,9 @@ class GGUFLinear(_GGUFRowsLayer):
 
     def _finalize(self, runs: list[_Entry]) -> None:
         super()._finalize(runs)
-        if not self.lm_head:  # only a (tied) head's rows may also serve embedding lookups
-            for part in self.parts:
-                if isinstance(part, Int8BlockRows):
-                    part.drop_plain_rows()
+        for part in self.parts:  # a tied embedding looks its rows up in the op's layout
+            if isinstance(part, Int8BlockRows):
+                part.drop_plain_rows()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._matmul(x)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from gguf_blocks import random_rows
 
+from weir_server.kernels.cpu_ops import cpu_ops
 from weir_server.kernels.gguf_dequant import PACKED_TYPES, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, Q8_0, dequantize
 from weir_server.layers.gguf_weights import (
     DenseRows,
@@ -154,6 +155,33 @@ def test_embedding_dequantizes_the_gathered_rows_and_a_tied_head_shares_them():
     hidden = torch.randn(2, 256)
     assert relative_error(model.lm_head.compute_logits(hidden), hidden @ dense(table).t()) < 1e-6
     assert model.lm_head.parts[0] is model.embed_tokens.parts[0]  # one copy of the matrix
+
+
+@pytest.mark.skipif(cpu_ops() is None, reason="the C++ CPU ops are not built here")
+@pytest.mark.parametrize("qtype", [Q8_0, Q6_K], ids=lambda t: t.name)
+def test_a_bf16_tied_head_holds_its_rows_once_in_the_op_layout_and_lookups_read_them_there(qtype):
+    """A tied Q8_0 head (SmolLM2's) was held twice, as the op's layout for the head and as plain int8 rows for
+    the embedding's lookups; the lookups now dequantize the op layout's blocks of 8 rows: the same values."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed_tokens = VocabParallelEmbedding(104, 256)
+            self.lm_head = ParallelLMHead(104, 256)
+            self.lm_head.weight = self.embed_tokens.weight
+
+    with torch.device("meta"):
+        model = Tied()
+    quantize_gguf_layers(model)
+    model = materialize(model.to(torch.bfloat16))
+    table = packed(qtype, 104, 256)
+    model.embed_tokens.weight_loader(model.embed_tokens.weight, table, "embed")
+    (rows,) = model.lm_head.parts
+    assert rows.packed is not None and rows.qs is None and rows.scales is None  # one copy, the op's
+    ids = torch.tensor([[3, 103], [0, 3], [57, 8]])
+    assert torch.equal(model.embed_tokens(ids), dense(table)[ids].to(torch.bfloat16))
+    hidden = torch.randn(2, 256, dtype=torch.bfloat16)
+    assert relative_error(model.lm_head.compute_logits(hidden).float(), hidden.float() @ dense(table).t()) < 1e-2
 
 
 def test_layers_hold_quantized_weights_not_floats():
