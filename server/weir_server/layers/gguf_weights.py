@@ -204,6 +204,22 @@ class Int4Rows(nn.Module):
         return out.reshape(*x.shape[:-1], self.rows).to(x.dtype)
 
 
+def _five_bit_grid(
+    q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(u in 0..31, scales, offsets) with u * scale - offset = q * scale - offset (offset 0 where None) for int8
+    quants spanning at most 32 values, shifted by their least; None where they span more, or where moving the
+    shift into the offsets would round them (it is exact for GGUF's fp16-based scales)."""
+    low, high = int(q.min()), int(q.max())
+    if high - low > 31:
+        return None
+    base = torch.zeros_like(scales) if offsets is None else offsets.float()
+    shifted = base - low * scales.float()
+    if not torch.equal(shifted + low * scales.float(), base):
+        return None
+    return (q.to(torch.int16) - low).to(torch.uint8), scales, shifted
+
+
 class Int8BlockRows(nn.Module):
     """CPU Q5_0, Q8_0, Q5_K and Q6_K rows as int8 quants with a scale (and for Q5_K an offset) per group of 32 or
     16, in the model's dtype (exact in float32): a tile is dequantized by a convert and a multiply, several times
@@ -230,11 +246,14 @@ class Int8BlockRows(nn.Module):
     def pack_for_cpu(self, dtype: torch.dtype) -> None:
         """Lay the rows out for the C++ integer-dot op (groups of 32, or Q6_K's 16 as two scales a group) where it
         is built and fits: a bf16 model (the op's activations are split into int8 levels, an error far under
-        bf16's own rounding), rows a multiple of 8."""
+        bf16's own rounding), rows a multiple of 8. Quants spanning at most 32 levels (Q5_0, Q5_K) take the 5-bit
+        layout (0.875 bytes a weight), others the 8-bit one (1.25)."""
         ops = cpu_ops()
         fits = self.rows % 8 == 0 and self.cols % 32 == 0 and self.group in (16, 32)
         if ops is not None and dtype == torch.bfloat16 and fits and self.qs is not None:
-            self.packed = ops.int8_pack(*self.plain_layout())
+            q, scales, offsets = self.plain_layout()
+            five = _five_bit_grid(q, scales, offsets) if self.group == 32 else None
+            self.packed = ops.int5_pack(*five) if five is not None else ops.int8_pack(q, scales, offsets)
 
     def drop_plain_rows(self) -> None:
         """Free the plain int8 rows and their scales once the op's layout holds them (a tied embedding then looks

@@ -262,6 +262,31 @@ def test_int8_packed_matmul_equals_the_dequantized_product(rows: int, with_offse
         assert torch.equal(ops.int8_packed_matmul(x[i : i + 1], packed)[0], out[i])
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+def test_int5_packed_matmul_equals_the_dequantized_product_and_its_layout_holds_the_exact_weights(rows: int) -> None:
+    """The 5-bit layout (GGUF's Q5_0, Q5_1, Q5_K): u in 0..31, a scale and an offset per group of 32, every fifth
+    bit in its own plane; the same integer dot as the 8-bit layout, so the same bounds and the same bit rules."""
+    gen = torch.Generator().manual_seed(rows)
+    n, k = 96, 192
+    u = torch.randint(0, 32, (n, k), generator=gen, dtype=torch.uint8)
+    u[0, :32], u[1, :32] = 31, 0  # every fifth bit set, and none
+    scales = torch.rand(n, k // 32, generator=gen) / 64
+    offsets = torch.rand(n, k // 32, generator=gen) / 8
+    weight = (u.double().view(n, -1, 32) * scales.double().unsqueeze(-1) - offsets.double().unsqueeze(-1)).view(n, k)
+    packed = ops.int5_pack(u, scales, offsets)
+    assert packed.shape == (n // 8, k // 32, 224)  # 0.875 bytes a weight
+    assert torch.equal(ops.packed_dequantize(packed, torch.float32), weight.float())  # one rounding, as the fma
+    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, k, generator=gen) * 4
+    out = ops.int8_packed_matmul(x, packed)
+    assert out.dtype == torch.float32 and out.shape == (rows, n)
+    assert _within_two_level_error(out, x, weight.float(), x.double() @ weight.t())
+    assert torch.equal(ops.int8_packed_matmul(x, packed, portable=True), out)
+    for i in range(rows):
+        assert torch.equal(ops.int8_packed_matmul(x[i : i + 1], packed)[0], out[i])
+    with pytest.raises(RuntimeError, match="0..31"):
+        ops.int5_pack(u | 32, scales, offsets)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_int4_group_matmul_applies_silu_and_mul_to_a_gate_up_pair(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(7)

@@ -103,13 +103,16 @@ def test_a_float32_model_keeps_torchs_int4_kernel_with_exact_scales(gguf_rows):
     torch.testing.assert_close(form.matmul(x).double(), expected, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("name", "qtype", "block_bytes"), [("q6_k", Q6_K, 352), ("q5_0", Q5_0, 320)])
+@pytest.mark.parametrize(("name", "qtype", "block_bytes"), [("q6_k", Q6_K, 352), ("q5_0", Q5_0, 224)])
 @pytest.mark.parametrize("rows", [1, 11, 40])
 def test_q6_k_and_q5_0_rows_take_the_int8_op_within_the_two_level_bound(gguf_rows, name, qtype, block_bytes, rows):
     raw = gguf_rows[name]
     form = Int8BlockRows(raw, qtype, torch.bfloat16)
     form.pack_for_cpu(torch.bfloat16)
-    assert form.packed is not None and form.packed.shape[-1] == block_bytes  # Q6_K: two scales per group of 32
+    # Q6_K: the 8-bit layout with two scales per group of 32; Q5_0: the 5-bit layout, 0.875 bytes a weight
+    assert form.packed is not None and form.packed.shape[-1] == block_bytes
+    dequantized = ops.packed_dequantize(form.packed, torch.float32)
+    assert torch.equal(dequantized, dequantize(raw, qtype))  # the file's weights, whichever layout
     form.drop_plain_rows()  # a projection's: the op takes every step
     assert form.qs is None
     x = _x(rows, rows)

@@ -386,7 +386,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("packed"), py::arg("portable") = false, py::arg("silu_and_mul") = false);
   m.def("int4_pack", &int4_pack, release,
         "4-bit weights (q, scales, zeros per group of 32) in int4_group_matmul's layout");
-  m.def("packed_dequantize", &packed_dequantize, release, "the weights of an int4_pack or int8_pack layout",
+  m.def("int5_pack", &int5_pack, release,
+        "5-bit weights (u in 0..31, scales and offsets per group of 32: W = u * scale - offset) in the layout "
+        "int8_packed_matmul also reads", py::arg("q"), py::arg("scales"), py::arg("offsets"));
+  m.def("packed_dequantize", &packed_dequantize, release, "the weights of an int4_pack, int5_pack or int8_pack layout",
         py::arg("packed"), py::arg("dtype"));
   m.def("int4_group_matmul", &int4_group_matmul, release, "x times packed 4-bit weights, for steps of a few rows",
         py::arg("x"), py::arg("packed"), py::arg("portable") = false, py::arg("silu_and_mul") = false);

@@ -179,8 +179,26 @@ struct Int8HalvesFormat {
   }
 };
 
+// 5-bit (GGUF's Q5_0, Q5_1, Q5_K): the 4-bit layout's 128 bytes of low nibbles, then 32 bytes whose byte 4 j + b
+// holds, in bit k, the fifth bit of row j's weight 4 k + b (the weight lane j byte b of dot operand k carries), then
+// 8 fp32 scales and 8 fp32 offsets; W = u * scale - offset with u in 0..31. 0.875 bytes a weight against the 8-bit
+// layout's 1.25.
+struct Int5Format {
+  static constexpr int64_t kBlockBytes = 128 + 32 + 8 * 4 + 8 * 4;
+  static constexpr int kRowsPerPass = Int8Format::kRowsPerPass;
+  static int u(const uint8_t* blk, int j, int i) {
+    return Int4Format::u(blk, j, i) | (((blk[128 + 4 * j + i % 4] >> (i / 4)) & 1) << 4);
+  }
+  static const float* scales(const uint8_t* blk) { return reinterpret_cast<const float*>(blk + 160); }
+  // acc + scale * step * S - offset * sum, S = half[0] + half[1]
+  static float finish(float acc, const int32_t* half, const uint8_t* blk, int j, const QuantRow& row, int64_t g) {
+    const float a = static_cast<float>(half[0] + half[1]) * row.step[g];
+    return std::fma(-scales(blk)[8 + j], row.sum[g], std::fma(a, scales(blk)[j], acc));
+  }
+};
+
 template <typename Format>
-constexpr bool kIsInt8 = !std::is_same_v<Format, Int4Format>;
+constexpr bool kIsInt8 = std::is_same_v<Format, Int8Format> || std::is_same_v<Format, Int8HalvesFormat>;
 
 // The scalar path: the same integers and the same float operations, in the same order, as the vector one.
 template <typename Format>
@@ -251,6 +269,16 @@ inline void load_group(const uint8_t* blk, __m256i* u, __m256i* sign) {
       u[2 * s] = _mm256_and_si256(v, low);
       u[2 * s + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
     }
+    if constexpr (std::is_same_v<Format, Int5Format>) {
+      // Bit k of each byte of the fifth-bit vector moved to bit 4 (a 16-bit shift; the mask keeps each byte's own).
+      const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128));
+      const __m256i bit4 = _mm256_set1_epi8(16);
+      for (int k = 0; k < 8; ++k) {
+        const __m256i moved = k < 4 ? _mm256_sll_epi16(high, _mm_cvtsi32_si128(4 - k))
+                                    : _mm256_srl_epi16(high, _mm_cvtsi32_si128(k - 4));
+        u[k] = _mm256_or_si256(u[k], _mm256_and_si256(moved, bit4));
+      }
+    }
   } else {
     for (int i = 0; i < 8; ++i) {
       u[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * i));
@@ -310,6 +338,11 @@ void block_rows_avx2(const uint8_t* w, int64_t groups, const QuantRow* rows, flo
                                          _mm256_set1_ps(rows[t].sum8[g]));
         acc[t] = _mm256_fmadd_ps(a, load_bf16x8(blk + 128), acc[t]);
         acc[t] = _mm256_fmadd_ps(load_bf16x8(blk + 144), _mm256_set1_ps(rows[t].sum[g]), acc[t]);
+      } else if constexpr (std::is_same_v<Format, Int5Format>) {
+        const __m256 a = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(rows[t].step[g]));
+        const float* scales = Int5Format::scales(blk);
+        acc[t] = _mm256_fmadd_ps(a, _mm256_loadu_ps(scales), acc[t]);
+        acc[t] = _mm256_fnmadd_ps(_mm256_loadu_ps(scales + 8), _mm256_set1_ps(rows[t].sum[g]), acc[t]);
       } else {
         // kSignTrick's S is sum q * x, VNNI's sum (q + 128) * x: both become sum q * x here.
         const __m256i levels = _mm256_set1_epi32((kSignTrick ? 0 : 128) * rows[t].level_sum[g]);
@@ -522,9 +555,47 @@ torch::Tensor int8_pack(const torch::Tensor& q, const torch::Tensor& scales, con
   return packed;
 }
 
+torch::Tensor int5_pack(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& offsets) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte, "q must be uint8 [N, K] with values 0..31");
+  const int64_t N = q.size(0), K = q.size(1), groups = K / kGroup;
+  TORCH_CHECK(N % kRowBlock == 0 && K % kGroup == 0, "int5_pack needs N % 8 == 0 and K % 32 == 0");
+  TORCH_CHECK(scales.sizes() == torch::IntArrayRef({N, groups}) && offsets.sizes() == scales.sizes(),
+              "scales and offsets must be [N, K / 32]");
+  const torch::Tensor qc = q.contiguous();
+  TORCH_CHECK(N * K == 0 || qc.max().item<uint8_t>() < 32, "q must hold values 0..31");
+  const torch::Tensor sf = scales.to(at::kFloat).contiguous(), of = offsets.to(at::kFloat).contiguous();
+  torch::Tensor packed = torch::zeros({N / kRowBlock, groups, Int5Format::kBlockBytes}, q.options());
+  const uint8_t* qp = qc.data_ptr<uint8_t>();
+  const float* sp = sf.data_ptr<float>();
+  const float* op = of.data_ptr<float>();
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  for (int64_t blk = 0; blk < N / kRowBlock; ++blk) {
+    for (int64_t g = 0; g < groups; ++g) {
+      uint8_t* o = out + (blk * groups + g) * Int5Format::kBlockBytes;
+      float* os = reinterpret_cast<float*>(o + 160);
+      for (int j = 0; j < 8; ++j) {
+        const int64_t n = blk * kRowBlock + j;
+        const uint8_t* qr = qp + n * K + g * kGroup;
+        for (int s = 0; s < 4; ++s) {
+          for (int b = 0; b < 4; ++b) {
+            o[32 * s + 4 * j + b] = static_cast<uint8_t>((qr[8 * s + b] & 15) | ((qr[8 * s + 4 + b] & 15) << 4));
+          }
+        }
+        for (int i = 0; i < kGroup; ++i) o[128 + 4 * j + i % 4] |= static_cast<uint8_t>(((qr[i] >> 4) & 1) << (i / 4));
+        os[j] = sp[n * groups + g];
+        os[8 + j] = op[n * groups + g];
+      }
+    }
+  }
+  return packed;
+}
+
 torch::Tensor int8_packed_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool portable, bool silu_and_mul) {
   if (packed.dim() == 3 && packed.size(2) == Int8HalvesFormat::kBlockBytes) {
     return packed_matmul<Int8HalvesFormat>(x, packed, portable, silu_and_mul);
+  }
+  if (packed.dim() == 3 && packed.size(2) == Int5Format::kBlockBytes) {
+    return packed_matmul<Int5Format>(x, packed, portable, silu_and_mul);
   }
   return packed_matmul<Int8Format>(x, packed, portable, silu_and_mul);
 }
@@ -554,7 +625,11 @@ void dequantize_blocks(const uint8_t* w, int64_t blocks, int64_t groups, T* out)
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t* blk = w + (b * groups + g) * Format::kBlockBytes;
-        if constexpr (std::is_same_v<Format, Int4Format>) {  // the layouts of the top, read byte by byte
+        if constexpr (std::is_same_v<Format, Int5Format>) {
+          for (int j = 0; j < 8; ++j) {
+            for (int i = 0; i < kGroup; ++i) uq[j][i] = static_cast<float>(Format::u(blk, j, i));
+          }
+        } else if constexpr (std::is_same_v<Format, Int4Format>) {  // the layouts of the top, read byte by byte
           for (int s = 0; s < 4; ++s) {
             for (int j = 0; j < 8; ++j) {
               for (int b = 0; b < 4; ++b) {
@@ -579,6 +654,9 @@ void dequantize_blocks(const uint8_t* w, int64_t blocks, int64_t groups, T* out)
           } else if constexpr (std::is_same_v<Format, Int8Format>) {
             const float scale = Format::scales(blk)[j], offset = Format::scales(blk)[8 + j];
             for (int i = 0; i < kGroup; ++i) row[i] = round_to<T>(std::fma(uq[j][i] - 128.f, scale, -offset));
+          } else if constexpr (std::is_same_v<Format, Int5Format>) {
+            const float scale = Format::scales(blk)[j], offset = Format::scales(blk)[8 + j];
+            for (int i = 0; i < kGroup; ++i) row[i] = round_to<T>(std::fma(uq[j][i], scale, -offset));
           } else {
             const float* sc = Format::scales(blk);
             const float offset = sc[16 + j];
@@ -596,7 +674,7 @@ void dequantize_blocks(const uint8_t* w, int64_t blocks, int64_t groups, T* out)
 
 torch::Tensor packed_dequantize(const torch::Tensor& packed, at::ScalarType dtype) {
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
-              "packed must come from int4_pack or int8_pack");
+              "packed must come from int4_pack, int5_pack or int8_pack");
   const int64_t blocks = packed.size(0), groups = packed.size(1), bytes = packed.size(2);
   torch::Tensor out = torch::empty({blocks * kRowBlock, groups * kGroup}, packed.options().dtype(dtype));
   const uint8_t* w = packed.data_ptr<uint8_t>();
@@ -606,8 +684,10 @@ torch::Tensor packed_dequantize(const torch::Tensor& packed, at::ScalarType dtyp
       dequantize_blocks<Int4Format>(w, blocks, groups, o);
     } else if (bytes == Int8Format::kBlockBytes) {
       dequantize_blocks<Int8Format>(w, blocks, groups, o);
+    } else if (bytes == Int5Format::kBlockBytes) {
+      dequantize_blocks<Int5Format>(w, blocks, groups, o);
     } else {
-      TORCH_CHECK(bytes == Int8HalvesFormat::kBlockBytes, "packed must come from int4_pack or int8_pack");
+      TORCH_CHECK(bytes == Int8HalvesFormat::kBlockBytes, "packed must come from int4_pack, int5_pack or int8_pack");
       dequantize_blocks<Int8HalvesFormat>(w, blocks, groups, o);
     }
   });
