@@ -625,17 +625,21 @@ void dequantize_blocks(const uint8_t* w, int64_t blocks, int64_t groups, T* out)
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t* blk = w + (b * groups + g) * Format::kBlockBytes;
-        if constexpr (std::is_same_v<Format, Int5Format>) {
-          for (int j = 0; j < 8; ++j) {
-            for (int i = 0; i < kGroup; ++i) uq[j][i] = static_cast<float>(Format::u(blk, j, i));
-          }
-        } else if constexpr (std::is_same_v<Format, Int4Format>) {  // the layouts of the top, read byte by byte
+        if constexpr (!kIsInt8<Format>) {  // the layouts of the top, read byte by byte
           for (int s = 0; s < 4; ++s) {
             for (int j = 0; j < 8; ++j) {
               for (int b = 0; b < 4; ++b) {
                 const uint8_t byte = blk[32 * s + 4 * j + b];
                 uq[j][8 * s + b] = static_cast<float>(byte & 15);
                 uq[j][8 * s + 4 + b] = static_cast<float>(byte >> 4);
+              }
+            }
+          }
+          if constexpr (std::is_same_v<Format, Int5Format>) {  // bit k of byte 4 j + b: weight 4 k + b's 16
+            for (int j = 0; j < 8; ++j) {
+              for (int b = 0; b < 4; ++b) {
+                const uint8_t high = blk[128 + 4 * j + b];
+                for (int k = 0; k < 8; ++k) uq[j][4 * k + b] += static_cast<float>(((high >> k) & 1) << 4);
               }
             }
           }
