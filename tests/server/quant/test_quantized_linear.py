@@ -135,16 +135,23 @@ def test_a_shape_that_does_not_fit_names_both_shapes():
         layer.weight_loader(layer.weight, packed(Q4_0, 16, 512), "down")
 
 
-def test_embedding_dequantizes_the_gathered_rows_and_a_tied_head_shares_them():
-    class Tied(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed_tokens = VocabParallelEmbedding(100, 256)
-            self.lm_head = ParallelLMHead(100, 256)
-            self.lm_head.weight = self.embed_tokens.weight
+class _Tied(torch.nn.Module):
+    """An embedding and the LM head that shares its weight."""
 
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(vocab, 256)
+        self.lm_head = ParallelLMHead(vocab, 256)
+        self.lm_head.weight = self.embed_tokens.weight
+
+
+def _tied_on_meta(vocab: int) -> _Tied:
     with torch.device("meta"):
-        model = Tied()
+        return _Tied(vocab)
+
+
+def test_embedding_dequantizes_the_gathered_rows_and_a_tied_head_shares_them():
+    model = _tied_on_meta(100)
     assert quantize_gguf_layers(model) == 2
     model = materialize(model)
     assert isinstance(model.embed_tokens, GGUFEmbedding) and model.lm_head.weight is model.embed_tokens.weight
@@ -163,15 +170,7 @@ def test_a_bf16_tied_head_holds_its_rows_once_in_the_op_layout_and_lookups_read_
     """A tied Q8_0 head (SmolLM2's) was held twice, as the op's layout for the head and as plain int8 rows for
     the embedding's lookups; the lookups now dequantize the op layout's blocks of 8 rows: the same values."""
 
-    class Tied(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed_tokens = VocabParallelEmbedding(104, 256)
-            self.lm_head = ParallelLMHead(104, 256)
-            self.lm_head.weight = self.embed_tokens.weight
-
-    with torch.device("meta"):
-        model = Tied()
+    model = _tied_on_meta(104)
     quantize_gguf_layers(model)
     model = materialize(model.to(torch.bfloat16))
     table = packed(qtype, 104, 256)

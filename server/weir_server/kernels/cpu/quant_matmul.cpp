@@ -482,6 +482,19 @@ inline void int8_rows_dot(const int8_t* q, const float* scale, const float* offs
 
 }  // namespace
 
+namespace {
+
+// Row j's 32 quants' low 4 bits into a (block, group)'s 128 bytes of nibbles, in the layout of the top.
+inline void pack_nibbles(const uint8_t* qr, int j, uint8_t* o) {
+  for (int s = 0; s < 4; ++s) {
+    for (int b = 0; b < 4; ++b) {
+      o[32 * s + 4 * j + b] = static_cast<uint8_t>((qr[8 * s + b] & 15) | ((qr[8 * s + 4 + b] & 15) << 4));
+    }
+  }
+}
+
+}  // namespace
+
 torch::Tensor int4_pack(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& zeros) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte, "q must be uint8 [N, K] with values 0..15");
   const int64_t N = q.size(0), K = q.size(1), groups = K / kGroup;
@@ -502,11 +515,7 @@ torch::Tensor int4_pack(const torch::Tensor& q, const torch::Tensor& scales, con
       for (int j = 0; j < 8; ++j) {
         const int64_t n = blk * kRowBlock + j;
         const uint8_t* qr = qp + n * K + g * kGroup;
-        for (int s = 0; s < 4; ++s) {
-          for (int b = 0; b < 4; ++b) {
-            o[32 * s + 4 * j + b] = static_cast<uint8_t>((qr[8 * s + b] & 15) | ((qr[8 * s + 4 + b] & 15) << 4));
-          }
-        }
+        pack_nibbles(qr, j, o);
         os[j] = sp[n * groups + g];
         os[8 + j] = zp[n * groups + g];
       }
@@ -576,11 +585,7 @@ torch::Tensor int5_pack(const torch::Tensor& q, const torch::Tensor& scales, con
       for (int j = 0; j < 8; ++j) {
         const int64_t n = blk * kRowBlock + j;
         const uint8_t* qr = qp + n * K + g * kGroup;
-        for (int s = 0; s < 4; ++s) {
-          for (int b = 0; b < 4; ++b) {
-            o[32 * s + 4 * j + b] = static_cast<uint8_t>((qr[8 * s + b] & 15) | ((qr[8 * s + 4 + b] & 15) << 4));
-          }
-        }
+        pack_nibbles(qr, j, o);
         for (int i = 0; i < kGroup; ++i) o[128 + 4 * j + i % 4] |= static_cast<uint8_t>(((qr[i] >> 4) & 1) << (i / 4));
         os[j] = sp[n * groups + g];
         os[8 + j] = op[n * groups + g];
