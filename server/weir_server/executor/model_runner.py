@@ -34,20 +34,27 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-# CPU: steps of at most this many tokens run on one thread. A one-token step mostly reads weights and the second
-# thread's barriers cost what it saves; from a few rows up every core pays (in process, packaged SmolLM2, this
-# 2-core Zen 4: 8 sequences 32 -> 21 ms a step, 32 sequences 82 -> 52 ms).
-SMALL_STEP_TOKENS = 1
+# CPU: steps of at most this many tokens run on one thread fewer than all. In process two threads pay from one token
+# up (packaged SmolLM2, this 2-core Zen 4: 1 sequence 7.6 -> 6.1 ms a step, 8 sequences 32 -> 21), but over gRPC the
+# event loop wakes at every step and preempts one of them, and the other waits at the next barrier: one thread is
+# faster up to 4 tokens (1 stream 77-100 against 65-73 tok/s; 4 streams 151 against 131; an n-gram verify of 4
+# tokens, ITL 5.1-5.4 against 6.7 ms), two from 8 (8 streams 226-237 against 191).
+SMALL_STEP_TOKENS = 4
 # The threads that step the model run this much below normal priority (nice), and so do the OpenMP workers they
 # start (Linux threads inherit it): the server's event loop, the gateway and health checks sharing the cores then
 # preempt a step at once instead of queueing behind a team that holds every core.
 CPU_STEP_NICENESS = 5
 
 
+_lowered = threading.local()  # set on a thread once it was lowered: several runners (a draft's) share one thread
+
+
 def _lower_thread_priority(niceness: int) -> None:
-    """Raise the calling thread's nice value by `niceness` (on Linux a thread's own; elsewhere a no-op)."""
-    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+    """Raise the calling thread's nice value by `niceness`, once per thread (on Linux a thread's own; elsewhere a
+    no-op)."""
+    if getattr(_lowered, "done", False) or not hasattr(os, "setpriority"):
         return
+    _lowered.done = True
     tid = threading.get_native_id()
     try:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
@@ -155,7 +162,6 @@ class ModelRunner:
         self._cpu_threads = (threads if fixed else max(1, threads - 1), threads)
         self._threads_now = threads
         torch.set_num_threads(threads)
-        self._stepping_thread: int | None = None
         packed = pack_linear_layers(self.model) if self.dtype == torch.bfloat16 else 0
         prepare_cpu_decode = getattr(self.model, "prepare_cpu_decode", None)
         # A GGUF kept quantized has no bf16 layer to pack, and may still run in one call.
@@ -171,9 +177,7 @@ class ModelRunner:
         )
 
     def _set_cpu_threads(self, num_tokens: int) -> None:
-        if self._stepping_thread != threading.get_ident():  # once per thread that steps, before its first team
-            self._stepping_thread = threading.get_ident()
-            _lower_thread_priority(CPU_STEP_NICENESS)
+        _lower_thread_priority(CPU_STEP_NICENESS)  # before the thread's first OpenMP team, which inherits it
         threads = self._cpu_threads[num_tokens > SMALL_STEP_TOKENS]
         if threads != self._threads_now:
             torch.set_num_threads(threads)

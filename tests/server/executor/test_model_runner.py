@@ -164,15 +164,18 @@ def test_the_thread_stepping_a_cpu_model_runs_below_normal_priority_and_other_th
     """The server's event loop shares the cores with the steps: the stepping thread (and the OpenMP team it
     starts, which inherits it) gives way to it, while the thread that built the runner keeps its priority."""
     config, model, _ = models
-    runner = _runner(config, model, num_blocks=64)
+    runners = [_runner(config, model, num_blocks=64) for _ in range(2)]  # a target and its draft share a thread
     before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     seen: list[int] = []
 
     def step() -> None:
-        _run_to_end(runner, BlockManager(64, 4), [Sequence("s", 0, [1, 2, 3], SamplingParams())], chunk=3)
+        for runner in runners:
+            for _ in range(2):
+                seq = Sequence("s", 0, [1, 2, 3], SamplingParams())
+                _run_to_end(runner, BlockManager(64, 4), [seq], chunk=3)
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
 
-    for _ in range(2):  # a second thread stepping the same runner is lowered too, and once
+    for _ in range(2):  # a second thread stepping the same runners is lowered too, and each of them once
         thread = threading.Thread(target=step)
         thread.start()
         thread.join()
