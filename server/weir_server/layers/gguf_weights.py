@@ -214,8 +214,9 @@ def _five_bit_grid(
     if high - low > 31:
         return None
     base = torch.zeros_like(scales) if offsets is None else offsets.float()
-    shifted = base - low * scales.float()
-    if not torch.equal(shifted + low * scales.float(), base):
+    moved = low * scales.float()
+    shifted = base - moved
+    if not torch.equal(shifted + moved, base):
         return None
     return (q.to(torch.int16) - low).to(torch.uint8), scales, shifted
 

@@ -150,17 +150,25 @@ struct Int4Format {
 
 // 8-bit: 256 bytes where byte 4 * j + b of 32-byte load i holds row j's q[4 i + b] + 128, 8 fp32 scales and 8 fp32
 // offsets; W = q * scale - offset = (u - 128) * scale - offset.
+// W = (u - Format::kShift) * scale - offset: acc + scale * step * (S - kShift * levels) - offset * sum, S = half[0]
+// + half[1]. The 8-bit and 5-bit layouts' finish.
+template <typename Format>
+inline float scale_offset_finish(float acc, const int32_t* half, const uint8_t* blk, int j, const QuantRow& row,
+                                 int64_t g) {
+  const float a = static_cast<float>(half[0] + half[1] - Format::kShift * row.level_sum[g]) * row.step[g];
+  return std::fma(-Format::scales(blk)[8 + j], row.sum[g], std::fma(a, Format::scales(blk)[j], acc));
+}
+
 struct Int8Format {
   static constexpr int64_t kBlockBytes = 256 + 8 * 4 + 8 * 4;
+  static constexpr int kShift = 128;  // u = q + 128
   // More rows of x per pass run out of vector registers (eight 256-bit weight vectors a group): at 4 a pass took
   // 3.5x the time of 2 on this machine's Zen 4, so a block is read from cache again instead.
   static constexpr int kRowsPerPass = 2;
   static int u(const uint8_t* blk, int j, int i) { return blk[32 * (i / 4) + 4 * j + i % 4]; }
   static const float* scales(const uint8_t* blk) { return reinterpret_cast<const float*>(blk + 256); }
-  // acc + scale * step * (S - 128 * levels) - offset * sum, S = half[0] + half[1]
   static float finish(float acc, const int32_t* half, const uint8_t* blk, int j, const QuantRow& row, int64_t g) {
-    const float a = static_cast<float>(half[0] + half[1] - 128 * row.level_sum[g]) * row.step[g];
-    return std::fma(-scales(blk)[8 + j], row.sum[g], std::fma(a, scales(blk)[j], acc));
+    return scale_offset_finish<Int8Format>(acc, half, blk, j, row, g);
   }
 };
 
@@ -179,7 +187,7 @@ struct Int8HalvesFormat {
   }
 };
 
-// 5-bit (GGUF's Q5_0, Q5_1, Q5_K): the 4-bit layout's 128 bytes of low nibbles, then 32 bytes whose byte 4 j + b
+// 5-bit (GGUF's Q5_0 and Q5_K): the 4-bit layout's 128 bytes of low nibbles, then 32 bytes whose byte 4 j + b
 // holds, in bit k, the fifth bit of row j's weight 4 k + b (the weight lane j byte b of dot operand k carries), then
 // 8 fp32 scales and 8 fp32 offsets; W = u * scale - offset with u in 0..31. 0.875 bytes a weight against the 8-bit
 // layout's 1.25.
@@ -189,11 +197,10 @@ struct Int5Format {
   static int u(const uint8_t* blk, int j, int i) {
     return Int4Format::u(blk, j, i) | (((blk[128 + 4 * j + i % 4] >> (i / 4)) & 1) << 4);
   }
+  static constexpr int kShift = 0;
   static const float* scales(const uint8_t* blk) { return reinterpret_cast<const float*>(blk + 160); }
-  // acc + scale * step * S - offset * sum, S = half[0] + half[1]
   static float finish(float acc, const int32_t* half, const uint8_t* blk, int j, const QuantRow& row, int64_t g) {
-    const float a = static_cast<float>(half[0] + half[1]) * row.step[g];
-    return std::fma(-scales(blk)[8 + j], row.sum[g], std::fma(a, scales(blk)[j], acc));
+    return scale_offset_finish<Int5Format>(acc, half, blk, j, row, g);
   }
 };
 
@@ -338,16 +345,12 @@ void block_rows_avx2(const uint8_t* w, int64_t groups, const QuantRow* rows, flo
                                          _mm256_set1_ps(rows[t].sum8[g]));
         acc[t] = _mm256_fmadd_ps(a, load_bf16x8(blk + 128), acc[t]);
         acc[t] = _mm256_fmadd_ps(load_bf16x8(blk + 144), _mm256_set1_ps(rows[t].sum[g]), acc[t]);
-      } else if constexpr (std::is_same_v<Format, Int5Format>) {
-        const __m256 a = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(rows[t].step[g]));
-        const float* scales = Int5Format::scales(blk);
-        acc[t] = _mm256_fmadd_ps(a, _mm256_loadu_ps(scales), acc[t]);
-        acc[t] = _mm256_fnmadd_ps(_mm256_loadu_ps(scales + 8), _mm256_set1_ps(rows[t].sum[g]), acc[t]);
       } else {
-        // kSignTrick's S is sum q * x, VNNI's sum (q + 128) * x: both become sum q * x here.
-        const __m256i levels = _mm256_set1_epi32((kSignTrick ? 0 : 128) * rows[t].level_sum[g]);
+        // The 8-bit layout: kSignTrick's S is sum q * x, VNNI's sum (q + 128) * x, both made sum q * x here; the
+        // 5-bit one's u needs no shift.
+        const __m256i levels = _mm256_set1_epi32((kSignTrick ? 0 : Format::kShift) * rows[t].level_sum[g]);
         const __m256 a = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s, levels)), _mm256_set1_ps(rows[t].step[g]));
-        const float* scales = Int8Format::scales(blk);
+        const float* scales = Format::scales(blk);
         acc[t] = _mm256_fmadd_ps(a, _mm256_loadu_ps(scales), acc[t]);
         acc[t] = _mm256_fnmadd_ps(_mm256_loadu_ps(scales + 8), _mm256_set1_ps(rows[t].sum[g]), acc[t]);
       }
@@ -660,12 +663,10 @@ void dequantize_blocks(const uint8_t* w, int64_t blocks, int64_t groups, T* out)
           if constexpr (std::is_same_v<Format, Int4Format>) {
             const float scale = Format::scale(blk, j), zero = Format::zero(blk, j);
             for (int i = 0; i < kGroup; ++i) row[i] = round_to<T>(std::fma(uq[j][i] - 8.f, scale, zero));
-          } else if constexpr (std::is_same_v<Format, Int8Format>) {
+          } else if constexpr (std::is_same_v<Format, Int8Format> || std::is_same_v<Format, Int5Format>) {
             const float scale = Format::scales(blk)[j], offset = Format::scales(blk)[8 + j];
-            for (int i = 0; i < kGroup; ++i) row[i] = round_to<T>(std::fma(uq[j][i] - 128.f, scale, -offset));
-          } else if constexpr (std::is_same_v<Format, Int5Format>) {
-            const float scale = Format::scales(blk)[j], offset = Format::scales(blk)[8 + j];
-            for (int i = 0; i < kGroup; ++i) row[i] = round_to<T>(std::fma(uq[j][i], scale, -offset));
+            const float shift = static_cast<float>(Format::kShift);
+            for (int i = 0; i < kGroup; ++i) row[i] = round_to<T>(std::fma(uq[j][i] - shift, scale, -offset));
           } else {
             const float* sc = Format::scales(blk);
             const float offset = sc[16 + j];

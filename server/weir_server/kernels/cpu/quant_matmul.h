@@ -15,9 +15,11 @@ torch::Tensor int4_group_matmul(const torch::Tensor& x, const torch::Tensor& pac
 // int8_packed_matmul's layout.
 torch::Tensor int8_pack(const torch::Tensor& q, const torch::Tensor& scales, const c10::optional<torch::Tensor>& offsets);
 
-// x [T, K] times the packed int8 W [N, K] transposed -> [T, N] in x's dtype. `portable` and `silu_and_mul` as above.
+// u [N, K] in 0..31 with a scale and an offset per group of 32 (W = u * scale - offset) in the 5-bit layout, which
+// int8_packed_matmul reads too.
 torch::Tensor int5_pack(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& offsets);
 
+// x [T, K] times the packed int8 W [N, K] transposed -> [T, N] in x's dtype. `portable` and `silu_and_mul` as above.
 torch::Tensor int8_packed_matmul(const torch::Tensor& x, const torch::Tensor& packed, bool portable = false,
                                  bool silu_and_mul = false);
 
