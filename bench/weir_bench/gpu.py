@@ -23,10 +23,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Shape:
-    """A Llama-family model shape, as the keyword arguments of transformers' LlamaConfig."""
+    """A model shape, as the keyword arguments of its transformers config (LlamaConfig unless `model_type` says)."""
 
     name: str
     config: dict[str, Any]
+    model_type: str = "llama"
+    architecture: str = "LlamaForCausalLM"
 
 
 SMOLLM2_135M = Shape(
@@ -52,10 +54,10 @@ LLAMA_32_1B = Shape(
 SHAPES = {s.name: s for s in (SMOLLM2_135M, LLAMA_32_1B)}
 
 
-def llama_config(shape: Shape) -> Any:
-    from transformers import LlamaConfig
+def hf_config(shape: Shape) -> Any:
+    from transformers import AutoConfig
 
-    return LlamaConfig(architectures=["LlamaForCausalLM"], **shape.config)
+    return AutoConfig.for_model(shape.model_type, architectures=[shape.architecture], **shape.config)
 
 
 def write_model_dir(shape: Shape, tokenizer_dir: Path, out: Path) -> Path:
@@ -64,7 +66,7 @@ def write_model_dir(shape: Shape, tokenizer_dir: Path, out: Path) -> Path:
     The tokenizer only turns ids into text here; ids past its vocabulary decode to nothing.
     """
     out.mkdir(parents=True, exist_ok=True)
-    llama_config(shape).save_pretrained(out)
+    hf_config(shape).save_pretrained(out)
     for file in tokenizer_dir.iterdir():
         if file.is_file() and file.name != "config.json":
             (out / file.name).write_bytes(file.read_bytes())
@@ -108,7 +110,7 @@ def hf_model(shape: Shape, seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(llama_config(shape))
+        model = LlamaForCausalLM(hf_config(shape))
     return model.to(torch.bfloat16).eval()
 
 

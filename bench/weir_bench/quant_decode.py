@@ -1,23 +1,65 @@
-"""FP8 against bf16 decode on random weights of a Llama shape, in process: tokens/s of decode-only steps at each
-batch size, for bf16 weights, FP8 weights (`--quantization fp8`, torch._scaled_mm) and FP8 weights with an FP8 KV
-cache (`--kv-cache-dtype fp8`). Issue 15's "FP8 vs bf16 for the 1B and 8B Llama shapes" row.
+"""Decode on random weights of a model shape, in process: tokens/s of decode-only steps at each batch size, for bf16
+weights, FP8 weights (`--quantization fp8`, torch._scaled_mm) and FP8 weights with an FP8 KV cache
+(`--kv-cache-dtype fp8`). Issue 15's "FP8 vs bf16 for the 1B and 8B Llama shapes" rows, and with a mixture-of-experts
+shape (`--variants bf16`) its "Mixtral- and Qwen3-MoE-shaped models at batch 1 and 256, tokens/s and the expert
+kernel's share of a step" rows. `--layers N` keeps the first N layers of a shape too large for the card.
 
     python -m weir_bench.quant_decode --shape Llama-3.2-1B --batch-sizes 1,256 --out DIR
+    python -m weir_bench.quant_decode --shape Qwen3-30B-A3B --layers 12 --variants bf16 --batch-sizes 1,256
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import math
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from weir_bench.engines import engine_core
-from weir_bench.gpu import SHAPES, save_report, write_model_dir
+from weir_bench.gpu import SHAPES, Shape, save_report, write_model_dir
 
-VARIANTS = (("bf16", None, "auto"), ("fp8", "fp8", "auto"), ("fp8 + fp8 KV", "fp8", "fp8"))
+VARIANTS = {"bf16": (None, "auto"), "fp8": ("fp8", "auto"), "fp8+fp8kv": ("fp8", "fp8")}  # quantization, KV dtype
+
+# Shapes beside the GPU harness's two: the config.json fields of Llama-3.1-8B, Mixtral-8x7B and Qwen3-30B-A3B.
+LLAMA_31_8B = Shape(
+    "Llama-3.1-8B",
+    dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+        },
+    ),
+)  # fmt: skip
+MIXTRAL_8X7B = Shape(
+    "Mixtral-8x7B",
+    dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+        max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2,
+    ),
+    model_type="mixtral",
+    architecture="MixtralForCausalLM",
+)  # fmt: skip
+QWEN3_30B_A3B = Shape(
+    "Qwen3-30B-A3B",
+    dict(
+        hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
+        bos_token_id=151643, eos_token_id=151645,
+    ),
+    model_type="qwen3_moe",
+    architecture="Qwen3MoeForCausalLM",
+)  # fmt: skip
+DECODE_SHAPES = {**SHAPES, **{s.name: s for s in (LLAMA_31_8B, MIXTRAL_8X7B, QWEN3_30B_A3B)}}
 
 
 def _tokenizer_dir(given: Path | None, scratch: Path) -> Path:
@@ -63,7 +105,34 @@ def decode_rate(core: Any, batch: int, prompt_tokens: int, steps: int, vocab: in
         core.abort_request(request_id)
     while core.has_unfinished():
         core.step()
-    return tokens / elapsed
+    return tokens / elapsed, elapsed / steps
+
+
+def experts_ms(model: Any, batch: int, iters: int = 20) -> tuple[float, int]:
+    """(ms of one layer's routed experts on `batch` random tokens, timed alone with CUDA events; MoE layers). The
+    share of a step is the first times the second over the step's time: the routing is random, as it is on random
+    weights."""
+    import torch
+
+    from weir_server.layers.fused_moe import FusedMoE
+
+    layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    if not layers or not torch.cuda.is_available():
+        return float("nan"), len(layers)
+    moe = layers[0]
+    weight = moe.w13_weight
+    hidden = torch.randn(batch, moe.hidden_size, dtype=weight.dtype, device=weight.device)
+    logits = torch.randn(batch, moe.num_experts, dtype=weight.dtype, device=weight.device)
+    with torch.inference_mode():
+        for _ in range(3):
+            moe(hidden, logits)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            moe(hidden, logits)
+        end.record()
+        torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters, len(layers)
 
 
 def _blocks_needed(batch: int, args: argparse.Namespace, block_size: int = 16) -> int:
@@ -73,7 +142,9 @@ def _blocks_needed(batch: int, args: argparse.Namespace, block_size: int = 16) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weir_bench.quant_decode", description=__doc__)
-    parser.add_argument("--shape", default="Llama-3.2-1B", choices=sorted(SHAPES))
+    parser.add_argument("--shape", default="Llama-3.2-1B", choices=sorted(DECODE_SHAPES))
+    parser.add_argument("--layers", type=int, help="keep the shape's first N layers (a model too large for the card)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--batch-sizes", default="1,256")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed per row")
@@ -88,12 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     from weir_server.models.loader import load_model
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    shape = SHAPES[args.shape]
+    shape = DECODE_SHAPES[args.shape]
+    layers = shape.config["num_hidden_layers"]
+    if args.layers:
+        layers = min(args.layers, layers)
+        shape = Shape(shape.name, {**shape.config, "num_hidden_layers": layers}, shape.model_type, shape.architecture)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown --variants {', '.join(sorted(unknown))}; choose among {', '.join(VARIANTS)}")
     scratch = Path(tempfile.mkdtemp(prefix="weir-quant-decode-"))
     model_dir = write_model_dir(shape, _tokenizer_dir(args.tokenizer_dir, scratch), scratch / "model")
     rows: list[dict[str, Any]] = []
-    variants = VARIANTS if args.device != "cpu" else VARIANTS[:2]  # an fp8 KV cache is refused on CPU
-    for name, quantization, kv_dtype in variants:
+    names = [v for v in args.variants.split(",") if args.device != "cpu" or v != "fp8+fp8kv"]  # refused on CPU
+    for name in names:
+        quantization, kv_dtype = VARIANTS[name]
         model = ModelConfig(
             str(model_dir), load_format="dummy", dtype="bfloat16", device=args.device, quantization=quantization
         )
@@ -109,26 +188,35 @@ def main(argv: list[str] | None = None) -> int:
         weights_gib = torch.cuda.memory_allocated() / 2**30 if args.device != "cpu" else float("nan")
         core = engine_core(loaded, config)
         for batch in batches:
-            rate = decode_rate(core, batch, args.prompt_tokens, args.steps, shape.config["vocab_size"], seed=batch)
-            rows.append({"weights": name, "batch": batch, "tokens_per_s": round(rate, 1), "weights_gib": weights_gib})
-            print(f"{name:>14}  batch {batch:>4}  {rate:10.1f} tok/s  (model {weights_gib:.2f} GiB)", flush=True)
+            rate, step_s = decode_rate(core, batch, args.prompt_tokens, args.steps, shape.config["vocab_size"], batch)
+            moe_ms, moe_layers = experts_ms(loaded.model, batch)
+            share = moe_ms * moe_layers / (step_s * 1e3) if moe_layers else float("nan")
+            rows.append({
+                "weights": name, "batch": batch, "tokens_per_s": round(rate, 1), "weights_gib": weights_gib,
+                "step_ms": round(step_s * 1e3, 3), "experts_ms_per_layer": moe_ms, "experts_share": share,
+            })  # fmt: skip
+            print(f"{name:>14}  batch {batch:>4}  {rate:10.1f} tok/s  step {step_s * 1e3:.2f} ms  "
+                  f"experts {moe_ms:.3f} ms x {moe_layers} = {share:.0%}  (model {weights_gib:.2f} GiB)", flush=True)  # fmt: skip
         del core, loaded
         gc.collect()
         if args.device != "cpu":
             torch.cuda.empty_cache()
     device_name = torch.cuda.get_device_name() if args.device != "cpu" else "CPU"
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["weights"] == "bf16"}
+    of_layers = f" ({layers} of {DECODE_SHAPES[args.shape].config['num_hidden_layers']} layers)" if args.layers else ""
     lines = [
-        f"FP8 vs bf16 decode, {shape.name} shape, random weights, {device_name}, "
+        f"Decode, {shape.name} shape{of_layers}, random weights, {device_name}, "
         f"prompts of {args.prompt_tokens} tokens, {args.steps} decode steps timed",
         "",
-        "| weights | batch | tokens/s | vs bf16 | model GiB |",
-        "|---|---|---|---|---|",
+        "| weights | batch | tokens/s | vs bf16 | step ms | experts' share | model GiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = r["tokens_per_s"] / base[r["batch"]] if base.get(r["batch"]) else float("nan")
+        share = "" if math.isnan(r["experts_share"]) else f"{r['experts_share']:.0%}"
         lines.append(
-            f"| {r['weights']} | {r['batch']} | {r['tokens_per_s']:.0f} | {ratio:.2f}x | {r['weights_gib']:.2f} |"
+            f"| {r['weights']} | {r['batch']} | {r['tokens_per_s']:.0f} | {ratio:.2f}x | {r['step_ms']:.2f} | {share} "
+            f"| {r['weights_gib']:.2f} |"
         )
     markdown = "\n".join(lines)
     print(markdown)
