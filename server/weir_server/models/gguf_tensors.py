@@ -26,6 +26,37 @@ logger = logging.getLogger(__name__)
 _FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 
+# GGUF metadata keys (after "{architecture}.") that transformers' GGUF config reader drops for these model types, and
+# the config fields they set: without them a MoE file whose experts are not the config class's default size fails
+# to load (transformers itself refuses such a file).
+_MOE_METADATA = {
+    "qwen2_moe": {"expert_feed_forward_length": "moe_intermediate_size",
+                  "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
+    "qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"},
+}  # fmt: skip
+# llama.cpp renormalizes the top-k routing weights of these architectures whatever the file says (Qwen3-MoE's
+# checkpoints set norm_topk_prob; its config class defaults to False).
+_RENORMALIZED_ROUTING = ("qwen3_moe",)
+
+
+def gguf_config_fixes(reader: Any, hf_config: PretrainedConfig) -> dict[str, Any]:
+    """Config fields the file's metadata sets that transformers' GGUF config reader leaves at the class defaults."""
+    from transformers.modeling_gguf_pytorch_utils import read_field
+
+    model_type = getattr(hf_config, "model_type", "")
+    fixes: dict[str, Any] = {}
+    if model_type in _RENORMALIZED_ROUTING:
+        fixes["norm_topk_prob"] = True
+    keys = _MOE_METADATA.get(model_type, {})
+    if keys:
+        architecture = read_field(reader, "general.architecture")[0]
+        for key, field in keys.items():
+            value = read_field(reader, f"{architecture}.{key}")
+            if value:
+                fixes[field] = int(value[0])
+    return fixes
+
+
 def iter_gguf_tensors(
     reader: Any, name_model: nn.Module, hf_config: PretrainedConfig, keep_packed: bool = True
 ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:

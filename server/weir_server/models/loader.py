@@ -26,7 +26,7 @@ from weir_server.layers.int4_linear import Int4Linear, quantize_int4_layers
 from weir_server.layers.quantized_linear import quantize_gguf_layers
 from weir_server.models.checkpoint_checks import check_gguf_tensors, check_safetensors_file, open_gguf
 from weir_server.models.gguf_sharing import shared_gguf_readers
-from weir_server.models.gguf_tensors import int8_head_rows, iter_gguf_tensors
+from weir_server.models.gguf_tensors import gguf_config_fixes, int8_head_rows, iter_gguf_tensors
 from weir_server.models.quant_config import QuantConfig, QuantConfigError, quant_config_of
 from weir_server.models.registry import (
     ModelSource,
@@ -281,6 +281,9 @@ def _load_hf_config(source: ModelSource, trust_remote_code: bool = False) -> Pre
             ) from error
         _refuse_unsupported_architecture(source)  # a model type transformers lacks fails it first; name ours
         raise ModelLoadError(f"model {source.spec!r}: cannot read its config: {message}") from error
+    if source.is_gguf:
+        for field, value in gguf_config_fixes(open_gguf(source.directory / str(source.gguf_file)), config).items():
+            setattr(config, field, value)
     return config  # type: ignore[no-any-return]
 
 

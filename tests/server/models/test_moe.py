@@ -3,6 +3,9 @@ expert computation matches a plain per-token loop."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,10 +13,14 @@ from family_checks import (
     PROMPTS,
     TINY,
     assert_chunked_prefill_and_decode_match,
+    VOCAB,
     assert_engine_greedy_matches,
+    assert_greedy_matches,
+    hf_logits,
     models_fixture,
+    random_causal_lm,
 )
-from paged_runner import PagedRunner
+from paged_runner import PagedRunner, save_tiny_tokenizer
 from safetensors.torch import load_file
 from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
@@ -161,3 +168,104 @@ def test_a_missing_expert_is_reported(models):
     weights = [(name, t) for name, t in checkpoint.items() if ".experts.1." not in name]
     with pytest.raises(ValueError, match=r"missing .*experts\.w(13|2)_weight"):
         type(loaded.model)(loaded.hf_config).load_weights(weights)
+
+
+# --- GGUF: Qwen2-MoE and Qwen3-MoE files written here with the `gguf` package, experts stacked as llama.cpp stores them
+# ([E, I, H] gate and up, [E, H, I] down), at expert sizes other than the config classes' defaults, which only the
+# file's metadata carries (transformers' own GGUF reader drops those keys and refuses such a file, so the reference
+# is the model the file was written from).
+
+GGUF_CONFIGS = {
+    "qwen2moe": lambda: Qwen2MoeConfig(
+        **COMMON, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=80, num_experts=4,
+        decoder_sparse_step=1, norm_topk_prob=False, tie_word_embeddings=False,
+    ),
+    # llama.cpp renormalizes Qwen3-MoE's routing weights, as its checkpoints ask.
+    "qwen3moe": lambda: Qwen3MoeConfig(
+        **COMMON, head_dim=24, intermediate_size=96, moe_intermediate_size=32, num_experts=4, norm_topk_prob=True,
+        tie_word_embeddings=False,
+    ),
+}  # fmt: skip
+
+
+def _round_trip(tensor: torch.Tensor, qtype) -> tuple[np.ndarray, torch.Tensor]:
+    """(the bytes to write, the weights they hold): float32 as it is, or quantized to `qtype` along the last dim."""
+    from gguf import GGMLQuantizationType, quants
+
+    values = tensor.float().contiguous().numpy()
+    if qtype == GGMLQuantizationType.F32:
+        return values, tensor.float()
+    packed = quants.quantize(values, qtype)
+    return packed, torch.from_numpy(quants.dequantize(packed, qtype).reshape(values.shape).copy())
+
+
+def write_moe_gguf(hf_model, path: Path, expert_type) -> None:
+    """The model under llama.cpp's names, its experts (and only they) in `expert_type`; the model's experts are set to
+    the values the file holds, so the model stays the reference."""
+    import gguf
+
+    config = hf_model.config
+    arch = gguf.MODEL_ARCH.QWEN3MOE if config.model_type == "qwen3_moe" else gguf.MODEL_ARCH.QWEN2MOE
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    if arch == gguf.MODEL_ARCH.QWEN3MOE:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if arch == gguf.MODEL_ARCH.QWEN2MOE:
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    with torch.no_grad():
+        for hf_name, tensor in hf_model.state_dict().items():
+            block = hf_name.split(".")[2] if ".layers." in hf_name else None
+            if hf_name.endswith("experts.gate_up_proj"):
+                inter = tensor.shape[1] // 2
+                gate, held_gate = _round_trip(tensor[:, :inter], expert_type)
+                up, held_up = _round_trip(tensor[:, inter:], expert_type)
+                tensor.copy_(torch.cat((held_gate, held_up), dim=1))
+                writer.add_tensor(f"blk.{block}.ffn_gate_exps.weight", gate, raw_dtype=expert_type)
+                writer.add_tensor(f"blk.{block}.ffn_up_exps.weight", up, raw_dtype=expert_type)
+            elif hf_name.endswith("experts.down_proj"):
+                down, held = _round_trip(tensor, expert_type)
+                tensor.copy_(held)
+                writer.add_tensor(f"blk.{block}.ffn_down_exps.weight", down, raw_dtype=expert_type)
+            else:
+                name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                assert name is not None, hf_name
+                data = tensor.float().numpy()
+                writer.add_tensor(name, data.reshape(-1) if name.endswith("ffn_gate_inp_shexp.weight") else data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("expert_type", ["F32", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("name", sorted(GGUF_CONFIGS))
+@pytest.mark.parametrize("quantization", [None, "gguf"])
+def test_gguf_moe_logits_and_greedy_tokens_match_the_model_it_was_written_from(name, expert_type, quantization, tmp_path):
+    from gguf import GGMLQuantizationType
+
+    hf_model = random_causal_lm(GGUF_CONFIGS[name]())
+    write_moe_gguf(hf_model, tmp_path / "tiny.gguf", GGMLQuantizationType[expert_type])
+    save_tiny_tokenizer(tmp_path / "tokenizer", VOCAB)
+    config = ModelConfig(
+        str(tmp_path / "tiny.gguf"), tokenizer=str(tmp_path / "tokenizer"), device="cpu", dtype="float32",
+        quantization=quantization,
+    )  # fmt: skip
+    loaded = load_model(config)
+    assert loaded.architecture == type(hf_model).__name__
+    ours = PagedRunner(loaded.model, loaded.hf_config, block_size=4).step([(0, PROMPTS[2])])[0]
+    torch.testing.assert_close(ours, hf_logits(hf_model, PROMPTS[2]), atol=2e-4, rtol=1e-4)
+    generated = PagedRunner(loaded.model, loaded.hf_config, block_size=4).greedy(PROMPTS, max_new_tokens=6)
+    assert_greedy_matches(hf_model, PROMPTS, generated, 6)
