@@ -195,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                 "weights": name, "batch": batch, "tokens_per_s": round(rate, 1), "weights_gib": weights_gib,
                 "step_ms": round(step_s * 1e3, 3), "experts_ms_per_layer": moe_ms, "experts_share": share,
             })  # fmt: skip
-            print(f"{name:>14}  batch {batch:>4}  {rate:10.1f} tok/s  step {step_s * 1e3:.2f} ms  "
-                  f"experts {moe_ms:.3f} ms x {moe_layers} = {share:.0%}  (model {weights_gib:.2f} GiB)", flush=True)  # fmt: skip
+            experts = f"experts {moe_ms:.3f} ms x {moe_layers} = {share:.0%}" if moe_layers else ""
+            print(f"{name:>14}  batch {batch:>4}  {rate:10.1f} tok/s  step {step_s * 1e3:.2f} ms  {experts}  "
+                  f"(model {weights_gib:.2f} GiB)", flush=True)  # fmt: skip
         del core, loaded
         gc.collect()
         if args.device != "cpu":

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from family_checks import (
     PROMPTS,
     TINY,
-    assert_chunked_prefill_and_decode_match,
     VOCAB,
+    assert_chunked_prefill_and_decode_match,
     assert_engine_greedy_matches,
     assert_greedy_matches,
     hf_logits,
@@ -253,7 +253,9 @@ def write_moe_gguf(hf_model, path: Path, expert_type) -> None:
 @pytest.mark.parametrize("expert_type", ["F32", "Q8_0", "Q4_0"])
 @pytest.mark.parametrize("name", sorted(GGUF_CONFIGS))
 @pytest.mark.parametrize("quantization", [None, "gguf"])
-def test_gguf_moe_logits_and_greedy_tokens_match_the_model_it_was_written_from(name, expert_type, quantization, tmp_path):
+def test_gguf_moe_logits_and_greedy_tokens_match_the_model_it_was_written_from(
+    name, expert_type, quantization, tmp_path
+):
     from gguf import GGMLQuantizationType
 
     hf_model = random_causal_lm(GGUF_CONFIGS[name]())
