@@ -109,9 +109,10 @@ def decode_rate(core: Any, batch: int, prompt_tokens: int, steps: int, vocab: in
 
 
 def experts_ms(model: Any, batch: int, iters: int = 20) -> tuple[float, int]:
-    """(ms of one layer's routed experts on `batch` random tokens, timed alone with CUDA events; MoE layers). The
-    share of a step is the first times the second over the step's time: the routing is random, as it is on random
-    weights."""
+    """(ms of one layer's routed experts on `batch` random tokens, replayed from a CUDA graph as the decode step
+    runs them and timed with CUDA events; MoE layers). The share of a step is the first times the second over the
+    step's time: the routing is random, as it is on random weights. (Timed eagerly, the launches' host time made
+    one layer's experts look longer than a whole graphed step at batch 1.)"""
     import torch
 
     from weir_server.layers.fused_moe import FusedMoE
@@ -124,12 +125,20 @@ def experts_ms(model: Any, batch: int, iters: int = 20) -> tuple[float, int]:
     hidden = torch.randn(batch, moe.hidden_size, dtype=weight.dtype, device=weight.device)
     logits = torch.randn(batch, moe.num_experts, dtype=weight.dtype, device=weight.device)
     with torch.inference_mode():
-        for _ in range(3):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture (Triton compiles here)
+            for _ in range(3):
+                moe(hidden, logits)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             moe(hidden, logits)
+        graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(iters):
-            moe(hidden, logits)
+            graph.replay()
         end.record()
         torch.cuda.synchronize()
     return start.elapsed_time(end) / iters, len(layers)

@@ -3,7 +3,9 @@ tensor cores): each call scales the activations per token (dynamic scaling, vLLM
 cross memory and the tensor cores in 8 bits and the product comes back in bf16.
 
 The reference is `fp8_matmul_reference`: the same activation quantization, then a float32 matmul of the
-dequantized operands.
+dequantized operands. On CUDA the activations are quantized by one Triton kernel (`quantize_per_row_kernel`):
+in torch it took eight launches and float32 copies of x per layer, which made FP8 decode slower than bf16
+(the Llama-3.2-1B shape at batch 1: 2.43 against 1.33 ms a step on an H100).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import functools
 import logging
 
 import torch
+
+from weir_server.kernels import HAS_TRITON, next_power_of_2, tl, triton
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +26,25 @@ _MIN_SCALE = 1e-12
 
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], float32 scale [M, 1]) with x ~ q * scale, each row's largest value at FP8_MAX."""
+    if x.is_cuda and HAS_TRITON and x.dim() == 2 and x.stride(1) == 1:
+        return quantize_per_row_kernel(x)
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_MIN_SCALE) / FP8_MAX
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous(), scale  # _scaled_mm: row-major
+
+
+_QUANT_BLOCK = 1024  # elements of a row per pass: wider rows take several (K up to the 8B shape's 14336 and more)
+
+
+def quantize_per_row_kernel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_per_row` in one launch, one program a row: the same float32 scale (the row's absmax / FP8_MAX,
+    at least 1e-12) and the same float32 division before the cast to e4m3."""
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=FP8, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        block = min(next_power_of_2(k), _QUANT_BLOCK)
+        _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), FP8_MAX, _MIN_SCALE, BLOCK=block, num_warps=4)
+    return q, scale
 
 
 @functools.cache
@@ -59,3 +80,22 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
     """A float weight [N, K] -> (e4m3 [N, K], float32 scale [N]): `--quantization fp8` on load."""
     q, scale = quantize_per_row(weight)
     return q, scale.view(-1)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, FMAX, MIN_SCALE, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
+        biggest = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            biggest = tl.maximum(biggest, tl.abs(tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)))
+        scale = tl.math.div_rn(tl.maximum(tl.max(biggest, axis=0), MIN_SCALE), FMAX)  # IEEE, as torch divides
+        tl.store(scale_ptr + row, scale)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            v = tl.math.div_rn(tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32), scale)
+            v = tl.minimum(tl.maximum(v, -FMAX), FMAX)
+            tl.store(q_ptr + row * K + k, v.to(q_ptr.dtype.element_ty), mask=k < K)

@@ -234,3 +234,19 @@ def test_soft_capped_prefill_kernel_matches_reference(case):
     (q, *rest), dtype = prefill_inputs(case)
     args = (q * 4, *rest)
     assert_matches(paged_prefill_attention(*args, logit_softcap=5.0), paged_prefill_attention_ref(*args, 5.0), dtype)
+
+
+@gpu
+@pytest.mark.parametrize(("rows", "k", "dtype"), [(1, 2048, BF16), (256, 14336, BF16), (7, 576, FP16), (3, 100, BF16)])
+def test_fp8_row_quantization_kernel_matches_torch(rows, k, dtype):
+    from weir_server.kernels import fp8_matmul
+
+    x = torch.randn(rows, k, device=DEV, dtype=dtype) * torch.logspace(-3, 2, rows, device=DEV).to(dtype)[:, None]
+    x[0, :3] = 0  # a row's zeros stay zeros
+    q, scale = fp8_matmul.quantize_per_row_kernel(x)
+    want_scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / fp8_matmul.FP8_MAX
+    want_q = (x.float() / want_scale).clamp(-fp8_matmul.FP8_MAX, fp8_matmul.FP8_MAX).to(fp8_matmul.FP8)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    zero_rows = fp8_matmul.quantize_per_row_kernel(torch.zeros(2, 64, device=DEV, dtype=BF16))
+    assert torch.equal(zero_rows[0].float(), torch.zeros(2, 64, device=DEV)) and (zero_rows[1] > 0).all()
