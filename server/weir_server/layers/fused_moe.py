@@ -9,6 +9,7 @@ one all-reduce, like the dense MLP. On CUDA the experts run as two Triton groupe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,8 +24,10 @@ from weir_server.kernels.fused_moe import fused_experts
 from weir_server.layers.linear import WeightSource, read_slice, source_shape
 
 # A checkpoint tensor's place among the experts: (expert index, "w1" | "w3" | "w2") for one expert's gate, up
-# or down matrix, or (None, "gate_up" | "down") for all experts' weights stacked ([E, 2I, H] / [E, H, I]).
+# or down matrix, or (None, "gate_up" | "down") for all experts' weights stacked ([E, 2I, H] / [E, H, I]), or
+# (None, "gate" | "up") for all experts' gate or up matrices stacked ([E, I, H]: a GGUF file's own layout).
 ExpertShard = tuple[int | None, str]
+_STACKED_KINDS = {"gate_up": ("w1", "w3"), "gate": ("w1",), "up": ("w3",), "down": ("w2",)}
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,18 +45,34 @@ def fused_experts_torch(
 ) -> torch.Tensor:
     """The reference and CPU path: token copies sorted by expert, one gate/up and one down matmul per expert
     over its rows, then each token's weighted sum. hidden [T, H] -> [T, H] in hidden's dtype."""
+
+    def swiglu_expert(expert: int, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(rows, w13[expert]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w2[expert])
+
+    return experts_by_rows(hidden, topk_weights, topk_ids, w13.shape[0], swiglu_expert)
+
+
+def experts_by_rows(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    run_expert: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Token copies sorted by expert, `run_expert(e, rows)` once per expert over the rows routed to it, then
+    each token's weighted sum in float32. hidden [T, H] -> [T, H] in hidden's dtype."""
     num_tokens, top_k = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert
     token_of = order // top_k
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
     rows = hidden[token_of]
     expert_out = torch.empty_like(rows)
     start = 0
     for expert, count in enumerate(counts):
         if count:
-            gate, up = F.linear(rows[start : start + count], w13[expert]).chunk(2, dim=-1)
-            expert_out[start : start + count] = F.linear(F.silu(gate) * up, w2[expert])
+            expert_out[start : start + count] = run_expert(expert, rows[start : start + count])
             start += count
     weighted = expert_out.float() * topk_weights.reshape(-1)[order].float().unsqueeze(-1)
     out = torch.zeros((num_tokens, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
@@ -113,6 +132,10 @@ class FusedMoE(nn.Module):
                 _check(src, (self.num_experts, 2 * full, self.hidden_size), name)
                 param[:, :local].copy_(read_slice(src, 1, rank * local, local))
                 param[:, local:].copy_(read_slice(src, 1, full + rank * local, local))
+            elif kind in ("gate", "up"):
+                _check(src, (self.num_experts, full, self.hidden_size), name)
+                offset = 0 if kind == "gate" else local
+                param[:, offset : offset + local].copy_(read_slice(src, 1, rank * local, local))
             elif kind == "down":
                 _check(src, (self.num_experts, self.hidden_size, full), name)
                 param.copy_(read_slice(src, 2, rank * local, local))
@@ -123,6 +146,13 @@ class FusedMoE(nn.Module):
         """The per-expert checkpoint tensors that together fill parameter `param_name` (w13_weight or w2_weight)."""
         kinds = ("w1", "w3") if param_name == "w13_weight" else ("w2",)
         return [(expert, kind) for expert in range(self.num_experts) for kind in kinds]
+
+    def shards_filled(self, shard_id: ExpertShard) -> list[ExpertShard]:
+        """The per-expert shards a checkpoint tensor fills: itself, or every expert's for a stacked tensor."""
+        expert, kind = shard_id
+        if expert is not None:
+            return [shard_id]
+        return [(e, k) for e in range(self.num_experts) for k in _STACKED_KINDS[kind]]
 
     def extra_repr(self) -> str:
         return (

@@ -24,6 +24,7 @@ from torch import nn
 
 from weir_server.distributed.communication import all_gather, all_reduce
 from weir_server.kernels.gguf_dequant import GGMLType, dequantize, row_bytes
+from weir_server.layers.fused_moe import FusedMoE
 from weir_server.layers.gguf_weights import DenseRows, Int8BlockRows, PackedRows, RowsForm, rows_for_device
 from weir_server.layers.linear import (
     LINEAR_TYPES,
@@ -54,6 +55,29 @@ class QuantizedTensor:
     def __getitem__(self, index: Any) -> torch.Tensor:
         index = index if isinstance(index, tuple) else (index,)
         return dequantize(self.raw[index[0]], self.qtype)[(slice(None), *index[1:])]
+
+
+class PackedExperts:
+    """A GGUF file's stacked experts kept packed: raw blocks [experts, rows, row_bytes] of one type, the matrices'
+    [rows, cols]. Indexing with slices reads dequantized float32 (a layer that does not keep them packed, as
+    `FusedMoE`'s loader reads any lazy slice)."""
+
+    def __init__(self, raw: torch.Tensor, qtype: GGMLType, cols: int) -> None:
+        if raw.dim() != 3 or raw.shape[2] != row_bytes(qtype, cols):
+            raise ValueError(f"{qtype.name} experts of {tuple(raw.shape)} bytes do not hold [{len(raw)}, *, {cols}]")
+        self.raw, self.qtype, self.shape = raw, qtype, (raw.shape[0], raw.shape[1], cols)
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def expert(self, index: int) -> QuantizedTensor:
+        return QuantizedTensor(self.raw[index], self.qtype, self.shape[2])
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        index = index if isinstance(index, tuple) else (index,)
+        raw = self.raw[index[:2]]
+        rows = dequantize(raw.reshape(-1, raw.shape[-1]), self.qtype).view(*raw.shape[:-1], self.shape[2])
+        return rows[(slice(None), slice(None), *index[2:])]
 
 
 # A shard as it arrives: raw rows with their type, or float rows.
@@ -252,8 +276,9 @@ class GGUFEmbedding(_GGUFRowsLayer):
 
 
 def quantize_gguf_layers(model: nn.Module) -> int:
-    """Swap the model's tensor-parallel linear, embedding and LM-head layers (exactly those classes: a family's
-    own subclass keeps its float path) for GGUF ones, before materializing. Returns how many were swapped."""
+    """Swap the model's tensor-parallel linear, embedding and LM-head layers and its routed experts (exactly those
+    classes: a family's own subclass keeps its float path) for GGUF ones, before materializing. Returns how many
+    were swapped."""
     embeddings: dict[int, GGUFEmbedding] = {}
     count = 0
     for name, module in list(model.named_modules()):
@@ -263,6 +288,10 @@ def quantize_gguf_layers(model: nn.Module) -> int:
             swapped = GGUFLinear(module)
         elif type(module) is VocabParallelEmbedding:
             swapped = embeddings[id(module.weight)] = GGUFEmbedding(module)
+        elif type(module) is FusedMoE:
+            from weir_server.layers.gguf_moe import GGUFFusedMoE  # it builds on this module's PackedExperts
+
+            swapped = GGUFFusedMoE(module)
         elif type(module) is ParallelLMHead:
             swapped = GGUFLinear(module)
             tied = embeddings.get(id(module.weight))

@@ -10,6 +10,7 @@ other type, is dequantized as transformers does it, with one log line per type t
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from weir_server.kernels.gguf_dequant import INT8_TYPES, PACKED_TYPES, GGMLType
-from weir_server.layers.quantized_linear import QuantizedTensor
+from weir_server.layers.quantized_linear import PackedExperts, QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def gguf_config_fixes(reader: Any, hf_config: PretrainedConfig) -> dict[str, Any
 
 def iter_gguf_tensors(
     reader: Any, name_model: nn.Module, hf_config: PretrainedConfig, keep_packed: bool = True
-) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor | PackedExperts]]:
     """(HF name, tensor) for every tensor of the file (`reader`, a gguf.GGUFReader) that `name_model` (a
     weightless transformers model of the file's config, `hf_config`) has a place for; without `keep_packed`
     every tensor comes dequantized.
@@ -87,6 +88,12 @@ def iter_gguf_tensors(
 
     for tensor in reader.tensors:
         qtype = PACKED_TYPES.get(int(tensor.tensor_type)) if keep_packed else None
+        experts_name = _packed_experts_name(tensor.name, mapping) if qtype is not None else None
+        if qtype is not None and len(tensor.shape) == 3 and experts_name is not None:
+            cols, rows, experts = (int(n) for n in tensor.shape)
+            raw = torch.from_numpy(np.array(tensor.data).reshape(experts, rows, -1))  # a copy: off the memory map
+            yield experts_name, PackedExperts(raw, qtype, cols)
+            continue
         if qtype is not None and len(tensor.shape) == 2:
             cols, rows = (int(n) for n in tensor.shape)  # GGUF lists the fastest dimension first
             result = process(np.arange(rows, dtype=np.float64).reshape(rows, 1), tensor.name)
@@ -106,6 +113,23 @@ def iter_gguf_tensors(
             yield mapping[result.name], torch.from_numpy(np.copy(result.weights))
     for name, stacked in parsed["tensors"].items():  # complete only now: experts arrive one tensor at a time
         yield name, torch.as_tensor(stacked)
+
+
+_EXPERTS_TENSOR = re.compile(r"(blk\.\d+\.ffn_(gate|up|down)_exps)\.weight")
+
+
+def _packed_experts_name(gguf_name: str, mapping: dict[str, str]) -> str | None:
+    """The HF-style name a stacked expert tensor keeps packed goes under (models/mixtral.py's stacked names, gate and
+    up apart), or None where transformers' map has no place for it (it is then dequantized like any tensor)."""
+    match = _EXPERTS_TENSOR.fullmatch(gguf_name)
+    hf_name = mapping.get(match.group(1)) if match is not None else None
+    if match is None or hf_name is None:
+        return None
+    which = match.group(2)
+    if which == "down":
+        return hf_name if hf_name.endswith(".experts.down_proj") else None
+    stem = hf_name.removesuffix(".experts.gate_up_proj")
+    return f"{stem}.experts.{which}_proj" if stem != hf_name else None
 
 
 def int8_head_rows(reader: Any, tied: bool) -> tuple[torch.Tensor, GGMLType] | None:

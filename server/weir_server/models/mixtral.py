@@ -24,7 +24,10 @@ from weir_server.models.llama import LlamaAttention, Rope, fused_name, head_dim_
 # One expert's matrix in a checkpoint: Mixtral's w1/w3/w2 or Qwen-MoE's gate/up/down_proj.
 _EXPERT = re.compile(r"\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
 # transformers' in-memory layout (what `load_format="dummy"` draws): every expert stacked in one tensor.
-_STACKED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+# A GGUF file's experts come stacked too, gate and up apart (models/gguf_tensors.py names them so when it keeps them
+# packed).
+_STACKED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|gate_proj|up_proj|down_proj)$")
+_STACKED_KIND = {"gate_up_proj": "gate_up", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 _EXPERT_KIND = {"w1": "w1", "gate_proj": "w1", "w3": "w3", "up_proj": "w3", "w2": "w2", "down_proj": "w2"}
 
 MlpFactory = Callable[[Any, int], nn.Module]  # (config, layer index) -> the layer's feed-forward block
@@ -153,8 +156,8 @@ class MoeForCausalLM(nn.Module):
                 load_replicated(param, tensor, hf_name)
             else:
                 weight_loader(param, tensor, hf_name, shard)
-            if isinstance(owner, FusedMoE) and shard[0] is None:  # a stacked tensor fills every expert
-                loaded.update(f"{name}:{s}" for s in owner.shards_of(name.rpartition(".")[2]))
+            if isinstance(owner, FusedMoE):  # a stacked tensor fills every expert
+                loaded.update(f"{name}:{s}" for s in owner.shards_filled(shard))
             else:
                 loaded.add(f"{name}:{shard}")
         missing = [n for n in params for s in self._shards_of(n) if f"{n}:{s}" not in loaded]
@@ -177,9 +180,9 @@ def _param_of(hf_name: str) -> tuple[str, Any]:
         return f"{hf_name[: expert.start()]}.experts.{param}", (int(expert.group(1)), kind)
     stacked = _STACKED_EXPERTS.search(hf_name)
     if stacked is not None:
-        gate_up = stacked.group(1) == "gate_up_proj"
-        param = "w13_weight" if gate_up else "w2_weight"
-        return f"{hf_name[: stacked.start()]}.experts.{param}", (None, "gate_up" if gate_up else "down")
+        kind = _STACKED_KIND[stacked.group(1)]
+        param = "w2_weight" if kind == "down" else "w13_weight"
+        return f"{hf_name[: stacked.start()]}.experts.{param}", (None, kind)
     return fused_name(hf_name)
 
 

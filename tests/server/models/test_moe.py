@@ -252,9 +252,9 @@ def write_moe_gguf(hf_model, path: Path, expert_type) -> None:
 
 @pytest.mark.parametrize("expert_type", ["F32", "Q8_0", "Q4_0"])
 @pytest.mark.parametrize("name", sorted(GGUF_CONFIGS))
-@pytest.mark.parametrize("quantization", [None, "gguf"])
+@pytest.mark.parametrize("keep_quantized", [False, True], ids=["dequantized", "packed"])
 def test_gguf_moe_logits_and_greedy_tokens_match_the_model_it_was_written_from(
-    name, expert_type, quantization, tmp_path
+    name, expert_type, keep_quantized, tmp_path
 ):
     from gguf import GGMLQuantizationType
 
@@ -263,7 +263,7 @@ def test_gguf_moe_logits_and_greedy_tokens_match_the_model_it_was_written_from(
     save_tiny_tokenizer(tmp_path / "tokenizer", VOCAB)
     config = ModelConfig(
         str(tmp_path / "tiny.gguf"), tokenizer=str(tmp_path / "tokenizer"), device="cpu", dtype="float32",
-        quantization=quantization,
+        keep_quantized=keep_quantized,
     )  # fmt: skip
     loaded = load_model(config)
     assert loaded.architecture == type(hf_model).__name__
@@ -271,3 +271,30 @@ def test_gguf_moe_logits_and_greedy_tokens_match_the_model_it_was_written_from(
     torch.testing.assert_close(ours, hf_logits(hf_model, PROMPTS[2]), atol=2e-4, rtol=1e-4)
     generated = PagedRunner(loaded.model, loaded.hf_config, block_size=4).greedy(PROMPTS, max_new_tokens=6)
     assert_greedy_matches(hf_model, PROMPTS, generated, 6)
+    experts = [m for m in loaded.model.modules() if isinstance(m, FusedMoE)]
+    packed = keep_quantized and expert_type != "F32"  # float experts have no packed form
+    assert experts and all((getattr(m, "gate_up", None) is not None) == packed for m in experts)
+
+
+@pytest.mark.parametrize("expert_type", ["Q8_0", "Q4_0"])
+def test_packed_bf16_experts_stay_close_to_dequantized_ones_and_hold_fewer_bytes(expert_type, tmp_path):
+    """The serving dtype on a CPU: the C++ integer-dot ops on each expert's packed rows against the same file
+    dequantized to bf16 (the ops split activations into two int8 levels: far under bf16's own rounding)."""
+    from gguf import GGMLQuantizationType
+
+    hf_model = random_causal_lm(GGUF_CONFIGS["qwen3moe"]())
+    write_moe_gguf(hf_model, tmp_path / "tiny.gguf", GGMLQuantizationType[expert_type])
+    save_tiny_tokenizer(tmp_path / "tokenizer", VOCAB)
+    logits, held = {}, {}
+    for packed in (False, True):
+        config = ModelConfig(
+            str(tmp_path / "tiny.gguf"), tokenizer=str(tmp_path / "tokenizer"), device="cpu", dtype="bfloat16",
+            keep_quantized=packed,
+        )  # fmt: skip
+        loaded = load_model(config)
+        experts = [m for m in loaded.model.modules() if isinstance(m, FusedMoE)]
+        held[packed] = sum(t.numel() * t.element_size() for m in experts for t in (*m.parameters(), *m.buffers()))
+        logits[packed] = PagedRunner(loaded.model, loaded.hf_config, block_size=4).step([(0, PROMPTS[2])])[0]
+    error = (logits[True].float() - logits[False].float()).norm() / logits[False].float().norm()
+    assert error < 2e-2, error
+    assert held[True] < held[False] * (0.7 if expert_type == "Q8_0" else 0.45), held

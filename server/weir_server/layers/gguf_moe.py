@@ -1,0 +1,124 @@
+"""Routed experts whose GGUF blocks stay packed on the CPU (`--quantization gguf`).
+
+A GGUF file stacks each layer's experts in three tensors of one quantization type each (gate and up [E, I, H],
+down [E, H, I]); `models/gguf_tensors.py` hands them over packed (`PackedExperts`). On a CPU each expert's gate and
+up rows become one packed form and its down rows another, the forms the dense GGUF layers use (the C++ integer-dot
+ops up to a few rows, dequantized tiles beyond), so a 4-bit mixture of experts holds about its file's bytes instead
+of two bytes a weight. Elsewhere (CUDA: the fused Triton kernel reads bf16 stacks; tensor parallelism, whose down
+shards would cut blocks; experts stored as floats) the experts are dequantized into `FusedMoE`'s stacked weights,
+with a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from weir_server.kernels.gguf_dequant import GGMLType
+from weir_server.layers.fused_moe import ExpertShard, FusedMoE, experts_by_rows, select_experts
+from weir_server.layers.gguf_weights import Int8BlockRows, RowsForm, rows_for_device
+from weir_server.layers.linear import WeightSource
+from weir_server.layers.quantized_linear import PackedExperts
+
+logger = logging.getLogger(__name__)
+
+_PACKED_KINDS = ("gate", "up", "down")
+
+
+class GGUFFusedMoE(FusedMoE):
+    """`FusedMoE` over GGUF experts: packed per expert on a CPU, dequantized into the stacked weights elsewhere."""
+
+    def __init__(self, base: FusedMoE) -> None:
+        nn.Module.__init__(self)
+        for attr in ("tp_rank", "tp_size", "num_experts", "top_k", "renormalize", "hidden_size"):
+            setattr(self, attr, getattr(base, attr))
+        self.full_intermediate_size, self.intermediate_size = base.full_intermediate_size, base.intermediate_size
+        # Placeholders: the model's dtype and device through materialization, and the names load_weights looks up.
+        self.w13_weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        self._arrived: list[tuple[str, WeightSource, str, ExpertShard]] = []
+        self._filled: set[ExpertShard] = set()
+        self.gate_up: nn.ModuleList | None = None  # per expert: its gate/up form(s); None until loaded packed
+        self.down: nn.ModuleList | None = None
+
+    def weight_loader(self, param: torch.Tensor, src: WeightSource, name: str, shard_id: Any = None) -> None:
+        """Keep each stacked (or per-expert) tensor until the layer has them all, then take the layer's form."""
+        which = "w2_weight" if param is self.w2_weight else "w13_weight"
+        self._arrived.append((which, src, name, shard_id))
+        self._filled.update(self.shards_filled(shard_id))
+        if len(self._filled) == 3 * self.num_experts:
+            arrived, self._arrived, self._filled = self._arrived, [], set()
+            self._finalize(arrived)
+
+    def _finalize(self, arrived: list[tuple[str, WeightSource, str, ExpertShard]]) -> None:
+        device = self.w13_weight.device
+        packed = {shard[1]: src for _, src, _, shard in arrived if isinstance(src, PackedExperts)}
+        if device.type == "cpu" and self.tp_size == 1 and set(packed) == set(_PACKED_KINDS):
+            self._take_packed(packed)
+            return
+        logger.info(
+            "%s: %s experts dequantized (packed experts run on a CPU without tensor parallelism)",
+            arrived[0][2].rpartition(".")[0],
+            "/".join(sorted({src.qtype.name for src in packed.values()})) or "float",
+        )
+        dtype, full = self.w13_weight.dtype, self.intermediate_size
+        self.w13_weight = nn.Parameter(
+            torch.empty(self.num_experts, 2 * full, self.hidden_size, dtype=dtype, device=device), requires_grad=False
+        )
+        self.w2_weight = nn.Parameter(
+            torch.empty(self.num_experts, self.hidden_size, full, dtype=dtype, device=device), requires_grad=False
+        )
+        for which, src, name, shard_id in arrived:
+            super().weight_loader(getattr(self, which), src, name, shard_id)
+
+    def _take_packed(self, packed: dict[str, PackedExperts]) -> None:
+        gate, up, down = packed["gate"], packed["up"], packed["down"]
+        expected = {
+            "gate": (self.num_experts, self.full_intermediate_size, self.hidden_size),
+            "up": (self.num_experts, self.full_intermediate_size, self.hidden_size),
+            "down": (self.num_experts, self.hidden_size, self.full_intermediate_size),
+        }
+        for kind, src in packed.items():
+            if tuple(src.shape) != expected[kind]:
+                raise ValueError(f"{kind} experts: checkpoint shape {tuple(src.shape)} != model {expected[kind]}")
+        dtype = self.w13_weight.dtype
+        gate_up, downs = nn.ModuleList(), nn.ModuleList()
+        for e in range(self.num_experts):
+            if gate.qtype == up.qtype:  # one form: one op call for both halves
+                forms = [_form(torch.cat((gate.raw[e], up.raw[e])), gate.qtype, self.hidden_size, dtype)]
+            else:
+                forms = [_form(src.raw[e], src.qtype, self.hidden_size, dtype) for src in (gate, up)]
+            gate_up.append(nn.ModuleList(forms))
+            downs.append(_form(down.raw[e], down.qtype, self.intermediate_size, dtype))
+        self.gate_up, self.down = gate_up, downs
+
+    def _run_expert(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        assert self.gate_up is not None and self.down is not None
+        forms = cast(nn.ModuleList, self.gate_up[expert])
+        outs = [cast(RowsForm, form).matmul(rows) for form in forms]
+        gate, up = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)).chunk(2, dim=-1)
+        return cast(RowsForm, self.down[expert]).matmul(torch.nn.functional.silu(gate) * up)
+
+    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is None:
+            if self.w13_weight.numel() == 0:
+                raise RuntimeError(f"{type(self).__name__}: weights not loaded")
+            return super().forward(hidden, router_logits)
+        topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)
+        return experts_by_rows(hidden, topk_weights, topk_ids, self.num_experts, self._run_expert)
+
+    def extra_repr(self) -> str:
+        held = "dense" if self.gate_up is None else "packed"
+        return f"{super().extra_repr()}, {held}"
+
+
+def _form(raw: torch.Tensor, qtype: GGMLType, cols: int, dtype: torch.dtype) -> RowsForm:
+    """An expert's packed rows in the CPU form the dense GGUF layers use, holding the bytes once (the plain int8
+    rows dropped once the op's layout has them, as GGUFLinear does)."""
+    form = rows_for_device(raw.contiguous(), qtype, cols, dtype)
+    if isinstance(form, Int8BlockRows):
+        form.drop_plain_rows()
+    return form
