@@ -193,3 +193,31 @@ def assert_checkpoint_on_two_ranks_matches(reference, directory: Path, max_token
     finally:
         executor.shutdown()
     assert_greedy_matches(reference, PROMPTS, outputs, max_tokens)
+
+
+def gguf_writer(path: Path, arch: str, config, head_dim: int | None = None):
+    """A `gguf.GGUFWriter` for `arch` with the metadata every family's GGUF carries, from the model's config (and
+    the attention's key/value width where the family's file states it)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    if head_dim is not None:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    return writer
+
+
+def finish_gguf(writer) -> None:
+    """Write the header, metadata and tensors, and close the file."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -14,6 +14,8 @@ from family_checks import (
     assert_chunked_prefill_and_decode_match,
     assert_greedy_matches,
     assert_loaded_as,
+    finish_gguf,
+    gguf_writer,
     hf_logits,
     models_fixture,
     random_causal_lm,
@@ -90,19 +92,9 @@ def write_gguf(hf_model, path: Path) -> None:
     config = hf_model.config
     arch = "gemma2" if config.model_type == "gemma2" else "gemma3"
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA2 if arch == "gemma2" else gguf.MODEL_ARCH.GEMMA3, 2)
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer = gguf_writer(path, arch, config, config.head_dim)
     writer.add_sliding_window(config.sliding_window)
     writer.add_rope_freq_base(10000.0)
-    writer.add_vocab_size(config.vocab_size)
     written = set()
     for hf_name, tensor in hf_model.state_dict().items():
         if hf_name == "lm_head.weight":
@@ -112,10 +104,7 @@ def write_gguf(hf_model, path: Path) -> None:
         written.add(name)
         data = tensor.float() + 1.0 if "norm" in hf_name else tensor.float()
         writer.add_tensor(name, data.numpy().astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -16,6 +16,8 @@ from family_checks import (
     assert_chunked_prefill_and_decode_match,
     assert_engine_greedy_matches,
     assert_greedy_matches,
+    finish_gguf,
+    gguf_writer,
     hf_logits,
     models_fixture,
     random_causal_lm,
@@ -207,19 +209,9 @@ def write_moe_gguf(hf_model, path: Path, expert_type) -> None:
     config = hf_model.config
     arch = gguf.MODEL_ARCH.QWEN3MOE if config.model_type == "qwen3_moe" else gguf.MODEL_ARCH.QWEN2MOE
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    if arch == gguf.MODEL_ARCH.QWEN3MOE:
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    head_dim = config.head_dim if arch == gguf.MODEL_ARCH.QWEN3MOE else None
+    writer = gguf_writer(path, gguf.MODEL_ARCH_NAMES[arch], config, head_dim)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_vocab_size(config.vocab_size)
     writer.add_expert_count(config.num_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_expert_feed_forward_length(config.moe_intermediate_size)
@@ -244,10 +236,7 @@ def write_moe_gguf(hf_model, path: Path, expert_type) -> None:
                 assert name is not None, hf_name
                 data = tensor.float().numpy()
                 writer.add_tensor(name, data.reshape(-1) if name.endswith("ffn_gate_inp_shexp.weight") else data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
 
 
 @pytest.mark.parametrize("expert_type", ["F32", "Q8_0", "Q4_0"])

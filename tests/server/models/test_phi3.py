@@ -3,7 +3,6 @@ loaded by our loader from safetensors and from GGUF, matches transformers."""
 
 from __future__ import annotations
 
-import gguf
 import numpy as np
 import torch
 from family_checks import (
@@ -15,6 +14,8 @@ from family_checks import (
     assert_greedy_matches,
     assert_loaded_as,
     assert_two_tensor_parallel_ranks_match,
+    finish_gguf,
+    gguf_writer,
     models_fixture,
     random_causal_lm,
 )
@@ -107,17 +108,9 @@ GGUF_NAMES = {
 def write_phi3_gguf(hf_model, path) -> None:
     """The model as an fp32 GGUF of llama.cpp's `phi3` layout (metadata transformers maps to a Phi3Config)."""
     config = hf_model.config
-    writer = gguf.GGUFWriter(str(path), "phi3")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_embedding_length(config.hidden_size)
+    writer = gguf_writer(path, "phi3", config)
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     writer.add_rope_freq_base(10000.0)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_pad_token_id(0)  # else transformers assumes Phi-3's 32000, outside this vocabulary
@@ -127,10 +120,7 @@ def write_phi3_gguf(hf_model, path) -> None:
     state = hf_model.state_dict()
     for hf_name, gguf_name in names.items():
         writer.add_tensor(f"{gguf_name}.weight", state[hf_name].numpy().astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
 
 
 def test_gguf_logits_and_greedy_tokens_match_transformers_loading_the_same_file(tmp_path):
