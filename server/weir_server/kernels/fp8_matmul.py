@@ -3,9 +3,10 @@ tensor cores): each call scales the activations per token (dynamic scaling, vLLM
 cross memory and the tensor cores in 8 bits and the product comes back in bf16.
 
 The reference is `fp8_matmul_reference`: the same activation quantization, then a float32 matmul of the
-dequantized operands. On CUDA the activations are quantized by one Triton kernel (`quantize_per_row_kernel`):
-in torch it took eight launches and float32 copies of x per layer, which made FP8 decode slower than bf16
-(the Llama-3.2-1B shape at batch 1: 2.43 against 1.33 ms a step on an H100).
+dequantized operands. On CUDA the activations are quantized by one Triton kernel (`quantize_per_row_kernel`),
+once it has given torch's bits on the device: in torch it took eight launches and float32 copies of x per layer,
+and FP8 decode measured slower than bf16 (the Llama-3.2-1B shape at batch 1: 2.43 against 1.33 ms a step on an
+H100, before the kernel).
 """
 
 from __future__ import annotations
@@ -26,10 +27,37 @@ _MIN_SCALE = 1e-12
 
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], float32 scale [M, 1]) with x ~ q * scale, each row's largest value at FP8_MAX."""
-    if x.is_cuda and HAS_TRITON and x.dim() == 2 and x.stride(1) == 1:
+    if x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and row_kernel_agrees(x.device):
         return quantize_per_row_kernel(x)
+    return _quantize_per_row_torch(x)
+
+
+def _quantize_per_row_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_MIN_SCALE) / FP8_MAX
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous(), scale  # _scaled_mm: row-major
+
+
+@functools.cache
+def row_kernel_agrees(device: torch.device) -> bool:
+    """Whether the Triton row quantization gives the torch path's bits on this device: checked once, on rows with
+    values near every power of two and zeros, the first time an FP8 layer quantizes (the load's `_scaled_mm`
+    probe, before any CUDA graph is captured); elsewhere, or on any difference, the torch path runs."""
+    if not HAS_TRITON:
+        return False
+    grid = (
+        torch.linspace(-1, 1, 4096, device=device).view(4, -1)
+        * torch.tensor([1e-3, 1.0, 37.0, 3e4], device=device)[:, None]
+    )
+    x = torch.cat((grid, torch.zeros(1, 1024, device=device))).to(torch.bfloat16)
+    try:
+        got, want = quantize_per_row_kernel(x), _quantize_per_row_torch(x)
+    except Exception as error:  # noqa: BLE001 - a Triton that cannot build it here: the torch path
+        logger.info("FP8 row quantization kernel unavailable on %s: %s", device, error)
+        return False
+    agrees = torch.equal(got[1], want[1]) and torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+    if not agrees:
+        logger.info("FP8 row quantization kernel differs from torch on %s; using torch's", device)
+    return agrees
 
 
 _QUANT_BLOCK = 1024  # elements of a row per pass: wider rows take several (K up to the 8B shape's 14336 and more)

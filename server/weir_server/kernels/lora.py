@@ -10,7 +10,6 @@ order) and reads each slot's rank in this layer from the device, so a slot whose
 costs nothing even inside a CUDA graph captured before that adapter was loaded.
 """
 
-import numpy as np
 import torch
 
 from weir_server.kernels import HAS_TRITON, next_power_of_2, require_triton, tl, triton
@@ -135,17 +134,6 @@ def lora_segments(slots: torch.Tensor, num_loras: int, block_t: int) -> tuple[to
     block_end = torch.cumsum(blocks, 0, dtype=torch.int32)
     token_start = (torch.cumsum(counts, 0, dtype=torch.int32) - counts).to(torch.int32)
     return order, counts, block_end, token_start
-
-
-def lora_segments_host(slots: np.ndarray, num_loras: int, block_t: int) -> tuple[np.ndarray, ...]:
-    """`lora_segments` on the host, for an eager step whose tokens' slots the host knows: the same four int32
-    arrays (order, counts, block_end, token_start)."""
-    group = slots.astype(np.int64) + 1
-    order = np.argsort(group, kind="stable").astype(np.int32)
-    counts = np.bincount(group, minlength=num_loras + 1).astype(np.int32)
-    blocks = (counts + block_t - 1) // block_t
-    blocks[0] = 0
-    return order, counts, np.cumsum(blocks).astype(np.int32), (np.cumsum(counts) - counts).astype(np.int32)
 
 
 def sgmv_split_k(k: int, tiles: int) -> int:

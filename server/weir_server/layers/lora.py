@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,8 +69,7 @@ class LoRAState:
     an adapter, and the layers add nothing.
     """
 
-    def __init__(self, num_loras: int) -> None:
-        self.num_loras = num_loras  # the device slots
+    def __init__(self) -> None:
         self.groups: list[tuple[int, torch.Tensor | None]] = []
         self.slots: torch.Tensor | None = None
         self.segments: tuple[torch.Tensor, ...] | None = None  # the slots grouped, made by the first layer
@@ -94,17 +92,10 @@ class LoRAState:
             # On CUDA the grouped kernel takes any mix in one launch per layer: batched torch per slot costs a dozen
             # small launches per slot and layer, which made prefills with 16 adapters several times slower.
             self.groups = []
-            from weir_server.kernels.lora import SGMV_BLOCK_T, lora_segments_host
-
-            slots = np.repeat(np.asarray(seq_slots, dtype=np.int32), seq_lens)
-            host = np.concatenate((slots, *lora_segments_host(slots, self.num_loras, SGMV_BLOCK_T)))
-            # One copy, through pinned memory: from pageable memory a copy first waits for the whole stream, so
-            # every step with adapters waited for the step before it (the engine launches a step before the last
-            # finishes). The segments made here cost one upload instead of ten small launches (about 0.25 ms).
-            both = torch.from_numpy(host).pin_memory().to(device, non_blocking=True)
-            n, groups = len(slots), self.num_loras + 1
-            self.slots = both[:n]
-            self.segments = (both[n : 2 * n], *both[2 * n :].view(3, groups).unbind(0))
+            slots = torch.repeat_interleave(torch.tensor(seq_slots), torch.tensor(seq_lens))
+            # Through pinned memory: a copy from pageable memory first waits for the whole stream, so every step
+            # with adapters waited for the step before it (the engine launches a step before the last finishes).
+            self.slots = slots.pin_memory().to(device, non_blocking=True)
             return
         if len(used) == 1 and min(seq_slots) >= 0:
             self.groups = [(used[0], None)]
@@ -275,7 +266,7 @@ _LINEAR_TYPES = (ColumnParallelLinear, RowParallelLinear)
 def wrap_lora_layers(model: nn.Module, max_loras: int, max_rank: int) -> tuple[LoRAState, dict[str, LoRALinear]]:
     """Wrap the model's q/k/v, o, gate/up and down projections (by their names, as every family using the shared
     layers names them) in LoRALinear; call after loading the weights. Returns the step state and the layers."""
-    state = LoRAState(max_loras)
+    state = LoRAState()
     layers: dict[str, LoRALinear] = {}
     names = [name for name, _ in model.named_modules() if name.rpartition(".")[2] in FUSED_SLICES]
     for name in names:

@@ -250,3 +250,4 @@ def test_fp8_row_quantization_kernel_matches_torch(rows, k, dtype):
     assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
     zero_rows = fp8_matmul.quantize_per_row_kernel(torch.zeros(2, 64, device=DEV, dtype=BF16))
     assert torch.equal(zero_rows[0].float(), torch.zeros(2, 64, device=DEV)) and (zero_rows[1] > 0).all()
+    assert fp8_matmul.row_kernel_agrees(torch.device(DEV))  # so FP8 layers take it

@@ -131,7 +131,7 @@ def layer_case():
     base = QKVParallelLinear(64, 16, 4, 2)  # q 64 rows, k 32, v 32
     torch.nn.init.normal_(base.weight)
     target = LoRATarget("qkv_proj", ("q_proj", "k_proj", "v_proj"), 64, (64, 32, 32))
-    layer = LoRALinear(base, target, 3, 8, LoRAState(3))
+    layer = LoRALinear(base, target, 3, 8, LoRAState())
     layer.set_slot(0, [(torch.randn(8, 64), torch.randn(n, 8)) for n in (64, 32, 32)])
     layer.set_slot(1, [None, None, (torch.randn(3, 64), torch.randn(32, 3))])
     slots = torch.tensor([0, 1, -1, 2, 0, 1, 1, 2, -1, 0])
@@ -148,25 +148,3 @@ def test_lora_ranks_follow_the_slots_fills():
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_layer_through_the_grouped_kernels_in_the_triton_interpreter():
     run_in_triton_interpreter(_INTERPRETED_LAYER, os.path.dirname(__file__), timeout=300)
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_host_segments_of_an_eager_step_equal_the_device_ones(seed):
-    """An eager step groups its tokens on the host (the slots are known there); the kernels read the same arrays as
-    the torch ops a CUDA graph captures would make: each slot's tokens (in any order within it), counts, tiles."""
-    import numpy as np
-
-    from weir_server.kernels.lora import SGMV_BLOCK_T, lora_segments, lora_segments_host
-
-    gen = np.random.default_rng(seed)
-    loras = 4
-    slots = gen.integers(-1, loras, size=int(gen.integers(1, 90))).astype(np.int32)
-    host = lora_segments_host(slots, loras, SGMV_BLOCK_T)
-    device = [t.numpy() for t in lora_segments(torch.from_numpy(slots), loras, SGMV_BLOCK_T)]
-    for got, want in zip(host[1:], device[1:], strict=True):
-        assert got.dtype == np.int32 and np.array_equal(got, want)
-    starts, counts = host[3], host[1]
-    for group in range(loras + 1):
-        run = slice(starts[group], starts[group] + counts[group])
-        assert sorted(host[0][run]) == sorted(device[0][run])
-        assert (slots[host[0][run]] == group - 1).all()
