@@ -1,7 +1,8 @@
 """`weir bench gguf`: GGUF weights kept packed (`--quantization gguf`) against dequantized at load.
 
   cpu MODEL   resident memory and single-stream decode tokens/s of one GGUF on the CPU; run it once with and once
-              without --keep-quantized (each in its own process, so RSS is the model's)
+              without --keep-quantized (each in its own process, so RSS is the model's); --write-q4km and
+              --write-moe measure a random dense or mixture-of-experts model in a Q4_K_M mix instead
   gpu         the Triton dequantize-in-kernel matmul against bf16 F.linear on Llama-3.2-1B shapes, then decode
               tokens/s of a random 1B model in a Q4_K_M mix, packed against bf16, eager and under CUDA graphs
 
@@ -26,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from weir_bench.engines import engine_core, run_to_completion
-from weir_bench.gguf_files import CPU_SHAPE, LLAMA_32_1B, random_rows, write_random_q4_k_m
+from weir_bench.gguf_files import (
+    CPU_MOE_SHAPE,
+    CPU_SHAPE,
+    LLAMA_32_1B,
+    random_rows,
+    write_random_moe_q4_k_m,
+    write_random_q4_k_m,
+)
 from weir_bench.gpu import cuda_missing, greedy_agreement, save_report
 
 PROMPT_TOKENS = 32
@@ -109,7 +117,9 @@ def run_cpu(args: argparse.Namespace) -> int:
 
     if args.write_q4km is not None and not args.write_q4km.exists():
         write_random_q4_k_m(args.write_q4km, CPU_SHAPE)
-    model_path = str(args.write_q4km or args.model)
+    if args.write_moe is not None and not args.write_moe.exists():
+        write_random_moe_q4_k_m(args.write_moe, CPU_MOE_SHAPE)
+    model_path = str(args.write_q4km or args.write_moe or args.model)
     gc.collect()
     before = rss_mib()
     started = time.perf_counter()
@@ -277,6 +287,8 @@ def build_parser(prog: str = "weir bench gguf") -> argparse.ArgumentParser:
     cpu.add_argument("--keep-quantized", action="store_true", help="blocks kept packed, as `--quantization gguf`")
     cpu.add_argument("--write-q4km", type=Path, metavar="PATH",
                      help="measure a random 12-layer Q4_K_M-style model at PATH, written first if missing")  # fmt: skip
+    cpu.add_argument("--write-moe", type=Path, metavar="PATH",
+                     help="a random 8-layer Qwen3-MoE, Q4_K_M mix, at PATH (written first if missing)")  # fmt: skip
     cpu.add_argument("--steps", type=int, default=16, help="decode steps timed per repeat (default %(default)s)")
     cpu.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported (default %(default)s)")
     gpu = sub.add_parser("gpu", help="GPU: packed matmul vs bf16, decode of a random 1B Q4_K_M packed vs bf16")
@@ -293,8 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--steps and --repeats must be at least 1")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "cpu":
-        if (args.model is None) == (args.write_q4km is None):
-            parser.error("cpu: give MODEL or --write-q4km PATH (one of them)")
+        if sum(x is not None for x in (args.model, args.write_q4km, args.write_moe)) != 1:
+            parser.error("cpu: give MODEL, --write-q4km PATH or --write-moe PATH (one of them)")
         return run_cpu(args)
     if reason := cuda_missing("weir bench gguf gpu"):
         print(reason, file=sys.stderr)

@@ -1,5 +1,6 @@
 """Random GGUF models for `weir bench gguf`: valid packed blocks of each type in Q4_K_M's mix of Q4_K and Q6_K,
-written with the `gguf` package's writer, and a word-level tokenizer beside them so the loader finds one.
+a dense Llama or a Qwen3-MoE (its experts stacked per layer, as llama.cpp stores them), written with the `gguf`
+package's writer, and a word-level tokenizer beside them so the loader finds one.
 
 The numbers are noise (small scales keep activations finite); only the shapes, types and bytes matter to speed
 and memory.
@@ -28,11 +29,16 @@ class GGUFShape:
     vocab: int
     context: int
     rope_base: float
+    experts: int = 0  # a Qwen3-MoE: routed experts per layer (0: a dense Llama)
+    experts_used: int = 0
+    head_dim: int = 0  # Qwen3's, stated in the file (0: hidden / heads)
 
 
 # What the CPU check writes: a 12-layer model small enough for a laptop, big enough that weights dominate RSS.
 CPU_SHAPE = GGUFShape("random-q4km-768", 768, 2048, 12, 12, 4, 32000, 2048, 10000.0)
 LLAMA_32_1B = GGUFShape("random-1b-Q4_K_M", 2048, 8192, 16, 32, 8, 128256, 4096, 500000.0)
+# A Qwen3-MoE a CPU holds either way: Qwen3-30B-A3B's expert width and head size, a quarter of its experts and width.
+CPU_MOE_SHAPE = GGUFShape("random-moe-q4km", 1024, 768, 8, 16, 4, 32000, 4096, 1e6, 32, 8, 128)
 
 
 def random_rows(qtype: Any, rows: int, cols: int, seed: int = 0, scale: float = 0.01) -> Any:
@@ -110,6 +116,68 @@ def write_random_q4_k_m(path: Path, shape: GGUFShape, tokenizer: bool = True) ->
             writer.add_tensor(f"blk.{layer}.{name}.weight", raw, raw_dtype=gguf.GGMLQuantizationType(qtype.id))
         writer.add_tensor(f"blk.{layer}.attn_norm.weight", ones)
         writer.add_tensor(f"blk.{layer}.ffn_norm.weight", ones)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_random_moe_q4_k_m(path: Path, shape: GGUFShape, tokenizer: bool = True) -> Path:
+    """A random Qwen3-MoE GGUF at `path` in Q4_K_M's mix: Q4_K, with v and the experts' down in Q6_K in every
+    other layer, and Q6_K embedding and output; q/k norms; `shape.ffn` is each expert's width."""
+    import gguf
+    import numpy as np
+
+    from weir_server.kernels.gguf_dequant import Q4_K, Q6_K
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if tokenizer:
+        save_word_tokenizer(path.parent, shape.vocab)
+    writer = gguf.GGUFWriter(str(path), "qwen3moe")
+    hidden, width, head_dim = shape.hidden, shape.ffn, shape.head_dim or shape.hidden // shape.heads
+    for add, value in (
+        (writer.add_context_length, shape.context), (writer.add_block_count, shape.layers),
+        (writer.add_feed_forward_length, 3 * hidden), (writer.add_embedding_length, hidden),
+        (writer.add_rope_freq_base, shape.rope_base), (writer.add_head_count, shape.heads),
+        (writer.add_head_count_kv, shape.kv_heads), (writer.add_key_length, head_dim),
+        (writer.add_value_length, head_dim), (writer.add_layer_norm_rms_eps, 1e-6),
+        (writer.add_vocab_size, shape.vocab), (writer.add_expert_count, shape.experts),
+        (writer.add_expert_used_count, shape.experts_used), (writer.add_expert_feed_forward_length, width),
+        (writer.add_bos_token_id, 1), (writer.add_eos_token_id, 2),
+    ):  # fmt: skip
+        add(value)
+
+    def add_rows(name: str, qtype: Any, rows: int, cols: int, seed: int, scale: float = 2e-4) -> None:
+        raw = random_rows(qtype, rows, cols, seed, scale).numpy()
+        writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(qtype.id))
+
+    def add_experts(name: str, qtype: Any, rows: int, cols: int, seed: int) -> None:
+        raw = np.stack([random_rows(qtype, rows, cols, seed + e, 2e-4).numpy() for e in range(shape.experts)])
+        writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType(qtype.id))
+
+    ones = np.ones(hidden, dtype=np.float32)
+    add_rows("token_embd.weight", Q6_K, shape.vocab, hidden, 1, 1e-3)
+    add_rows("output.weight", Q6_K, shape.vocab, hidden, 2, 1e-3)
+    writer.add_tensor("output_norm.weight", ones)
+    q_dim, kv_dim = shape.heads * head_dim, shape.kv_heads * head_dim
+    for layer in range(shape.layers):
+        big = Q6_K if layer % 2 == 0 else Q4_K
+        seed = 1000 * (layer + 1)
+        for name, qtype, (n, k) in (
+            ("attn_q", Q4_K, (q_dim, hidden)), ("attn_k", Q4_K, (kv_dim, hidden)), ("attn_v", big, (kv_dim, hidden)),
+            ("attn_output", Q4_K, (hidden, q_dim)),
+        ):  # fmt: skip
+            add_rows(f"blk.{layer}.{name}.weight", qtype, n, k, seed + len(name))
+        router = np.random.default_rng(seed).standard_normal((shape.experts, hidden)).astype(np.float32)
+        writer.add_tensor(f"blk.{layer}.ffn_gate_inp.weight", router)  # F32, as llama.cpp's converter leaves it
+        add_experts(f"blk.{layer}.ffn_gate_exps.weight", Q4_K, width, hidden, seed + 100)
+        add_experts(f"blk.{layer}.ffn_up_exps.weight", Q4_K, width, hidden, seed + 300)
+        add_experts(f"blk.{layer}.ffn_down_exps.weight", big, hidden, width, seed + 500)
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{layer}.{norm}.weight", ones)
+        for norm in ("attn_q_norm", "attn_k_norm"):
+            writer.add_tensor(f"blk.{layer}.{norm}.weight", np.ones(head_dim, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from weir_bench import cli, gguf
-from weir_bench.gguf_files import GGUFShape, write_random_q4_k_m
+from weir_bench.gguf_files import GGUFShape, write_random_moe_q4_k_m, write_random_q4_k_m
 
 TINY = GGUFShape("tiny", hidden=256, ffn=512, layers=2, heads=4, kv_heads=2, vocab=512, context=512, rope_base=1e4)
+TINY_MOE = GGUFShape("tiny-moe", 256, 256, 2, 4, 2, 512, 512, 1e4, experts=4, experts_used=2, head_dim=64)
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +21,22 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_q4_k_m(tmp_path_factory.mktemp("gguf") / "tiny-Q4_K_M.gguf", TINY)
 
 
+@pytest.fixture(scope="module")
+def tiny_moe_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_moe_q4_k_m(tmp_path_factory.mktemp("gguf") / "tiny-moe.gguf", TINY_MOE)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["dequantized", "packed"])
-def test_cpu_verb_prints_one_row_for_a_random_q4_k_m_file(tiny_gguf, packed):
-    argv = [sys.executable, "-m", "weir_bench", "gguf", "cpu", str(tiny_gguf), "--steps", "2", "--repeats", "1"]
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_cpu_verb_prints_one_row_for_a_random_q4_k_m_file(tiny_gguf, tiny_moe_gguf, packed, moe):
+    model = tiny_moe_gguf if moe else tiny_gguf
+    argv = [sys.executable, "-m", "weir_bench", "gguf", "cpu", str(model), "--steps", "2", "--repeats", "1"]
     done = subprocess.run(argv + (["--keep-quantized"] if packed else []), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert lines[-3].startswith("| model | weights | dtype | file MiB |")
     row = lines[-1].split(" | ")
-    assert row[0] == "| tiny-Q4_K_M.gguf" and row[1] == ("packed" if packed else "dequantized at load")
+    assert row[0] == f"| {model.name}" and row[1] == ("packed" if packed else "dequantized at load")
     assert float(row[8].replace(",", "")) > 0  # decode tok/s
 
 
@@ -44,6 +52,7 @@ def test_gpu_verb_without_cuda_exits_2_with_one_line(monkeypatch, capsys):
 @pytest.mark.parametrize("argv", [
     ["cpu"],  # neither MODEL nor --write-q4km
     ["cpu", "m.gguf", "--write-q4km", "other.gguf"],
+    ["cpu", "--write-q4km", "a.gguf", "--write-moe", "b.gguf"],
     ["cpu", "m.gguf", "--steps", "0"],
     ["gpu", "--repeats", "2"],  # the gpu verb has no repeats
     [],
