@@ -201,9 +201,10 @@ def _round_trip(tensor: torch.Tensor, qtype) -> tuple[np.ndarray, torch.Tensor]:
     return packed, torch.from_numpy(quants.dequantize(packed, qtype).reshape(values.shape).copy())
 
 
-def write_moe_gguf(hf_model, path: Path, expert_type) -> None:
-    """The model under llama.cpp's names, its experts (and only they) in `expert_type`; the model's experts are set to
-    the values the file holds, so the model stays the reference."""
+def write_moe_gguf(hf_model, path: Path, expert_type, up_type=None, expert_count: int | None = None) -> None:
+    """The model under llama.cpp's names, its experts (and only they) in `expert_type` (the up matrices in `up_type`
+    where given); the model's experts are set to the values the file holds, so the model stays the reference.
+    `expert_count` overrides the metadata's (a file that contradicts its own tensors)."""
     import gguf
 
     config = hf_model.config
@@ -212,7 +213,7 @@ def write_moe_gguf(hf_model, path: Path, expert_type) -> None:
     head_dim = config.head_dim if arch == gguf.MODEL_ARCH.QWEN3MOE else None
     writer = gguf_writer(path, gguf.MODEL_ARCH_NAMES[arch], config, head_dim)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_expert_count(config.num_experts)
+    writer.add_expert_count(expert_count or config.num_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     if arch == gguf.MODEL_ARCH.QWEN2MOE:
@@ -223,10 +224,10 @@ def write_moe_gguf(hf_model, path: Path, expert_type) -> None:
             if hf_name.endswith("experts.gate_up_proj"):
                 inter = tensor.shape[1] // 2
                 gate, held_gate = _round_trip(tensor[:, :inter], expert_type)
-                up, held_up = _round_trip(tensor[:, inter:], expert_type)
+                up, held_up = _round_trip(tensor[:, inter:], up_type or expert_type)
                 tensor.copy_(torch.cat((held_gate, held_up), dim=1))
                 writer.add_tensor(f"blk.{block}.ffn_gate_exps.weight", gate, raw_dtype=expert_type)
-                writer.add_tensor(f"blk.{block}.ffn_up_exps.weight", up, raw_dtype=expert_type)
+                writer.add_tensor(f"blk.{block}.ffn_up_exps.weight", up, raw_dtype=up_type or expert_type)
             elif hf_name.endswith("experts.down_proj"):
                 down, held = _round_trip(tensor, expert_type)
                 tensor.copy_(held)
@@ -239,7 +240,7 @@ def write_moe_gguf(hf_model, path: Path, expert_type) -> None:
     finish_gguf(writer)
 
 
-@pytest.mark.parametrize("expert_type", ["F32", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("expert_type", ["F32", "Q8_0", "Q4_0", "Q4_0+Q8_0"])  # the last: gate/down Q4_0, up Q8_0
 @pytest.mark.parametrize("name", sorted(GGUF_CONFIGS))
 @pytest.mark.parametrize("keep_quantized", [False, True], ids=["dequantized", "packed"])
 def test_gguf_moe_logits_and_greedy_tokens_match_the_model_it_was_written_from(
@@ -248,7 +249,8 @@ def test_gguf_moe_logits_and_greedy_tokens_match_the_model_it_was_written_from(
     from gguf import GGMLQuantizationType
 
     hf_model = random_causal_lm(GGUF_CONFIGS[name]())
-    write_moe_gguf(hf_model, tmp_path / "tiny.gguf", GGMLQuantizationType[expert_type])
+    types = [GGMLQuantizationType[t] for t in expert_type.split("+")]
+    write_moe_gguf(hf_model, tmp_path / "tiny.gguf", types[0], types[-1])
     save_tiny_tokenizer(tmp_path / "tokenizer", VOCAB)
     config = ModelConfig(
         str(tmp_path / "tiny.gguf"), tokenizer=str(tmp_path / "tokenizer"), device="cpu", dtype="float32",
@@ -287,3 +289,22 @@ def test_packed_bf16_experts_stay_close_to_dequantized_ones_and_hold_fewer_bytes
     error = (logits[True].float() - logits[False].float()).norm() / logits[False].float().norm()
     assert error < 2e-2, error
     assert held[True] < held[False] * (0.7 if expert_type == "Q8_0" else 0.45), held
+
+
+@pytest.mark.parametrize("keep_quantized", [False, True], ids=["dequantized", "packed"])
+def test_a_gguf_whose_experts_contradict_its_metadata_fails_at_load_naming_them(keep_quantized, tmp_path):
+    from gguf import GGMLQuantizationType
+
+    from weir_server.errors import ModelLoadError
+
+    hf_model = random_causal_lm(GGUF_CONFIGS["qwen3moe"]())
+    write_moe_gguf(hf_model, tmp_path / "tiny.gguf", GGMLQuantizationType.Q8_0, expert_count=6)  # the file holds 4
+    save_tiny_tokenizer(tmp_path / "tokenizer", VOCAB)
+    config = ModelConfig(
+        str(tmp_path / "tiny.gguf"), tokenizer=str(tmp_path / "tokenizer"), device="cpu", keep_quantized=keep_quantized
+    )
+    with pytest.raises(
+        ModelLoadError, match=r"tiny\.gguf: tensor 'blk\.0\.[\w.]+' has shape \(4, 64\), but .* is \(6, 64\)"
+    ) as exc:
+        load_model(config)
+    assert "\n" not in str(exc.value)
