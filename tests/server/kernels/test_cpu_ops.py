@@ -25,15 +25,17 @@ TOLERANCE = {torch.bfloat16: {"atol": 3e-2, "rtol": 2**-7}, torch.float32: {"ato
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 3, 40])
-def test_rms_norm_and_the_fused_residual_add_match_torch(dtype: torch.dtype, rows: int) -> None:
+@pytest.mark.parametrize(("rows", "hidden"), [(1, 576), (3, 576), (40, 576), (5, 100), (130, 4096)])
+def test_rms_norm_and_the_fused_residual_add_match_torch(dtype: torch.dtype, rows: int, hidden: int) -> None:
+    """Hidden sizes a multiple of 16 and not (100); one thread's rows and several threads' (130 x 4096)."""
     gen = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 576, generator=gen).to(dtype)
-    residual = torch.randn(rows, 576, generator=gen).to(dtype)
-    weight = torch.randn(576, generator=gen).to(dtype)
-    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), F.rms_norm(x, (576,), weight, 1e-5), **TOLERANCE[dtype])
+    x = torch.randn(rows, hidden, generator=gen).to(dtype)
+    residual = torch.randn(rows, hidden, generator=gen).to(dtype)
+    weight = torch.randn(hidden, generator=gen).to(dtype)
+    want = F.rms_norm(x, (hidden,), weight, 1e-5)
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), want, **TOLERANCE[dtype])
     summed = x + residual
-    expected = F.rms_norm(summed, (576,), weight, 1e-5)
+    expected = F.rms_norm(summed, (hidden,), weight, 1e-5)
     x_in, residual_in = x.clone(), residual.clone()
     normed, new_residual = ops.fused_add_rms_norm(x_in, residual_in, weight, 1e-5)
     assert normed.data_ptr() == x_in.data_ptr() and new_residual.data_ptr() == residual_in.data_ptr()  # in place
