@@ -8,6 +8,7 @@ in tests/server/kernels (`pytest -m gpu` on a GPU machine).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 import traceback
@@ -230,6 +231,64 @@ def bench_elementwise() -> list[str]:
     return rows
 
 
+# The Llama-3.2-1B shape's LoRA layers: (input features, output slices).
+LORA_LAYERS = {"qkv": (2048, (2048, 512, 512)), "o": (2048, (2048,)), "gate_up": (2048, (8192, 8192)),
+               "down": (8192, (2048,))}  # fmt: skip
+
+
+def host_us(fn: Callable[[], object], iters: int = 200) -> float:
+    """Microseconds of host time per call, launched back to back without a sync (what an eager step pays)."""
+    import torch
+
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    elapsed = time.perf_counter() - started
+    torch.cuda.synchronize()
+    return elapsed / iters * 1e6
+
+
+def bench_lora() -> list[str]:
+    """The grouped (SGMV) LoRA kernels beside the base matmul they add to, rank 16 over 16 slots, at a decode
+    step's rows (256) and a prefill step's (2048): device time, and the host time one call costs an eager step."""
+    import torch
+
+    from weir_server.kernels.lora import SGMV_BLOCK_T, lora_apply_sgmv, lora_segments
+
+    bf16, rank, slots_n = torch.bfloat16, 16, 16
+    rows = [f"{'layer':<16} | {'base ms':>8} | {'1 adapter ms':>12} | {'16 adapters ms':>14} | {'host us/call':>12}"]
+    for tokens in (256, 2048):
+        for name, (k, slices) in LORA_LAYERS.items():
+            n = sum(slices)
+            x, w = torch.randn(tokens, k, device=DEV, dtype=bf16), torch.randn(n, k, device=DEV, dtype=bf16) * 0.02
+            out = torch.empty(tokens, n, device=DEV, dtype=bf16)
+            a = torch.randn(slots_n, len(slices) * rank, k, device=DEV, dtype=bf16) * 0.02
+            b = torch.randn(slots_n, n, rank, device=DEV, dtype=bf16) * 0.02
+            offsets = [torch.full((size,), i * rank, dtype=torch.int32) for i, size in enumerate(slices)]
+            row_offset = torch.cat(offsets).to(DEV)
+            ranks = torch.full((slots_n,), rank, dtype=torch.int32, device=DEV)
+            times = []
+            for used in (1, 16):
+                slots = (torch.arange(tokens, device=DEV) * used // tokens).to(torch.int32)
+                seg = lora_segments(slots, slots_n, SGMV_BLOCK_T)
+
+                apply = functools.partial(lora_apply_sgmv, x, out, a, b, slots, row_offset, 64, seg, ranks)
+                times.append(bench(apply))
+            base = bench(lambda x=x, w=w, out=out: torch.matmul(x, w.t(), out=out))
+            host = host_us(apply)
+            rows.append(
+                f"{f'T={tokens} {name}':<16} | {base:8.4f} | {times[0]:12.4f} | {times[1]:14.4f} | {host:12.1f}"
+            )
+    slots = torch.zeros(2048, dtype=torch.int32, device=DEV)
+    rows.append(
+        f"lora_segments (once a step): {host_us(lambda: lora_segments(slots, slots_n, SGMV_BLOCK_T)):.1f} us host"
+    )
+    return rows
+
+
 def build_parser(prog: str = "weir bench kernels") -> argparse.ArgumentParser:
     """The options of `weir bench kernels`."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -259,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("decode kernel configs (H=32/8, D=128)", bench_decode_configs),
         ("prefill (bf16, H=32/8, D=128)", bench_prefill),
         ("elementwise and sampling", bench_elementwise),
+        ("LoRA (SGMV), Llama-3.2-1B layers, rank 16, 16 slots", bench_lora),
     ):
         try:
             section = ["", f"## {title}", *make()]
