@@ -116,10 +116,7 @@ def write_random_q4_k_m(path: Path, shape: GGUFShape, tokenizer: bool = True) ->
             writer.add_tensor(f"blk.{layer}.{name}.weight", raw, raw_dtype=gguf.GGMLQuantizationType(qtype.id))
         writer.add_tensor(f"blk.{layer}.attn_norm.weight", ones)
         writer.add_tensor(f"blk.{layer}.ffn_norm.weight", ones)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     return path
 
 
@@ -178,8 +175,13 @@ def write_random_moe_q4_k_m(path: Path, shape: GGUFShape, tokenizer: bool = True
             writer.add_tensor(f"blk.{layer}.{norm}.weight", ones)
         for norm in ("attn_q_norm", "attn_k_norm"):
             writer.add_tensor(f"blk.{layer}.{norm}.weight", np.ones(head_dim, dtype=np.float32))
+    _finish(writer)
+    return path
+
+
+def _finish(writer: Any) -> None:
+    """Write the header, metadata and tensors, and close the file."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path

@@ -11,6 +11,7 @@ kernel's share of a step" rows. `--layers N` keeps the first N layers of a shape
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import tempfile
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     layers = shape.config["num_hidden_layers"]
     if args.layers:
         layers = min(args.layers, layers)
-        shape = Shape(shape.name, {**shape.config, "num_hidden_layers": layers}, shape.model_type, shape.architecture)
+        shape = dataclasses.replace(shape, config={**shape.config, "num_hidden_layers": layers})
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown --variants {', '.join(sorted(unknown))}; choose among {', '.join(VARIANTS)}")

@@ -21,7 +21,7 @@ from weir_server.distributed.communication import all_reduce
 from weir_server.distributed.parallel_state import divide
 from weir_server.kernels import HAS_TRITON
 from weir_server.kernels.fused_moe import fused_experts
-from weir_server.layers.linear import WeightSource, read_slice, source_shape
+from weir_server.layers.linear import WeightSource, check_shape, read_slice
 
 # A checkpoint tensor's place among the experts: (expert index, "w1" | "w3" | "w2") for one expert's gate, up
 # or down matrix, or (None, "gate_up" | "down") for all experts' weights stacked ([E, 2I, H] / [E, H, I]), or
@@ -122,22 +122,22 @@ class FusedMoE(nn.Module):
         local, full, rank = self.intermediate_size, self.full_intermediate_size, self.tp_rank
         with torch.no_grad():
             if kind in ("w1", "w3"):
-                _check(src, (full, self.hidden_size), name)
+                check_shape(src, (full, self.hidden_size), name)
                 offset = 0 if kind == "w1" else local
                 param[expert, offset : offset + local].copy_(read_slice(src, 0, rank * local, local))
             elif kind == "w2":
-                _check(src, (self.hidden_size, full), name)
+                check_shape(src, (self.hidden_size, full), name)
                 param[expert].copy_(read_slice(src, 1, rank * local, local))
             elif kind == "gate_up":
-                _check(src, (self.num_experts, 2 * full, self.hidden_size), name)
+                check_shape(src, (self.num_experts, 2 * full, self.hidden_size), name)
                 param[:, :local].copy_(read_slice(src, 1, rank * local, local))
                 param[:, local:].copy_(read_slice(src, 1, full + rank * local, local))
             elif kind in ("gate", "up"):
-                _check(src, (self.num_experts, full, self.hidden_size), name)
+                check_shape(src, (self.num_experts, full, self.hidden_size), name)
                 offset = 0 if kind == "gate" else local
                 param[:, offset : offset + local].copy_(read_slice(src, 1, rank * local, local))
             elif kind == "down":
-                _check(src, (self.num_experts, self.hidden_size, full), name)
+                check_shape(src, (self.num_experts, self.hidden_size, full), name)
                 param.copy_(read_slice(src, 2, rank * local, local))
             else:
                 raise ValueError(f"{name}: unknown expert shard {shard_id!r}")
@@ -159,9 +159,3 @@ class FusedMoE(nn.Module):
             f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
             f"intermediate={self.intermediate_size} (of {self.full_intermediate_size}), renormalize={self.renormalize}"
         )
-
-
-def _check(src: WeightSource, expected: tuple[int, ...], name: str) -> None:
-    shape = source_shape(src)
-    if shape != expected:
-        raise ValueError(f"{name}: checkpoint shape {shape} != model {expected}")

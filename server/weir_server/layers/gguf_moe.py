@@ -20,7 +20,7 @@ from torch import nn
 from weir_server.kernels.gguf_dequant import GGMLType
 from weir_server.layers.fused_moe import ExpertShard, FusedMoE, experts_by_rows, select_experts
 from weir_server.layers.gguf_weights import Int8BlockRows, RowsForm, rows_for_device
-from weir_server.layers.linear import WeightSource
+from weir_server.layers.linear import WeightSource, check_shape
 from weir_server.layers.quantized_linear import PackedExperts
 
 logger = logging.getLogger(__name__)
@@ -55,14 +55,14 @@ class GGUFFusedMoE(FusedMoE):
 
     def _finalize(self, arrived: list[tuple[str, WeightSource, str, ExpertShard]]) -> None:
         device = self.w13_weight.device
-        packed = {shard[1]: src for _, src, _, shard in arrived if isinstance(src, PackedExperts)}
+        packed = {shard[1]: (src, name) for _, src, name, shard in arrived if isinstance(src, PackedExperts)}
         if device.type == "cpu" and self.tp_size == 1 and set(packed) == set(_PACKED_KINDS):
             self._take_packed(packed)
             return
         logger.info(
             "%s: %s experts dequantized (packed experts run on a CPU without tensor parallelism)",
             arrived[0][2].rpartition(".")[0],
-            "/".join(sorted({src.qtype.name for src in packed.values()})) or "float",
+            "/".join(sorted({src.qtype.name for src, _ in packed.values()})) or "float",
         )
         dtype, full = self.w13_weight.dtype, self.intermediate_size
         self.w13_weight = nn.Parameter(
@@ -74,16 +74,13 @@ class GGUFFusedMoE(FusedMoE):
         for which, src, name, shard_id in arrived:
             super().weight_loader(getattr(self, which), src, name, shard_id)
 
-    def _take_packed(self, packed: dict[str, PackedExperts]) -> None:
-        gate, up, down = packed["gate"], packed["up"], packed["down"]
-        expected = {
-            "gate": (self.num_experts, self.full_intermediate_size, self.hidden_size),
-            "up": (self.num_experts, self.full_intermediate_size, self.hidden_size),
-            "down": (self.num_experts, self.hidden_size, self.full_intermediate_size),
-        }
-        for kind, src in packed.items():
-            if tuple(src.shape) != expected[kind]:
-                raise ValueError(f"{kind} experts: checkpoint shape {tuple(src.shape)} != model {expected[kind]}")
+    def _take_packed(self, packed: dict[str, tuple[PackedExperts, str]]) -> None:
+        """Each expert's rows in their CPU forms (the file's shapes checked as FusedMoE's loader checks them)."""
+        experts, hidden, width = self.num_experts, self.hidden_size, self.full_intermediate_size
+        shapes = {"gate": (experts, width, hidden), "up": (experts, width, hidden), "down": (experts, hidden, width)}
+        for kind, (src, name) in packed.items():
+            check_shape(src, shapes[kind], name)
+        (gate, _), (up, _), (down, _) = packed["gate"], packed["up"], packed["down"]
         dtype = self.w13_weight.dtype
         gate_up, downs = nn.ModuleList(), nn.ModuleList()
         for e in range(self.num_experts):

@@ -45,12 +45,13 @@ def read_full(src: WeightSource) -> torch.Tensor:
 
 def load_replicated(param: torch.Tensor, src: WeightSource, name: str) -> None:
     """Copy a tensor every rank holds whole (norms, biases of row-parallel layers)."""
-    _check_shape(src, tuple(param.shape), name)
+    check_shape(src, tuple(param.shape), name)
     with torch.no_grad():
         param.copy_(read_full(src))
 
 
-def _check_shape(src: WeightSource, expected: tuple[int, ...], name: str) -> None:
+def check_shape(src: WeightSource, expected: tuple[int, ...], name: str) -> None:
+    """ValueError naming the tensor unless the checkpoint's shape is the model's."""
     shape = source_shape(src)
     if shape != expected:
         raise ValueError(f"{name}: checkpoint shape {shape} != model {expected}")
@@ -71,7 +72,7 @@ class ColumnParallelLinear(nn.Linear):
 
     def weight_loader(self, param: torch.Tensor, src: WeightSource, name: str, shard_id: Any = None) -> None:
         """Copy this rank's rows of the full [out, in] weight (or [out] bias)."""
-        _check_shape(src, (self.full_output_size, *param.shape[1:]), name)
+        check_shape(src, (self.full_output_size, *param.shape[1:]), name)
         rows = param.shape[0]
         _copy(param, read_slice(src, 0, self.tp_rank * rows, rows))
 
@@ -88,7 +89,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: torch.Tensor, src: WeightSource, name: str, shard_id: Any = None) -> None:
         """Copy this rank's rows of projection `shard_id` (an index into output_sizes) into its place."""
         index = int(shard_id)
-        _check_shape(src, (self.output_sizes[index], *param.shape[1:]), name)
+        check_shape(src, (self.output_sizes[index], *param.shape[1:]), name)
         size = self.local_sizes[index]
         target = param.narrow(0, sum(self.local_sizes[:index]), size)
         _copy(target, read_slice(src, 0, self.tp_rank * size, size))
@@ -121,7 +122,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             start = (self.tp_rank // self.kv_replicas) * size
         else:
             raise ValueError(f"{name}: unknown q/k/v shard {shard_id!r}")
-        _check_shape(src, (total, *param.shape[1:]), name)
+        check_shape(src, (total, *param.shape[1:]), name)
         _copy(param.narrow(0, offset, size), read_slice(src, 0, start, size))
 
 
@@ -144,7 +145,7 @@ class RowParallelLinear(nn.Linear):
         if param.dim() == 1:
             load_replicated(param, src, name)
             return
-        _check_shape(src, (param.shape[0], self.full_input_size), name)
+        check_shape(src, (param.shape[0], self.full_input_size), name)
         cols = param.shape[1]
         _copy(param, read_slice(src, 1, self.tp_rank * cols, cols))
 
@@ -170,7 +171,7 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def weight_loader(self, param: torch.Tensor, src: WeightSource, name: str, shard_id: Any = None) -> None:
         """Copy this rank's vocabulary rows; padding rows are zero."""
-        _check_shape(src, (self.full_num_embeddings, param.shape[1]), name)
+        check_shape(src, (self.full_num_embeddings, param.shape[1]), name)
         with torch.no_grad():
             param[self.num_valid :].zero_()
             param[: self.num_valid].copy_(read_slice(src, 0, self.vocab_start, self.num_valid))

@@ -70,9 +70,6 @@ class PackedExperts:
     def get_shape(self) -> list[int]:
         return list(self.shape)
 
-    def expert(self, index: int) -> QuantizedTensor:
-        return QuantizedTensor(self.raw[index], self.qtype, self.shape[2])
-
     def __getitem__(self, index: Any) -> torch.Tensor:
         index = index if isinstance(index, tuple) else (index,)
         raw = self.raw[index[:2]]

@@ -88,11 +88,10 @@ def iter_gguf_tensors(
 
     for tensor in reader.tensors:
         qtype = PACKED_TYPES.get(int(tensor.tensor_type)) if keep_packed else None
-        experts_name = _packed_experts_name(tensor.name, mapping) if qtype is not None else None
-        if qtype is not None and len(tensor.shape) == 3 and experts_name is not None:
-            cols, rows, experts = (int(n) for n in tensor.shape)
-            raw = torch.from_numpy(np.array(tensor.data).reshape(experts, rows, -1))  # a copy: off the memory map
-            yield experts_name, PackedExperts(raw, qtype, cols)
+        if qtype is not None and len(tensor.shape) == 3 and (experts := _packed_experts_name(tensor.name, mapping)):
+            cols, rows, count = (int(n) for n in tensor.shape)
+            raw = torch.from_numpy(np.array(tensor.data).reshape(count, rows, -1))  # a copy: off the memory map
+            yield experts, PackedExperts(raw, qtype, cols)
             continue
         if qtype is not None and len(tensor.shape) == 2:
             cols, rows = (int(n) for n in tensor.shape)  # GGUF lists the fastest dimension first
