@@ -289,11 +289,19 @@ def bench_lora() -> list[str]:
     return rows
 
 
+SECTIONS = ("decode", "decode-configs", "prefill", "elementwise", "lora")
+
+
 def build_parser(prog: str = "weir bench kernels") -> argparse.ArgumentParser:
     """The options of `weir bench kernels`."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer decode shapes")
     p.add_argument("--out-dir", type=Path, help="also write the tables to OUT_DIR/kernels.md")
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default: all)",
+    )
     return p
 
 
@@ -301,6 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `weir bench kernels`: print each table; 1 when one of them raised (the others still run), 2 without
     a CUDA device."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    wanted = [name.strip() for name in args.sections.split(",") if name.strip()]
+    if unknown := sorted(set(wanted) - set(SECTIONS)):
+        print(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
     if reason := cuda_missing("weir bench kernels"):
         print(reason, file=sys.stderr)
         return 2
@@ -313,13 +325,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(lines), flush=True)
     started, failed = time.time(), False
     warm_gpu()
-    for title, make in (
-        ("decode: Triton vs torch SDPA (bf16, H=32/8, D=128, block 16)", lambda: bench_decode(args.quick)),
-        ("decode kernel configs (H=32/8, D=128)", bench_decode_configs),
-        ("prefill (bf16, H=32/8, D=128)", bench_prefill),
-        ("elementwise and sampling", bench_elementwise),
-        ("LoRA (SGMV), Llama-3.2-1B layers, rank 16, 16 slots", bench_lora),
-    ):
+    sections = {
+        "decode": ("decode: Triton vs torch SDPA (bf16, H=32/8, D=128, block 16)", lambda: bench_decode(args.quick)),
+        "decode-configs": ("decode kernel configs (H=32/8, D=128)", bench_decode_configs),
+        "prefill": ("prefill (bf16, H=32/8, D=128)", bench_prefill),
+        "elementwise": ("elementwise and sampling", bench_elementwise),
+        "lora": ("LoRA (SGMV), Llama-3.2-1B layers, rank 16, 16 slots", bench_lora),
+    }
+    for title, make in (sections[name] for name in wanted):
         try:
             section = ["", f"## {title}", *make()]
         except Exception:  # benchmarks are informative; a failure is shown and the rest still run

@@ -10,9 +10,11 @@ order) and reads each slot's rank in this layer from the device, so a slot whose
 costs nothing even inside a CUDA graph captured before that adapter was loaded.
 """
 
+import numpy as np
 import torch
 
 from weir_server.kernels import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+from weir_server.kernels.launch import CompiledLaunch, aligned, int_class
 
 
 def lora_ref(
@@ -136,6 +138,41 @@ def lora_segments(slots: torch.Tensor, num_loras: int, block_t: int) -> tuple[to
     return order, counts, block_end, token_start
 
 
+def host_segments(seq_slots: list[int], seq_lens: list[int], num_loras: int, block_t: int) -> np.ndarray:
+    """An eager step's per-token slots and `lora_segments` of them, computed on the host (the step's slots are
+    known there) and packed into one int32 array: slots, order, counts, block_end, token_start, each padded to a
+    multiple of 4 so every piece keeps 16-byte alignment. `split_segments` takes it apart after one copy. The same
+    values as `lora_segments` on the device but for the order of tokens within a slot (ascending here), which no
+    token's result depends on: each is its own row of the tile products."""
+    slots = np.repeat(np.asarray(seq_slots, dtype=np.int64), seq_lens)
+    group = slots + 1
+    order = np.argsort(group, kind="stable")
+    counts = np.bincount(group, minlength=num_loras + 1)
+    blocks = (counts + block_t - 1) // block_t
+    blocks[0] = 0
+    pieces = (slots, order, counts, np.cumsum(blocks), np.cumsum(counts) - counts)
+    packed = np.zeros(sum(_padded(len(piece)) for piece in pieces), dtype=np.int32)
+    start = 0
+    for piece in pieces:
+        packed[start : start + len(piece)] = piece
+        start += _padded(len(piece))
+    return packed
+
+
+def split_segments(packed: torch.Tensor, num_tokens: int, num_loras: int) -> tuple[torch.Tensor, ...]:
+    """`host_segments`' array (on the device) as (slots, (order, counts, block_end, token_start)) views."""
+    sizes = (num_tokens, num_tokens, num_loras + 1, num_loras + 1, num_loras + 1)
+    views, start = [], 0
+    for size in sizes:
+        views.append(packed[start : start + size])
+        start += _padded(size)
+    return views[0], tuple(views[1:])
+
+
+def _padded(n: int) -> int:
+    return (n + 3) // 4 * 4
+
+
 def sgmv_split_k(k: int, tiles: int) -> int:
     """How many stretches of K the shrink splits into, for `tiles` (token tiles x rank tiles) programs: enough to
     fill the GPU at decode sizes, one for prefills (their partial sums would cost more traffic than they save)."""
@@ -182,18 +219,27 @@ def lora_apply_sgmv(
     k_chunk = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_chunk)  # no empty splits: each one writes its partial sums
     partials = torch.empty((split, num_tokens, sr), dtype=torch.float32, device=x.device)
-    _sgmv_shrink_kernel[(programs, r_tiles, split)](
-        x, lora_a, order, counts, block_end, token_start, slot_ranks, partials, k, k_chunk, sr, rank, num_loras,
-        x.stride(0), lora_a.stride(0), lora_a.stride(1), partials.stride(0), partials.stride(1),
-        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_SEG=block_seg, IEEE=ieee,
-    )  # fmt: skip
     n_tiles = triton.cdiv(n, block_n)
     tiles_per_program = max(1, min(8, n_tiles * programs // SGMV_EXPAND_PROGRAMS))
-    _sgmv_expand_kernel[(programs, triton.cdiv(n_tiles, tiles_per_program))](
+    block_rank = max(next_power_of_2(rank), 16)
+    # What fixes both kernels' specialization besides the layer's shapes: the two ints that follow the token count
+    # (SPLIT_K and TILES are never specialized) and the pointers' alignment (None: not all 16-byte aligned).
+    key = None
+    if aligned(x, out, lora_a, lora_b, slot_ranks, row_offset, partials, order, counts, block_end, token_start):
+        key = (x.dtype, out.dtype, lora_a.dtype, lora_b.dtype, k, n, sr, rank, num_loras, x.stride(0),
+               out.stride(0), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1), block_r,
+               block_n, int_class(k_chunk), int_class(partials.stride(0)))  # fmt: skip
+    _sgmv_shrink(
+        key, (programs, r_tiles, split),
+        x, lora_a, order, counts, block_end, token_start, slot_ranks, partials, k, k_chunk, sr, rank, num_loras,
+        x.stride(0), lora_a.stride(0), lora_a.stride(1), partials.stride(0), partials.stride(1),
+        block_t, block_r, block_k, block_seg, ieee,
+    )  # fmt: skip
+    _sgmv_expand(
+        key, (programs, triton.cdiv(n_tiles, tiles_per_program)),
         partials, lora_b, order, counts, block_end, token_start, slot_ranks, row_offset, out, n, rank, num_loras,
         partials.stride(0), partials.stride(1), lora_b.stride(0), lora_b.stride(1), out.stride(0), split,
-        tiles_per_program, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_RANK=max(next_power_of_2(rank), 16),
-        BLOCK_SEG=block_seg, IEEE=ieee,
+        tiles_per_program, block_t, block_n, block_rank, block_seg, ieee,
     )  # fmt: skip
     return out
 
@@ -291,3 +337,7 @@ if HAS_TRITON:
                 mask = valid[:, None] & (n[None, :] < N)
                 previous = tl.load(out, mask=mask, other=0.0).to(tl.float32)
                 tl.store(out, (previous + delta).to(out_ptr.dtype.element_ty), mask=mask)
+
+    # Launched through their compiled handles: an eager prefill step with adapters calls each once per LoRA layer.
+    _sgmv_shrink = CompiledLaunch(_sgmv_shrink_kernel)
+    _sgmv_expand = CompiledLaunch(_sgmv_expand_kernel)

@@ -69,10 +69,13 @@ class LoRAState:
     an adapter, and the layers add nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_loras: int) -> None:
+        self.max_loras = max_loras
         self.groups: list[tuple[int, torch.Tensor | None]] = []
         self.slots: torch.Tensor | None = None
-        self.segments: tuple[torch.Tensor, ...] | None = None  # the slots grouped, made by the first layer
+        # The slots grouped by slot for the grouped kernels: made on the host for an eager step, by the first layer
+        # under a CUDA graph (from the static slots buffer).
+        self.segments: tuple[torch.Tensor, ...] | None = None
 
     @property
     def active(self) -> bool:
@@ -91,11 +94,15 @@ class LoRAState:
         if USE_SGMV and uses_kernel(device):
             # On CUDA the grouped kernel takes any mix in one launch per layer: batched torch per slot costs a dozen
             # small launches per slot and layer, which made prefills with 16 adapters several times slower.
+            from weir_server.kernels.lora import SGMV_BLOCK_T, host_segments, split_segments
+
             self.groups = []
-            slots = torch.repeat_interleave(torch.tensor(seq_slots), torch.tensor(seq_lens))
+            # The slots grouped on the host and copied once: on the device the grouping is ten small ops a step.
             # Through pinned memory: a copy from pageable memory first waits for the whole stream, so every step
             # with adapters waited for the step before it (the engine launches a step before the last finishes).
-            self.slots = slots.pin_memory().to(device, non_blocking=True)
+            packed = torch.from_numpy(host_segments(seq_slots, seq_lens, self.max_loras, SGMV_BLOCK_T))
+            packed = packed.pin_memory().to(device, non_blocking=True)
+            self.slots, self.segments = split_segments(packed, sum(seq_lens), self.max_loras)
             return
         if len(used) == 1 and min(seq_slots) >= 0:
             self.groups = [(used[0], None)]
@@ -266,7 +273,7 @@ _LINEAR_TYPES = (ColumnParallelLinear, RowParallelLinear)
 def wrap_lora_layers(model: nn.Module, max_loras: int, max_rank: int) -> tuple[LoRAState, dict[str, LoRALinear]]:
     """Wrap the model's q/k/v, o, gate/up and down projections (by their names, as every family using the shared
     layers names them) in LoRALinear; call after loading the weights. Returns the step state and the layers."""
-    state = LoRAState()
+    state = LoRAState(max_loras)
     layers: dict[str, LoRALinear] = {}
     names = [name for name, _ in model.named_modules() if name.rpartition(".")[2] in FUSED_SLICES]
     for name in names:

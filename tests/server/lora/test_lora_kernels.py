@@ -112,6 +112,14 @@ with torch.no_grad():
     got, base = layer(x), layer.base_layer(x)
 want = lora_ref(x.double(), base.double(), layer.lora_a.double(), layer.lora_b.double(), slots, layer.row_offset)
 assert float((got.double() - want).norm() / (want - base.double()).norm()) < 1e-5
+# An eager CUDA step's slots and segments, grouped on the host and packed into one array: the same bits.
+from weir_server.kernels.lora import host_segments, split_segments
+counts = torch.unique_consecutive(slots, return_counts=True)
+seq_slots = torch.unique_consecutive(slots).tolist()
+packed = torch.from_numpy(host_segments(seq_slots, counts[1].tolist(), 3, 16))
+layer.state.slots, layer.state.segments = split_segments(packed, len(slots), 3)
+with torch.no_grad():
+    assert torch.equal(layer(x), got)
 for slot in range(3):
     layer.set_slot(slot, None)
 layer.state.segments = None
@@ -131,11 +139,32 @@ def layer_case():
     base = QKVParallelLinear(64, 16, 4, 2)  # q 64 rows, k 32, v 32
     torch.nn.init.normal_(base.weight)
     target = LoRATarget("qkv_proj", ("q_proj", "k_proj", "v_proj"), 64, (64, 32, 32))
-    layer = LoRALinear(base, target, 3, 8, LoRAState())
+    layer = LoRALinear(base, target, 3, 8, LoRAState(3))
     layer.set_slot(0, [(torch.randn(8, 64), torch.randn(n, 8)) for n in (64, 32, 32)])
     layer.set_slot(1, [None, None, (torch.randn(3, 64), torch.randn(32, 3))])
     slots = torch.tensor([0, 1, -1, 2, 0, 1, 1, 2, -1, 0])
     return layer, torch.randn(len(slots), 64), slots
+
+
+@pytest.mark.parametrize("num_loras", [1, 4, 16])
+def test_host_segments_equal_the_device_grouping(num_loras):
+    from weir_server.kernels.lora import SGMV_BLOCK_T, host_segments, lora_segments, split_segments
+
+    generator = torch.Generator().manual_seed(num_loras)
+    seq_slots = torch.randint(-1, num_loras, (23,), generator=generator).tolist()
+    seq_lens = torch.randint(1, 40, (23,), generator=generator).tolist()
+    packed = torch.from_numpy(host_segments(seq_slots, seq_lens, num_loras, SGMV_BLOCK_T))
+    slots, (order, counts, block_end, token_start) = split_segments(packed, sum(seq_lens), num_loras)
+    assert all(view.data_ptr() % 16 == 0 for view in (slots, order, counts, block_end, token_start))
+    expected_slots = torch.repeat_interleave(torch.tensor(seq_slots), torch.tensor(seq_lens))
+    assert torch.equal(slots.long(), expected_slots)
+    want = lora_segments(expected_slots.to(torch.int32), num_loras, SGMV_BLOCK_T)
+    for got, ref in zip((counts, block_end, token_start), want[1:], strict=True):
+        assert torch.equal(got, ref)
+    # Tokens of a slot may come in another order; each slot's stretch holds the same tokens.
+    for start, count in zip(token_start.tolist(), counts.tolist(), strict=True):
+        assert sorted(order[start : start + count].tolist()) == sorted(want[0][start : start + count].tolist())
+        assert order[start : start + count].tolist() == sorted(order[start : start + count].tolist())
 
 
 def test_lora_ranks_follow_the_slots_fills():

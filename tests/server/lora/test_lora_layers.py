@@ -25,7 +25,7 @@ def _random_slot(ranks: tuple[int | None, ...], sizes: tuple[int, ...]):
 
 
 def test_grouped_path_equals_the_per_token_reference_with_q_k_v_of_different_ranks():
-    state = LoRAState()
+    state = LoRAState(3)
     layer = _qkv_layer(state)
     slots_weights = {0: _random_slot((8, 2, 5), (32, 16, 16)), 2: _random_slot((None, 3, None), (32, 16, 16))}
     for slot, weights in slots_weights.items():
@@ -48,7 +48,7 @@ def test_grouped_path_equals_the_per_token_reference_with_q_k_v_of_different_ran
 
 
 def test_a_slot_refilled_with_fewer_modules_forgets_the_old_ones():
-    state = LoRAState()
+    state = LoRAState(3)
     layer = _qkv_layer(state)
     layer.set_slot(1, _random_slot((8, 8, 8), (32, 16, 16)))
     layer.set_slot(1, _random_slot((None, None, 4), (32, 16, 16)))
@@ -61,7 +61,7 @@ def test_a_slot_refilled_with_fewer_modules_forgets_the_old_ones():
 
 
 def test_base_only_steps_skip_the_lora_math():
-    state = LoRAState()
+    state = LoRAState(3)
     base = RowParallelLinear(16, 8)
     layer = LoRALinear(base, LoRATarget("o_proj", ("o_proj",), 16, (8,)), 2, MAX_RANK, state)
     layer.set_slot(0, [(torch.randn(4, 16), torch.randn(8, 4))])
