@@ -256,7 +256,7 @@ def bench_lora() -> list[str]:
     step's rows (256) and a prefill step's (2048): device time, and the host time one call costs an eager step."""
     import torch
 
-    from weir_server.kernels.lora import SGMV_BLOCK_T, lora_apply_sgmv, lora_segments
+    from weir_server.kernels.lora import SGMV_BLOCK_T, host_segments, lora_apply_sgmv, lora_segments, split_segments
 
     bf16, rank, slots_n = torch.bfloat16, 16, 16
     rows = [f"{'layer':<16} | {'base ms':>8} | {'1 adapter ms':>12} | {'16 adapters ms':>14} | {'host us/call':>12}"]
@@ -284,8 +284,16 @@ def bench_lora() -> list[str]:
             )
     slots = torch.zeros(2048, dtype=torch.int32, device=DEV)
     rows.append(
-        f"lora_segments (once a step): {host_us(lambda: lora_segments(slots, slots_n, SGMV_BLOCK_T)):.1f} us host"
+        f"lora_segments (once a CUDA-graph capture): "
+        f"{host_us(lambda: lora_segments(slots, slots_n, SGMV_BLOCK_T)):.1f} us host"
     )
+    seq_slots, seq_lens = list(range(-1, slots_n)), [2048 // (slots_n + 1)] * (slots_n + 1)
+
+    def eager_step_slots() -> None:  # what an eager step with adapters does once (LoRAState.set_tokens)
+        packed = torch.from_numpy(host_segments(seq_slots, seq_lens, slots_n, SGMV_BLOCK_T))
+        split_segments(packed.pin_memory().to(DEV, non_blocking=True), sum(seq_lens), slots_n)
+
+    rows.append(f"host_segments + one copy (once an eager step): {host_us(eager_step_slots):.1f} us host")
     return rows
 
 

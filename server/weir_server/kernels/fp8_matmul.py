@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 _MIN_SCALE = 1e-12
+_INV_FP8_MAX = float(torch.tensor(1.0) / torch.tensor(FP8_MAX))  # in float32, as a float32 kernel argument holds it
 
 
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +34,9 @@ def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _quantize_per_row_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_MIN_SCALE) / FP8_MAX
+    # Times the float32 reciprocal, not divided by FP8_MAX: what torch does on CUDA anyway for a Python divisor,
+    # spelled out so the CPU path and the kernel give the same scale's bits.
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_MIN_SCALE) * _INV_FP8_MAX
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous(), scale  # _scaled_mm: row-major
 
 
@@ -64,14 +67,16 @@ _QUANT_BLOCK = 1024  # elements of a row per pass: wider rows take several (K up
 
 
 def quantize_per_row_kernel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize_per_row` in one launch, one program a row: the same float32 scale (the row's absmax / FP8_MAX,
-    at least 1e-12) and the same float32 division before the cast to e4m3."""
+    """`quantize_per_row` in one launch, one program a row: the same float32 scale (the row's absmax, at least
+    1e-12, times FP8_MAX's float32 reciprocal) and the same float32 division by it before the cast to e4m3."""
     m, k = x.shape
     q = torch.empty((m, k), dtype=FP8, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
         block = min(next_power_of_2(k), _QUANT_BLOCK)
-        _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), FP8_MAX, _MIN_SCALE, BLOCK=block, num_warps=4)
+        _quantize_rows_kernel[(m,)](
+            x, q, scale, k, x.stride(0), FP8_MAX, _INV_FP8_MAX, _MIN_SCALE, BLOCK=block, num_warps=4
+        )
     return q, scale
 
 
@@ -113,14 +118,14 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
 if HAS_TRITON:
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, FMAX, MIN_SCALE, BLOCK: tl.constexpr):
+    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, FMAX, INV_FMAX, MIN_SCALE, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_x
         biggest = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             k = k0 + tl.arange(0, BLOCK)
             biggest = tl.maximum(biggest, tl.abs(tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)))
-        scale = tl.math.div_rn(tl.maximum(tl.max(biggest, axis=0), MIN_SCALE), FMAX)  # IEEE, as torch divides
+        scale = tl.maximum(tl.max(biggest, axis=0), MIN_SCALE) * INV_FMAX
         tl.store(scale_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             k = k0 + tl.arange(0, BLOCK)

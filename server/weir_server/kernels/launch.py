@@ -29,7 +29,7 @@ class CompiledLaunch:
         """Launch on `grid`; key None (the caller could not vouch for the specialization): Triton's own path."""
         kernel = None if key is None else self._compiled.get(key)
         if kernel is not None:
-            kernel[grid](*args)
+            kernel[(*grid, 1, 1)[:3]](*args)  # the compiled launcher reads all three grid sizes
             return
         kernel = self.fn[grid](*args)  # the JIT path: binds, compiles on first sight, launches
         if kernel is not None and key is not None:

@@ -244,7 +244,7 @@ def test_fp8_row_quantization_kernel_matches_torch(rows, k, dtype):
     x = torch.randn(rows, k, device=DEV, dtype=dtype) * torch.logspace(-3, 2, rows, device=DEV).to(dtype)[:, None]
     x[0, :3] = 0  # a row's zeros stay zeros
     q, scale = fp8_matmul.quantize_per_row_kernel(x)
-    want_scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / fp8_matmul.FP8_MAX
+    want_scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) * fp8_matmul._INV_FP8_MAX
     want_q = (x.float() / want_scale).clamp(-fp8_matmul.FP8_MAX, fp8_matmul.FP8_MAX).to(fp8_matmul.FP8)
     assert torch.equal(scale, want_scale)
     assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
