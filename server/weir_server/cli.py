@@ -170,9 +170,10 @@ def _quantization(args: argparse.Namespace) -> str | None:
 
 
 def _cache(args: argparse.Namespace) -> CacheConfig:
-    from weir_server.executor.kv_cache_dtype import check_kv_cache_dtype  # imports torch: only once it is needed
+    if args.kv_cache_dtype != "auto":  # the model's dtype needs no check, and a server process without torch stays so
+        from weir_server.executor.kv_cache_dtype import check_kv_cache_dtype  # imports torch: only once it is needed
 
-    check_kv_cache_dtype(args.kv_cache_dtype, args.device)
+        check_kv_cache_dtype(args.kv_cache_dtype, args.device)
     return CacheConfig(
         block_size=args.block_size,
         num_blocks=args.num_kv_blocks,
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The keys of --api-key-file are known now: no log line or traceback may hold one.
     configure_logging(args.log_level, args.log_format, secrets=config.api_keys)
-    from weir_server.api.server import serve  # imports torch; after parsing so --help stays fast
+    from weir_server.api.server import serve  # grpc and transformers (torch too, unless the core has its own process)
 
     try:
         serve(config)  # tensor-parallel workers start with the engine's core (`EngineCore.from_config`)

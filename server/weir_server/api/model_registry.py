@@ -7,18 +7,21 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from weir_server.api.errors import AdapterNotFoundError, FailedPreconditionError
 from weir_server.chat.frontend import ChatFrontend
-from weir_server.config import ServerConfig
+from weir_server.config import ModelConfig, ServerConfig
 from weir_server.engine.async_engine import AsyncEngine
-from weir_server.engine.embedding_engine import EmbeddingEngine
 from weir_server.engine.factory import load_engine
 from weir_server.engine.types import AdapterInfo
+from weir_server.engine.wire import ModelDescription
 from weir_server.errors import EngineUnavailableError, InvalidRequestError, ModelNotFoundError
-from weir_server.models.loader import LoadedModel, load_model
 from weir_server.tokenization import Tokenizer
+
+if TYPE_CHECKING:
+    from weir_server.engine.embedding_engine import EmbeddingEngine
+    from weir_server.models.loader import LoadedModel
 
 Task = Literal["generate", "embed"]
 _TASK_WORDS = {"generate": "text generation", "embed": "embeddings"}
@@ -29,7 +32,7 @@ ENABLE_LORA_HINT = "start the server with --enable-lora to serve LoRA adapters"
 class ServedModel:
     """One loaded model with its tokenizer and the engine that runs it."""
 
-    loaded: LoadedModel
+    loaded: LoadedModel | ModelDescription  # described only where its engine core has a process of its own
     tokenizer: Tokenizer
     generator: AsyncEngine | None = None
     embedder: EmbeddingEngine | None = None
@@ -148,8 +151,7 @@ class ServedModels:
             self.add(served)
         if config.embed is not None:
             started = time.perf_counter()
-            loaded = await asyncio.to_thread(load_model, config.embed, "embed")
-            embedder = EmbeddingEngine(loaded)
+            loaded, embedder = await asyncio.to_thread(_load_embedder, config.embed)
             took = time.perf_counter() - started
             self.add(ServedModel(loaded, Tokenizer(loaded.tokenizer), embedder=embedder, load_duration_s=took))
         self.ready = True
@@ -162,3 +164,12 @@ class ServedModels:
                 await model.generator.shutdown()
             if model.embedder is not None:
                 await model.embedder.shutdown()
+
+
+def _load_embedder(config: ModelConfig) -> tuple[LoadedModel, EmbeddingEngine]:
+    """An embedding model and its engine; blocking. Embeddings run in this process, so they bring torch into it."""
+    from weir_server.engine.embedding_engine import EmbeddingEngine
+    from weir_server.models.loader import load_model
+
+    loaded = load_model(config, "embed")
+    return loaded, EmbeddingEngine(loaded)

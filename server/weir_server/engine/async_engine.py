@@ -17,9 +17,9 @@ from weir_server.engine.kv_events import KvEvent, KvEventLog
 from weir_server.engine.lora_manager import check_adapter_name
 from weir_server.engine.output import OutputText
 from weir_server.engine.stats import EngineStats
-from weir_server.engine.structured import StructuredOutputs
 from weir_server.engine.types import AdapterInfo, Constraint, GenerationOutput, GenerationRequest
-from weir_server.engine.validation import RequestValidator
+from weir_server.engine.validation import ConstraintChecks, RequestValidator
+from weir_server.engine.wire import ModelDescription
 from weir_server.errors import EngineUnavailableError, InvalidRequestError, NotFoundError
 
 if TYPE_CHECKING:
@@ -97,17 +97,18 @@ class RequestStream:
 class AsyncEngine:
     """Validates and admits requests, hands them to its core, and streams each one's outputs back.
 
-    `structured` compiles the constraints requests are checked against (the core's own where it runs here, so
+    `loaded` is the model where the core runs here, its description where the core has a process of its own.
+    `structured` checks the constraints of requests (the core's own StructuredOutputs where it runs here, so
     `generate` finds them compiled); `text` makes the text of the outputs whose core leaves it to the server
     process (None: the core makes all text).
     """
 
     def __init__(
         self,
-        loaded: LoadedModel,
+        loaded: LoadedModel | ModelDescription,
         config: EngineConfig,
         client: CoreClient,
-        structured: StructuredOutputs,
+        structured: ConstraintChecks,
         text: OutputText | None = None,
     ) -> None:
         self.loaded = loaded

@@ -1,7 +1,8 @@
 """CoreClient: how the AsyncEngine reaches its EngineCore, on a thread of this process or in a process of its own.
 
 Either way the core steps in a `CoreLoop`, and each step's outputs come back through `deliver`, called on a thread
-of the client's (never the event loop), which hands them to the streams.
+of the client's (never the event loop), which hands them to the streams. This module imports neither the core nor
+torch: a server process whose core has a process of its own never loads them.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from weir_server.config import EngineConfig
-from weir_server.engine.core import CoreLoop, EngineCore
 from weir_server.engine.core_process import run_core_process
 from weir_server.engine.kv_events import KvEvent
 from weir_server.engine.scheduler import check_in_flight
@@ -41,6 +41,9 @@ from weir_server.engine.wire import (
     decode_outputs,
 )
 from weir_server.errors import EngineUnavailableError, ModelLoadError
+
+if TYPE_CHECKING:
+    from weir_server.engine.core import CoreLoop, EngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +101,8 @@ class InProcessClient:
 
     async def start(self, deliver: Deliver, on_exit: OnExit) -> CoreInfo:
         """Start the loop's thread. The thread never ends on its own (`on_exit` is not called)."""
+        from weir_server.engine.core import CoreLoop  # loaded with the core this client was given
+
         self.busy_loop = CoreLoop(self.core, lambda outputs, _stats, events: deliver(outputs, events))
         self._thread = threading.Thread(target=self.busy_loop.run, name="weir-engine", daemon=True)
         self._thread.start()
@@ -147,13 +152,16 @@ class ProcessClient:
         self._call_ids = itertools.count()
         # Adapter calls awaiting the core's reply: call id -> (the caller's event loop, its future).
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[AdapterReply]]] = {}
+        self._launched: CoreInfo | None = None  # a core launched and not started yet
 
     @property
     def is_running(self) -> bool:
         return self._process is not None and self._process.is_alive() and self._reader is not None
 
-    async def start(self, deliver: Deliver, on_exit: OnExit) -> CoreInfo:
-        """Spawn the core and wait until its model is loaded; raises ModelLoadError if it can't start."""
+    def launch(self) -> CoreInfo:
+        """Spawn the core and wait until its model is loaded; blocking (call it off the event loop). Its info
+        describes the model (`CoreInfo.model`), for an engine to be made before `start`. Raises ModelLoadError if
+        the core can't start."""
         self._stopping = False
         ctx = mp.get_context("spawn")  # a fresh interpreter: CUDA cannot be forked
         ours, theirs = ctx.Pipe(duplex=True)
@@ -166,32 +174,50 @@ class ProcessClient:
         process.start()
         theirs.close()
         self._process, self._conn = process, ours
-        match await asyncio.to_thread(self._await_ready, process, ours):
+        match self._await_ready(process, ours):
             case CoreReady(info):
                 pass
             case CoreFailed(message):
+                if process.is_alive():  # it started but its description could not be read
+                    process.kill()
                 process.join(timeout=10)
                 self._process = self._conn = None
                 raise ModelLoadError(f"the engine core failed to start: {message}")
             case other:
                 raise ModelLoadError(f"the engine core sent {other!r} instead of being ready")
         self._stats = info.stats
-        self._reader = threading.Thread(
-            target=self._read, args=(ours, deliver, on_exit), name="weir-core-read", daemon=True
-        )
-        self._reader.start()
+        self._launched = info
         logger.info("engine core process %d ready", process.pid)
         return info
 
-    @staticmethod
-    def _await_ready(process: BaseProcess, conn: Connection) -> FromCore:
+    async def start(self, deliver: Deliver, on_exit: OnExit) -> CoreInfo:
+        """Launch the core unless `launch` did, then read its outputs on a thread; raises ModelLoadError if it
+        can't start."""
+        info, self._launched = self._launched, None
+        if info is None:
+            info = await asyncio.to_thread(self.launch)
+            self._launched = None
+        assert self._conn is not None
+        self._reader = threading.Thread(
+            target=self._read, args=(self._conn, deliver, on_exit), name="weir-core-read", daemon=True
+        )
+        self._reader.start()
+        return info
+
+    def _await_ready(self, process: BaseProcess, conn: Connection) -> FromCore:
         ready = wait([conn, process.sentinel], timeout=_START_TIMEOUT_S)
         if conn in ready:
+            if self.config.model.trust_remote_code:  # its tokenizer's class is in transformers' module cache
+                from transformers.dynamic_module_utils import init_hf_modules
+
+                init_hf_modules()  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
             try:
                 message: FromCore = conn.recv()
                 return message
             except EOFError:
                 pass
+            except Exception as error:  # noqa: BLE001 - an unreadable description fails the start with its reason
+                return CoreFailed(f"its model description could not be read: {type(error).__name__}: {error}")
         return CoreFailed(f"the process exited (code {process.exitcode})" if ready else "it timed out")
 
     async def stop(self) -> None:
@@ -208,6 +234,7 @@ class ProcessClient:
         if self._reader is not None:
             await asyncio.to_thread(self._reader.join, 10)
         self._process = self._conn = self._reader = None
+        self._launched = None
 
     def add(self, request: GenerationRequest, num_open: int) -> None:
         # The core's queue is not visible from here: the requests in flight are those admitted and not ended.

@@ -5,7 +5,8 @@ loop's per-message work both need the one GIL of a process. Measured on an H100 
 the engine thread alone stepped at 42-49k tokens/s while gRPC beside it on the same GIL reached 17-20k. In its own
 process the core steps at its own pace and the server process merges the outputs of streams that fall behind into
 fewer, larger messages. On a CPU the model's matmuls need every core and the GIL is mostly released, so there the
-core stays a thread (`--engine-core auto`). The server's side of the pipe is `core_client.ProcessClient`.
+core stays a thread (`--engine-core auto`). The server's side of the pipe is `core_client.ProcessClient`; the core
+loads the model and describes it to the server (`ModelDescription`), so the server process never imports torch.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import queue
 import threading
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from weir_server.config import EngineConfig
-from weir_server.engine.core import CoreLoop, EngineCore
 from weir_server.engine.kv_events import KvEvent
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.types import GenerationOutput
@@ -32,6 +33,7 @@ from weir_server.engine.wire import (
     CoreOutputs,
     CoreReady,
     LoadAdapter,
+    ModelDescription,
     StopCore,
     UnloadAdapter,
     encode_kv_events,
@@ -39,6 +41,9 @@ from weir_server.engine.wire import (
 )
 from weir_server.errors import WeirError
 from weir_server.process_lifetime import exit_with_parent, freeze_startup_objects
+
+if TYPE_CHECKING:
+    from weir_server.engine.core import CoreLoop
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,9 @@ def run_core_process(config: EngineConfig, conn: Connection, log_level: int) -> 
     """The core process's main: build the core, then step it until told to stop or the server process is gone."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [engine core] %(name)s: %(message)s")
     exit_with_parent()
+    # Here, not at the top: the server process imports this module (to name this function) and never the core.
+    from weir_server.engine.core import CoreLoop, EngineCore
+
     try:
         core = EngineCore.from_config(config, detokenize_all=False)  # the server process makes most text (OutputText)
     except Exception as error:
@@ -62,7 +70,8 @@ def run_core_process(config: EngineConfig, conn: Connection, log_level: int) -> 
     outbox: queue.SimpleQueue[Outgoing] = queue.SimpleQueue()
     loop = CoreLoop(core, lambda outputs, stats, events: outbox.put((outputs, stats, events)))
     freeze_startup_objects()
-    conn.send(CoreReady(CoreInfo(core.max_seq_len, core.stats(), tuple(core.adapters()))))
+    model = ModelDescription.of(core.loaded)
+    conn.send(CoreReady(CoreInfo(core.max_seq_len, core.stats(), tuple(core.adapters()), model)))
     sender = threading.Thread(target=_send, args=(conn, outbox), name="weir-core-send", daemon=True)
     sender.start()
     threading.Thread(target=_receive, args=(conn, loop, outbox), name="weir-core-receive", daemon=True).start()

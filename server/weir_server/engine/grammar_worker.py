@@ -5,97 +5,61 @@ Workers are forked from multiprocessing's fork server, which imports xgrammar (a
 starts in about 0.1 s instead of the 2-4 s of a fresh interpreter, so replacing a killed one costs little. A worker
 only measures a constraint: it answers how long the compile took and how much memory the result holds. Sending the
 compiled grammar back costs more than compiling it again (xgrammar serializes its token masks as JSON lists, 10-100
-times their size), so the server compiles a constraint a worker has vetted itself (grammar_compiler.py).
+times their size), so the server compiles a constraint a worker has vetted itself (grammar_compiler.py), or, in front
+of an engine-core process, leaves that to the core and keeps only the verdict (constraint_validator.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
-import re
 import resource
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from weir_server.engine.structured_config import COMPILE_QUEUE_FLAG, COMPILE_TIMEOUT_FLAG, WORKER_MEMORY_FLAG
+from weir_server.engine.grammars import (
+    OUT_OF_MEMORY,
+    allowed_row,
+    check_startable,
+    compile_constraint,
+    load_xgrammar,
+    tokenizer_info_json,
+)
+from weir_server.engine.structured_config import COMPILE_QUEUE_FLAG, COMPILE_TIMEOUT_FLAG
 from weir_server.engine.types import Constraint
 from weir_server.errors import EngineUnavailableError, InvalidRequestError, QueueFullError
 
 if TYPE_CHECKING:
+    import torch
     import xgrammar as xgr
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
-# xgrammar prefixes its messages with a timestamp, the C++ source line and sometimes the failed check.
-_LIBRARY_PREFIX = re.compile(r"^\[[\d:.]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
 # The fork server imports these once; every worker forked from it has them.
 _PRELOAD = ["__main__", "xgrammar", __name__]
-OUT_OF_MEMORY = f"needs more memory to compile than this server allows ({WORKER_MEMORY_FLAG})"
 
 
-def load_xgrammar() -> ModuleType:
-    """xgrammar, imported on first use: an engine that never sees a constraint runs without it installed."""
-    import xgrammar
-
-    return xgrammar
-
-
-def library_message(error: Exception) -> str:
-    """xgrammar's own message, without its log prefix."""
-    return _LIBRARY_PREFIX.sub("", str(error).strip()).strip()
+def worker_context() -> ForkServerContext:
+    """The fork server the workers start from (it imports xgrammar, and torch with it, in its own process)."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    return context
 
 
-def choice_grammar(choices: Sequence[str]) -> str:
-    """An EBNF grammar whose sentences are exactly `choices` (JSON string escapes are xgrammar's literal escapes)."""
-    return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
-
-
-def compile_constraint(compiler: xgr.GrammarCompiler, constraint: Constraint) -> xgr.CompiledGrammar:
-    """Compile one constraint; raises InvalidRequestError naming its kind with xgrammar's reason."""
-    kind, value = constraint.kind, constraint.value
-    try:
-        if kind == "json_schema":
-            assert isinstance(value, str)
-            _check_json(value)
-            # Compact JSON: free whitespace lets small models ramble spaces until max_tokens.
-            return compiler.compile_json_schema(value, any_whitespace=False, strict_mode=True)
-        if kind == "json_object":
-            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
-        if kind == "regex":
-            assert isinstance(value, str)
-            return compiler.compile_regex(value)
-        if kind == "choice":
-            assert isinstance(value, tuple)
-            return compiler.compile_grammar(choice_grammar(value))
-        if kind == "grammar":
-            assert isinstance(value, str)
-            return compiler.compile_grammar(value)
-        if kind == "structural_tag":
-            assert isinstance(value, str)
-            return compiler.compile_structural_tag(value)
-    except UnicodeDecodeError:  # xgrammar's message itself held broken UTF-8 (seen with fuzzed regexes)
-        raise InvalidRequestError(kind, f"is not a valid {kind}") from None
-    except RuntimeError as error:
-        if "bad_alloc" in str(error):  # a worker's address space is capped
-            raise InvalidRequestError(kind, OUT_OF_MEMORY) from None
-        raise InvalidRequestError(kind, library_message(error)) from None
-    raise InvalidRequestError("constraint", f"unknown constraint kind {kind!r}")
-
-
-def _check_json(text: str) -> None:
-    try:
-        json.loads(text)
-    except ValueError as error:
-        raise InvalidRequestError("json_schema", f"is not valid JSON: {error}") from None
+def tokenizer_info_elsewhere(tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_token_ids: Sequence[int]) -> str:
+    """`tokenizer_info_json`, made in a worker process: a server process that has not loaded xgrammar (nor
+    torch) stays without them."""
+    with ProcessPoolExecutor(1, mp_context=worker_context()) as pool:
+        return pool.submit(tokenizer_info_json, tokenizer, vocab_size, tuple(stop_token_ids)).result()
 
 
 @dataclass(frozen=True)
@@ -137,17 +101,23 @@ class CompileWorkers:
     `max_queued` constraints wait for a worker. `shutdown` kills them all at once."""
 
     def __init__(
-        self, tokenizer_json: str, size: int, budget_s: float, max_queued: int, memory_limit_bytes: int
+        self,
+        tokenizer_json: str,
+        size: int,
+        budget_s: float,
+        max_queued: int,
+        memory_limit_bytes: int,
+        forbidden: tuple[int, ...] = (),
     ) -> None:
         self._tokenizer_json = tokenizer_json
+        self._forbidden = forbidden
         self._budget_s = budget_s
         self._max_queued = max_queued
         self._memory_limit_bytes = memory_limit_bytes
         self._queue: deque[CompileJob] = deque()
         self._ready = threading.Condition()
         self._stopped = False
-        self._context = mp.get_context("forkserver")
-        self._context.set_forkserver_preload(_PRELOAD)
+        self._context = worker_context()
         self._slots = [_Slot() for _ in range(size)]
         for i, slot in enumerate(self._slots):
             threading.Thread(target=self._serve, args=(slot,), name=f"weir-grammar-worker-{i}", daemon=True).start()
@@ -242,7 +212,7 @@ class CompileWorkers:
         ours, theirs = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=worker_main,
-            args=(self._tokenizer_json, theirs, self._memory_limit_bytes),
+            args=(self._tokenizer_json, theirs, self._memory_limit_bytes, self._forbidden),
             name="weir-grammar-worker",
             daemon=True,
         )
@@ -283,30 +253,38 @@ class CompileWorkers:
             job.future.set_exception(InvalidRequestError(kind, message))
 
 
-def worker_main(tokenizer_json: str, conn: Connection, memory_limit_bytes: int) -> None:
+def worker_main(
+    tokenizer_json: str, conn: Connection, memory_limit_bytes: int, forbidden: tuple[int, ...] = ()
+) -> None:
     """A worker process: compile each constraint it is sent and answer ("ok", seconds, memory bytes) or
-    ("invalid", field, message), until its pipe closes."""
+    ("invalid", field, message), until its pipe closes. A grammar no token but the `forbidden` ones can begin is
+    invalid too."""
     xgr = load_xgrammar()
     info = xgr.TokenizerInfo.deserialize_json(tokenizer_json)
     compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+    allowed = allowed_row(info.vocab_size, forbidden)
     _limit_memory(memory_limit_bytes)
     while True:
         try:
             constraint: Constraint = conn.recv()
         except (EOFError, OSError):
             return
-        conn.send(_probe(compiler, constraint))
+        conn.send(_probe(compiler, constraint, info.vocab_size, allowed))
 
 
-def _probe(compiler: xgr.GrammarCompiler, constraint: Constraint) -> tuple[Any, ...]:
+def _probe(
+    compiler: xgr.GrammarCompiler, constraint: Constraint, vocab_size: int, allowed: torch.Tensor
+) -> tuple[Any, ...]:
     start = time.perf_counter()
     try:
         compiled = compile_constraint(compiler, constraint)
+        seconds = time.perf_counter() - start
+        check_startable(constraint.kind, compiled, vocab_size, allowed)
     except InvalidRequestError as error:
         return ("invalid", error.field, error.description)
     except MemoryError:
         return ("invalid", constraint.kind, OUT_OF_MEMORY)
-    return ("ok", time.perf_counter() - start, compiled.memory_size_bytes)
+    return ("ok", seconds, compiled.memory_size_bytes)
 
 
 def _limit_memory(extra_bytes: int) -> None:

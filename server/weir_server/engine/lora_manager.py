@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from weir_server.config import LoRAConfig
 from weir_server.engine.types import AdapterInfo
 from weir_server.errors import InvalidRequestError, NotFoundError
-from weir_server.executor.lora_checkpoint import LoRAWeights
+
+if TYPE_CHECKING:
+    from weir_server.executor.lora_checkpoint import LoRAWeights  # torch: the server process only names adapters
 
 NO_SLOT = -1  # a sequence of the base model, or of an adapter not in a slot yet
 MAX_NAME_CHARS = 256
@@ -46,7 +49,7 @@ class LoadedAdapter:
     sequences: set[int] = field(default_factory=set)  # seq ids queued or running with it
 
 
-LoadSlot = Callable[[int, LoRAWeights], None]  # copy an adapter's weights into a device slot
+LoadSlot = Callable[[int, "LoRAWeights"], None]  # copy an adapter's weights into a device slot
 
 
 class LoRAManager:

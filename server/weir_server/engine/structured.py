@@ -1,5 +1,6 @@
 """Structured output with xgrammar: the engine's side. Constraints are compiled once (grammar_compiler.py, new ones
-vetted in killable worker processes), each choice tracks its grammar, and each step's logits are masked."""
+vetted in killable worker processes), each choice tracks its grammar, and each step's logits are masked. A server
+process in front of an engine-core process only vets them (constraint_validator.ConstraintValidator), without torch."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from weir_server.engine.grammar_compiler import ConstraintCompiler, GrammarState, allowed_row
-from weir_server.engine.grammar_worker import choice_grammar, library_message, load_xgrammar
+from weir_server.engine.constraint_vetting import await_compilation
+from weir_server.engine.grammar_compiler import ConstraintCompiler, GrammarState
+from weir_server.engine.grammars import allowed_row, choice_grammar, library_message, load_xgrammar
 from weir_server.engine.structured_config import StructuredOutputConfig
 from weir_server.engine.types import Constraint
 from weir_server.errors import InvalidRequestError
@@ -101,15 +103,7 @@ class StructuredOutputs:
         waits for it. Raises InvalidRequestError naming the constraint's field and the limit it broke."""
         if self._compiler is None:  # built on a thread: reading the tokenizer's vocabulary takes a while
             await asyncio.to_thread(getattr, self, "compiler")
-        compilation = self.compiler.start(constraint)
-        result = asyncio.wrap_future(compilation.future)
-        # Read even when nobody awaits it any more, or asyncio logs its error ("never retrieved").
-        result.add_done_callback(lambda done: done.cancelled() or done.exception())
-        try:
-            # Shielded: the compile is shared; this request's cancellation only releases its claim on it.
-            await asyncio.shield(result)
-        finally:
-            compilation.release()
+        await await_compilation(self.compiler.start(constraint))
 
     def validate(self, constraint: Constraint) -> None:
         """Raise InvalidRequestError (naming the constraint's field) unless it compiles; blocks while a new one

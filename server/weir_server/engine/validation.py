@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from weir_server.engine.types import GenerationRequest
+from weir_server.engine.types import Constraint, GenerationRequest
 from weir_server.errors import InvalidRequestError
 
-if TYPE_CHECKING:
-    from weir_server.engine.structured import StructuredOutputs
+
+class ConstraintChecks(Protocol):
+    """What checks a request's output constraint before admission: the engine's `StructuredOutputs` (structured.py),
+    or, in front of an engine-core process, a `ConstraintValidator` (constraint_validator.py)."""
+
+    async def prepare(self, constraint: Constraint) -> None:
+        """Check it off the event loop (cancellable); raises InvalidRequestError naming the constraint's field."""
+        ...
+
+    def validate(self, constraint: Constraint) -> None:
+        """Check it, blocking while a new one is checked; raises InvalidRequestError."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop the helper processes and threads; waits for none."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -20,7 +34,7 @@ class RequestValidator:
     vocab_size: int
     max_model_len: int
     max_seq_len: int  # min(max_model_len, what the whole KV pool holds)
-    structured: StructuredOutputs | None = None
+    structured: ConstraintChecks | None = None
 
     def validate(self, request: GenerationRequest) -> GenerationRequest:
         """Raise InvalidRequestError naming the bad field; return the request with max_tokens clamped to the

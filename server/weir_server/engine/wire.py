@@ -1,8 +1,8 @@
 """The messages between the server process and a core process: one frozen dataclass each, over one pipe.
 
 To the core: `AddRequest`, `AbortRequest`, `LoadAdapter`, `UnloadAdapter`, `StopCore`. From the core: `CoreReady`
-once, then `CoreOutputs` per step (or per few steps, when the server reads slower than the core steps), an
-`AdapterReply` per adapter call, or `CoreFailed` if it cannot start.
+once (with the `ModelDescription` of what it loaded), then `CoreOutputs` per step (or per few steps, when the server
+reads slower than the core steps), an `AdapterReply` per adapter call, or `CoreFailed` if it cannot start.
 """
 
 from __future__ import annotations
@@ -11,12 +11,17 @@ import dataclasses
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from weir_server.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 from weir_server.engine.stats import EngineStats
 from weir_server.engine.types import AdapterInfo, GenerationOutput, GenerationRequest
 from weir_server.errors import InvalidRequestError, NotFoundError, WeirError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from weir_server.models.loader import LoadedModel
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,37 @@ class StopCore:
     """Stop stepping and exit."""
 
 
+@dataclass(frozen=True)
+class ModelDescription:
+    """A `LoadedModel` as the server process in front of a core process sees it: the tokenizer and the facts the API
+    reports, without the weights, so that process never imports torch (transformers' model config imports it)."""
+
+    tokenizer: PreTrainedTokenizerBase  # pickled with the message: read once, by the core
+    model_id: str
+    architecture: str
+    task: Literal["generate", "embed"]
+    max_model_len: int
+    vocab_size: int
+    dtype: str  # "bfloat16", as torch names it without its "torch." prefix
+    device: str
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def of(cls, loaded: LoadedModel) -> ModelDescription:
+        """The description of a model the core loaded."""
+        return cls(
+            loaded.tokenizer,
+            loaded.model_id,
+            loaded.architecture,
+            loaded.task,
+            loaded.max_model_len,
+            loaded.vocab_size,
+            str(loaded.dtype).removeprefix("torch."),
+            str(loaded.device),
+            loaded.eos_token_ids,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class CoreInfo:
     """What a started core tells its client: the server validates requests against it."""
@@ -91,6 +127,7 @@ class CoreInfo:
     max_seq_len: int
     stats: EngineStats
     adapters: tuple[AdapterInfo, ...] = ()  # the LoRA adapters loaded at start
+    model: ModelDescription | None = None  # from a core process: what it loaded
 
 
 @dataclass(frozen=True, slots=True)
