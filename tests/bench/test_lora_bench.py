@@ -16,6 +16,7 @@ from weir_bench.lora import (
     LoRARow,
     ModelShape,
     adapter_tensors,
+    combine_rounds,
     format_lora_table,
     read_model_shape,
     shape_of,
@@ -108,6 +109,23 @@ def test_table_has_a_line_per_count_and_names_the_base_row():
     assert lines[3].startswith("| 4 ") and "90%" in lines[3] and " - " in lines[3]  # no TTFT measured: a dash
 
 
+def test_rounds_combine_into_the_median_round_and_the_median_ratio_with_its_range():
+    rounds = [
+        with_relative([LoRARow(0, 4, 0, 100.0), LoRARow(16, 4, 0, 90.0)]),  # 90%
+        with_relative([LoRARow(0, 4, 0, 80.0), LoRARow(16, 4, 1, 56.0)]),  # 70%
+        with_relative([LoRARow(0, 4, 0, 120.0), LoRARow(16, 4, 0, 102.0)]),  # 85%
+    ]
+    base, sixteen = combine_rounds(rounds)
+    assert (base.output_tok_per_s, base.relative, base.requests) == (100.0, 1.0, 12)
+    assert sixteen.output_tok_per_s == 90.0 and sixteen.errors == 1 and sixteen.requests == 12
+    assert (sixteen.relative, sixteen.relative_low, sixteen.relative_high) == pytest.approx((0.85, 0.7, 0.9))
+    table = format_lora_table([base, sixteen])
+    assert "vs base, rounds" in table.splitlines()[0] and "70%-90%" in table.splitlines()[3]
+    two = combine_rounds(rounds[:2])
+    assert two[1].relative == pytest.approx(0.8)  # an even count: the mean of the middle two
+    assert combine_rounds(rounds[:1]) == rounds[0] and "rounds" not in format_lora_table(rounds[0])
+
+
 def test_target_verdict_reads_the_16_adapter_row_against_the_bar():
     met = with_relative([LoRARow(0, output_tok_per_s=100.0), LoRARow(16, output_tok_per_s=80.0)])
     assert target_verdict(met).startswith("GPU target (issue 17): met: 16 adapters at 80%")
@@ -126,6 +144,7 @@ def test_options_default_to_the_issues_bench_and_take_short_target_names():
     args = parser.parse_args(["--scenario", "lora", "--lora-targets", "q,down_proj,gate", "--concurrency", "8"])
     spec = spec_from_args(parser, args)
     assert spec.targets == ("q_proj", "down_proj", "gate_proj") and spec.concurrency == spec.warmup == 8
+    assert spec.rounds == 1 and spec_from_args(parser, parser.parse_args(["--lora-rounds", "3"])).rounds == 3
 
 
 @pytest.mark.parametrize(
@@ -135,6 +154,7 @@ def test_options_default_to_the_issues_bench_and_take_short_target_names():
         ["--lora-counts", "4,4"],
         ["--lora-targets", "lm_head"],
         ["--lora-rank", "0"],
+        ["--lora-rounds", "0"],
         ["--concurrency", "1,2"],
         ["--request-rate", "2"],
     ],
