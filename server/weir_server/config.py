@@ -82,7 +82,8 @@ class ExecutorConfig:
     cuda_graph_max_batch: int = 512
     num_threads: int | None = None  # torch intra-op threads on CPU; None = all cores
     # Where the generation engine steps: "thread" of the server process, its own "process" (frees the server's
-    # GIL for streaming), or "auto": a process on CUDA, a thread on CPU (see engine/core_process.py for why).
+    # GIL for streaming), or "auto": in a server, a process, except on CPU when an embedding model is served beside
+    # it (engine/factory.server_engine_config); an engine made directly, a process on CUDA and a thread on CPU.
     engine_core: str = "auto"
 
 

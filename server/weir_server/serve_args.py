@@ -221,8 +221,8 @@ def _add_scheduler_options(p: argparse.ArgumentParser) -> None:
         "--engine-core",
         default="auto",
         choices=ENGINE_CORES,
-        help="run the generation engine on a thread of the server or in its own process (auto: a process on "
-        "CUDA, a thread on CPU) (default %(default)s)",
+        help="run the generation engine on a thread of the server or in its own process (auto: a process, "
+        "except on CPU beside an embedding model, where it is a thread) (default %(default)s)",
     )
     group.add_argument(
         "--num-threads", type=int, metavar="N", help="torch threads for the model on CPU (default: every core)"

@@ -30,7 +30,9 @@ from weir_server.engine.structured_config import CACHE_MEMORY_BYTES, COMPILE_TIM
 from weir_server.engine.types import MAX_CONSTRAINT_BYTES, MAX_CONSTRAINT_DEPTH, STRUCTURAL_TAG_EXTRA_DEPTH
 
 # With tiny_smollm2_models: a compile's cost is SmolLM2's vocabulary's, whatever the weights.
-MODELS = ("--max-model-len", "512", "--embed-model", "none")
+# The core on a thread: the memory test measures the compiled grammars' cache in the server process, where a thread
+# core keeps them (a core process compiles its own, and the server process keeps only verdicts).
+MODELS = ("--max-model-len", "512", "--embed-model", "none", "--engine-core", "thread")
 LETTERS = "abcdefghijklmnopqrst"
 TAG_DEPTH = MAX_CONSTRAINT_DEPTH + STRUCTURAL_TAG_EXTRA_DEPTH
 _salts = iter(range(1, 10**6))

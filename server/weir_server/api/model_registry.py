@@ -13,7 +13,7 @@ from weir_server.api.errors import AdapterNotFoundError, FailedPreconditionError
 from weir_server.chat.frontend import ChatFrontend
 from weir_server.config import ModelConfig, ServerConfig
 from weir_server.engine.async_engine import AsyncEngine
-from weir_server.engine.factory import load_engine
+from weir_server.engine.factory import load_engine, server_engine_config
 from weir_server.engine.types import AdapterInfo
 from weir_server.engine.wire import ModelDescription
 from weir_server.errors import EngineUnavailableError, InvalidRequestError, ModelNotFoundError
@@ -140,7 +140,7 @@ class ServedModels:
     async def load(self, config: ServerConfig) -> None:
         """Load every configured model (in a worker thread, so health checks keep answering), then mark ready."""
         if config.generate is not None:
-            engine_config = config.generate
+            engine_config = server_engine_config(config.generate, embeds_here=config.embed is not None)
             started = time.perf_counter()
             engine = await asyncio.to_thread(load_engine, engine_config)
             await engine.start()

@@ -4,9 +4,10 @@ Why a process: on a GPU the engine's host work (schedule, prepare, sample, detok
 loop's per-message work both need the one GIL of a process. Measured on an H100 at 512 streams (bench/RESULTS.md),
 the engine thread alone stepped at 42-49k tokens/s while gRPC beside it on the same GIL reached 17-20k. In its own
 process the core steps at its own pace and the server process merges the outputs of streams that fall behind into
-fewer, larger messages. On a CPU the model's matmuls need every core and the GIL is mostly released, so there the
-core stays a thread (`--engine-core auto`). The server's side of the pipe is `core_client.ProcessClient`; the core
-loads the model and describes it to the server (`ModelDescription`), so the server process never imports torch.
+fewer, larger messages. On a 2-core CPU too it measured 1.0-1.9x a thread's tokens/s at 8 and 32 streams, so a
+server's `--engine-core auto` takes a process there as well unless an embedding model shares the server process
+(`factory.server_engine_config`). The server's side of the pipe is `core_client.ProcessClient`; the core loads the
+model and describes it to the server (`ModelDescription`), so the server process never imports torch.
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def run_core_process(config: EngineConfig, conn: Connection, log_level: int) -> 
 
     try:
         core = EngineCore.from_config(config, detokenize_all=False)  # the server process makes most text (OutputText)
-    except Exception as error:
-        logger.exception("engine core failed to start")
-        conn.send(CoreFailed(f"{type(error).__name__}: {error}"))
+    except Exception as error:  # noqa: BLE001 - the server reports a failed start in one line, as for a thread core
+        logger.debug("engine core failed to start", exc_info=True)
+        message = str(error) if isinstance(error, WeirError) else f"{type(error).__name__}: {error}"
+        conn.send(CoreFailed(" ".join(message.split())))
         os._exit(1)
     # Outputs leave through a sender thread: pickling and a pipe write that blocks while the server is busy
     # must not hold up the next step. The sender pickles while the loop waits for the GPU (GIL released).

@@ -217,3 +217,17 @@ async def test_a_process_core_leads_its_own_tensor_parallel_group(model_dir: Pat
         assert await collect(two.generate(GenerationRequest("two", PROMPTS[1], params))) == expected
     finally:
         await two.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("choice", "embeds_here", "want"),
+    [("auto", False, "process"), ("auto", True, "auto"), ("thread", False, "thread"), ("process", True, "process")],
+)
+def test_a_servers_auto_core_is_a_process_unless_an_embedding_model_shares_the_server(choice, embeds_here, want):
+    from weir_server.engine.factory import runs_in_own_process, server_engine_config
+
+    config = EngineConfig(ModelConfig("m", device="cpu"), executor=ExecutorConfig(engine_core=choice))
+    resolved = server_engine_config(config, embeds_here)
+    assert resolved.executor.engine_core == want
+    # "auto" left as it is: a thread on CPU (where the embedding model brought torch into the server process).
+    assert runs_in_own_process(resolved) == (want == "process")
