@@ -27,11 +27,11 @@ def gguf_matmul_reference(x: torch.Tensor, raw: torch.Tensor, qtype: GGMLType) -
 
 def gguf_matmul(x: torch.Tensor, raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
     """x [M, K] @ W^T -> [M, N] (x's dtype) for W's raw GGUF rows [N, K / block_size * type_size] (uint8)."""
-    require_triton()
     m, k = x.shape
     n = raw.shape[0]
     if raw.shape[1] * qtype.block_size != k * qtype.type_size:
         raise ValueError(f"{qtype.name} weight of {raw.shape[1]} bytes per row does not fit K={k}")
+    require_triton()
     x = x.contiguous()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m <= SMALL_M:  # few rows: narrow column tiles, so that even a 2048-row weight spreads over the SMs

@@ -1,6 +1,7 @@
 """Random paged-attention batches for the kernel tests and the GPU check script (no Triton needed), and a runner
 for kernel tests in Triton's CPU interpreter."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -8,6 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+# Whether the Triton interpreter tests can run here: Triton installed, whether or not this process imported it
+# (`HAS_TRITON` is false without a CUDA device; the interpreter runs in a subprocess of its own).
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 POISON = 1.0e4  # fills block 0, which no sequence owns: a kernel that reads past a context blows up
 
 

@@ -9,9 +9,8 @@ import os
 import pytest
 import torch
 
-from weir_server.kernels import HAS_TRITON
 from weir_server.kernels.fused_moe import fused_experts, moe_align_block_size
-from weir_server.kernels.testing import run_in_triton_interpreter
+from weir_server.kernels.testing import TRITON_INSTALLED, run_in_triton_interpreter
 from weir_server.layers.fused_moe import fused_experts_torch, select_experts
 
 CASES = [  # tokens, experts, hidden, intermediate, top_k
@@ -74,6 +73,6 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
 def test_fused_experts_kernel_logic_in_the_triton_interpreter():
     run_in_triton_interpreter(_INTERPRETED, os.path.dirname(__file__), timeout=120)

@@ -11,7 +11,7 @@ import torch
 
 from weir_server.kernels import HAS_TRITON
 from weir_server.kernels.lora import lora_ref
-from weir_server.kernels.testing import run_in_triton_interpreter
+from weir_server.kernels.testing import TRITON_INSTALLED, run_in_triton_interpreter
 
 
 def random_lora_case(
@@ -73,7 +73,7 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
 def test_sgmv_kernels_split_k_and_slot_ranks_in_the_triton_interpreter():
     run_in_triton_interpreter(_INTERPRETED, os.path.dirname(__file__), timeout=300)
 
@@ -174,6 +174,6 @@ def test_lora_ranks_follow_the_slots_fills():
     assert layer.lora_ranks.tolist() == [0, 3, 0]
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
 def test_layer_through_the_grouped_kernels_in_the_triton_interpreter():
     run_in_triton_interpreter(_INTERPRETED_LAYER, os.path.dirname(__file__), timeout=300)

@@ -9,10 +9,9 @@ import pytest
 import torch
 from gguf_blocks import random_rows
 
-from weir_server.kernels import HAS_TRITON
 from weir_server.kernels.gguf_dequant import PACKED_TYPES, Q4_K, Q6_K, TRITON_TYPES
 from weir_server.kernels.gguf_matmul import gguf_matmul, gguf_matmul_reference
-from weir_server.kernels.testing import run_in_triton_interpreter
+from weir_server.kernels.testing import TRITON_INSTALLED, run_in_triton_interpreter
 
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 SHAPES = [(1, 96, 512), (5, 64, 256), (70, 130, 768)]  # (M, N, K): decode, small batch, prefill with ragged N
@@ -69,12 +68,11 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
 def test_gguf_matmul_kernel_logic_in_the_triton_interpreter():
     run_in_triton_interpreter(_INTERPRETED, os.path.dirname(__file__), timeout=300)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_rows_that_do_not_fit_k_are_refused():
+def test_rows_that_do_not_fit_k_are_refused():  # before anything needs Triton or a GPU
     with pytest.raises(ValueError, match="does not fit"):
         gguf_matmul(torch.randn(1, 512), random_rows(Q6_K, 4, 256), Q6_K)

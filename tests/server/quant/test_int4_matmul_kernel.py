@@ -9,9 +9,8 @@ import os
 import pytest
 import torch
 
-from weir_server.kernels import HAS_TRITON
 from weir_server.kernels.int4_matmul import int4_matmul, int4_matmul_reference, pack_rows
-from weir_server.kernels.testing import run_in_triton_interpreter
+from weir_server.kernels.testing import TRITON_INSTALLED, run_in_triton_interpreter
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 SHAPES = [(1, 2048, 2048), (7, 96, 256), (16, 512, 8192), (70, 136, 768), (256, 2048, 2048)]  # (M, N, K)
@@ -77,6 +76,6 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
 def test_int4_matmul_kernel_logic_in_the_triton_interpreter():
     run_in_triton_interpreter(_INTERPRETED, os.path.dirname(__file__), timeout=300)
