@@ -154,35 +154,53 @@ def run_cpu(args: argparse.Namespace) -> int:
 
 
 def matmul_rows() -> list[dict[str, Any]]:
-    """The packed matmul against bf16 F.linear on the dequantized weights, at 1 and 256 rows."""
+    """The packed matmul (planes, its default path) against bf16 F.linear on the dequantized weights, at 1 to 256
+    rows; with WEIR_BENCH_TILE_SWEEP=1 also other tilings of the in-kernel path and the dequantizing one."""
     import torch
     import torch.nn.functional as F
     import triton.testing
 
-    from weir_server.kernels.gguf_dequant import Q4_0, Q4_K, Q6_K, Q8_0, dequantize
-    from weir_server.kernels.gguf_matmul import gguf_matmul
+    from weir_server.kernels.gguf_dequant import Q4_0, Q4_K, Q6_K, Q8_0
+    from weir_server.kernels.gguf_matmul import TileConfig, dequantize_matmul, gguf_matmul
+    from weir_server.kernels.gguf_planes import dequantize_planes, to_planes
 
+    sweep = os.environ.get("WEIR_BENCH_TILE_SWEEP") == "1"
+    decode_tiles = [(16, 16, 256, 1), (16, 16, 256, 2), (16, 32, 256, 2), (16, 32, 256, 4), (16, 64, 128, 1)]
+    batch_tiles = [(32, 64, 128, 1), (64, 64, 128, 1), (64, 128, 64, 1), (32, 32, 256, 1)]
     s = LLAMA_32_1B
     rows = []
     for layer, (n, k) in {
         "gate_up": (2 * s.ffn, s.hidden),
+        "o": (s.hidden, s.hidden),
         "down": (s.hidden, s.ffn),
         "lm_head": (s.vocab, s.hidden),
     }.items():
         for qtype in (Q4_K, Q6_K, Q4_0, Q8_0) if layer == "gate_up" else (Q4_K, Q6_K):
             raw = random_rows(qtype, n, k, scale=1e-4).cuda()
-            dense = dequantize(raw, qtype).to(torch.bfloat16)
-            for m in (1, 256):
+            planes = to_planes(raw, qtype)
+            held = sum(t.numel() * t.element_size() for t in planes.tensors().values())
+            dense = dequantize_planes(planes).to(torch.bfloat16)
+            for m in (1, 16, 32, 64, 256):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 want = x.double() @ dense.double().t()
-                err = ((gguf_matmul(x, raw, qtype).double() - want).norm() / want.norm()).item()
-                t_q = triton.testing.do_bench(
-                    lambda x=x, raw=raw, q=qtype: gguf_matmul(x, raw, q), return_mode="median"
-                )
+                paths: list[tuple[str, Any]] = [("default", lambda x=x, p=planes: gguf_matmul(x, p))]
+                if sweep:
+                    paths += [(str(t), lambda x=x, p=planes, t=t: gguf_matmul(x, p, TileConfig(*t, 4, 3)))
+                              for t in (decode_tiles if m <= 16 else batch_tiles)]  # fmt: skip
+                    if m > 16:
+                        paths.append(("dequantize", lambda x=x, p=planes: dequantize_matmul(x, p)))
                 t_d = triton.testing.do_bench(lambda x=x, dense=dense: F.linear(x, dense), return_mode="median")
-                rows.append(dict(layer=layer, qtype=qtype.name, m=m, packed_ms=t_q, bf16_ms=t_d,
-                                 packed_gbps=raw.numel() / t_q / 1e6, rel_err=err))  # fmt: skip
-            del raw, dense
+                for name, fn in paths:
+                    row = dict(layer=layer, qtype=qtype.name, m=m, tiles=name, bf16_ms=t_d, note="")
+                    try:
+                        err = ((fn().double() - want).norm() / want.norm()).item()
+                        t_q = triton.testing.do_bench(fn, return_mode="median")
+                        row.update(packed_ms=t_q, packed_gbps=held / t_q / 1e6, rel_err=err)
+                    except Exception as exc:  # a tiling the compiler refuses is a row, not a failed bench
+                        row.update(packed_ms=float("nan"), packed_gbps=float("nan"), rel_err=float("nan"),
+                                   note=type(exc).__name__)  # fmt: skip
+                    rows.append(row)
+            del raw, planes, dense
             torch.cuda.empty_cache()
     return rows
 
@@ -244,8 +262,8 @@ def run_gpu(args: argparse.Namespace) -> int:
     failed, report, rows = False, [], []
     try:
         mm = matmul_rows()
-        head = ["layer", "qtype", "rows", "packed ms", "bf16 ms", "packed GB/s", "rel. error"]
-        keys = ("layer", "qtype", "m", "packed_ms", "bf16_ms", "packed_gbps", "rel_err")
+        head = ["layer", "qtype", "rows", "tiles", "packed ms", "bf16 ms", "packed GB/s", "rel. error", "note"]
+        keys = ("layer", "qtype", "m", "tiles", "packed_ms", "bf16_ms", "packed_gbps", "rel_err", "note")
         title = "## packed matmul vs bf16 F.linear on dequantized weights (Llama-3.2-1B shapes, do_bench median)"
         report += [title, table(head, [[r[k] for k in keys] for r in mm])]
         rows += [{"kind": "matmul", **r} for r in mm]

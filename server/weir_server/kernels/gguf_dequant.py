@@ -38,8 +38,6 @@ Q6_K = GGMLType(14, "Q6_K", 256, 210)
 # The types of llama.cpp's Q4_0/Q4_1/Q8_0 and Q4_K_M files; everything else is dequantized at load. Q5_0 is what
 # llama-quantize writes for Q4_K (and Q5_1... for Q5_K) where a row's length is no multiple of 256 (SmolLM2's 576).
 PACKED_TYPES: dict[int, GGMLType] = {t.id: t for t in (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K)}
-# The types the Triton kernel (kernels/gguf_matmul.py) reads; others are dequantized on CUDA.
-TRITON_TYPES = frozenset(t.id for t in (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K))
 
 
 def row_bytes(qtype: GGMLType, cols: int) -> int:

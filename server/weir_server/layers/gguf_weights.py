@@ -1,8 +1,9 @@
 """A run of a weight's output rows in the form its matmul reads, chosen once at load for the device and type.
 
-- `PackedRows`: raw GGUF blocks. On CUDA the Triton kernel reads them; on a CPU (a 4-bit type where the
-  int4 kernel is missing) a tile of rows at a time is dequantized and multiplied, so memory stays at the
-  file's size plus one tile.
+- `PlanesRows` (CUDA): the blocks relaid as planes (kernels/gguf_planes.py) at about the file's bytes, read by
+  the Triton kernel (kernels/gguf_matmul.py).
+- `PackedRows` (CPU): raw GGUF blocks (a 4-bit type where the int4 kernel is missing, an embedding): a tile of
+  rows at a time is dequantized and multiplied, so memory stays at the file's size plus one tile.
 - `Int8BlockRows` (CPU): Q5_0, Q8_0, Q5_K and Q6_K as int8 quants and per-group scales. A bf16 model's rows go
   to the C++ integer-dot op's layout (kernels/cpu/quant_matmul.cpp; Q6_K's scales per 16 in its two-scale
   variant, 1.25 to 1.5 bytes a weight against the file's 0.69 to 1.06); otherwise a tile is dequantized per call.
@@ -30,13 +31,13 @@ from weir_server.kernels.gguf_dequant import (
     Q4_0,
     Q4_1,
     Q4_K,
-    TRITON_TYPES,
     GGMLType,
     dequantize,
     int8_grid,
     k_scales_mins,
 )
 from weir_server.kernels.gguf_matmul import gguf_matmul
+from weir_server.kernels.gguf_planes import GGUFPlanes, dequantize_planes, to_planes
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class DenseRows(nn.Module):
 
 
 class PackedRows(nn.Module):
-    """Raw GGUF blocks [rows, row_bytes] of `qtype`: the Triton kernel on CUDA, tiles dequantized on the CPU."""
+    """Raw GGUF blocks [rows, row_bytes] of `qtype` (CPU): tiles dequantized and multiplied."""
 
     raw: torch.Tensor
 
@@ -97,19 +98,48 @@ class PackedRows(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.cols)
-        if flat.is_cuda and HAS_TRITON:
-            out = gguf_matmul(flat, self.raw, self.qtype)
-        else:
-            out = torch.empty((flat.shape[0], self.rows), dtype=x.dtype, device=x.device)
-            step = max(1, _TILE_WEIGHTS // self.cols)
-            for start in range(0, self.rows, step):
-                tile = dequantize(self.raw[start : start + step], self.qtype).to(x.dtype)
-                out[:, start : start + step] = flat @ tile.t()
+        out = torch.empty((flat.shape[0], self.rows), dtype=x.dtype, device=x.device)
+        step = max(1, _TILE_WEIGHTS // self.cols)
+        for start in range(0, self.rows, step):
+            tile = dequantize(self.raw[start : start + step], self.qtype).to(x.dtype)
+            out[:, start : start + step] = flat @ tile.t()
         return out.reshape(*x.shape[:-1], self.rows)
 
     def dequantize_rows(self, index: torch.Tensor) -> torch.Tensor:
         """The float32 rows `index` names (an embedding lookup dequantizes only the gathered rows)."""
         return dequantize(self.raw[index], self.qtype)
+
+
+class PlanesRows(nn.Module):
+    """GGUF rows relaid as planes (CUDA), read by the Triton kernel; embedding lookups dequantize the gathered
+    rows with device ops only, so a CUDA graph captures them."""
+
+    def __init__(self, planes: GGUFPlanes) -> None:
+        super().__init__()
+        self.qtype, self.rows, self.cols = planes.qtype, planes.rows, planes.cols
+        self.plane_names = tuple(planes.tensors())
+        for name, tensor in planes.tensors().items():  # buffers, so that .to() and the memory count see them
+            self.register_buffer(name, tensor)
+
+    @property
+    def planes(self) -> GGUFPlanes:
+        return GGUFPlanes(self.qtype, self.cols, **{name: getattr(self, name) for name in self.plane_names})
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        out = gguf_matmul(x.reshape(-1, self.cols), self.planes)
+        return out.reshape(*x.shape[:-1], self.rows)
+
+    def dequantize_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The float32 rows `index` names."""
+        flat = index.reshape(-1)
+        return dequantize_planes(self.planes.select(flat)).reshape(*index.shape, self.cols)
+
+
+def packed_for_device(raw: torch.Tensor, qtype: GGMLType, cols: int) -> PackedRows | PlanesRows:
+    """Rows kept in GGUF's bytes for raw's device: planes where the Triton kernel runs, else the raw blocks."""
+    if raw.is_cuda and HAS_TRITON:
+        return PlanesRows(to_planes(raw, qtype))
+    return PackedRows(raw, qtype, cols)
 
 
 @functools.cache
@@ -295,26 +325,41 @@ class Int8BlockRows(nn.Module):
     def dequantize_rows(self, index: torch.Tensor) -> torch.Tensor:
         """The rows `index` names, in float32 (an embedding lookup). Without the plain rows, the op layout's blocks
         of 8 rows that hold them are dequantized (the same values: q * scale - offset in float32)."""
-        flat = index.reshape(-1)
         if self.qs is not None or self.packed is None:
-            return self._tile(flat, torch.float32).reshape(*index.shape, self.cols)
-        blocks, within = flat.div(8, rounding_mode="floor"), flat.remainder(8)
+            return self._tile(index.reshape(-1), torch.float32).reshape(*index.shape, self.cols)
+        return op_layout_rows(self.packed, index, self.cols)
+
+
+# Ids a lookup in an op layout dequantizes at once: each brings its block of 8 rows, so a long prompt's ids at once
+# would be a float32 copy of most of the table (SmolLM2's vocabulary: 108 MiB).
+_LOOKUP_IDS = 256
+
+
+def op_layout_rows(packed: torch.Tensor, index: torch.Tensor, cols: int) -> torch.Tensor:
+    """The float32 rows `index` names of a C++ op layout (int4_pack, int5_pack, int8_pack: q * scale - offset, the
+    file's values): the blocks of 8 rows holding them are dequantized, _LOOKUP_IDS ids at a time."""
+    flat = index.reshape(-1)
+    out = torch.empty((len(flat), cols), dtype=torch.float32)
+    for start in range(0, len(flat), _LOOKUP_IDS):
+        ids = flat[start : start + _LOOKUP_IDS]
+        blocks, within = ids.div(8, rounding_mode="floor"), ids.remainder(8)
         unique, which = torch.unique(blocks, return_inverse=True)
-        tiles = cpu_ops().packed_dequantize(self.packed[unique], torch.float32)  # type: ignore[union-attr]
-        return tiles.view(len(unique), 8, self.cols)[which, within].reshape(*index.shape, self.cols)
+        tiles = cpu_ops().packed_dequantize(packed[unique], torch.float32)  # type: ignore[union-attr]
+        out[start : start + len(ids)] = tiles.view(len(unique), 8, cols)[which, within]
+    return out.view(*index.shape, cols)
 
 
-RowsForm = DenseRows | PackedRows | Int4Rows | Int8BlockRows
+RowsForm = DenseRows | PackedRows | PlanesRows | Int4Rows | Int8BlockRows
 
 
 def rows_for_device(raw: torch.Tensor, qtype: GGMLType, cols: int, dtype: torch.dtype) -> RowsForm:
     """The form packed rows take on raw's device: on a CPU Int4Rows for the 4-bit types and Int8BlockRows for
-    Q5_0, Q8_0, Q5_K and Q6_K; on CUDA PackedRows (the Triton kernel reads them) or, for a type it does not
-    read, the dequantized rows."""
+    Q5_0, Q8_0, Q5_K and Q6_K; on CUDA PlanesRows (the Triton kernel reads them) or, without Triton, the
+    dequantized rows."""
     if raw.device.type != "cpu":
-        if qtype.id in TRITON_TYPES:
-            return PackedRows(raw, qtype, cols)
-        logger.info("no %s kernel on %s: dequantizing a [%d, %d] weight", qtype.name, raw.device, len(raw), cols)
+        if HAS_TRITON:
+            return PlanesRows(to_planes(raw, qtype))
+        logger.info("no GGUF kernel on %s: dequantizing a %s [%d, %d] weight", raw.device, qtype.name, len(raw), cols)
         return DenseRows(dequantize(raw, qtype).to(dtype))
     if qtype.id in INT8_TYPES:
         rows = Int8BlockRows(raw, qtype, dtype)

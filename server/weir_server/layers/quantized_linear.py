@@ -25,7 +25,15 @@ from torch import nn
 from weir_server.distributed.communication import all_gather, all_reduce
 from weir_server.kernels.gguf_dequant import GGMLType, dequantize, row_bytes
 from weir_server.layers.fused_moe import FusedMoE
-from weir_server.layers.gguf_weights import DenseRows, Int8BlockRows, PackedRows, RowsForm, rows_for_device
+from weir_server.layers.gguf_weights import (
+    DenseRows,
+    Int8BlockRows,
+    PackedRows,
+    PlanesRows,
+    RowsForm,
+    packed_for_device,
+    rows_for_device,
+)
 from weir_server.layers.linear import (
     LINEAR_TYPES,
     ParallelLMHead,
@@ -145,7 +153,7 @@ class _GGUFRowsLayer(nn.Module):
         if qtype is None:
             return DenseRows(rows.to(device, dtype))
         if packed_only:
-            return PackedRows(rows.to(device), qtype, self.in_features)
+            return packed_for_device(rows.to(device), qtype, self.in_features)
         return rows_for_device(rows.to(device), qtype, self.in_features, dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,7 +266,7 @@ class GGUFEmbedding(_GGUFRowsLayer):
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         (part,) = self.parts
-        if isinstance(part, PackedRows | Int8BlockRows):
+        if isinstance(part, PackedRows | PlanesRows | Int8BlockRows):
             return part.dequantize_rows(ids).to(self.weight.dtype)
         assert isinstance(part, DenseRows)
         return F.embedding(ids, part.weight)
