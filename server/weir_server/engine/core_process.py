@@ -41,7 +41,12 @@ from weir_server.engine.wire import (
     encode_outputs,
 )
 from weir_server.errors import WeirError
-from weir_server.process_lifetime import exit_with_parent, freeze_startup_objects
+from weir_server.process_lifetime import (
+    exit_with_parent,
+    freeze_startup_objects,
+    keep_unusable_triton_out,
+    large_allocations_mapped,
+)
 
 if TYPE_CHECKING:
     from weir_server.engine.core import CoreLoop
@@ -56,11 +61,13 @@ def run_core_process(config: EngineConfig, conn: Connection, log_level: int) -> 
     """The core process's main: build the core, then step it until told to stop or the server process is gone."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s [engine core] %(name)s: %(message)s")
     exit_with_parent()
+    keep_unusable_triton_out()
     # Here, not at the top: the server process imports this module (to name this function) and never the core.
     from weir_server.engine.core import CoreLoop, EngineCore
 
     try:
-        core = EngineCore.from_config(config, detokenize_all=False)  # the server process makes most text (OutputText)
+        with large_allocations_mapped():
+            core = EngineCore.from_config(config, detokenize_all=False)  # the server process makes most text
     except Exception as error:  # noqa: BLE001 - the server reports a failed start in one line, as for a thread core
         logger.debug("engine core failed to start", exc_info=True)
         message = str(error) if isinstance(error, WeirError) else f"{type(error).__name__}: {error}"

@@ -4,7 +4,8 @@ A bf16 `F.linear` on CPU hands oneDNN a plain [out, in] matrix, which it copies 
 on each call; for a small model that copy costs about as much as the matmul. `pack_linear_layers` swaps a
 loaded model's linear layers for `PackedLinear` (same math), its LM head for `PackedLMHead`, and a gated MLP's
 fused gate/up projection plus `SiluAndMul` for `PackedGateUpSilu`, where oneDNN applies silu and the product
-inside the matmuls instead of in separate passes over memory.
+inside the matmuls instead of in separate passes over memory. A tied embedding whose rows the packed head holds as
+the file's int8 blocks looks them up there (`PackedRowsEmbedding`) instead of keeping its own bf16 copy.
 
 Where a weight already sits on a 4-bit grid (a dequantized Q4_0, Q4_1 or Q4_K GGUF tensor) a layer also keeps a
 4-bit copy for steps of at most INT4_MAX_ROWS rows: those are bound by reading weights, and the copy reads 4x less.
@@ -20,7 +21,14 @@ from torch import nn
 
 from weir_server.kernels.cpu_ops import cpu_ops
 from weir_server.layers.activation import SiluAndMul
-from weir_server.layers.gguf_weights import INT4_MAX_ROWS, INT8_OP_MAX_ROWS, Int4Weight, Int8BlockRows
+from weir_server.layers.gguf_weights import (
+    INT4_MAX_ROWS,
+    INT8_OP_MAX_ROWS,
+    Int4Weight,
+    Int8BlockRows,
+    op_layout_rows,
+)
+from weir_server.layers.linear import VocabParallelEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +190,51 @@ class PackedLMHead(nn.Module):
         return f"vocab={self.num_embeddings}, hidden={self.embedding_dim}"
 
 
+class PackedRowsEmbedding(nn.Module):
+    """A tied embedding looked up in its packed head's int8 layout: the file's values, exact in float32 and rounded
+    to the model's dtype as the loaded weight was, so the bf16 matrix (54 MiB for SmolLM2-135M) is not held twice
+    beside the head's packed copy."""
+
+    def __init__(self, packed: torch.Tensor, num_embeddings: int, embedding_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        self.packed = packed  # the head's tensor, not a copy
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return op_layout_rows(self.packed, input_ids, self.embedding_dim).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows from the LM head's int8 layout"
+
+
+_CHECK_ROWS = 4096  # rows of a tied embedding compared with the head's int8 layout at once
+
+
+def _embedding_from_head(weight: torch.Tensor, head: PackedLMHead) -> PackedRowsEmbedding | None:
+    """A lookup in `head`'s int8 layout for the embedding whose weight `weight` is, or None where the head has no
+    such layout or it does not give back every row of `weight` bit for bit."""
+    if head.int8_packed is None or head.num_embeddings % 8:
+        return None
+    embedding = PackedRowsEmbedding(head.int8_packed, head.num_embeddings, head.embedding_dim, weight.dtype)
+    for start in range(0, head.num_embeddings, _CHECK_ROWS):
+        ids = torch.arange(start, min(start + _CHECK_ROWS, head.num_embeddings))
+        if not torch.equal(embedding(ids), weight[start : start + len(ids)]):
+            return None
+    return embedding
+
+
+def _share_tied_embedding(model: nn.Module, weight: torch.Tensor, head: PackedLMHead) -> None:
+    """Swap the (one-rank) embedding tied to a packed head's `weight` for a lookup in the head's int8 layout."""
+    for name, module in list(model.named_modules()):
+        if type(module) is VocabParallelEmbedding and module.weight is weight and module.tp_size == 1:
+            embedding = _embedding_from_head(weight, head)
+            if embedding is None:
+                return
+            owner_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner_name), attr, embedding)
+            logger.info("tied embedding: rows looked up in the LM head's int8 layout")
+
+
 def _packable(module: nn.Module) -> bool:
     """A whole (not tensor-parallel-split) bf16 CPU weight of a plain linear map."""
     weight = getattr(module, "weight", None)
@@ -201,8 +254,9 @@ def pack_linear_layers(model: nn.Module) -> int:
     """
     if not packing_available():
         return 0
-    # Names first, then one swap at a time, so each plain weight is freed as soon as its packed copy exists.
-    names = [name for name, _ in model.named_modules() if name]
+    # Names first, then one swap at a time, so each plain weight is freed as soon as its packed copy exists. The
+    # head goes first: a tied embedding's bf16 matrix is then freed before the other layers add their 4-bit copies.
+    names = sorted((name for name, _ in model.named_modules() if name), key=lambda name: name != "lm_head")
     count = 0
     for name in names:
         owner_name, _, attr = name.rpartition(".")
@@ -216,7 +270,9 @@ def pack_linear_layers(model: nn.Module) -> int:
         elif isinstance(module, nn.Linear):
             setattr(owner, attr, PackedLinear(module.weight, module.bias))
         elif attr == "lm_head" and hasattr(module, "compute_logits"):
-            setattr(owner, attr, PackedLMHead(module.weight, getattr(module, "int8_rows", None)))  # type: ignore[arg-type]
+            head = PackedLMHead(module.weight, getattr(module, "int8_rows", None))  # type: ignore[arg-type]
+            setattr(owner, attr, head)
+            _share_tied_embedding(model, module.weight, head)
         else:
             continue
         count += 1

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
 # HF BertModel names -> ours (each encoder layer flattened into one module per sublayer).
 _RENAMES = [
@@ -45,6 +44,11 @@ class BertLayer(nn.Module):
     """Post-norm encoder block: bidirectional attention, then the feed-forward, each with residual + LayerNorm."""
 
     def __init__(self, config: Any) -> None:
+        # Here, not at the top: the registry imports this module in every engine process, and transformers'
+        # activations module pulls in torch.distributed.tensor and sympy (55 MiB). Other processes then load them
+        # only where transformers itself does (Llama's config class; the model that maps a GGUF file's names).
+        from transformers.activations import ACT2FN
+
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = config.num_attention_heads

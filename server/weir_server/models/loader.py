@@ -36,6 +36,7 @@ from weir_server.models.registry import (
     lookup_architecture,
     resolve_source,
 )
+from weir_server.process_lifetime import trim_heap
 from weir_server.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,9 @@ def load_model(config: ModelConfig, task: Task | None = None, weights: bool = Tr
     """Resolve, build and fill the model `config` names; raise ModelLoadError with the reason if impossible.
     With `weights=False` only its config and tokenizer are read (a frontend of an engine-core process)."""
     with shared_gguf_readers():  # a GGUF file is parsed once, not once per reader of it
-        return _load_model(config, task, weights)
+        loaded = _load_model(config, task, weights)
+    trim_heap()  # what the load freed (a GGUF file's metadata, its dequantized tensors) lies among what stays
+    return loaded
 
 
 def _load_model(config: ModelConfig, task: Task | None, weights: bool) -> LoadedModel:
@@ -394,8 +397,11 @@ def _iter_gguf(
     reader = open_gguf(path)
     check_gguf_tensors(reader, path, name_model)  # transformers would drop unknown ones silently
     tensors = iter_gguf_tensors(reader, name_model, hf_config, keep_packed=keep_packed)
+    drop_pages = getattr(reader, "drop_pages", None)  # a shared reader's (gguf_sharing)
     for name, tensor in progress(tensors, "Loading GGUF tensors", len(reader.tensors), "tensors"):
         yield path, name, tensor
+        if drop_pages is not None:
+            drop_pages()  # the tensor is copied out: the file's pages need not stay resident until the load ends
 
 
 def _build_empty(

@@ -81,3 +81,20 @@ def test_bf16_cpu_head_reads_the_files_q8_0_rows_for_one_token_steps():
         one = head.compute_logits(hidden[i : i + 1]).float()[0]  # one row: the int8 rows
         torch.testing.assert_close(one, batched[i], atol=0.1, rtol=2**-7)
         assert one.argmax() == batched[i].argmax()
+
+
+def test_bf16_cpu_tied_embedding_looks_its_rows_up_in_the_heads_int8_layout_bit_for_bit():
+    """Packing drops the tied embedding's bf16 matrix: its rows come from the head's copy of the file's Q8_0 rows,
+    equal to the loaded bf16 weight for every token, in any order and with repeats."""
+    from weir_server.kernels.cpu_ops import cpu_ops
+    from weir_server.layers.cpu_linear import PackedRowsEmbedding, pack_linear_layers
+
+    model = load_model(ModelConfig("smollm2-135m-instruct", device="cpu", dtype="bfloat16")).model
+    weight = model.model.embed_tokens.weight.detach().clone()
+    if pack_linear_layers(model) == 0 or cpu_ops() is None:
+        pytest.skip("no oneDNN packing or C++ ops in this torch build")
+    embedding = model.model.embed_tokens
+    assert isinstance(embedding, PackedRowsEmbedding)
+    assert embedding.packed is model.lm_head.int8_packed
+    ids = torch.cat([torch.arange(weight.shape[0]).flip(0), torch.tensor([7, 7, 0, 49151])]).view(2, -1)
+    assert torch.equal(embedding(ids), weight[ids])
