@@ -8,8 +8,10 @@ tiles alone would leave SMs idle, split K over several programs whose float32 pa
 order (no atomics: the result does not depend on scheduling). No host syncs, so CUDA graphs capture it.
 
 From `DEQUANTIZE_MIN_ROWS` rows (prefill) forming the weights once per tile of rows costs more than the product
-itself, so a chunk of W's rows at a time is dequantized by a second kernel into the activations' dtype and
-multiplied by cuBLAS: the weights are formed once, in a scratch of at most `_CHUNK_WEIGHTS` weights.
+itself. A weight of at most `DEQUANTIZE_MAX_WEIGHTS` weights is then dequantized whole by a second kernel into the
+activations' dtype and multiplied by cuBLAS; larger ones take [128, 64] tiles of the same kernel. (H100, 1B shapes
+at 256 rows: the down projection 0.043 ms dequantized whole against 0.11-0.14 in tiles; dequantizing the head or
+gate/up in chunks of 2^24 weights cost 0.22-2.6 ms against 0.07-0.7 in tiles, for a reason not yet found.)
 
 The reference is `gguf_matmul_reference`: `dequantize_planes` then a matmul.
 """
@@ -26,8 +28,9 @@ from weir_server.kernels.gguf_dequant import Q4_0
 from weir_server.kernels.gguf_planes import GGUFPlanes, dequantize_planes
 
 SMALL_M = 16  # up to this many rows a step takes the decode tiles
-DEQUANTIZE_MIN_ROWS = 64  # from this many rows: dequantize a chunk of W, then cuBLAS
-_CHUNK_WEIGHTS = 1 << 24  # weights dequantized at once (32 MiB in bf16)
+DEQUANTIZE_MIN_ROWS = 64  # from this many rows: dequantize W, then cuBLAS (a W of at most DEQUANTIZE_MAX_WEIGHTS)
+DEQUANTIZE_MAX_WEIGHTS = 1 << 24  # a scratch of 32 MiB in bf16
+PREFILL_TILES = (128, 64, 64, 1, 4, 4)
 
 
 class TileConfig(NamedTuple):
@@ -52,18 +55,21 @@ def _sm_count(device_index: int) -> int:
 
 
 def choose_tiles(m: int, n: int, k: int, sms: int) -> TileConfig:
-    """The tiling for an [m, k] x [k, n] product below DEQUANTIZE_MIN_ROWS rows. Decode (H100, 1B shapes): wide
-    weights (N >= 8192) read fastest in [64, 128] tiles; narrow ones in [16, 256] or [32, 256] tiles with K split
-    until the programs about fill the SMs."""
+    """The tiling for an [m, k] x [k, n] product in the kernel, from a sweep at one row on an H100 (1B shapes):
+    wide weights (N >= 8192) read fastest in [64, 128] tiles; narrow ones in [16, 256] (K <= 4096) or [32, 256]
+    tiles with K split while each split keeps 8 iterations (the down projection: split 4, 0.030 ms against 0.042
+    unsplit; the o projection: unsplit, 0.014 against 0.015 in 4). Many rows: PREFILL_TILES."""
+    if m >= DEQUANTIZE_MIN_ROWS:
+        return TileConfig(*PREFILL_TILES)
     block_m = 16 if m <= SMALL_M else 32 if m <= 32 else 64
     if n >= 8192:
         return TileConfig(block_m, 64, 128, 1, 4, 3)
-    block_n = 16 if k <= 4096 else 32
-    tiles = -(-n // block_n)
+    block_n, block_k = (16 if k <= 4096 else 32), 256
+    tiles, iterations = -(-n // block_n), -(-k // block_k)
     split = 1
-    while tiles * split * 2 <= sms * 5 // 4 and k >= 256 * split * 4:  # each split keeps two iterations or more
+    while iterations // (split * 2) >= 8 and tiles * split * 2 <= 4 * sms:
         split *= 2
-    return TileConfig(block_m, block_n, 256, split, 4, 3)
+    return TileConfig(block_m, block_n, block_k, split, 4, 3)
 
 
 def _plane_args(planes: GGUFPlanes) -> dict[str, Any]:
@@ -99,16 +105,8 @@ def gguf_dequantize(planes: GGUFPlanes, dtype: torch.dtype) -> torch.Tensor:
 
 
 def dequantize_matmul(x: torch.Tensor, planes: GGUFPlanes) -> torch.Tensor:
-    """x [M, K] @ W^T for many rows: a chunk of W's rows at a time dequantized, then multiplied by cuBLAS."""
-    n = planes.rows
-    chunk = max(64, _CHUNK_WEIGHTS // planes.cols)
-    if chunk >= n:
-        return x @ gguf_dequantize(planes, x.dtype).t()
-    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    for start in range(0, n, chunk):
-        rows = slice(start, min(start + chunk, n))
-        out[:, rows] = x @ gguf_dequantize(planes.select(rows), x.dtype).t()
-    return out
+    """x [M, K] @ W^T for many rows: W dequantized whole into x's dtype, then multiplied by cuBLAS."""
+    return x @ gguf_dequantize(planes, x.dtype).t()
 
 
 def gguf_matmul(x: torch.Tensor, planes: GGUFPlanes, tiles: TileConfig | None = None) -> torch.Tensor:
@@ -119,7 +117,7 @@ def gguf_matmul(x: torch.Tensor, planes: GGUFPlanes, tiles: TileConfig | None = 
         raise ValueError(f"{planes.qtype.name} weight of {planes.cols} columns does not fit K={k}")
     require_triton()
     x = x.contiguous()
-    if tiles is None and m >= DEQUANTIZE_MIN_ROWS:
+    if tiles is None and m >= DEQUANTIZE_MIN_ROWS and n * k <= DEQUANTIZE_MAX_WEIGHTS:
         return dequantize_matmul(x, planes)
     if tiles is None:
         sms = _sm_count(x.device.index or 0) if x.is_cuda else 8  # (the interpreter's tests on the CPU)

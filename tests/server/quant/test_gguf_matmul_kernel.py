@@ -94,12 +94,12 @@ from test_gguf_matmul_kernel import TYPES, check
 from weir_server.kernels import gguf_matmul
 from weir_server.kernels.gguf_matmul import TileConfig, gguf_dequantize
 from weir_server.kernels.gguf_planes import dequantize_planes, to_planes
-gguf_matmul._CHUNK_WEIGHTS = 64 * 768  # several chunks of W for the dequantizing path
+gguf_matmul.DEQUANTIZE_MAX_WEIGHTS = 40 * 768  # the (70, 200) product below takes the tiles, (70, 40) dequantizes
 for qtype in TYPES:
     ragged = 576 if qtype.block_size == 32 else 768  # K not a multiple of the tile's K
     planes = to_planes(random_rows(qtype, 40, ragged), qtype)
     assert torch.equal(gguf_dequantize(planes, torch.float32), dequantize_planes(planes)), qtype.name
-    for m, n, k in ((1, 40, 512), (17, 40, 768), (33, 24, ragged), (70, 200, ragged)):
+    for m, n, k in ((1, 40, 512), (17, 40, 768), (33, 24, ragged), (70, 40, ragged), (70, 200, ragged)):
         err = check(qtype, m, n, k, torch.float32, "cpu")
         assert err < 1e-5, (qtype.name, m, err)
     for tiles in (TileConfig(16, 16, 256, 3, 4, 1), TileConfig(16, 32, 64, 2, 4, 2)):  # split K, short tiles
