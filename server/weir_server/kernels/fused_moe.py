@@ -4,7 +4,10 @@ to one expert. One launch does every expert's gate/up projection, one the down p
 routing weights); silu(gate) * up runs between them. No host syncs: the routing tensors have static sizes,
 so the whole path can be captured in a CUDA graph.
 
-The reference is `weir_server.layers.fused_moe.fused_experts_torch`.
+`fused_experts_planes` is the same over GGUF experts kept as planes (`kernels.gguf_planes`): each tile of an
+expert's weights is formed from its quants and scales inside the kernel, as the dense GGUF matmul does.
+
+The reference is `weir_server.layers.fused_moe.fused_experts_torch` (on the dequantized stacks for planes).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import torch
 
 from weir_server.kernels import HAS_TRITON, require_triton, tl, triton
 from weir_server.kernels.activation import silu_and_mul
+from weir_server.kernels.gguf_matmul import plane_args
+from weir_server.kernels.gguf_planes import GGUFPlanes
 
 
 def moe_align_block_size(
@@ -47,9 +52,13 @@ def _block_config(num_pairs: int) -> dict[str, int]:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 
 
+# An expert stack: bf16 weights [E, N, K], or GGUF planes of E * N rows (expert e's rows e * N .. (e + 1) * N).
+Experts = torch.Tensor | tuple[GGUFPlanes, int]
+
+
 def _grouped_gemm(
     a: torch.Tensor,
-    w: torch.Tensor,
+    w: Experts,
     c: torch.Tensor,
     topk_weights: torch.Tensor,
     routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -59,21 +68,25 @@ def _grouped_gemm(
 ) -> None:
     """c[pair] = a[pair // top_k] @ w[expert(pair)]^T (times the pair's weight) for every routed pair."""
     sorted_token_ids, expert_ids, num_tokens_post_padded = routing
-    n, k = w.shape[1], w.shape[2]
+    n, k = (w.shape[1], w.shape[2]) if isinstance(w, torch.Tensor) else (w[0].rows // w[1], w[0].cols)
     grid = (triton.cdiv(sorted_token_ids.shape[0], config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-    _fused_moe_kernel[grid](
-        a, w, c, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-        n, k, sorted_token_ids.shape[0], topk_weights.numel(),
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
-        MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k, num_warps=4, num_stages=3, **config,
-    )  # fmt: skip
+    routed = (a, c, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
+              n, k, sorted_token_ids.shape[0], topk_weights.numel(), a.stride(0), c.stride(0))  # fmt: skip
+    if isinstance(w, torch.Tensor):
+        _fused_moe_kernel[grid](
+            *routed, w, w.stride(0), w.stride(1), w.stride(2),
+            MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k, num_warps=4, num_stages=3, **config,
+        )  # fmt: skip
+    else:
+        _fused_moe_planes_kernel[grid](
+            *routed, **plane_args(w[0]),
+            MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k, num_warps=4, num_stages=3, **config,
+        )  # fmt: skip
 
 
-def fused_experts(
-    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
-) -> torch.Tensor:
-    """Triton kernel: hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights/ids [T, k] -> [T, H] in
-    hidden's dtype (float32 accumulation; the k expert outputs are summed in float32)."""
+def _fused(hidden: torch.Tensor, w13: Experts, w2: Experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+           num_experts: int, width: int) -> torch.Tensor:  # fmt: skip
+    """Both grouped GEMMs with silu(gate) * up between them; `width` is 2I, the gate/up rows of one expert."""
     require_triton()
     num_tokens, top_k = topk_ids.shape
     hidden_size = hidden.shape[1]
@@ -82,8 +95,8 @@ def fused_experts(
     hidden = hidden.contiguous()
     weights = topk_weights.reshape(-1).float().contiguous()
     config = _block_config(num_tokens * top_k)
-    routing = moe_align_block_size(topk_ids, config["BLOCK_M"], w13.shape[0])
-    gate_up = hidden.new_empty((num_tokens * top_k, w13.shape[1]))
+    routing = moe_align_block_size(topk_ids, config["BLOCK_M"], num_experts)
+    gate_up = hidden.new_empty((num_tokens * top_k, width))
     _grouped_gemm(hidden, w13, gate_up, weights, routing, top_k, False, config)
     act = silu_and_mul(gate_up)  # [T * k, I]
     out = hidden.new_empty((num_tokens * top_k, hidden_size))
@@ -91,16 +104,36 @@ def fused_experts(
     return out.view(num_tokens, top_k, hidden_size).sum(dim=1, dtype=torch.float32).to(hidden.dtype)
 
 
+def fused_experts(
+    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """Triton kernel: hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights/ids [T, k] -> [T, H] in
+    hidden's dtype (float32 accumulation; the k expert outputs are summed in float32)."""
+    return _fused(hidden, w13, w2, topk_weights, topk_ids, w13.shape[0], w13.shape[1])
+
+
+def fused_experts_planes(
+    hidden: torch.Tensor,
+    w13: GGUFPlanes,
+    w2: GGUFPlanes,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_experts: int,
+) -> torch.Tensor:
+    """`fused_experts` over GGUF experts as planes: w13 of E * 2I rows of H, w2 of E * H rows of I."""
+    width = w13.rows // num_experts
+    return _fused(hidden, (w13, num_experts), (w2, num_experts), topk_weights, topk_ids, num_experts, width)
+
+
 if HAS_TRITON:
+    from weir_server.kernels.gguf_matmul import weights_tile
 
     @triton.jit
-    def _fused_moe_kernel(
-        a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
-        N, K, EM, num_valid_tokens,
-        stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
-        MUL_ROUTED_WEIGHT: tl.constexpr, top_k: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    def _routed_block(
+        sorted_token_ids_ptr, expert_ids_ptr, N, EM, num_valid_tokens,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     ):  # fmt: skip
+        """This program's block: (first padded row, its rows' flat pair ids, which are real, expert, columns)."""
         # Grouped launch order: GROUP_M row blocks share each weight column block while it is in L2.
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(EM, BLOCK_M)
@@ -110,18 +143,38 @@ if HAS_TRITON:
         group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
         pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
         pid_n = (pid % num_pid_in_group) // group_size_m
-
-        num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
-        if pid_m * BLOCK_M >= num_tokens_post_padded:
-            return  # past the last expert's padded run
         offs_token_id = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         offs_token = tl.load(sorted_token_ids_ptr + offs_token_id).to(tl.int64)
         token_mask = offs_token < num_valid_tokens  # padding rows hold num_valid_tokens
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        return pid_m * BLOCK_M, offs_token, token_mask, expert, offs_n
+
+    @triton.jit
+    def _store_routed(
+        c_ptr, acc, topk_weights_ptr, offs_token, token_mask, offs_n, N, stride_cm, MUL_ROUTED_WEIGHT: tl.constexpr
+    ):
+        if MUL_ROUTED_WEIGHT:
+            routed = tl.load(topk_weights_ptr + offs_token, mask=token_mask, other=0.0)
+            acc = acc * routed[:, None]
+        c_ptrs = c_ptr + offs_token[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=token_mask[:, None] & (offs_n[None, :] < N))
+
+    @triton.jit
+    def _fused_moe_kernel(
+        a_ptr, c_ptr, topk_weights_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+        N, K, EM, num_valid_tokens, stride_am, stride_cm,
+        b_ptr, stride_be, stride_bn, stride_bk,
+        MUL_ROUTED_WEIGHT: tl.constexpr, top_k: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        first, offs_token, token_mask, expert, offs_n = _routed_block(
+            sorted_token_ids_ptr, expert_ids_ptr, N, EM, num_valid_tokens, BLOCK_M, BLOCK_N, GROUP_M
+        )
+        if first >= tl.load(num_tokens_post_padded_ptr):
+            return  # past the last expert's padded run
         offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + (offs_token[:, None] // top_k) * stride_am + offs_k[None, :] * stride_ak
+        a_ptrs = a_ptr + (offs_token[:, None] // top_k) * stride_am + offs_k[None, :]
         b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for step in range(0, tl.cdiv(K, BLOCK_K)):
@@ -129,10 +182,38 @@ if HAS_TRITON:
             a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
             acc += tl.dot(a, b)
-            a_ptrs += BLOCK_K * stride_ak
+            a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * stride_bk
-        if MUL_ROUTED_WEIGHT:
-            routed = tl.load(topk_weights_ptr + offs_token, mask=token_mask, other=0.0)
-            acc = acc * routed[:, None]
-        c_ptrs = c_ptr + offs_token[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=token_mask[:, None] & (offs_n[None, :] < N))
+        _store_routed(c_ptr, acc, topk_weights_ptr, offs_token, token_mask, offs_n, N, stride_cm, MUL_ROUTED_WEIGHT)
+
+    @triton.jit
+    def _fused_moe_planes_kernel(
+        a_ptr, c_ptr, topk_weights_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+        N, K, EM, num_valid_tokens, stride_am, stride_cm,
+        q_ptr, d_ptr, sub_ptr, dmin_ptr, mins_ptr, stride_q, stride_d, stride_sub,
+        FOUR_BIT: tl.constexpr, GROUP: tl.constexpr, SUPER: tl.constexpr, HAS_SUB: tl.constexpr,
+        MIN_MODE: tl.constexpr, EIGHT_D: tl.constexpr,
+        MUL_ROUTED_WEIGHT: tl.constexpr, top_k: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        first, offs_token, token_mask, expert, offs_n = _routed_block(
+            sorted_token_ids_ptr, expert_ids_ptr, N, EM, num_valid_tokens, BLOCK_M, BLOCK_N, GROUP_M
+        )
+        if first >= tl.load(num_tokens_post_padded_ptr):
+            return  # past the last expert's padded run
+        rows = expert * N + offs_n  # the expert's rows in the stacked planes
+        col_ok = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(0, tl.cdiv(K, BLOCK_K)):
+            ks = step * BLOCK_K + tl.arange(0, BLOCK_K)
+            a = tl.load(
+                a_ptr + (offs_token[:, None] // top_k) * stride_am + ks[None, :],
+                mask=token_mask[:, None] & (ks < K)[None, :],
+                other=0.0,
+            )
+            w = weights_tile(
+                q_ptr, d_ptr, sub_ptr, dmin_ptr, mins_ptr, stride_q, stride_d, stride_sub, rows, col_ok,
+                step * BLOCK_K, K, FOUR_BIT, GROUP, SUPER, HAS_SUB, MIN_MODE, EIGHT_D, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+            acc += tl.dot(a, tl.trans(w.to(a.dtype)))
+        _store_routed(c_ptr, acc, topk_weights_ptr, offs_token, token_mask, offs_n, N, stride_cm, MUL_ROUTED_WEIGHT)

@@ -291,6 +291,32 @@ def test_packed_bf16_experts_stay_close_to_dequantized_ones_and_hold_fewer_bytes
     assert held[True] < held[False] * (0.7 if expert_type == "Q8_0" else 0.45), held
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("expert_type", ["Q8_0", "Q4_0"])
+def test_packed_experts_on_cuda_are_planes_close_to_dequantized_ones_and_hold_fewer_bytes(expert_type, tmp_path):
+    """On CUDA the fused kernel reads the experts' planes: bf16 logits against the same file dequantized."""
+    from gguf import GGMLQuantizationType
+
+    hf_model = random_causal_lm(GGUF_CONFIGS["qwen3moe"]())
+    write_moe_gguf(hf_model, tmp_path / "tiny.gguf", GGMLQuantizationType[expert_type])
+    save_tiny_tokenizer(tmp_path / "tokenizer", VOCAB)
+    logits, held = {}, {}
+    for packed in (False, True):
+        config = ModelConfig(
+            str(tmp_path / "tiny.gguf"), tokenizer=str(tmp_path / "tokenizer"), device="cuda", dtype="bfloat16",
+            keep_quantized=packed,
+        )  # fmt: skip
+        loaded = load_model(config)
+        experts = [m for m in loaded.model.modules() if isinstance(m, FusedMoE)]
+        assert all((getattr(m, "planes", None) is not None) == packed for m in experts)
+        held[packed] = sum(t.numel() * t.element_size() for m in experts for t in (*m.parameters(), *m.buffers()))
+        logits[packed] = PagedRunner(loaded.model, loaded.hf_config, block_size=4).step([(0, PROMPTS[2])])[0]
+    error = (logits[True].float() - logits[False].float()).norm() / logits[False].float().norm()
+    assert error < 2e-2, error
+    assert held[True] < held[False] * (0.6 if expert_type == "Q8_0" else 0.35), held
+
+
 @pytest.mark.parametrize("keep_quantized", [False, True], ids=["dequantized", "packed"])
 def test_a_gguf_whose_experts_contradict_its_metadata_fails_at_load_naming_them(keep_quantized, tmp_path):
     from gguf import GGMLQuantizationType
