@@ -72,16 +72,15 @@ def _grouped_gemm(
     grid = (triton.cdiv(sorted_token_ids.shape[0], config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
     routed = (a, c, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
               n, k, sorted_token_ids.shape[0], topk_weights.numel(), a.stride(0), c.stride(0))  # fmt: skip
-    if isinstance(w, torch.Tensor):
-        _fused_moe_kernel[grid](
-            *routed, w, w.stride(0), w.stride(1), w.stride(2),
-            MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k, num_warps=4, num_stages=3, **config,
-        )  # fmt: skip
-    else:
-        _fused_moe_planes_kernel[grid](
-            *routed, **plane_args(w[0]),
-            MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k, num_warps=4, num_stages=3, **config,
-        )  # fmt: skip
+    if isinstance(w, torch.Tensor):  # the plane arguments unused: PLANES is off
+        operands = dict(b_ptr=w, stride_be=w.stride(0), stride_bn=w.stride(1), stride_bk=w.stride(2), PLANES=False,
+                        q_ptr=w, d_ptr=w, sub_ptr=w, dmin_ptr=w, mins_ptr=w, stride_q=0, stride_d=0, stride_sub=0,
+                        FOUR_BIT=False, GROUP=32, SUPER=32, HAS_SUB=False, MIN_MODE=0, EIGHT_D=False)  # fmt: skip
+    else:  # the bf16 stack's arguments unused
+        operands = dict(b_ptr=w[0].q, stride_be=0, stride_bn=0, stride_bk=0, PLANES=True, **plane_args(w[0]))
+    _fused_moe_kernel[grid](
+        *routed, **operands, MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k, num_warps=4, num_stages=3, **config
+    )
 
 
 def _fused(hidden: torch.Tensor, w13: Experts, w2: Experts, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -129,11 +128,18 @@ if HAS_TRITON:
     from weir_server.kernels.gguf_matmul import weights_tile
 
     @triton.jit
-    def _routed_block(
-        sorted_token_ids_ptr, expert_ids_ptr, N, EM, num_valid_tokens,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    def _fused_moe_kernel(
+        a_ptr, c_ptr, topk_weights_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+        N, K, EM, num_valid_tokens, stride_am, stride_cm,
+        b_ptr, stride_be, stride_bn, stride_bk,
+        q_ptr, d_ptr, sub_ptr, dmin_ptr, mins_ptr, stride_q, stride_d, stride_sub,
+        PLANES: tl.constexpr, FOUR_BIT: tl.constexpr, GROUP: tl.constexpr, SUPER: tl.constexpr,
+        HAS_SUB: tl.constexpr, MIN_MODE: tl.constexpr, EIGHT_D: tl.constexpr,
+        MUL_ROUTED_WEIGHT: tl.constexpr, top_k: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):  # fmt: skip
-        """This program's block: (first padded row, its rows' flat pair ids, which are real, expert, columns)."""
+        """One block of routed rows times one column block of its expert: from the bf16 stack [E, N, K] (b_ptr),
+        or with PLANES from GGUF planes of E * N rows (the expert's rows expert * N ..)."""
         # Grouped launch order: GROUP_M row blocks share each weight column block while it is in L2.
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(EM, BLOCK_M)
@@ -143,66 +149,15 @@ if HAS_TRITON:
         group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
         pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
         pid_n = (pid % num_pid_in_group) // group_size_m
+
+        num_tokens_post_padded = tl.load(num_tokens_post_padded_ptr)
+        if pid_m * BLOCK_M >= num_tokens_post_padded:
+            return  # past the last expert's padded run
         offs_token_id = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         offs_token = tl.load(sorted_token_ids_ptr + offs_token_id).to(tl.int64)
         token_mask = offs_token < num_valid_tokens  # padding rows hold num_valid_tokens
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        return pid_m * BLOCK_M, offs_token, token_mask, expert, offs_n
-
-    @triton.jit
-    def _store_routed(
-        c_ptr, acc, topk_weights_ptr, offs_token, token_mask, offs_n, N, stride_cm, MUL_ROUTED_WEIGHT: tl.constexpr
-    ):
-        if MUL_ROUTED_WEIGHT:
-            routed = tl.load(topk_weights_ptr + offs_token, mask=token_mask, other=0.0)
-            acc = acc * routed[:, None]
-        c_ptrs = c_ptr + offs_token[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=token_mask[:, None] & (offs_n[None, :] < N))
-
-    @triton.jit
-    def _fused_moe_kernel(
-        a_ptr, c_ptr, topk_weights_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
-        N, K, EM, num_valid_tokens, stride_am, stride_cm,
-        b_ptr, stride_be, stride_bn, stride_bk,
-        MUL_ROUTED_WEIGHT: tl.constexpr, top_k: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ):  # fmt: skip
-        first, offs_token, token_mask, expert, offs_n = _routed_block(
-            sorted_token_ids_ptr, expert_ids_ptr, N, EM, num_valid_tokens, BLOCK_M, BLOCK_N, GROUP_M
-        )
-        if first >= tl.load(num_tokens_post_padded_ptr):
-            return  # past the last expert's padded run
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + (offs_token[:, None] // top_k) * stride_am + offs_k[None, :]
-        b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for step in range(0, tl.cdiv(K, BLOCK_K)):
-            k_left = K - step * BLOCK_K
-            a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
-            acc += tl.dot(a, b)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K * stride_bk
-        _store_routed(c_ptr, acc, topk_weights_ptr, offs_token, token_mask, offs_n, N, stride_cm, MUL_ROUTED_WEIGHT)
-
-    @triton.jit
-    def _fused_moe_planes_kernel(
-        a_ptr, c_ptr, topk_weights_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
-        N, K, EM, num_valid_tokens, stride_am, stride_cm,
-        q_ptr, d_ptr, sub_ptr, dmin_ptr, mins_ptr, stride_q, stride_d, stride_sub,
-        FOUR_BIT: tl.constexpr, GROUP: tl.constexpr, SUPER: tl.constexpr, HAS_SUB: tl.constexpr,
-        MIN_MODE: tl.constexpr, EIGHT_D: tl.constexpr,
-        MUL_ROUTED_WEIGHT: tl.constexpr, top_k: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ):  # fmt: skip
-        first, offs_token, token_mask, expert, offs_n = _routed_block(
-            sorted_token_ids_ptr, expert_ids_ptr, N, EM, num_valid_tokens, BLOCK_M, BLOCK_N, GROUP_M
-        )
-        if first >= tl.load(num_tokens_post_padded_ptr):
-            return  # past the last expert's padded run
-        rows = expert * N + offs_n  # the expert's rows in the stacked planes
-        col_ok = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for step in range(0, tl.cdiv(K, BLOCK_K)):
             ks = step * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -211,9 +166,21 @@ if HAS_TRITON:
                 mask=token_mask[:, None] & (ks < K)[None, :],
                 other=0.0,
             )
-            w = weights_tile(
-                q_ptr, d_ptr, sub_ptr, dmin_ptr, mins_ptr, stride_q, stride_d, stride_sub, rows, col_ok,
-                step * BLOCK_K, K, FOUR_BIT, GROUP, SUPER, HAS_SUB, MIN_MODE, EIGHT_D, BLOCK_N, BLOCK_K,
-            )  # fmt: skip
-            acc += tl.dot(a, tl.trans(w.to(a.dtype)))
-        _store_routed(c_ptr, acc, topk_weights_ptr, offs_token, token_mask, offs_n, N, stride_cm, MUL_ROUTED_WEIGHT)
+            if PLANES:
+                w = weights_tile(
+                    q_ptr, d_ptr, sub_ptr, dmin_ptr, mins_ptr, stride_q, stride_d, stride_sub, expert * N + offs_n,
+                    offs_n < N, step * BLOCK_K, K, FOUR_BIT, GROUP, SUPER, HAS_SUB, MIN_MODE, EIGHT_D, BLOCK_N, BLOCK_K,
+                )  # fmt: skip
+                acc += tl.dot(a, tl.trans(w.to(a.dtype)))
+            else:
+                b = tl.load(
+                    b_ptr + expert * stride_be + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=(ks < K)[:, None] & (offs_n[None, :] < N),
+                    other=0.0,
+                )
+                acc += tl.dot(a, b)
+        if MUL_ROUTED_WEIGHT:
+            routed = tl.load(topk_weights_ptr + offs_token, mask=token_mask, other=0.0)
+            acc = acc * routed[:, None]
+        c_ptrs = c_ptr + offs_token[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=token_mask[:, None] & (offs_n[None, :] < N))

@@ -267,54 +267,37 @@ def test_gguf_moe_logits_and_greedy_tokens_match_the_model_it_was_written_from(
     assert experts and all((getattr(m, "gate_up", None) is not None) == packed for m in experts)
 
 
+_CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
 @pytest.mark.parametrize("expert_type", ["Q8_0", "Q4_0"])
-def test_packed_bf16_experts_stay_close_to_dequantized_ones_and_hold_fewer_bytes(expert_type, tmp_path):
-    """The serving dtype on a CPU: the C++ integer-dot ops on each expert's packed rows against the same file
-    dequantized to bf16 (the ops split activations into two int8 levels: far under bf16's own rounding)."""
+def test_packed_bf16_experts_stay_close_to_dequantized_ones_and_hold_fewer_bytes(expert_type, device, tmp_path):
+    """The serving dtype against the same file dequantized to bf16: on a CPU the C++ integer-dot ops on each
+    expert's packed rows (activations split into two int8 levels: far under bf16's own rounding), on CUDA the fused
+    kernel on the layer's planes."""
     from gguf import GGMLQuantizationType
 
     hf_model = random_causal_lm(GGUF_CONFIGS["qwen3moe"]())
     write_moe_gguf(hf_model, tmp_path / "tiny.gguf", GGMLQuantizationType[expert_type])
     save_tiny_tokenizer(tmp_path / "tokenizer", VOCAB)
     logits, held = {}, {}
+    form = "planes" if device == "cuda" else "gate_up"
     for packed in (False, True):
         config = ModelConfig(
-            str(tmp_path / "tiny.gguf"), tokenizer=str(tmp_path / "tokenizer"), device="cpu", dtype="bfloat16",
+            str(tmp_path / "tiny.gguf"), tokenizer=str(tmp_path / "tokenizer"), device=device, dtype="bfloat16",
             keep_quantized=packed,
         )  # fmt: skip
         loaded = load_model(config)
         experts = [m for m in loaded.model.modules() if isinstance(m, FusedMoE)]
+        assert all((getattr(m, form, None) is not None) == packed for m in experts)
         held[packed] = sum(t.numel() * t.element_size() for m in experts for t in (*m.parameters(), *m.buffers()))
         logits[packed] = PagedRunner(loaded.model, loaded.hf_config, block_size=4).step([(0, PROMPTS[2])])[0]
     error = (logits[True].float() - logits[False].float()).norm() / logits[False].float().norm()
     assert error < 2e-2, error
     assert held[True] < held[False] * (0.7 if expert_type == "Q8_0" else 0.45), held
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("expert_type", ["Q8_0", "Q4_0"])
-def test_packed_experts_on_cuda_are_planes_close_to_dequantized_ones_and_hold_fewer_bytes(expert_type, tmp_path):
-    """On CUDA the fused kernel reads the experts' planes: bf16 logits against the same file dequantized."""
-    from gguf import GGMLQuantizationType
-
-    hf_model = random_causal_lm(GGUF_CONFIGS["qwen3moe"]())
-    write_moe_gguf(hf_model, tmp_path / "tiny.gguf", GGMLQuantizationType[expert_type])
-    save_tiny_tokenizer(tmp_path / "tokenizer", VOCAB)
-    logits, held = {}, {}
-    for packed in (False, True):
-        config = ModelConfig(
-            str(tmp_path / "tiny.gguf"), tokenizer=str(tmp_path / "tokenizer"), device="cuda", dtype="bfloat16",
-            keep_quantized=packed,
-        )  # fmt: skip
-        loaded = load_model(config)
-        experts = [m for m in loaded.model.modules() if isinstance(m, FusedMoE)]
-        assert all((getattr(m, "planes", None) is not None) == packed for m in experts)
-        held[packed] = sum(t.numel() * t.element_size() for m in experts for t in (*m.parameters(), *m.buffers()))
-        logits[packed] = PagedRunner(loaded.model, loaded.hf_config, block_size=4).step([(0, PROMPTS[2])])[0]
-    error = (logits[True].float() - logits[False].float()).norm() / logits[False].float().norm()
-    assert error < 2e-2, error
-    assert held[True] < held[False] * (0.6 if expert_type == "Q8_0" else 0.35), held
 
 
 @pytest.mark.parametrize("keep_quantized", [False, True], ids=["dequantized", "packed"])
