@@ -118,6 +118,16 @@ def _k_low_nibbles(qs: torch.Tensor) -> torch.Tensor:
     return (runs & 0x0F).reshape(-1, 8, 32)
 
 
+INT4_TYPES = (Q4_0.id, Q4_1.id, Q4_K.id)  # what `four_bit_quants` takes
+
+
+def four_bit_quants(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
+    """Q4_0/Q4_1/Q4_K rows [rows, row_bytes] -> their quants [rows, cols] (uint8, 0..15) in the weights' order."""
+    b = _blocks(raw, qtype)
+    q = _k_low_nibbles(b[:, 16:144]) if qtype.id == Q4_K.id else _nibbles(b[:, 2 if qtype.id == Q4_0.id else 4 :])
+    return q.reshape(raw.shape[0], -1)
+
+
 def _q4_k(b: torch.Tensor) -> torch.Tensor:
     return _k_scaled(b, _k_low_nibbles(b[:, 16:144]))
 

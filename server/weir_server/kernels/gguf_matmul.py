@@ -9,7 +9,7 @@ order (no atomics: the result does not depend on scheduling). No host syncs, so 
 
 From `DEQUANTIZE_MIN_ROWS` rows (prefill) forming the weights once per tile of rows costs more than the product
 itself. A weight of at most `DEQUANTIZE_MAX_WEIGHTS` weights is then dequantized whole by a second kernel into the
-activations' dtype and multiplied by cuBLAS; larger ones take [128, 64] tiles of the same kernel. (H100, 1B shapes
+activations' dtype and multiplied by cuBLAS; larger ones take the same kernel's PREFILL_TILES. (H100, 1B shapes
 at 256 rows: the down projection 0.043 ms dequantized whole against 0.11-0.14 in tiles; dequantizing the head or
 gate/up in chunks of 2^24 weights cost 0.22-2.6 ms against 0.07-0.7 in tiles, for a reason not yet found.)
 

@@ -21,9 +21,17 @@ from dataclasses import dataclass
 
 import torch
 
-from weir_server.kernels.gguf_dequant import Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, GGMLType, int8_grid, k_scales_mins
-
-FOUR_BIT_TYPES = (Q4_0.id, Q4_1.id, Q4_K.id)
+from weir_server.kernels.gguf_dequant import (
+    INT4_TYPES,
+    Q4_0,
+    Q4_1,
+    Q5_K,
+    Q6_K,
+    GGMLType,
+    four_bit_quants,
+    int8_grid,
+    k_scales_mins,
+)
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,7 @@ class GGUFPlanes:
 
     @property
     def four_bit(self) -> bool:
-        return self.qtype.id in FOUR_BIT_TYPES
+        return self.qtype.id in INT4_TYPES
 
     @property
     def group(self) -> int:
@@ -83,32 +91,22 @@ def to_planes(raw: torch.Tensor, qtype: GGMLType) -> GGUFPlanes:
     def plane(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(rows, -1).contiguous()
 
+    def k_scales() -> dict[str, torch.Tensor]:  # Q4_K, Q5_K: 6-bit sub-block scales and mins under d and dmin
+        sc, mn = k_scales_mins(blocks[:, 4:16])
+        return dict(sub=plane(sc.to(torch.int8)), dmin=plane(_f16(blocks[:, 2:4])), mins=plane(mn.to(torch.int8)))
+
     d = plane(_f16(blocks[:, :2]))
-    if qtype.id in FOUR_BIT_TYPES:
-        if qtype.id == Q4_K.id:
-            qs = blocks[:, 16:].reshape(-1, 4, 1, 32)  # sub-block 2c: low nibbles of bytes 32c.., 2c + 1 high
-            q = torch.cat((qs & 0x0F, qs >> 4), dim=2).reshape(rows, cols)
-        else:
-            qs = blocks[:, 2 if qtype.id == Q4_0.id else 4 :]
-            q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).reshape(rows, cols)
+    if qtype.id in INT4_TYPES:
+        q = four_bit_quants(raw, qtype)
         packed = plane(q[:, 0::2] | (q[:, 1::2] << 4))
         if qtype.id == Q4_0.id:
             return GGUFPlanes(qtype, cols, packed, d)
         if qtype.id == Q4_1.id:
             return GGUFPlanes(qtype, cols, packed, d, dmin=plane(-_f16(blocks[:, 2:4])))
-        sc, mn = k_scales_mins(blocks[:, 4:16])
-        return GGUFPlanes(
-            qtype, cols, packed, d, sub=plane(sc.to(torch.int8)), dmin=plane(_f16(blocks[:, 2:4])),
-            mins=plane(mn.to(torch.int8)),
-        )  # fmt: skip
-    q8, _, _ = int8_grid(raw, qtype)
-    q8 = plane(q8)
+        return GGUFPlanes(qtype, cols, packed, d, **k_scales())
+    q8 = plane(int8_grid(raw, qtype)[0])
     if qtype.id == Q5_K.id:
-        sc, mn = k_scales_mins(blocks[:, 4:16])
-        return GGUFPlanes(
-            qtype, cols, q8, d, sub=plane(sc.to(torch.int8)), dmin=plane(_f16(blocks[:, 2:4])),
-            mins=plane(mn.to(torch.int8)),
-        )  # fmt: skip
+        return GGUFPlanes(qtype, cols, q8, d, **k_scales())
     if qtype.id == Q6_K.id:
         sub = plane(blocks[:, 192:208]).view(torch.int8)
         return GGUFPlanes(qtype, cols, q8, plane(_f16(blocks[:, 208:210])), sub=sub)

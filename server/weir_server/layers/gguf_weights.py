@@ -27,12 +27,13 @@ from torch import nn
 from weir_server.kernels import HAS_TRITON
 from weir_server.kernels.cpu_ops import cpu_ops
 from weir_server.kernels.gguf_dequant import (
+    INT4_TYPES,
     INT8_TYPES,
     Q4_0,
-    Q4_1,
     Q4_K,
     GGMLType,
     dequantize,
+    four_bit_quants,
     int8_grid,
     k_scales_mins,
 )
@@ -48,7 +49,6 @@ _TILE_WEIGHTS = 1 << 20  # weights dequantized at once on the CPU path (4 MiB in
 # Zen 4, one thread: the integer-dot op (groups of 32) 1.2 ms for 1 row and 2.2 for 4, the fp32 op (any group)
 # 2.4 and 4.9, the packed bf16 head 2.8-3.6 and 3.1; from 8 rows oneDNN on a dequantized tile is faster.
 INT8_OP_MAX_ROWS = 4
-INT4_TYPES = (Q4_0.id, Q4_1.id, Q4_K.id)
 # Up to this many rows a step is bound by reading the weights, and 4-bit copies read 4x less than bf16 ones. With
 # the C++ op (about 15 us more per row on a 1728 x 576 weight) 8 rows still beat the bf16 copy: 8 sequences of the
 # packaged model decoded at 31-33 ms a step against 37-40 ms with 4 (in process, this 2-core Zen 4).
@@ -155,16 +155,13 @@ def int4_grid(raw: torch.Tensor, qtype: GGMLType) -> tuple[torch.Tensor, torch.T
     rows = raw.shape[0]
     b = raw.reshape(-1, qtype.type_size)
     d = b[:, :2].contiguous().view(torch.float16).float()
+    q = four_bit_quants(raw, qtype)
     if qtype.id == Q4_K.id:
         dmin = b[:, 2:4].contiguous().view(torch.float16).float()
         sc, mn = k_scales_mins(b[:, 4:16])
-        runs = b[:, 16:].reshape(-1, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 1, 2, 1)
-        q = (runs & 0x0F).reshape(-1, 256)
         scale = d * sc.float()
         zero = 8 * scale - dmin * mn.float()
     else:
-        start = 2 if qtype.id == Q4_0.id else 4
-        q = torch.cat((b[:, start:] & 0x0F, b[:, start:] >> 4), dim=-1)
         scale = d
         zero = (
             torch.zeros_like(d) if qtype.id == Q4_0.id else b[:, 2:4].contiguous().view(torch.float16).float() + 8 * d
