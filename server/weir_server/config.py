@@ -27,7 +27,8 @@ class ModelConfig:
     served_name: str | None = None  # the id clients pass as `model`; defaults to `model`
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
     # GGUF blocks kept packed in memory and read by quantized matmuls (`--quantization gguf`); otherwise dequantized at
-    # load. Opt-in while the packed CPU path is slower than the dequantized one (bench/RESULTS.md, 2026-12-06 22:50).
+    # load (a one-rank bf16 CPU model keeps the blocks too, for steps of a few rows: models/loader.py). Opt-in: many
+    # rows multiply the dequantized copies several times faster (bench/RESULTS.md, 2026-12-07 23:13).
     keep_quantized: bool = False
     # `--quantization`: awq | gptq | fp8 (None: as the checkpoint's quantization_config says). fp8 on a float
     # checkpoint quantizes its linear layers while loading (models/quant_config.py).

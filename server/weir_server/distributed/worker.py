@@ -35,7 +35,7 @@ def run_worker(
     try:
         device = torch.device(config.model.device)
         parallel_state.initialize(rank, world_size, init_method, device, config.parallel.collective_timeout_s)
-        loaded = load_model(config.model, "generate")
+        loaded = load_model(config.model, "generate", lora=config.lora is not None)
         runner = ModelRunner(loaded, config)
         logger.info("ready")
         while (data := steps.recv_bytes()) != STOP_MESSAGE:

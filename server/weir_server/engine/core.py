@@ -132,7 +132,8 @@ class EngineCore:
         """Start `config`'s tensor-parallel workers (none at size 1), load the model as their rank 0 and build its
         core; blocking. How a core process, and a server's core thread, make their core."""
         publisher = launch(config)  # before the model is built, so it is built as rank 0's shard
-        return cls(load_model(config.model, "generate"), config, detokenize_all=detokenize_all, publisher=publisher)
+        loaded = load_model(config.model, "generate", lora=config.lora is not None)
+        return cls(loaded, config, detokenize_all=detokenize_all, publisher=publisher)
 
     # ---- LoRA adapters ----------------------------------------------------------------------------------
 

@@ -7,16 +7,20 @@ fused gate/up projection plus `SiluAndMul` for `PackedGateUpSilu`, where oneDNN 
 inside the matmuls instead of in separate passes over memory. A tied embedding whose rows the packed head holds as
 the file's int8 blocks looks them up there (`PackedRowsEmbedding`) instead of keeping its own bf16 copy.
 
-Where a weight already sits on a 4-bit grid (a dequantized Q4_0, Q4_1 or Q4_K GGUF tensor) a layer also keeps a
-4-bit copy for steps of at most INT4_MAX_ROWS rows: those are bound by reading weights, and the copy reads 4x less.
+Steps of at most INT4_MAX_ROWS rows are bound by reading weights, so a layer whose weights are quantized keeps them
+in that form too, for those steps: a GGUF layer loaded with a dense copy (layers/quantized_linear.py) brings its
+blocks in the C++ ops' layouts (each fused part its own), and a weight that already sits on a 4-bit grid (a
+dequantized Q4_0, Q4_1 or Q4_K tensor that came as floats) gets a 4-bit copy. Either reads 2-4x less than bf16.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from weir_server.kernels.cpu_ops import cpu_ops
@@ -24,11 +28,14 @@ from weir_server.layers.activation import SiluAndMul
 from weir_server.layers.gguf_weights import (
     INT4_MAX_ROWS,
     INT8_OP_MAX_ROWS,
+    Int4Rows,
     Int4Weight,
     Int8BlockRows,
+    RowsForm,
     op_layout_rows,
 )
 from weir_server.layers.linear import VocabParallelEmbedding
+from weir_server.layers.quantized_linear import GGUFLinear, describe_parts
 
 logger = logging.getLogger(__name__)
 
@@ -115,31 +122,76 @@ def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # no fused post-op
 
 
-class PackedLinear(nn.Module):
-    """y = x W^T + b with W held in oneDNN's layout; inference only (the packed weight is no Parameter)."""
+def _parts_matmul(
+    parts: nn.ModuleList, x: torch.Tensor, bias: torch.Tensor | None, silu_and_mul: bool = False
+) -> torch.Tensor:
+    """x times a GGUF layer's parts (concatenated by output row), plus bias, and for a [gate; up] weight
+    silu(gate) * up; one part in a C++ layout forms that product inside its op."""
+    flat = x.contiguous()
+    only = parts[0] if len(parts) == 1 else None
+    if silu_and_mul and bias is None and isinstance(only, Int4Rows | Int8BlockRows) and only.packed is not None:
+        op = cpu_ops().int4_group_matmul if isinstance(only, Int4Rows) else cpu_ops().int8_packed_matmul  # type: ignore[union-attr]
+        return op(flat, only.packed, silu_and_mul=True)  # type: ignore[no-any-return]
+    outs = [cast(RowsForm, part).matmul(flat) for part in parts]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+    if bias is not None:
+        out = out + bias
+    if not silu_and_mul:
+        return out
+    gate, up = out.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+
+def _op_parts(parts: nn.ModuleList | None) -> nn.ModuleList | None:
+    """`parts` where every one holds a C++ op's layout (the others, float rows or raw blocks, are slower than the
+    packed bf16 copy at any row count), else None."""
+    if parts is None or not all(isinstance(p, Int4Rows | Int8BlockRows) and p.packed is not None for p in parts):
+        return None
+    return parts
+
+
+def _few_row_form(weight: torch.Tensor, parts: nn.ModuleList | None) -> tuple[Int4Weight | None, nn.ModuleList | None]:
+    """What steps of a few rows read: a GGUF layer's parts where they all hold a C++ op's layout, else a lossless
+    4-bit copy of the weight where there is one."""
+    usable = _op_parts(parts)
+    return (None, usable) if usable is not None else (lossless_int4(weight), None)
+
+
+def _few_rows_repr(module: nn.Module) -> str:
+    if getattr(module, "parts", None) is not None:
+        return f", [{describe_parts(list(module.parts))}] for small batches"
+    return ", int4 for small batches" if getattr(module, "int4_weight", None) is not None else ""
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W held in oneDNN's layout; inference only (the packed weight is no Parameter). `parts`:
+    a GGUF layer's blocks (quantized_linear.GGUFLinear.parts) for steps of a few rows."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: nn.ModuleList | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.packed_weight = _pack(weight)
-        self.int4_weight = lossless_int4(weight)
+        self.int4_weight, self.parts = _few_row_form(weight, parts)
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4_weight is not None and _few_rows(x):
-            return self.int4_weight.matmul(x, self.bias)
+        if _few_rows(x):
+            if self.int4_weight is not None:
+                return self.int4_weight.matmul(x, self.bias)
+            if self.parts is not None:
+                return _parts_matmul(self.parts, x, self.bias)
         return _packed_matmul(x, self.packed_weight, self.bias)
 
     def extra_repr(self) -> str:
-        int4 = ", int4 for small batches" if self.int4_weight is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{int4}"
+        few = _few_rows_repr(self)
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{few}"
 
 
 class PackedGateUpSilu(nn.Module):
     """silu(x W_gate^T) * (x W_up^T) for a [gate | up] weight: two packed matmuls with the activation and the
     product as oneDNN post-ops. Replaces a gate/up projection whose `SiluAndMul` becomes an identity."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: nn.ModuleList | None = None) -> None:
         super().__init__()
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0] // 2
@@ -148,17 +200,20 @@ class PackedGateUpSilu(nn.Module):
         gate_bias, up_bias = (None, None) if bias is None else bias.detach().chunk(2)
         self.gate_bias, self.up_bias = gate_bias, up_bias
         self.bias = None if bias is None else bias.detach()
-        self.int4_weight = lossless_int4(weight)
+        self.int4_weight, self.parts = _few_row_form(weight, parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4_weight is not None and _few_rows(x):
-            return self.int4_weight.silu_and_mul(x, self.bias)
+        if _few_rows(x):
+            if self.int4_weight is not None:
+                return self.int4_weight.silu_and_mul(x, self.bias)
+            if self.parts is not None:
+                return _parts_matmul(self.parts, x, self.bias, silu_and_mul=True)
         gate = torch.ops.mkldnn._linear_pointwise(x, self.packed_gate, self.gate_bias, "swish", [], "")
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.packed_up, self.up_bias, "mul")
 
     def extra_repr(self) -> str:
-        int4 = ", int4 for small batches" if self.int4_weight is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features} (silu(gate) * up){int4}"
+        few = _few_rows_repr(self)
+        return f"in_features={self.in_features}, out_features={self.out_features} (silu(gate) * up){few}"
 
 
 class PackedLMHead(nn.Module):
@@ -167,10 +222,13 @@ class PackedLMHead(nn.Module):
     bytes of bf16, the file's exact values, and the same bits for a row whatever shares its step, as the 4-bit
     copies give). Groups of 32 (Q8_0, Q5_K) go to the integer-dot op's layout; others (Q6_K) keep theirs."""
 
-    def __init__(self, weight: torch.Tensor, int8_rows: Int8BlockRows | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, int8_rows: Int8BlockRows | None = None, parts: nn.ModuleList | None = None
+    ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
         self.packed_weight = _pack(weight)
+        self.parts = _op_parts(parts)
         self.int8_rows, self.int8_packed = int8_rows, None
         ops = cpu_ops()
         if int8_rows is not None and ops is not None and int8_rows.group == 32 and int8_rows.rows % 8 == 0:
@@ -180,6 +238,8 @@ class PackedLMHead(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in the model's dtype."""
         if hidden.shape[0] <= INT8_OP_MAX_ROWS:
+            if self.parts is not None:
+                return _parts_matmul(self.parts, hidden, None)
             if self.int8_packed is not None:
                 return cpu_ops().int8_packed_matmul(hidden.contiguous(), self.int8_packed)  # type: ignore[no-any-return,union-attr]
             if self.int8_rows is not None and cpu_ops() is not None:
@@ -236,8 +296,8 @@ def _share_tied_embedding(model: nn.Module, weight: torch.Tensor, head: PackedLM
 
 
 def _packable(module: nn.Module) -> bool:
-    """A whole (not tensor-parallel-split) bf16 CPU weight of a plain linear map."""
-    weight = getattr(module, "weight", None)
+    """A whole (not tensor-parallel-split) bf16 CPU weight of a plain linear map (a GGUF layer's dense copy)."""
+    weight = module.dense_weight if isinstance(module, GGUFLinear) else getattr(module, "weight", None)
     return (
         isinstance(weight, torch.Tensor)
         and weight.dim() == 2
@@ -264,15 +324,17 @@ def pack_linear_layers(model: nn.Module) -> int:
         module = getattr(owner, attr)
         if not _packable(module):
             continue
+        gguf = isinstance(module, GGUFLinear)
+        weight, parts = (module.dense_weight, module.parts) if gguf else (module.weight, None)
         if attr == "gate_up_proj" and isinstance(getattr(owner, "act_fn", None), SiluAndMul):
-            setattr(owner, attr, PackedGateUpSilu(module.weight, module.bias))
+            setattr(owner, attr, PackedGateUpSilu(weight, module.bias, parts))
             owner.act_fn = nn.Identity()
-        elif isinstance(module, nn.Linear):
-            setattr(owner, attr, PackedLinear(module.weight, module.bias))
-        elif attr == "lm_head" and hasattr(module, "compute_logits"):
-            head = PackedLMHead(module.weight, getattr(module, "int8_rows", None))  # type: ignore[arg-type]
+        elif isinstance(module, nn.Linear) or (gguf and not module.lm_head):
+            setattr(owner, attr, PackedLinear(weight, module.bias, parts))
+        elif attr == "lm_head" and hasattr(module, "compute_logits"):  # a tied GGUF embedding keeps its parts
+            head = PackedLMHead(weight, getattr(module, "int8_rows", None), parts)  # type: ignore[arg-type]
             setattr(owner, attr, head)
-            _share_tied_embedding(model, module.weight, head)
+            _share_tied_embedding(model, weight, head)
         else:
             continue
         count += 1

@@ -9,6 +9,10 @@ row-parallel shard slices each row's bytes where its columns start and end on bl
 dequantized (with a log line) where they do not. Fused projections may mix types (Q4_K_M files keep v in
 Q6_K and q, k in Q4_K): each run of one type is its own part, and the parts' outputs are concatenated.
 
+With `dense_copies` (a one-rank bf16 model on a CPU, by default) a linear layer also keeps its weight dequantized
+beside the blocks: steps of a few rows, bound by reading weights, read the blocks, and larger ones multiply the
+float copy (oneDNN's packed one once layers/cpu_linear.py swaps the layer), as fast as a dequantizing load.
+
 A `QuantizedTensor` also reads as floats through the lazy-slice interface, so any layer not swapped here
 loads it dequantized.
 """
@@ -26,6 +30,7 @@ from weir_server.distributed.communication import all_gather, all_reduce
 from weir_server.kernels.gguf_dequant import GGMLType, dequantize, row_bytes
 from weir_server.layers.fused_moe import FusedMoE
 from weir_server.layers.gguf_weights import (
+    INT4_MAX_ROWS,
     DenseRows,
     Int8BlockRows,
     PackedRows,
@@ -94,7 +99,7 @@ class _GGUFRowsLayer(nn.Module):
 
     _base: Any  # the layer replaced (on the meta device): its weight_loader knows the sharding
 
-    def __init__(self, base: Any, out_features: int, in_features: int) -> None:
+    def __init__(self, base: Any, out_features: int, in_features: int, dense_copy: bool = False) -> None:
         super().__init__()
         object.__setattr__(self, "_base", base)  # not a submodule: its meta weight is never allocated
         self.tp_rank, self.tp_size = int(getattr(base, "tp_rank", 0)), int(getattr(base, "tp_size", 1))
@@ -104,6 +109,8 @@ class _GGUFRowsLayer(nn.Module):
         self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
         self.parts = nn.ModuleList()
         self._pending: dict[int, _Entry] = {}
+        self.dense_copy = dense_copy
+        self.dense_weight: torch.Tensor | None = None  # with dense_copy: [out, in] in the model's dtype
 
     def _row_map(self, src: WeightSource, name: str, shard_id: Any) -> tuple[int, torch.Tensor]:
         """(first local row, checkpoint row of each local row from there, -1 for vocabulary padding)."""
@@ -146,6 +153,8 @@ class _GGUFRowsLayer(nn.Module):
         return runs
 
     def _finalize(self, runs: list[_Entry]) -> None:
+        if self.dense_copy:
+            self.dense_weight = _dense(runs, self.weight.device, self.weight.dtype)
         self.parts = nn.ModuleList(self._form(rows, qtype) for rows, qtype in runs)
 
     def _form(self, rows: torch.Tensor, qtype: GGMLType | None, packed_only: bool = False) -> RowsForm:
@@ -159,26 +168,39 @@ class _GGUFRowsLayer(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if not self.parts:
             raise RuntimeError(f"{type(self).__name__}: weights not loaded")
+        if self.dense_weight is not None and x.reshape(-1, self.in_features).shape[0] > INT4_MAX_ROWS:
+            return F.linear(x, self.dense_weight)
         outs = [cast(RowsForm, part).matmul(x) for part in self.parts]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def extra_repr(self) -> str:
         forms = [cast(RowsForm, part) for part in self.parts]
-        kinds = ", ".join(f"{type(p).__name__}({getattr(p, 'qtype', None) or 'float'}, {p.rows})" for p in forms)
-        return f"in_features={self.in_features}, out_features={self.out_features}, parts=[{kinds}]"
+        dense = ", a dense copy for larger steps" if self.dense_weight is not None else ""
+        shape = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{shape}, parts=[{describe_parts(forms)}]{dense}"
+
+
+def describe_parts(parts: list[RowsForm]) -> str:
+    """`Int4Rows(Q4_K, 1024), Int8BlockRows(Q6_K, 128)`: each part's form, type and rows."""
+    return ", ".join(f"{type(p).__name__}({getattr(p, 'qtype', None) or 'float'}, {p.rows})" for p in parts)
+
+
+def _dense(runs: list[_Entry], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The runs' rows dequantized (the file's values, rounded once to `dtype`), one [rows, cols] matrix."""
+    return torch.cat([(rows if qtype is None else dequantize(rows, qtype)).to(device, dtype) for rows, qtype in runs])
 
 
 class GGUFLinear(_GGUFRowsLayer):
     """A column-parallel (incl. fused q/k/v, gate/up), row-parallel or LM-head layer over GGUF weights."""
 
-    def __init__(self, base: Any) -> None:
+    def __init__(self, base: Any, dense_copy: bool = False) -> None:
         self.row_parallel = isinstance(base, RowParallelLinear)
         self.lm_head = isinstance(base, ParallelLMHead)
         if self.lm_head:
             out_features, in_features = base.num_embeddings, base.embedding_dim
         else:
             out_features, in_features = base.out_features, base.in_features
-        super().__init__(base, out_features, in_features)
+        super().__init__(base, out_features, in_features, dense_copy)
         self.full_in = int(getattr(base, "full_input_size", in_features))
         self.full_num_embeddings = int(getattr(base, "full_num_embeddings", out_features))
         self.bias = getattr(base, "bias", None)
@@ -245,8 +267,8 @@ class GGUFEmbedding(_GGUFRowsLayer):
 
     tied_head: GGUFLinear | None
 
-    def __init__(self, base: VocabParallelEmbedding) -> None:
-        super().__init__(base, base.num_embeddings, base.embedding_dim)
+    def __init__(self, base: VocabParallelEmbedding, dense_copy: bool = False) -> None:
+        super().__init__(base, base.num_embeddings, base.embedding_dim, dense_copy)
         self.vocab_start, self.num_valid = base.vocab_start, base.num_valid
         object.__setattr__(self, "tied_head", None)  # set by quantize_gguf_layers; not a submodule here
 
@@ -262,6 +284,9 @@ class GGUFEmbedding(_GGUFRowsLayer):
             if all(hasattr(part, "dequantize_rows") for part in self.tied_head.parts):
                 self.parts = self.tied_head.parts  # look up in the head's form: one copy of the matrix
                 return
+        if self.dense_copy:  # lookups read float rows, as a dequantizing load's do
+            self.parts = nn.ModuleList([DenseRows(_dense(runs, self.weight.device, self.weight.dtype))])
+            return
         self.parts = nn.ModuleList(self._form(rows, qtype, packed_only=True) for rows, qtype in runs)
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -280,25 +305,26 @@ class GGUFEmbedding(_GGUFRowsLayer):
         return all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
 
 
-def quantize_gguf_layers(model: nn.Module) -> int:
+def quantize_gguf_layers(model: nn.Module, dense_copies: bool = False) -> int:
     """Swap the model's tensor-parallel linear, embedding and LM-head layers and its routed experts (exactly those
     classes: a family's own subclass keeps its float path) for GGUF ones, before materializing. Returns how many
-    were swapped."""
+    were swapped. With `dense_copies` the layers keep dequantized weights beside the blocks, and experts are left
+    to load dequantized."""
     embeddings: dict[int, GGUFEmbedding] = {}
     count = 0
     for name, module in list(model.named_modules()):
         owner_name, _, attr = name.rpartition(".")
         swapped: nn.Module
         if type(module) in LINEAR_TYPES:
-            swapped = GGUFLinear(module)
+            swapped = GGUFLinear(module, dense_copies)
         elif type(module) is VocabParallelEmbedding:
-            swapped = embeddings[id(module.weight)] = GGUFEmbedding(module)
-        elif type(module) is FusedMoE:
+            swapped = embeddings[id(module.weight)] = GGUFEmbedding(module, dense_copies)
+        elif type(module) is FusedMoE and not dense_copies:
             from weir_server.layers.gguf_moe import GGUFFusedMoE  # it builds on this module's PackedExperts
 
             swapped = GGUFFusedMoE(module)
         elif type(module) is ParallelLMHead:
-            swapped = GGUFLinear(module)
+            swapped = GGUFLinear(module, dense_copies)
             tied = embeddings.get(id(module.weight))
             if tied is not None:
                 object.__setattr__(tied, "tied_head", swapped)

@@ -32,14 +32,14 @@ from weir_server.layers.rotary import StepRope
 
 def _packed_parts(module: nn.Module, kind: type[nn.Module]) -> list[torch.Tensor] | None:
     """The C++ op's weights (int4 or int8 layout) of a bias-free projection: a packed bf16 one of exactly `kind`
-    with its 4-bit copy, or a whole (one-rank) GGUF one, a weight per part (a fused q/k/v of Q4_K beside Q6_K has
-    two). None otherwise."""
+    with its 4-bit copy or GGUF parts, or a whole (one-rank) GGUF one, a weight per part (a fused q/k/v of Q4_K
+    beside Q6_K has two). None otherwise."""
     if getattr(module, "bias", None) is not None:
         return None
-    if type(module) is kind:
+    if type(module) is kind and module.parts is None:
         weight = getattr(module, "int4_weight", None)
         return [weight.packed] if isinstance(weight, Int4Weight) and weight.packed is not None else None
-    if type(module) is not GGUFLinear or module.tp_size != 1:
+    if type(module) is not kind and (type(module) is not GGUFLinear or module.tp_size != 1):
         return None
     packed = [part.packed for part in module.parts if isinstance(part, Int4Rows | Int8BlockRows)]
     if len(packed) != len(module.parts) or any(p is None for p in packed):

@@ -19,11 +19,13 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from weir_server.config import ModelConfig
+from weir_server.distributed import parallel_state
 from weir_server.errors import ModelLoadError
+from weir_server.kernels.cpu_ops import cpu_ops
 from weir_server.layers.fp8_linear import Fp8Linear, quantize_fp8_layers, restore_dequantized_layers
 from weir_server.layers.gguf_weights import Int8BlockRows
 from weir_server.layers.int4_linear import Int4Linear, quantize_int4_layers
-from weir_server.layers.quantized_linear import quantize_gguf_layers
+from weir_server.layers.quantized_linear import GGUFLinear, quantize_gguf_layers
 from weir_server.models.checkpoint_checks import check_gguf_tensors, check_safetensors_file, open_gguf
 from weir_server.models.gguf_sharing import shared_gguf_readers
 from weir_server.models.gguf_tensors import gguf_config_fixes, int8_head_rows, iter_gguf_tensors
@@ -63,16 +65,17 @@ class LoadedModel:
     pooling: str  # "mean" | "cls" | "last" (embed models)
 
 
-def load_model(config: ModelConfig, task: Task | None = None, weights: bool = True) -> LoadedModel:
+def load_model(config: ModelConfig, task: Task | None = None, weights: bool = True, lora: bool = False) -> LoadedModel:
     """Resolve, build and fill the model `config` names; raise ModelLoadError with the reason if impossible.
-    With `weights=False` only its config and tokenizer are read (a frontend of an engine-core process)."""
+    With `weights=False` only its config and tokenizer are read (a frontend of an engine-core process). `lora`: LoRA
+    will wrap the shared linear layers, so a GGUF's come as float ones."""
     with shared_gguf_readers():  # a GGUF file is parsed once, not once per reader of it
-        loaded = _load_model(config, task, weights)
+        loaded = _load_model(config, task, weights, lora)
     trim_heap()  # what the load freed (a GGUF file's metadata, its dequantized tensors) lies among what stays
     return loaded
 
 
-def _load_model(config: ModelConfig, task: Task | None, weights: bool) -> LoadedModel:
+def _load_model(config: ModelConfig, task: Task | None, weights: bool, lora: bool) -> LoadedModel:
     started = time.perf_counter()
     if config.load_format not in _LOAD_FORMATS:
         raise ModelLoadError(f"load_format {config.load_format!r} is not one of {', '.join(_LOAD_FORMATS)}")
@@ -91,7 +94,7 @@ def _load_model(config: ModelConfig, task: Task | None, weights: bool) -> Loaded
     dtype = resolve_dtype(config.dtype, device, entry.task)
     logger.info("Architecture %s (%s), %s on %s", architecture, entry.task, dtype, device)
 
-    model = _build_model(config, source, hf_config, entry.model_class, device, dtype) if weights else None
+    model = _build_model(config, source, hf_config, entry.model_class, device, dtype, lora) if weights else None
     tokenizer = _load_tokenizer(source, config)
     loaded = LoadedModel(
         model=model,
@@ -120,7 +123,9 @@ def _load_model(config: ModelConfig, task: Task | None, weights: bool) -> Loaded
 
 def _num_weights(model: nn.Module) -> int:
     """Parameters, counting each quantized projection's weights (held as packed buffers) one by one."""
-    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int4Linear | Fp8Linear))
+    quantized = sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, Int4Linear | Fp8Linear | GGUFLinear)
+    )
     return sum(p.numel() for p in model.parameters()) + quantized
 
 
@@ -131,14 +136,17 @@ def _build_model(
     model_class: type[nn.Module],
     device: torch.device,
     dtype: torch.dtype,
+    lora: bool,
 ) -> nn.Module:
     weights: _WeightStream | None = None
     try:
-        keep_packed = (
-            config.keep_quantized and source.is_gguf and config.load_format != "dummy" and _shards_on_load(model_class)
-        )
+        gguf_layers = source.is_gguf and config.load_format != "dummy" and _shards_on_load(model_class)
+        dense_copies = gguf_layers and not config.keep_quantized and _blocks_beside_floats(device, dtype, lora)
+        keep_packed = gguf_layers and (config.keep_quantized or dense_copies)
         quant = _quant_config(config, source, hf_config, model_class)
-        prepare: Callable[[nn.Module], object] | None = quantize_gguf_layers if keep_packed else None
+        prepare: Callable[[nn.Module], object] | None = None
+        if keep_packed:
+            prepare = functools.partial(quantize_gguf_layers, dense_copies=dense_copies)
         if quant is not None:
             logger.info("Quantized linear layers: %s", quant)
             swap = quantize_int4_layers if quant.is_int4 else quantize_fp8_layers
@@ -164,6 +172,15 @@ def _build_model(
         message = " ".join(str(error).split())  # one line
         raise ModelLoadError(f"{where}{message}") from error
     return model.eval()
+
+
+def _blocks_beside_floats(device: torch.device, dtype: torch.dtype, lora: bool) -> bool:
+    """Whether a GGUF's dequantizing load keeps the file's blocks too: a one-rank bf16 model on a CPU with the C++
+    ops, whose integer-dot matmuls read them for steps of a few rows (2-4x fewer bytes than bf16; layers/cpu_linear.py)
+    while larger steps multiply the bf16 copies. LoRA wraps only the shared float layers."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or lora or parallel_state.tp_size() != 1:
+        return False
+    return cpu_ops() is not None
 
 
 def _keep_int8_head(model: nn.Module, source: ModelSource) -> None:

@@ -59,42 +59,58 @@ def test_greedy_answer_matches_transformers_and_names_paris(smollm2):
     assert "Paris" in loaded.tokenizer.decode(ours, skip_special_tokens=True)
 
 
-def test_bf16_cpu_head_reads_the_files_q8_0_rows_for_one_token_steps():
-    """The packaged file's head (its tied Q8_0 embedding) stays int8 beside the bf16 copy: a one-token step's
-    logits come from the file's values, and agree with the bf16 head to bf16's rounding."""
+def _packed_bf16_smollm2():
     from weir_server.kernels.cpu_ops import cpu_ops
-    from weir_server.layers.cpu_linear import PackedLMHead, pack_linear_layers
-    from weir_server.layers.gguf_weights import INT8_OP_MAX_ROWS
+    from weir_server.layers.cpu_linear import pack_linear_layers
 
-    loaded = load_model(ModelConfig("smollm2-135m-instruct", device="cpu", dtype="bfloat16"))
-    model = loaded.model
-    assert model.lm_head.int8_rows.qtype.name == "Q8_0"
-    if pack_linear_layers(model) == 0 or cpu_ops() is None:
+    model = load_model(ModelConfig("smollm2-135m-instruct", device="cpu", dtype="bfloat16")).model
+    if cpu_ops() is None or pack_linear_layers(model) == 0:
         pytest.skip("no oneDNN packing or C++ ops in this torch build")
+    return model
+
+
+def test_bf16_cpu_layers_read_the_files_blocks_for_steps_of_a_few_rows():
+    """A bf16 CPU load keeps the file's blocks beside the packed bf16 copies: every projection's Q4_1 rows and the
+    head's (the tied embedding's) Q8_0 rows, in the C++ ops' layouts, for steps of a few rows; those agree with the
+    bf16 copies (larger steps) to bf16's rounding and give the same argmax."""
+    from weir_server.layers.cpu_linear import PackedGateUpSilu, PackedLinear, PackedLMHead
+    from weir_server.layers.gguf_weights import INT4_MAX_ROWS, INT8_OP_MAX_ROWS, Int4Rows, Int8BlockRows
+
+    model = _packed_bf16_smollm2()
+    assert model.prepare_cpu_decode()  # the decode layers run in one C++ call
+    layer = model.model.layers[0]
+    for module in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+        assert type(module) in (PackedLinear, PackedGateUpSilu)
+        (part,) = module.parts
+        assert isinstance(part, Int4Rows) and part.qtype.name == "Q4_1" and part.packed is not None
     head = model.lm_head
     assert isinstance(head, PackedLMHead)
-    assert head.int8_packed is not None  # Q8_0's groups of 32 take the integer-dot op's layout
-    rows = INT8_OP_MAX_ROWS + 1
-    hidden = torch.randn(rows, 576, generator=torch.Generator().manual_seed(0)).bfloat16()
-    batched = head.compute_logits(hidden).float()  # more rows than the op takes: the packed bf16 weight
-    for i in range(rows):
-        one = head.compute_logits(hidden[i : i + 1]).float()[0]  # one row: the int8 rows
-        torch.testing.assert_close(one, batched[i], atol=0.1, rtol=2**-7)
-        assert one.argmax() == batched[i].argmax()
+    (part,) = head.parts
+    assert isinstance(part, Int8BlockRows) and part.qtype.name == "Q8_0" and part.packed is not None
+    generator = torch.Generator().manual_seed(0)
+    for module, rows, cols in ((head, INT8_OP_MAX_ROWS, 576), (layer.mlp.down_proj, INT4_MAX_ROWS, 1536)):
+        hidden = torch.randn(rows + 1, cols, generator=generator).bfloat16()
+        run = module.compute_logits if module is head else module
+        batched = run(hidden).float()  # more rows than the blocks take: the packed bf16 weight
+        for i in range(rows):
+            one = run(hidden[i : i + 1]).float()[0]  # one row: the file's blocks
+            torch.testing.assert_close(one, batched[i], atol=0.1, rtol=2**-6)
+            if module is head:
+                assert one.argmax() == batched[i].argmax()
 
 
 def test_bf16_cpu_tied_embedding_looks_its_rows_up_in_the_heads_int8_layout_bit_for_bit():
-    """Packing drops the tied embedding's bf16 matrix: its rows come from the head's copy of the file's Q8_0 rows,
-    equal to the loaded bf16 weight for every token, in any order and with repeats."""
-    from weir_server.kernels.cpu_ops import cpu_ops
-    from weir_server.layers.cpu_linear import PackedRowsEmbedding, pack_linear_layers
+    """The tied embedding holds no bf16 matrix: its rows come from the head's copy of the file's Q8_0 rows, equal
+    to the file's values rounded to bf16 for every token, in any order and with repeats."""
+    from weir_server.kernels.gguf_dequant import dequantize
+    from weir_server.models.checkpoint_checks import open_gguf
+    from weir_server.models.gguf_tensors import int8_head_rows
 
-    model = load_model(ModelConfig("smollm2-135m-instruct", device="cpu", dtype="bfloat16")).model
-    weight = model.model.embed_tokens.weight.detach().clone()
-    if pack_linear_layers(model) == 0 or cpu_ops() is None:
-        pytest.skip("no oneDNN packing or C++ ops in this torch build")
+    model = _packed_bf16_smollm2()
+    source = resolve_source("smollm2-135m-instruct")
+    raw, qtype = int8_head_rows(open_gguf(source.directory / str(source.gguf_file)), tied=True)
+    weight = dequantize(raw, qtype).bfloat16()
     embedding = model.model.embed_tokens
-    assert isinstance(embedding, PackedRowsEmbedding)
-    assert embedding.packed is model.lm_head.int8_packed
+    assert embedding.parts is model.lm_head.parts  # one copy of the matrix
     ids = torch.cat([torch.arange(weight.shape[0]).flip(0), torch.tensor([7, 7, 0, 49151])]).view(2, -1)
     assert torch.equal(embedding(ids), weight[ids])

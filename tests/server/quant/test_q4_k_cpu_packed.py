@@ -154,6 +154,32 @@ def test_a_q4_k_m_model_decodes_in_one_call_with_its_modules_and_its_float32_run
             assert token == int(logits[j].argmax()) or float(top2[j, 0] - top2[j, 1]) < 0.05
 
 
+def test_the_default_bf16_load_keeps_the_files_blocks_beside_packed_bf16_copies(q4_k_m_file):  # noqa: F811
+    """Without --quantization gguf a bf16 CPU load holds each projection twice: the file's parts (Q4_K as int4,
+    Q6_K / Q5_K as int8, a fused q/k/v or gate/up part by part) for steps of a few rows, which decode in one C++
+    call, and a packed bf16 copy for larger steps; the two agree to bf16's rounding."""
+    from weir_server.layers.cpu_linear import PackedGateUpSilu, PackedLinear, pack_linear_layers
+    from weir_server.layers.gguf_weights import INT4_MAX_ROWS
+
+    path, folder, _ = q4_k_m_file
+    model = load_model(ModelConfig(str(path), device="cpu", dtype="bfloat16", tokenizer=str(folder))).model
+    if pack_linear_layers(model) == 0:
+        pytest.skip("no oneDNN packing in this torch build")
+    layer0, layer1 = model.model.layers
+    assert type(layer0.self_attn.qkv_proj) is PackedLinear
+    assert _forms(layer0.self_attn.qkv_proj) == [("Int4Rows", Q4_K), ("Int8BlockRows", Q6_K)]
+    gate_up = layer1.mlp.gate_up_proj
+    assert type(gate_up) is PackedGateUpSilu and len(gate_up.parts) == 2
+    assert model.prepare_cpu_decode() and model.model.cpu_decode.parts == [2, 1, 1, 1, 3, 1, 2, 1]
+    for module in (layer0.self_attn.qkv_proj, gate_up):
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(INT4_MAX_ROWS + 1, module.in_features, generator=gen).bfloat16()
+        batched = module(x).float()  # the bf16 copy
+        for i in range(INT4_MAX_ROWS):
+            one = module(x[i : i + 1]).float()[0]  # the file's blocks
+            torch.testing.assert_close(one, batched[i], atol=0.02, rtol=2**-6)
+
+
 def test_a_dequantized_q4_k_tensor_keeps_a_4_bit_copy_even_where_a_group_stops_short_of_16_levels(gguf_rows):
     from weir_server.layers.cpu_linear import lossless_int4
 
