@@ -104,6 +104,8 @@ def _decode_batch(
         ([90, 17, 200], 4, 4, 16, 8, None, None),  # multi-head, partial rotary
         ([300, 40], 8, 1, 32, 32, 64, None),  # multi-query, a sliding window shorter than one context
         ([50, 75], 6, 2, 16, 16, None, 30.0),  # Gemma 2's soft-capped scores
+        ([20, 41], 14, 2, 64, 64, None, None),  # 7 query heads a KV head: the values' sums in two register groups
+        ([33, 70], 16, 2, 128, 64, None, None),  # head_dim 128, 8 query heads a KV head (four groups of two)
     ],
 )
 def test_decode_attention_matches_the_torch_rotary_cache_write_and_attention(
