@@ -1,6 +1,6 @@
 """`weir bench`: run the same load (closed loop at some concurrencies, or open loop at some request rates) against
 each target, print one table, and optionally save the result as JSON and plot it; its subcommands
-(`weir bench gpu|tp|kernels|host-profile|gguf|structured|plot ...`) are the other harnesses."""
+(`weir bench gpu|tp|kernels|host-profile|cpu-steps|gguf|structured|plot ...`) are the other harnesses."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ SUBCOMMANDS = {
     "tp": ("weir_bench.tp", "GPUs of one host: tensor parallelism, greedy equality and decode speed"),
     "kernels": ("weir_bench.kernels", "GPU: the Triton kernels vs the torch paths they replace"),
     "host-profile": ("weir_bench.host_profile", "CPU: host time per engine step at a large decode batch"),
+    "cpu-steps": ("weir_bench.cpu_steps", "CPU: step time of many streams as their contexts grow; attention alone"),
     "gguf": ("weir_bench.gguf", "GGUF weights kept packed vs dequantized at load: CPU memory and speed, GPU kernels"),
     "structured": ("weir_bench.structured", "JSON-schema-constrained streams beside free-text ones, over gRPC"),
     "plot": ("weir_bench.plot", "plot a --save-result JSON file: throughput, TTFT and ITL against the load"),

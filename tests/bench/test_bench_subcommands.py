@@ -19,7 +19,7 @@ from weir_bench.report import Row
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "RESULTS.md"
 HELP = [["gpu"], ["gpu", "run"], ["gpu", "reference"], ["gpu", "greedy"], ["gpu", "sampling"], ["gpu", "tokenizer"],
-        ["tp"], ["kernels"], ["host-profile"], ["structured"], ["plot"]]  # fmt: skip
+        ["tp"], ["kernels"], ["host-profile"], ["cpu-steps"], ["structured"], ["plot"]]  # fmt: skip
 
 
 @pytest.mark.parametrize("words", HELP, ids=" ".join)
