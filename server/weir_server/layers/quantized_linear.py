@@ -284,8 +284,11 @@ class GGUFEmbedding(_GGUFRowsLayer):
             if all(hasattr(part, "dequantize_rows") for part in self.tied_head.parts):
                 self.parts = self.tied_head.parts  # look up in the head's form: one copy of the matrix
                 return
-        if self.dense_copy:  # lookups read float rows, as a dequantizing load's do
-            self.parts = nn.ModuleList([DenseRows(_dense(runs, self.weight.device, self.weight.dtype))])
+        if self.dense_copy:  # lookups read float rows, as a dequantizing load's do: a tied head's own copy
+            dense = None if self.tied_head is None else self.tied_head.dense_weight
+            if dense is None:
+                dense = _dense(runs, self.weight.device, self.weight.dtype)
+            self.parts = nn.ModuleList([DenseRows(dense)])
             return
         self.parts = nn.ModuleList(self._form(rows, qtype, packed_only=True) for rows, qtype in runs)
 
